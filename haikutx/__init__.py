@@ -1,0 +1,3 @@
+"""
+haikutx: a multi-tenant runtime for small HTTP web APIs, built on Twisted.
+"""

@@ -1,0 +1,412 @@
+# -*- test-case-name: haikutx.test.test_tap -*-
+"""
+The C{twistd haiku} command line: L{Options} validates everything and freezes
+it into a L{Config}; L{makeService} composes the named services.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.python import usage
+
+from haikutx.config import Config, Limits, bundled_samples, default_state_directory
+
+_NONE = "none"
+
+
+def _cpus() -> int:
+    return os.cpu_count() or 1
+
+
+def _int(option: str, value: Any, minimum: int = 0, maximum: int | None = None) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{option}: {value!r} is not a whole number")
+    if number < minimum or (maximum is not None and number > maximum):
+        bounds = f"at least {minimum}" if maximum is None else f"{minimum}-{maximum}"
+        raise usage.UsageError(f"--{option}: {number} is out of range ({bounds})")
+    return number
+
+
+def _number(option: str, value: Any, minimum: float = 0.0) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{option}: {value!r} is not a number")
+    if number < minimum:
+        raise usage.UsageError(f"--{option}: {value} is below {minimum}")
+    return number
+
+
+def _existing(option: str, value: str, directory: bool = False) -> Path:
+    path = Path(value).expanduser().absolute()
+    if directory and not path.is_dir():
+        raise usage.UsageError(f"--{option}: {value} is not a directory")
+    if not directory:
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as e:
+            raise usage.UsageError(f"--{option}: cannot read {value}: {e.strerror}")
+    return path
+
+
+def _quote(value: str) -> str:
+    from twisted.internet.endpoints import quoteStringArgument
+
+    return quoteStringArgument(value)
+
+
+def _listener(option: str, value: str, bare: str) -> tuple[str | None, int | None]:
+    """
+    Turn a listening option into an endpoint description.
+
+    @param option: the option's name, for errors.
+    @param value: a port number, an endpoint string or C{none}.
+    @param bare: the description a bare port becomes, with C{{port}}.
+    @return: the description (C{None} for C{none}) and the bare port number,
+        if one was given.
+    @raise usage.UsageError: for a bad port or endpoint string.
+    """
+    value = str(value).strip()
+    if value.lower() == _NONE:
+        return None, None
+    if value.isdigit():
+        port = _int(option, value, 0, 65535)
+        return bare.format(port=port), port
+    if ":" not in value:
+        raise usage.UsageError(
+            f"--{option}: {value!r} is neither a port number, an endpoint "
+            f"string nor 'none'"
+        )
+    _check_endpoint(option, value)
+    return value, None
+
+
+def _check_endpoint(option: str, description: str) -> None:
+    """
+    Build a server endpoint from C{description} once, so that an unknown
+    endpoint type or an unreadable key stops start-up.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(reactor, description)
+    except (ValueError, OSError, TypeError, KeyError) as e:
+        raise usage.UsageError(f"--{option}: {description!r}: {e}")
+    except Exception as e:  # pyOpenSSL errors for bad PEM files
+        raise usage.UsageError(f"--{option}: {description!r}: {e!r}")
+
+
+def proxy_from_environ(environ: dict[str, str]) -> str | None:
+    """
+    The C{host:port} of the HTTP proxy named by C{HTTPS_PROXY} or
+    C{HTTP_PROXY} (either case), scheme and credentials stripped.
+
+    @param environ: the environment to read.
+    @return: C{host:port}, or C{None} when no proxy is set.
+    """
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        value = environ.get(name, "").strip()
+        if value:
+            return _proxy_address(name, value)
+    return None
+
+
+def _proxy_address(option: str, value: str) -> str:
+    parsed = urlsplit(value if "://" in value else "http://" + value)
+    try:
+        port = parsed.port or 80
+    except ValueError:
+        raise usage.UsageError(f"--{option}: {value!r} has a bad port")
+    if not parsed.hostname:
+        raise usage.UsageError(f"--{option}: {value!r} names no host")
+    host = parsed.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+class Options(usage.Options):
+    """
+    Options of C{twistd haiku}: the runtime, the job runner and the gate.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Runs handlers fetched by URL in sandboxed worker processes: "
+        "http://host/?x-haiku-handler=<URL or name>. Listening options take a "
+        "port number, a Twisted endpoint string or 'none'. Durations are in "
+        "milliseconds unless stated."
+    )
+
+    optFlags = [
+        ["debug", "d", "Also write handler console output to the server log."],
+        ["languages", None, "Print the handler languages available here and exit."],
+    ]
+
+    optParameters = [
+        ["sslport", "s", "443", "HTTPS listener of the runtime (port, endpoint or none)."],
+        ["cert", "c", None, "PEM server certificate (default: a generated self-signed one)."],
+        ["key", "k", None, "PEM private key of --cert."],
+        ["workers", "w", None, "Number of sandbox workers [default: 4 x CPUs]."],
+        ["proxy", "x", None, "host:port of an HTTP proxy for fetching handler code "
+         "[default: $HTTPS_PROXY / $HTTP_PROXY]."],
+        ["maxsize", "i", "16384", "Maximum handler size in bytes."],
+        ["maxtime", "t", "5000", "Wall-clock limit of one handler run in ms."],
+        ["maxrequests", "r", "1", "Requests a worker process serves before it is "
+         "replaced; 0 = never."],
+        ["keepalive-timeout", "a", "5000", "ms a worker has to answer a heartbeat."],
+        ["keepalive-interval", "v", "5000", "ms between heartbeat challenges."],
+        ["maxconsole", "l", "4096", "Console bytes kept per request; 0 = unlimited."],
+        ["maxmemory", None, "256", "Address-space limit of a handler process in MiB."],
+        ["handlers", None, None, "Directory of local handlers named by a relative "
+         "x-haiku-handler [default: the bundled samples]."],
+        ["cache-ttl", None, "5", "Seconds a fetched handler without caching headers "
+         "stays fresh."],
+        ["cafile", None, None, "Extra CA certificates (PEM) for https handler origins."],
+        ["user", None, None, "Unprivileged user for handler processes and jobs "
+         "[default: nobody when started as root]."],
+        ["serve", None, None, "Serve this one local handler file for every request."],
+        ["state", None, None, "State directory [default: ~/.haikutx, or "
+         "/var/lib/haikutx for root]."],
+        ["jobs", None, None, "Listener of the job runner (a bare port listens on "
+         "127.0.0.1)."],
+        ["whitelist", None, None, "Comma-separated commands the job runner may start "
+         "[default: all]."],
+        ["maxjobs", None, "100", "Finished jobs kept."],
+        ["maxrunning", None, None, "Jobs running at once [default: 2 x CPUs]."],
+        ["jobtime", None, None, "Wall-clock limit of one job in seconds."],
+        ["maxoutput", None, "1048576", "Bytes of stdout and of stderr kept per job."],
+        ["token", None, None, "Bearer token the job runner requires."],
+        ["names", None, None, "The gate's names file."],
+        ["gate-target", None, None, "Forward every gate request to this local port."],
+        ["gate-methods", None, "GET,POST", "Methods the gate forwards."],
+        ["retire", None, None, "Minutes after which an idle application the gate "
+         "started is stopped."],
+        ["idle", None, "420", "Seconds after which an idle gate connection is closed."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["allow"] = []
+        self["egress-allow"] = []
+        self["gate"] = []
+        self["port"] = "80"
+        self._given: set[str] = set()
+
+    def opt_allow(self, prefix: str) -> None:
+        """
+        Allow handler URLs starting with this prefix (repeatable); private and
+        loopback addresses are refused unless a prefix allows them.
+        """
+        self["allow"].append(prefix)
+
+    def opt_egress_allow(self, address: str) -> None:
+        """
+        host:port that handlers may connect to although it is loopback or
+        private (repeatable).
+        """
+        self["egress-allow"].append(address)
+
+    def opt_gate(self, listener: str) -> None:
+        """
+        Listener of the gate (repeatable; a port, an endpoint string).
+        """
+        self["gate"].append(listener)
+
+    def opt_port(self, value: str) -> None:
+        """
+        HTTP listener of the runtime (port, endpoint or none) [default: 80].
+        """
+        self._given.add("port")
+        self["port"] = value
+
+    opt_p = opt_port
+
+    def postOptions(self) -> None:
+        """
+        Validate every option and freeze the result into C{self.config}.
+        """
+        if self["languages"]:
+            return
+        http, http_port = _listener("port", self["port"], "tcp:{port}")
+        https, https_port = None, None
+        cert = key = None
+        state = (
+            Path(self["state"]).expanduser().absolute()
+            if self["state"]
+            else default_state_directory()
+        )
+        if (self["cert"] is None) != (self["key"] is None):
+            raise usage.UsageError("--cert and --key must be given together")
+        if self["cert"] is not None:
+            cert = _existing("cert", self["cert"])
+            key = _existing("key", self["key"])
+            _check_pem_pair(cert, key)
+        generate_tls = False
+        sslport = str(self["sslport"]).strip()
+        if sslport.lower() != _NONE:
+            if sslport.isdigit():
+                https_port = _int("sslport", sslport, 0, 65535)
+                if cert is None:
+                    generate_tls = True
+                    cert, key = state / "tls" / "cert.pem", state / "tls" / "key.pem"
+                assert key is not None
+                https = (
+                    f"ssl:{https_port}:privateKey={_quote(str(key))}"
+                    f":certKey={_quote(str(cert))}"
+                )
+            else:
+                https, _ = _listener("sslport", sslport, "")
+        if http_port and http_port == https_port:
+            raise usage.UsageError(
+                f"--port and --sslport must differ (both are {http_port})"
+            )
+
+        serve = None
+        if self["serve"]:
+            serve = _existing("serve", self["serve"])
+            if "port" not in self._given:
+                http = "tcp:3000"
+            if self["sslport"] == "443":
+                https, generate_tls = None, False
+
+        jobs = None
+        if self["jobs"]:
+            jobs, _ = _listener("jobs", self["jobs"], "tcp:{port}:interface=127.0.0.1")
+        gates = []
+        for gate in self["gate"]:
+            description, _ = _listener("gate", gate, "tcp:{port}")
+            if description is not None:
+                gates.append(description)
+
+        proxy = (
+            _proxy_address("proxy", self["proxy"])
+            if self["proxy"]
+            else proxy_from_environ(dict(os.environ))
+        )
+        whitelist = None
+        if self["whitelist"] is not None:
+            whitelist = tuple(c.strip() for c in self["whitelist"].split(",") if c.strip())
+        for allowed in self["egress-allow"]:
+            _host_port("egress-allow", allowed)
+        for prefix in self["allow"]:
+            if urlsplit(prefix).scheme not in ("http", "https"):
+                raise usage.UsageError(
+                    f"--allow: {prefix!r} must start with http:// or https://"
+                )
+
+        self.config = Config(
+            http=http,
+            https=https,
+            cert=cert,
+            key=key,
+            generate_tls=generate_tls,
+            workers=(
+                _int("workers", self["workers"], 1)
+                if self["workers"] is not None
+                else 4 * _cpus()
+            ),
+            proxy=proxy,
+            limits=Limits(
+                max_size=_int("maxsize", self["maxsize"], 1),
+                max_time=_int("maxtime", self["maxtime"], 1) / 1000.0,
+                max_console=_int("maxconsole", self["maxconsole"], 0),
+                max_memory=_int("maxmemory", self["maxmemory"], 16) * 1024 * 1024,
+            ),
+            max_requests=_int("maxrequests", self["maxrequests"], 0),
+            keepalive_timeout=_int("keepalive-timeout", self["keepalive-timeout"], 1)
+            / 1000.0,
+            keepalive_interval=_int("keepalive-interval", self["keepalive-interval"], 1)
+            / 1000.0,
+            debug=bool(self["debug"]),
+            handlers=(
+                _existing("handlers", self["handlers"], directory=True)
+                if self["handlers"]
+                else bundled_samples()
+            ),
+            allow=tuple(self["allow"]),
+            cache_ttl=_number("cache-ttl", self["cache-ttl"]),
+            cafile=_existing("cafile", self["cafile"]) if self["cafile"] else None,
+            user=self["user"],
+            serve=serve,
+            egress_allow=tuple(self["egress-allow"]),
+            state=state,
+            jobs=jobs,
+            whitelist=whitelist,
+            max_jobs=_int("maxjobs", self["maxjobs"], 1),
+            max_running=(
+                _int("maxrunning", self["maxrunning"], 1)
+                if self["maxrunning"] is not None
+                else 2 * _cpus()
+            ),
+            job_time=(
+                _number("jobtime", self["jobtime"], 0.001)
+                if self["jobtime"] is not None
+                else None
+            ),
+            max_output=_int("maxoutput", self["maxoutput"], 1),
+            token=self["token"],
+            gates=tuple(gates),
+            names=_existing("names", self["names"]) if self["names"] else None,
+            gate_target=(
+                _int("gate-target", self["gate-target"], 1, 65535)
+                if self["gate-target"] is not None
+                else None
+            ),
+            gate_methods=tuple(
+                m.strip().upper() for m in self["gate-methods"].split(",") if m.strip()
+            ),
+            retire=(
+                _number("retire", self["retire"], 0.001) * 60
+                if self["retire"] is not None
+                else None
+            ),
+            idle=_number("idle", self["idle"], 0.001),
+        )
+
+
+def _host_port(option: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise usage.UsageError(f"--{option}: {value!r} is not host:port")
+    return host.strip("[]"), _int(option, port, 1, 65535)
+
+
+def _check_pem_pair(cert: Path, key: Path) -> None:
+    from twisted.internet.ssl import PrivateCertificate
+
+    try:
+        PrivateCertificate.loadPEM(cert.read_bytes() + b"\n" + key.read_bytes())
+    except Exception as e:
+        raise usage.UsageError(
+            f"--cert/--key: {cert} and {key} are not a matching PEM "
+            f"certificate and key: {e!r}"
+        )
+
+
+def makeService(options: Options):
+    """
+    Compose the services C{options} asks for.
+
+    @param options: parsed L{Options}.
+    @return: a L{MultiService} with children named C{pool}, C{runtime}
+        and, when asked for, C{jobs} and C{gate}.
+    """
+    from twisted.internet import reactor
+
+    from haikutx.service import build_service
+
+    if options["languages"]:
+        from haikutx.languages import print_languages
+
+        print_languages()
+        raise SystemExit(0)
+    return build_service(reactor, options.config)
