@@ -5,19 +5,98 @@ Composition of the haikutx services from a L{Config}.
 
 from __future__ import annotations
 
+from typing import Any
+
+from attrs import asdict
+from twisted.application import strports
 from twisted.application.service import MultiService
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 
 from haikutx.config import Config
+from haikutx.loader import HandlerLoader
+from haikutx.pool import WorkerPool
+from haikutx.runtime import HandlerResource
+from haikutx.status import StatusResource
 
 
-def build_service(reactor, config: Config) -> MultiService:
+class RuntimeRoot(Resource):
+    """
+    The runtime's root: C{/_haiku/status}, and every other path runs a
+    handler.
+    """
+
+    def __init__(self, handlers: HandlerResource, status: Resource) -> None:
+        super().__init__()
+        self._handlers = handlers
+        self._status = status
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
+        if path == b"_haiku" and request.postpath == [b"status"]:
+            return self._status
+        request.postpath.insert(0, request.prepath.pop())
+        return self._handlers
+
+    def render(self, request: Request) -> Any:
+        return self._handlers.render(request)
+
+
+def build_runtime(reactor: Any, config: Config) -> tuple[WorkerPool, Resource]:
+    """
+    The worker pool and the root resource of the runtime.
+    """
+    pool = WorkerPool(
+        reactor,
+        size=config.workers,
+        max_requests=config.max_requests,
+        keepalive_interval=config.keepalive_interval,
+        keepalive_timeout=config.keepalive_timeout,
+    )
+    pool.setName("pool")
+    fetcher = None
+    loader = HandlerLoader(reactor, config.handlers, config.limits.max_size, fetcher)
+    handlers = HandlerResource(
+        reactor,
+        pool,
+        loader,
+        config.limits,
+        handler=str(config.serve) if config.serve else None,
+        debug=config.debug,
+    )
+    limits = {k: v for k, v in asdict(config.limits).items()}
+    status = StatusResource(
+        {
+            "pool": pool.status,
+            "requests": lambda: dict(handlers.counters),
+            "limits": lambda: limits,
+        }
+    )
+    return pool, RuntimeRoot(handlers, status)
+
+
+def build_service(reactor: Any, config: Config) -> MultiService:
     """
     Compose the services C{config} asks for.
 
     @param reactor: the reactor every service uses.
     @param config: the validated configuration.
-    @return: a L{MultiService} whose children are named C{runtime}, C{pool},
-        C{jobs} and C{gate} (the last two only when configured).
+    @return: a L{MultiService} whose children are named C{pool}, C{runtime},
+        and, when configured, C{jobs} and C{gate}.
     """
     top = MultiService()
+    pool, root = build_runtime(reactor, config)
+    pool.setServiceParent(top)
+    runtime = MultiService()
+    runtime.setName("runtime")
+    runtime.setServiceParent(top)
+    site = Site(root, reactor=reactor)
+    site.displayTracebacks = False
+    if config.https is not None and config.generate_tls:
+        from haikutx.tls import ensure_self_signed
+
+        assert config.cert is not None and config.key is not None
+        ensure_self_signed(config.cert, config.key)
+    for description in (config.http, config.https):
+        if description is not None:
+            strports.service(description, site, reactor=reactor).setServiceParent(runtime)
     return top

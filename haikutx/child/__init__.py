@@ -1,0 +1,3 @@
+"""
+The worker process that runs handlers (standard library only).
+"""

@@ -1,0 +1,80 @@
+# -*- test-case-name: haikutx.test.test_interfaces -*-
+"""
+The extension points of haikutx, as zope interfaces.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class IWorkerSpawner(Interface):
+    """
+    Starts worker processes for the pool.
+    """
+
+    def spawn(protocol, max_requests):
+        """
+        Start one worker process connected to C{protocol}.
+
+        @param protocol: a L{haikutx.worker.WorkerProtocol}.
+        @param max_requests: requests the worker serves before it exits;
+            0 means never.
+        """
+
+
+class IExchange(Interface):
+    """
+    The runtime's side of one request in a worker: it receives the response.
+    """
+
+    def head(status, headers):
+        """
+        The handler sent its status and its headers (C{[name, value]} pairs).
+        """
+
+    def data(data):
+        """
+        The handler sent part of its body.
+        """
+
+    def finish(trailers):
+        """
+        The handler ended its response (trailers as C{[name, value]} pairs).
+        """
+
+    def fail(status, message):
+        """
+        The runtime answers for the handler: it raised or did not compile.
+        """
+
+    def lost(reason):
+        """
+        The worker process is gone; C{reason} names why.
+        """
+
+
+class IHandlerLoader(Interface):
+    """
+    Finds a handler's code from the name a request gives.
+    """
+
+    def load(name):
+        """
+        Load the handler C{name} (an http/https URL or a relative name).
+
+        @return: a L{Deferred} firing with a L{haikutx.loader.HandlerSource},
+            or failing with L{haikutx.loader.HandlerLoadError}.
+        """
+
+
+class ILanguage(Interface):
+    """
+    A handler language.
+    """
+
+    name = Attribute("The language's name, as x-haiku-language gives it.")
+    extensions = Attribute("File extensions (with the dot) of its handlers.")
+
+    def is_available():
+        """
+        Whether handlers in this language can run on this machine.
+        """

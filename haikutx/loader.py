@@ -1,0 +1,167 @@
+# -*- test-case-name: haikutx.test.test_loader -*-
+"""
+The handler loader: turns the C{x-haiku-handler} value into handler code,
+from an http/https URL (through an L{IHandlerFetcher}) or from the local
+handlers directory (never outside it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.filepath import FilePath, InsecurePath
+from zope.interface import implementer
+
+from haikutx.interfaces import IHandlerLoader
+
+UNSUPPORTED_PROTOCOL = (
+    "The x-haiku-handler parameter specifies unsupported protocol. "
+    "Only http and https are supported."
+)
+INVALID_NAME = (
+    "The x-haiku-handler parameter must be a valid http or https URL or the "
+    "name of a handler in the handlers directory."
+)
+
+
+@frozen
+class HandlerSource:
+    """
+    A handler's code.
+
+    @ivar url: the handler's URL or local name, as named in messages and
+        tracebacks.
+    @ivar source: the code.
+    @ivar cache: how the code was obtained (C{hit}, C{miss}, C{revalidated},
+        C{off} or C{local}).
+    """
+
+    url: str
+    source: bytes
+    cache: str = "local"
+
+
+class HandlerLoadError(Exception):
+    """
+    The handler could not be loaded: the runtime answers C{status} with the
+    one-line C{message}.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message)
+        self.status = status
+        self.message = message
+
+
+def quota_exceeded(max_size: int) -> HandlerLoadError:
+    """
+    The error for a handler larger than C{max_size} bytes.
+    """
+    return HandlerLoadError(
+        400, f"The size of the handler exceeded the quota of {max_size} bytes."
+    )
+
+
+def classify(name: str) -> str:
+    """
+    Whether a C{x-haiku-handler} value names a C{url} or a C{local} handler.
+
+    @raise HandlerLoadError: 400 for another scheme or a malformed value.
+    """
+    if not name or any(ord(c) < 32 or c == "\x7f" for c in name):
+        raise HandlerLoadError(400, INVALID_NAME)
+    try:
+        parts = urlsplit(name)
+    except ValueError:
+        raise HandlerLoadError(400, INVALID_NAME)
+    if parts.scheme in ("http", "https"):
+        if not parts.hostname:
+            raise HandlerLoadError(400, INVALID_NAME)
+        return "url"
+    if parts.scheme or name.startswith("//"):
+        raise HandlerLoadError(400, UNSUPPORTED_PROTOCOL)
+    return "local"
+
+
+@implementer(IHandlerLoader)
+class HandlerLoader:
+    """
+    Loads handlers by URL or by local name.
+
+    @param reactor: used to read local files off the reactor thread.
+    @param handlers: the local handlers directory.
+    @param max_size: largest handler accepted, in bytes.
+    @param fetcher: an L{haikutx.interfaces.IHandlerFetcher} for URLs.
+    """
+
+    def __init__(
+        self, reactor: Any, handlers: Path, max_size: int, fetcher: Any = None
+    ) -> None:
+        self._reactor = reactor
+        self._handlers = FilePath(str(handlers))
+        self._max_size = max_size
+        self._fetcher = fetcher
+
+    def load(self, name: str) -> Deferred[HandlerSource]:
+        """
+        Load the handler C{name}.
+        """
+        return Deferred.fromCoroutine(self._load(name))
+
+    async def _load(self, name: str) -> HandlerSource:
+        if classify(name) == "url":
+            if self._fetcher is None:
+                raise HandlerLoadError(403, f"The handler URL {name} is not allowed: "
+                                       "this runtime serves local handlers only")
+            from haikutx.fetch import HandlerFetchError
+
+            try:
+                fetched = await self._fetcher.fetch(name)
+            except HandlerFetchError as e:
+                raise HandlerLoadError(e.status, e.message)
+            return HandlerSource(url=fetched.url, source=fetched.source, cache=fetched.cache)
+        return await self._read_local(name)
+
+    def _local_path(self, name: str) -> FilePath[str]:
+        relative = name.split("?", 1)[0].split("#", 1)[0]
+        if relative.startswith("/") or "\\" in relative:
+            raise HandlerLoadError(400, INVALID_NAME)
+        try:
+            return self._handlers.preauthChild(relative)
+        except InsecurePath:
+            raise HandlerLoadError(400, INVALID_NAME)
+
+    async def _read_local(self, name: str) -> HandlerSource:
+        path = self._local_path(name)
+        source = await deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), _read_capped, path.path, self._max_size
+        )
+        if source is None:
+            raise HandlerLoadError(
+                404, f"The handler {name} was not found in the handlers directory."
+            )
+        if len(source) > self._max_size:
+            raise quota_exceeded(self._max_size)
+        return HandlerSource(url=name, source=source)
+
+
+def _read_capped(path: str, max_size: int) -> bytes | None:
+    """
+    Read at most C{max_size + 1} bytes of a regular file (C{None} if there
+    is no such file).
+    """
+    try:
+        with open(path, "rb") as f:
+            import os
+            import stat
+
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            return f.read(max_size + 1)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
+        return None

@@ -1,0 +1,257 @@
+# -*- test-case-name: haikutx.test.test_pool -*-
+"""
+The pool of worker processes: it keeps C{size} workers started ahead of
+demand, hands an idle one to each request, replaces a worker that reached
+its request quota or died, and stops them all with the service.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from haikutx.interfaces import IWorkerSpawner
+from haikutx.worker import CHILD_FDS, WorkerProtocol
+
+
+class PoolBusy(Exception):
+    """
+    No worker became free in time.
+    """
+
+
+@implementer(IWorkerSpawner)
+class PythonWorkerSpawner:
+    """
+    Start worker processes as C{python -m haikutx.child} with
+    C{reactor.spawnProcess}.
+    """
+
+    def __init__(self, reactor: IReactorProcess, executable: str = sys.executable) -> None:
+        self._reactor = reactor
+        self._executable = executable
+        package_root = str(Path(__file__).resolve().parent.parent)
+        self._env = {
+            "PATH": os.defpath,
+            "LANG": "C.UTF-8",
+            "PYTHONPATH": package_root,
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def spawn(self, protocol: WorkerProtocol, max_requests: int) -> None:
+        self._reactor.spawnProcess(
+            protocol,
+            self._executable,
+            [self._executable, "-m", "haikutx.child", str(max_requests)],
+            env=self._env,
+            path="/",
+            childFDs=CHILD_FDS,
+        )
+
+
+class WorkerPool(Service):
+    """
+    A fixed number of worker processes.
+
+    @ivar size: workers kept running.
+    @ivar max_requests: requests a worker serves before it is replaced;
+        0 means never.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        size: int,
+        max_requests: int,
+        spawner: IWorkerSpawner | None = None,
+        keepalive_interval: float = 5.0,
+        keepalive_timeout: float = 5.0,
+        kill_time: float = 5.0,
+    ) -> None:
+        self._reactor = reactor
+        self.size = size
+        self.max_requests = max_requests
+        self._spawner = spawner if spawner is not None else PythonWorkerSpawner(reactor)
+        self._keepalive = (keepalive_interval, keepalive_timeout)
+        self._kill_time = kill_time
+        self.workers: set[WorkerProtocol] = set()
+        self._idle: deque[WorkerProtocol] = deque()
+        self._waiters: deque[Deferred[WorkerProtocol]] = deque()
+        self._failures = 0
+        self._respawn: IDelayedCall | None = None
+        self.counters = {"started": 0, "recycled": 0, "died": 0, "killed": 0}
+
+    # Service
+
+    def startService(self) -> None:
+        super().startService()
+        for _ in range(self.size):
+            self._spawn()
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        if self._respawn is not None and self._respawn.active():
+            self._respawn.cancel()
+        while self._waiters:
+            self._waiters.popleft().errback(PoolBusy("the runtime is stopping"))
+        ended = []
+        for worker in list(self.workers):
+            ended.append(worker.ended)
+            worker.terminate()
+            timer = self._reactor.callLater(self._kill_time, worker.kill, "did not stop in time")
+            worker.ended.addBoth(_cancel_timer, timer)
+        return DeferredList(ended, consumeErrors=True)
+
+    # Workers
+
+    def _spawn(self) -> None:
+        worker = WorkerProtocol(
+            self._reactor,
+            self._ready,
+            self._ended,
+            keepalive_interval=self._keepalive[0],
+            keepalive_timeout=self._keepalive[1],
+        )
+        self.workers.add(worker)
+        self.counters["started"] += 1
+        self._spawner.spawn(worker, self.max_requests)
+
+    def _ready(self, worker: WorkerProtocol) -> None:
+        self._failures = 0
+        self._hand_out(worker)
+
+    def _hand_out(self, worker: WorkerProtocol) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.called:
+                worker.state = "idle"
+                waiter.callback(worker)
+                return
+        worker.state = "idle"
+        self._idle.append(worker)
+
+    def _ended(self, worker: WorkerProtocol, reason: str) -> None:
+        recycled = worker not in self.workers
+        self.workers.discard(worker)
+        try:
+            self._idle.remove(worker)
+        except ValueError:
+            pass
+        if worker.kill_reason is not None:
+            self.counters["killed"] += 1
+        elif not recycled:
+            self.counters["died"] += 1
+        if not self.running:
+            return
+        if not recycled and worker.served == 0 and worker.kill_reason is None:
+            self._failures += 1
+        replacements = self.size - len(self.workers)
+        if replacements <= 0:
+            return
+        if self._failures > 2:
+            delay = min(2.0 ** (self._failures - 2), 60.0)
+            self.log.warn(
+                "workers keep dying before serving ({reason}); "
+                "next start in {delay:.0f}s",
+                reason=reason,
+                delay=delay,
+            )
+            if self._respawn is None or not self._respawn.active():
+                self._respawn = self._reactor.callLater(delay, self._refill)
+            return
+        for _ in range(replacements):
+            self._spawn()
+
+    def _refill(self) -> None:
+        self._respawn = None
+        for _ in range(self.size - len(self.workers)):
+            self._spawn()
+
+    # Requests
+
+    def acquire(self, timeout: float) -> Deferred[WorkerProtocol]:
+        """
+        An idle worker, as soon as one is free.
+
+        @param timeout: seconds to wait before failing with L{PoolBusy}.
+        @return: a L{Deferred} firing with a worker in state C{idle}.
+        """
+        while self._idle:
+            worker = self._idle.popleft()
+            if worker.state == "idle":
+                return _succeed(worker)
+        waiter: Deferred[WorkerProtocol] = Deferred(self._forget)
+        self._waiters.append(waiter)
+        timer = self._reactor.callLater(timeout, self._give_up, waiter)
+        waiter.addBoth(_cancel_timer, timer)
+        return waiter
+
+    def _forget(self, waiter: Deferred[WorkerProtocol]) -> bool:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            return False
+        return True
+
+    def _give_up(self, waiter: Deferred[WorkerProtocol]) -> None:
+        if self._forget(waiter):
+            waiter.errback(PoolBusy("all workers are busy"))
+
+    def release(self, worker: WorkerProtocol) -> None:
+        """
+        Take back a worker whose request has been answered.  A worker that
+        reached its quota exits by itself and a fresh one is started now,
+        ahead of the next request.
+        """
+        worker.served += 1
+        if worker.state != "busy":
+            return
+        if self.max_requests and worker.served >= self.max_requests:
+            worker.state = "recycling"
+            self.counters["recycled"] += 1
+            self.workers.discard(worker)
+            timer = self._reactor.callLater(self._kill_time, worker.kill, "did not exit after its last request")
+            worker.ended.addBoth(_cancel_timer, timer)
+            if self.running:
+                self._spawn()
+            return
+        self._hand_out(worker)
+
+    def status(self) -> dict[str, Any]:
+        """
+        The pool's state for C{/_haiku/status}.
+        """
+        states: dict[str, int] = {}
+        for worker in self.workers:
+            states[worker.state] = states.get(worker.state, 0) + 1
+        return {
+            "size": self.size,
+            "max_requests": self.max_requests,
+            "workers": states,
+            "waiting": len(self._waiters),
+            **self.counters,
+        }
+
+
+def _succeed(worker: WorkerProtocol) -> Deferred[WorkerProtocol]:
+    d: Deferred[WorkerProtocol] = Deferred()
+    d.callback(worker)
+    return d
+
+
+def _cancel_timer(result: Any, timer: IDelayedCall) -> Any:
+    if timer.active():
+        timer.cancel()
+    return result

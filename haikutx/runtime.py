@@ -1,0 +1,344 @@
+# -*- test-case-name: haikutx.test.test_runtime -*-
+"""
+The runtime as a C{twisted.web} resource: it names the handler of each
+request, loads it, runs it in a worker from the pool and streams the
+worker's response to the client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.web.http import toChunk
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from haikutx.config import Limits
+from haikutx.console import console_mode
+from haikutx.interfaces import IExchange
+from haikutx.loader import HandlerLoadError, HandlerSource
+from haikutx.pool import PoolBusy, WorkerPool
+from haikutx.worker import WorkerProtocol
+
+HANDLER = "x-haiku-handler"
+CONSOLE = "x-haiku-console"
+LANGUAGE = "x-haiku-language"
+
+NO_HANDLER = (
+    "The x-haiku-handler HTTP request header or query parameter must specify "
+    "the URL of the handler to run."
+)
+
+#: Response headers a handler may not set: the runtime frames the response.
+_HOP_BY_HOP = {b"connection", b"transfer-encoding", b"keep-alive", b"upgrade"}
+
+
+def request_parameter(request: Request, name: str) -> str | None:
+    """
+    A C{x-haiku-*} parameter: the request header if given and not empty,
+    else the last value in the query string.
+
+    @param request: the request.
+    @param name: the parameter's (lower-case) name.
+    @return: its value, or C{None}.
+    """
+    header = request.getHeader(name)
+    if header:
+        return header
+    query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
+    value = None
+    for key, item in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if key == name:
+            value = item
+    return value
+
+
+def send_error(request: Request, status: int, message: str) -> None:
+    """
+    Answer C{request} with C{status} and a plain-text C{message}.
+    """
+    body = message.encode("utf-8") + b"\n"
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    request.write(body)
+    request.finish()
+
+
+@implementer(IExchange)
+class Exchange:
+    """
+    One request run by one worker: writes the worker's response to the
+    client, and answers for the worker when it fails or runs out of time.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        request: Request,
+        worker: WorkerProtocol,
+        pool: WorkerPool,
+        handler: HandlerSource,
+        max_time: float,
+    ) -> None:
+        self._reactor = reactor
+        self._request = request
+        self._worker = worker
+        self._pool = pool
+        self._handler = handler
+        self._max_time = max_time
+        self._manual_chunks = False
+        self._client_gone = False
+        self.status: int | None = None
+        self.done: Deferred[int] = Deferred()
+        self._timer: IDelayedCall | None = None
+        request.notifyFinish().addErrback(self._disconnected)
+
+    def start(self, head: dict[str, Any], body: bytes) -> None:
+        """
+        Send the request to the worker and start the clock.
+        """
+        self._timer = self._reactor.callLater(self._max_time, self._timed_out)
+        self._worker.run(self, head, body)
+
+    def _disconnected(self, reason: Any) -> None:
+        self._client_gone = True
+
+    # IExchange
+
+    def head(self, status: int, headers: list[list[str]]) -> None:
+        request = self._request
+        self.status = status
+        if self._client_gone:
+            return
+        request.setResponseCode(status)
+        trailers = False
+        for name, value in headers:
+            raw = name.encode("latin-1", "replace")
+            if raw.lower() in _HOP_BY_HOP:
+                continue
+            if raw.lower() == b"trailer":
+                trailers = True
+            request.responseHeaders.addRawHeader(raw, _header_value(value))
+        if trailers:
+            self._start_trailers()
+
+    def _start_trailers(self) -> None:
+        request = self._request
+        if request.clientproto != b"HTTP/1.1" or request.method == b"HEAD":
+            request.responseHeaders.removeHeader(b"trailer")
+            return
+        request.responseHeaders.removeHeader(b"content-length")
+        request.write(b"")
+        if request.chunked:
+            request.chunked = False
+            self._manual_chunks = True
+
+    def data(self, data: bytes) -> None:
+        if self._client_gone:
+            return
+        if self._manual_chunks:
+            self._request.write(b"".join(toChunk(data)))
+        else:
+            self._request.write(data)
+
+    def finish(self, trailers: list[list[str]]) -> None:
+        if not self._client_gone:
+            if self._manual_chunks:
+                lines = b"".join(
+                    name.encode("latin-1") + b": " + _header_value(value) + b"\r\n"
+                    for name, value in trailers
+                )
+                self._request.write(b"0\r\n" + lines + b"\r\n")
+            self._request.finish()
+        self._complete(self.status or 200)
+        self._pool.release(self._worker)
+
+    def fail(self, status: int, message: str) -> None:
+        self._answer(status, message)
+        self._pool.release(self._worker)
+
+    def lost(self, reason: str) -> None:
+        self._answer(500, f"Handler {self._handler.url} did not complete: {reason}.")
+
+    # Failures
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._worker.detach(self)
+        self._answer(
+            500,
+            f"Handler {self._handler.url} did not complete within the time limit "
+            f"of {self._max_time * 1000:.0f} ms",
+        )
+        self._worker.kill("exceeded the time limit of its request")
+
+    def _answer(self, status: int, message: str) -> None:
+        """
+        Answer with the runtime's error; once the head is out, all that can
+        be done is to close the connection.
+        """
+        if self.done.called:
+            return
+        request = self._request
+        if not self._client_gone:
+            if request.startedWriting:
+                self.log.warn(
+                    "{handler_url} failed after its response started: {reason}",
+                    handler_url=self._handler.url,
+                    reason=message,
+                )
+                request.channel.transport.abortConnection()
+                status = self.status or status
+            else:
+                send_error(request, status, message)
+        self._complete(status, message)
+
+    def _complete(self, status: int, message: str | None = None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if message is not None:
+            self.log.warn(
+                "{handler_url} -> {status}: {reason}",
+                handler_url=self._handler.url,
+                status=status,
+                reason=message.split("\n", 1)[0],
+                worker_pid=self._worker.pid,
+            )
+        if not self.done.called:
+            self.done.callback(status)
+
+
+def _header_value(value: str) -> bytes:
+    return value.encode("utf-8").replace(b"\r", b" ").replace(b"\n", b" ")
+
+
+class HandlerResource(Resource):
+    """
+    A C{twisted.web} resource that runs handlers in the worker pool: the one
+    each request names, or one fixed handler.
+
+    @param reactor: the reactor (for time).
+    @param pool: the started L{WorkerPool}.
+    @param loader: an L{haikutx.interfaces.IHandlerLoader}.
+    @param limits: the L{Limits} each run is held to.
+    @param handler: a fixed handler name to run for every request, or
+        C{None} to run the one each request names.
+    @param debug: send handlers' console to the server log.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        pool: WorkerPool,
+        loader: Any,
+        limits: Limits = Limits(),
+        handler: str | None = None,
+        debug: bool = False,
+    ) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._pool = pool
+        self._loader = loader
+        self._limits = limits
+        self._handler = handler
+        self._debug = debug
+        self.counters = {"requests": 0, "errors": 0}
+
+    def render(self, request: Request) -> Any:
+        self.counters["requests"] += 1
+        name = self._handler or request_parameter(request, HANDLER)
+        if not name:
+            if request.uri == b"/favicon.ico":
+                request.setResponseCode(404)
+                request.responseHeaders.setRawHeaders(b"content-length", [b"0"])
+                return b""
+            self._refuse(request, 400, NO_HANDLER, None)
+            return NOT_DONE_YET
+        served = Deferred.fromCoroutine(self._serve(request, name))
+        served.addErrback(self._crashed, request, name)
+        return NOT_DONE_YET
+
+    def _refuse(self, request: Request, status: int, message: str, name: str | None) -> None:
+        self.counters["errors"] += 1
+        self.log.warn(
+            "{method} {handler_url} -> {status}: {reason}",
+            method=request.method.decode("latin-1"),
+            handler_url=name,
+            status=status,
+            reason=message,
+        )
+        send_error(request, status, message)
+
+    async def _serve(self, request: Request, name: str) -> None:
+        started = self._reactor.seconds()
+        try:
+            handler = await self._loader.load(name)
+        except HandlerLoadError as e:
+            self._refuse(request, e.status, e.message, name)
+            return
+        if request._disconnected:
+            return
+        try:
+            worker = await self._pool.acquire(self._limits.max_time)
+        except PoolBusy as e:
+            request.responseHeaders.setRawHeaders(
+                b"retry-after", [b"%d" % max(1, round(self._limits.max_time))]
+            )
+            self._refuse(request, 503, f"Service unavailable: {e}; try again later.", name)
+            return
+        exchange = Exchange(
+            self._reactor, request, worker, self._pool, handler, self._limits.max_time
+        )
+        exchange.start(self._request_head(request, handler), _body(request))
+        status = await exchange.done
+        self.log.info(
+            "{method} {handler_url} -> {status} in {duration:.3f}s",
+            method=request.method.decode("latin-1"),
+            handler_url=handler.url,
+            status=status,
+            duration=self._reactor.seconds() - started,
+            worker_pid=worker.pid,
+        )
+
+    def _request_head(self, request: Request, handler: HandlerSource) -> dict[str, Any]:
+        peer = request.getClientAddress()
+        return {
+            "method": request.method.decode("latin-1"),
+            "url": request.uri.decode("latin-1"),
+            "headers": [
+                [name.decode("latin-1"), value.decode("latin-1")]
+                for name, values in request.requestHeaders.getAllRawHeaders()
+                for value in values
+            ],
+            "remote_addr": getattr(peer, "host", ""),
+            "handler_url": handler.url,
+            "source": handler.source.decode("utf-8", "surrogateescape"),
+            "console": console_mode(request_parameter(request, CONSOLE)),
+            "max_console": self._limits.max_console,
+            "debug": self._debug,
+        }
+
+    def _crashed(self, failure: Any, request: Request, name: str) -> None:
+        self.log.failure("serving {handler_url} failed", failure, handler_url=name)
+        if not request.startedWriting and not request._disconnected:
+            send_error(request, 500, f"Handler {name} could not be run: internal error")
+
+
+def _body(request: Request) -> bytes:
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0)
+    return content.read()

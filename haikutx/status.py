@@ -1,0 +1,41 @@
+# -*- test-case-name: haikutx.test.test_runtime -*-
+"""
+C{GET /_haiku/status}: the runtime's state as JSON, for loopback clients.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any, Callable
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+
+class StatusResource(Resource):
+    """
+    The runtime's status as JSON, answered to loopback clients only.
+
+    @param sources: named callables returning JSON-able parts of the status.
+    """
+
+    isLeaf = True
+
+    def __init__(self, sources: dict[str, Callable[[], Any]]) -> None:
+        super().__init__()
+        self._sources = sources
+
+    def render_GET(self, request: Request) -> bytes:
+        host = getattr(request.getClientAddress(), "host", "")
+        try:
+            loopback = ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            request.setResponseCode(403)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"The status is shown to loopback clients only.\n"
+        request.setHeader(b"content-type", b"application/json")
+        status = {name: source() for name, source in self._sources.items()}
+        return json.dumps(status, indent=2, sort_keys=True).encode("utf-8") + b"\n"
