@@ -198,6 +198,8 @@ class Exchange:
                 request.channel.transport.abortConnection()
                 status = self.status or status
             else:
+                for name, _ in list(request.responseHeaders.getAllRawHeaders()):
+                    request.responseHeaders.removeHeader(name)
                 send_error(request, status, message)
         self._complete(status, message)
 

@@ -33,7 +33,7 @@ def describe_exit(reason: Failure) -> str:
     Name how a process ended, for logs and error messages.
 
     @param reason: the failure given to C{processEnded}.
-    @return: for example C{"killed by signal 9 (SIGKILL)"} or
+    @return: for example C{"was killed by signal 9 (SIGKILL)"} or
         C{"exited with status 1"}.
     """
     value = reason.value
@@ -45,7 +45,7 @@ def describe_exit(reason: Failure) -> str:
                 name = signal.Signals(value.signal).name
             except ValueError:
                 name = "unknown"
-            return f"killed by signal {value.signal} ({name})"
+            return f"was killed by signal {value.signal} ({name})"
         return f"exited with status {value.exitCode}"
     return str(value)
 

@@ -1,0 +1,146 @@
+"""
+Helpers for integration tests: a runtime on 127.0.0.1 with real workers,
+and a raw HTTP client whose responses are parsed by h11.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import h11
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.trial.unittest import TestCase
+from twisted.web.server import Site
+
+from haikutx.config import Config, Limits
+from haikutx.service import build_runtime
+
+
+def write_handlers(directory: Path, handlers: dict[str, str]) -> Path:
+    """
+    Write handler files into C{directory} (created) and return it.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, source in handlers.items():
+        (directory / name).write_text(source)
+    return directory
+
+
+def start_runtime(
+    case: TestCase,
+    handlers: dict[str, str] | Path,
+    workers: int = 2,
+    max_requests: int = 1,
+    limits: Limits = Limits(),
+    **config: Any,
+) -> tuple[int, Any]:
+    """
+    Start a runtime (real worker processes) listening on 127.0.0.1 and stop
+    it when the test ends.
+
+    @return: the port and the pool.
+    """
+    if isinstance(handlers, dict):
+        handlers = write_handlers(Path(case.mktemp()), handlers)
+    cfg = Config(
+        http=None,
+        https=None,
+        workers=workers,
+        max_requests=max_requests,
+        limits=limits,
+        handlers=handlers,
+        **config,
+    )
+    pool, root = build_runtime(reactor, cfg)
+    pool.startService()
+    site = Site(root, reactor=reactor)
+    site.displayTracebacks = False
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    case.addCleanup(pool.stopService)
+    case.addCleanup(port.stopListening)
+    return port.getHost().port, pool
+
+
+class _RawClient(Protocol):
+    def __init__(self, request: bytes, done: Deferred[list[tuple[float, bytes]]]) -> None:
+        self._request = request
+        self._done = done
+        self.received: list[tuple[float, bytes]] = []
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append((reactor.seconds(), data))
+
+    def connectionLost(self, reason: Any) -> None:
+        self._done.callback(self.received)
+
+
+class Response:
+    """
+    A response parsed by h11: status, headers (lower-case names), body,
+    trailers, and when each piece of raw data arrived.
+    """
+
+    def __init__(self, received: list[tuple[float, bytes]]) -> None:
+        self.arrivals = received
+        raw = b"".join(data for _, data in received)
+        self.raw = raw
+        connection = h11.Connection(h11.CLIENT)
+        connection.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+        connection.send(h11.EndOfMessage())
+        connection.receive_data(raw)
+        connection.receive_data(b"")
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body = b""
+        self.trailers: dict[str, str] | None = None
+        self.complete = False
+        while True:
+            try:
+                event = connection.next_event()
+            except h11.RemoteProtocolError:
+                break
+            if isinstance(event, h11.Response):
+                self.status = event.status_code
+                self.headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                self.body += bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self.complete = True
+                self.trailers = {k.decode().lower(): v.decode() for k, v in event.headers}
+                break
+            elif event in (h11.NEED_DATA, h11.PAUSED) or isinstance(event, h11.ConnectionClosed):
+                break
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8")
+
+
+async def http(
+    port: int,
+    target: str,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    version: str = "1.1",
+) -> Response:
+    """
+    Send one request over a new connection (closed after the response) and
+    parse the answer with h11.
+    """
+    lines = [f"{method} {target} HTTP/{version}", "Host: 127.0.0.1", "Connection: close"]
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    if body or method in ("POST", "PUT"):
+        lines.append(f"Content-Length: {len(body)}")
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    done: Deferred[list[tuple[float, bytes]]] = Deferred()
+    factory = ClientFactory.forProtocol(lambda: _RawClient(request, done))
+    reactor.connectTCP("127.0.0.1", port, factory)
+    return Response(await done)

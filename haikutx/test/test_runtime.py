@@ -1,0 +1,549 @@
+"""
+Integration tests of the runtime: real worker processes, real sockets on
+127.0.0.1, responses parsed by h11.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from haikutx.config import Limits, bundled_samples
+from haikutx.loader import HandlerLoader
+from haikutx.pool import WorkerPool
+from haikutx.runtime import NO_HANDLER, HandlerResource
+from haikutx.test.support import http, start_runtime
+
+HANDLERS = {
+    "hello.py": "res.write_head(200, {'Content-Type': 'text/plain'})\nres.end('Hello, world!\\n')\n",
+    "raises.py": "res.write_head(200)\nres.write('partial')\n1 / 0\n",
+    "raises-head-only.py": "res.write_head(200, {'X-Own': 'yes'})\n1 / 0\n",
+    "raises-early.py": "def f():\n    return {}['missing']\nf()\n",
+    "syntax.py": "res.end('x'\n",
+    "never.py": "res.write_head(200, {'Content-Type': 'text/plain'})\nres.write('partial')\n",
+    "never-silent.py": "pass\n",
+    "spin.py": "while True:\n    pass\n",
+    "counter.py": (
+        "import os, sys\n"
+        "sys.haiku_count = getattr(sys, 'haiku_count', 0) + 1\n"
+        "res.end(f'{sys.haiku_count} {os.getpid()}')\n"
+    ),
+    "pid-wait.py": (
+        "import os\n"
+        "res.write_head(200)\n"
+        "res.write(str(os.getpid()))\n"
+    ),
+    "pid-wait-silent.py": "import asyncio\nawait asyncio.sleep(30)\n",
+    "console.py": (
+        "console.log('Before write_head')\n"
+        "res.write_head(201, {'Content-Type': 'text/plain', 'X-Own': 'yes'})\n"
+        "console.warn('After', 'write_head', 42)\n"
+        "print('printed')\n"
+        "res.write('body ')\n"
+        "console.error('after write')\n"
+        "res.end('end\\n')\n"
+    ),
+    "console-end-only.py": "console.info('only é')\nres.end()\n",
+    "console-long.py": "for i in range(100):\n    console.log('line %03d' % i)\nres.end('ok')\n",
+    "delayed.py": (
+        "res.write_head(200, {'Content-Type': 'text/plain'})\n"
+        "res.write('Hello, ')\n"
+        "set_timeout(lambda: res.end('world!\\n'), 600)\n"
+    ),
+    "request.py": (
+        "import json\n"
+        "res.write_head(200, {'Content-Type': 'application/json'})\n"
+        "res.end(json.dumps({'method': req.method, 'url': req.url, 'path': req.path,\n"
+        "  'query': req.query, 'agent': req.headers['X-Test'], 'has': 'x-test' in req.headers,\n"
+        "  'body': req.body.decode(), 'params': req.params, 'remote': req.remote_addr}))\n"
+    ),
+    "timers.py": (
+        "events = []\n"
+        "t = set_timeout(lambda: events.append('cancelled'), 50)\n"
+        "clear_timeout(t)\n"
+        "def tick():\n"
+        "    events.append('tick')\n"
+        "    if len(events) == 3:\n"
+        "        clear_interval(i)\n"
+        "        set_timeout(lambda x: res.end(','.join(events + [x])), 20, 'done')\n"
+        "i = set_interval(tick, 10)\n"
+    ),
+    "await.py": (
+        "import asyncio\n"
+        "await asyncio.sleep(0.05)\n"
+        "res.status_code = 202\n"
+        "res.set_header('X-Slept', 'yes')\n"
+        "res.end('awaited')\n"
+    ),
+    "timer-raises.py": "res.write_head(200)\nset_timeout(lambda: res.end(1 / 0), 10)\n",
+    "timer-raises-streaming.py": "res.write('x')\nset_timeout(lambda: res.end(1 / 0), 10)\n",
+    "bad-params.py": "res.end(str(req.params))\n",
+}
+
+
+class ErrorTests(TestCase):
+    """
+    The runtime's own answers (SPEC §2.1).
+    """
+
+    def setUp(self) -> None:
+        self.port, self.pool = start_runtime(self, HANDLERS, limits=Limits(max_size=200))
+
+    async def test_hello(self) -> None:
+        """
+        A local handler named by the query string answers.
+        """
+        response = await http(self.port, "/?x-haiku-handler=hello.py")
+        self.assertEqual((response.status, response.text), (200, "Hello, world!\n"))
+        self.assertEqual(response.headers["content-type"], "text/plain")
+
+    async def test_header_wins(self) -> None:
+        """
+        The x-haiku-handler header wins over the query parameter.
+        """
+        response = await http(
+            self.port, "/?x-haiku-handler=missing.py", headers={"x-haiku-handler": "hello.py"}
+        )
+        self.assertEqual(response.text, "Hello, world!\n")
+
+    async def test_no_handler(self) -> None:
+        """
+        A request naming no handler gets 400 and the SPEC's message.
+        """
+        response = await http(self.port, "/some/path?a=1")
+        self.assertEqual((response.status, response.text), (400, NO_HANDLER + "\n"))
+
+    async def test_favicon(self) -> None:
+        """
+        C{/favicon.ico} naming no handler gets an empty 404.
+        """
+        response = await http(self.port, "/favicon.ico")
+        self.assertEqual((response.status, response.body), (404, b""))
+
+    async def test_unsupported_protocol(self) -> None:
+        """
+        A scheme other than http or https gets 400.
+        """
+        for name in ("ftp://example.com/x.py", "file:///etc/passwd"):
+            response = await http(self.port, f"/?x-haiku-handler={name}")
+            self.assertEqual(response.status, 400)
+            self.assertIn("Only http and https are supported.", response.text)
+
+    async def test_outside_handlers_directory(self) -> None:
+        """
+        A relative name that leaves the handlers directory gets 400 and
+        reads nothing.
+        """
+        for name in ("../../../../etc/passwd", "/etc/passwd", "a/../../hello.py"):
+            response = await http(self.port, f"/?x-haiku-handler={name}")
+            self.assertEqual(response.status, 400, name)
+            self.assertNotIn("root:", response.text)
+
+    async def test_missing(self) -> None:
+        """
+        A local handler that does not exist gets 404.
+        """
+        response = await http(self.port, "/?x-haiku-handler=nope.py")
+        self.assertEqual(response.status, 404)
+        self.assertIn("nope.py", response.text)
+
+    async def test_too_large(self) -> None:
+        """
+        A handler larger than --maxsize gets 400 with the quota.
+        """
+        response = await http(self.port, "/?x-haiku-handler=request.py")
+        self.assertEqual(
+            (response.status, response.text),
+            (400, "The size of the handler exceeded the quota of 200 bytes.\n"),
+        )
+
+    async def test_syntax_error(self) -> None:
+        """
+        A handler that does not compile gets 500 with the syntax error.
+        """
+        response = await http(self.port, "/?x-haiku-handler=syntax.py")
+        self.assertEqual(response.status, 500)
+        first = response.text.splitlines()[0]
+        self.assertTrue(first.startswith("Handler syntax.py could not be compiled: SyntaxError"), first)
+
+    async def test_raises(self) -> None:
+        """
+        A handler that raises gets 500: the message, then its traceback with
+        the file named by the handler's URL.
+        """
+        response = await http(self.port, "/?x-haiku-handler=raises-early.py")
+        self.assertEqual(response.status, 500)
+        lines = response.text.splitlines()
+        self.assertEqual(
+            lines[0],
+            "Handler raises-early.py generated an exception at runtime: KeyError: 'missing'",
+        )
+        self.assertIn('File "raises-early.py", line 3, in <module>', response.text)
+        self.assertIn('File "raises-early.py", line 2, in f', response.text)
+        self.assertNotIn("runner.py", response.text)
+
+    async def test_raises_after_head(self) -> None:
+        """
+        When the response has started, a handler's exception closes the
+        connection: the response is incomplete.
+        """
+        response = await http(self.port, "/?x-haiku-handler=raises.py")
+        self.assertEqual((response.status, response.body), (200, b"partial"))
+        self.assertFalse(response.complete)
+
+    async def test_raises_after_head_unsent(self) -> None:
+        """
+        A head the client has not received yet (no body written) is replaced
+        by the runtime's 500, without the handler's headers.
+        """
+        response = await http(self.port, "/?x-haiku-handler=raises-head-only.py")
+        self.assertEqual(response.status, 500)
+        self.assertNotIn("x-own", response.headers)
+        self.assertIn("ZeroDivisionError", response.text)
+
+    async def test_exception_in_timer(self) -> None:
+        """
+        An exception raised in a timer callback answers 500 at once (not
+        at the time limit), and closes a response already streaming.
+        """
+        started = reactor.seconds()
+        response = await http(self.port, "/?x-haiku-handler=timer-raises.py")
+        self.assertEqual(response.status, 500)
+        self.assertIn("generated an exception at runtime: ZeroDivisionError", response.text)
+        self.assertIn('File "timer-raises.py", line 2, in <lambda>', response.text)
+        response = await http(self.port, "/?x-haiku-handler=timer-raises-streaming.py")
+        self.assertEqual(response.body, b"x")
+        self.assertFalse(response.complete)
+        self.assertLess(reactor.seconds() - started, 3)
+
+    async def test_bad_request_body(self) -> None:
+        """
+        A malformed body read through C{req.params} gets 400.
+        """
+        response = await http(
+            self.port,
+            "/?x-haiku-handler=bad-params.py",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+            body=b"{not json",
+        )
+        self.assertEqual(response.status, 400)
+        self.assertIn("JSON body does not parse", response.text)
+
+
+class TimeLimitTests(TestCase):
+    """
+    --maxtime and dead workers: every request is answered, never hung.
+    """
+
+    def setUp(self) -> None:
+        self.port, self.pool = start_runtime(
+            self, HANDLERS, workers=1, max_requests=0, limits=Limits(max_time=0.5)
+        )
+
+    async def test_never_ends(self) -> None:
+        """
+        A handler that never calls C{res.end()} gets 500 at the time limit,
+        and the next request is served by a fresh worker.
+        """
+        response = await http(self.port, "/?x-haiku-handler=never-silent.py")
+        self.assertEqual(
+            (response.status, response.text),
+            (500, "Handler never-silent.py did not complete within the time limit of 500 ms\n"),
+        )
+        response = await http(self.port, "/?x-haiku-handler=hello.py")
+        self.assertEqual(response.text, "Hello, world!\n")
+        self.assertEqual(self.pool.counters["killed"], 1)
+
+    async def test_endless_loop(self) -> None:
+        """
+        A handler spinning in an endless loop is killed at the time limit.
+        """
+        response = await http(self.port, "/?x-haiku-handler=spin.py")
+        self.assertEqual(response.status, 500)
+        self.assertIn("time limit of 500 ms", response.text)
+        response = await http(self.port, "/?x-haiku-handler=hello.py")
+        self.assertEqual(response.status, 200)
+
+    async def test_never_ends_after_head(self) -> None:
+        """
+        Past the time limit with the head sent, the connection is closed.
+        """
+        response = await http(self.port, "/?x-haiku-handler=never.py")
+        self.assertEqual((response.status, response.body), (200, b"partial"))
+        self.assertFalse(response.complete)
+
+    async def test_worker_killed(self) -> None:
+        """
+        A worker killed with SIGKILL mid-request answers 500 naming the
+        cause, and is replaced.
+        """
+        pending = Deferred.fromCoroutine(http(self.port, "/?x-haiku-handler=pid-wait-silent.py"))
+        for _ in range(100):
+            busy = [w for w in self.pool.workers if w.state == "busy"]
+            if busy:
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        os.kill(busy[0].pid, signal.SIGKILL)
+        response = await pending
+        self.assertEqual(response.status, 500)
+        self.assertEqual(
+            response.text,
+            "Handler pid-wait-silent.py did not complete: the worker process was "
+            "killed by signal 9 (SIGKILL).\n",
+        )
+        response = await http(self.port, "/?x-haiku-handler=hello.py")
+        self.assertEqual(response.status, 200)
+
+
+class HeartbeatTests(TestCase):
+    """
+    The heartbeat catches a worker whose loop is blocked.
+    """
+
+    async def test_blocked_loop_is_killed(self) -> None:
+        """
+        A handler that blocks the loop stops the heartbeat answers: the
+        worker is killed well before the (long) time limit, with the reason.
+        """
+        port, pool = start_runtime(
+            self,
+            HANDLERS,
+            workers=1,
+            limits=Limits(max_time=30),
+            keepalive_interval=0.2,
+            keepalive_timeout=0.3,
+        )
+        started = reactor.seconds()
+        response = await http(port, "/?x-haiku-handler=spin.py")
+        self.assertLess(reactor.seconds() - started, 10)
+        self.assertEqual(response.status, 500)
+        self.assertIn("did not answer a heartbeat within 300 ms", response.text)
+
+
+class RecyclingTests(TestCase):
+    """
+    --maxrequests.
+    """
+
+    async def test_fresh_process_per_request(self) -> None:
+        """
+        With --maxrequests 1 every request gets a fresh process: a global
+        counted in the process is 1 every time.
+        """
+        port, pool = start_runtime(self, HANDLERS, workers=1, max_requests=1)
+        answers = [(await http(port, "/?x-haiku-handler=counter.py")).text for _ in range(3)]
+        self.assertEqual([a.split()[0] for a in answers], ["1", "1", "1"])
+        self.assertEqual(len({a.split()[1] for a in answers}), 3)
+
+    async def test_reused_process(self) -> None:
+        """
+        With --maxrequests 0 one process serves every request.
+        """
+        port, pool = start_runtime(self, HANDLERS, workers=1, max_requests=0)
+        answers = [(await http(port, "/?x-haiku-handler=counter.py")).text for _ in range(3)]
+        self.assertEqual([a.split()[0] for a in answers], ["1", "2", "3"])
+        self.assertEqual(len({a.split()[1] for a in answers}), 1)
+
+
+class HandlerAPITests(TestCase):
+    """
+    The Python handler API (SPEC §3.1).
+    """
+
+    def setUp(self) -> None:
+        self.port, self.pool = start_runtime(self, HANDLERS)
+
+    async def test_request(self) -> None:
+        """
+        C{req} carries the method, URL, path, query, headers, body, merged
+        params and the client's address.
+        """
+        response = await http(
+            self.port,
+            "/a/b?x-haiku-handler=request.py&q=1&q=2",
+            method="POST",
+            headers={"X-Test": "yes", "Content-Type": "application/x-www-form-urlencoded"},
+            body=b"f=3",
+        )
+        self.assertEqual(response.status, 200)
+        self.assertEqual(
+            json.loads(response.body),
+            {
+                "method": "POST",
+                "url": "/a/b?x-haiku-handler=request.py&q=1&q=2",
+                "path": "/a/b",
+                "query": {"x-haiku-handler": "request.py", "q": "2"},
+                "agent": "yes",
+                "has": True,
+                "body": "f=3",
+                "params": {"x-haiku-handler": "request.py", "q": "2", "f": "3"},
+                "remote": "127.0.0.1",
+            },
+        )
+
+    async def test_json_params(self) -> None:
+        """
+        A JSON body's members are merged into C{req.params}.
+        """
+        response = await http(
+            self.port,
+            "/?x-haiku-handler=request.py",
+            method="POST",
+            headers={"X-Test": "j", "Content-Type": "application/json"},
+            body=b'{"n": 1, "s": "x"}',
+        )
+        self.assertEqual(
+            json.loads(response.body)["params"],
+            {"x-haiku-handler": "request.py", "n": 1, "s": "x"},
+        )
+
+    async def test_timers(self) -> None:
+        """
+        C{set_timeout}, C{clear_timeout}, C{set_interval} and
+        C{clear_interval} work, with extra arguments passed on.
+        """
+        response = await http(self.port, "/?x-haiku-handler=timers.py")
+        self.assertEqual(response.text, "tick,tick,tick,done")
+
+    async def test_top_level_await(self) -> None:
+        """
+        Top-level C{await} works; C{res.status_code} and C{set_header} set
+        the head.
+        """
+        response = await http(self.port, "/?x-haiku-handler=await.py")
+        self.assertEqual((response.status, response.text), (202, "awaited"))
+        self.assertEqual(response.headers["x-slept"], "yes")
+
+    async def test_streaming(self) -> None:
+        """
+        The response streams: the first part arrives before the handler
+        writes the second.
+        """
+        response = await http(self.port, "/?x-haiku-handler=delayed.py")
+        self.assertEqual(response.text, "Hello, world!\n")
+        first = next(t for t, data in response.arrivals if b"Hello, " in data)
+        last = next(t for t, data in response.arrivals if b"world!" in data)
+        self.assertGreater(last - first, 0.4)
+
+    async def test_samples(self) -> None:
+        """
+        The bundled samples run.
+        """
+        port, pool = start_runtime(self, bundled_samples())
+        response = await http(port, "/?x-haiku-handler=hello.py")
+        self.assertEqual(response.text, "Hello, world!\n")
+        response = await http(port, "/p?x-haiku-handler=echo.py&c=3", method="POST",
+                              headers={"Content-Type": "application/x-www-form-urlencoded"},
+                              body=b"a=1")
+        self.assertEqual(
+            json.loads(response.body),
+            {"method": "POST", "path": "/p", "body": "a=1",
+             "params": {"a": "1", "c": "3", "x-haiku-handler": "echo.py"}},
+        )
+
+
+class ConsoleTests(TestCase):
+    """
+    Console capture (SPEC §2.2), byte for byte.
+    """
+
+    def setUp(self) -> None:
+        self.port, self.pool = start_runtime(self, HANDLERS, limits=Limits(max_console=40))
+
+    async def test_none(self) -> None:
+        """
+        By default the console is discarded and the response untouched.
+        """
+        response = await http(self.port, "/?x-haiku-handler=console.py")
+        self.assertEqual((response.status, response.text), (201, "body end\n"))
+        self.assertNotIn("x-haiku-console", response.headers)
+        unknown = await http(self.port, "/?x-haiku-handler=console.py&x-haiku-console=BODY")
+        self.assertEqual(unknown.text, "body end\n")
+
+    async def test_header(self) -> None:
+        """
+        In header mode the console up to the head is sent, encoded, in the
+        x-haiku-console header; the body is untouched.
+        """
+        response = await http(self.port, "/?x-haiku-handler=console.py&x-haiku-console=header")
+        self.assertEqual(response.headers["x-haiku-console"], "Before write_head%0A")
+        self.assertEqual((response.status, response.text), (201, "body end\n"))
+        self.assertEqual(response.headers["x-own"], "yes")
+
+    async def test_body(self) -> None:
+        """
+        In body mode the body is the console (the most recent --maxconsole
+        bytes), with the handler's status and headers.
+        """
+        response = await http(self.port, "/?x-haiku-handler=console.py&x-haiku-console=body")
+        self.assertEqual(response.status, 201)
+        self.assertEqual(response.headers["x-own"], "yes")
+        full = "Before write_head\nAfter write_head 42\nprinted\nafter write\n"
+        self.assertEqual(response.text, full[-40:])
+
+    async def test_trailer(self) -> None:
+        """
+        In trailer mode the response is chunked and announces the trailer,
+        which carries the encoded console up to C{res.end()}.
+        """
+        response = await http(self.port, "/?x-haiku-handler=console.py&x-haiku-console=trailer")
+        self.assertEqual(response.headers["trailer"], "x-haiku-console")
+        self.assertEqual(response.headers["transfer-encoding"], "chunked")
+        self.assertEqual(response.text, "body end\n")
+        full = "Before write_head\nAfter write_head 42\nprinted\nafter write\n"
+        self.assertEqual(
+            response.trailers,
+            {"x-haiku-console": full[-40:].replace("\n", "%0A")},
+        )
+
+    async def test_trailer_end_only(self) -> None:
+        """
+        The trailer is sent even when the handler's first call is
+        C{res.end()}, UTF-8 percent-encoded.
+        """
+        response = await http(
+            self.port, "/?x-haiku-handler=console-end-only.py", headers={"x-haiku-console": "trailer"}
+        )
+        self.assertTrue(response.complete)
+        self.assertEqual(response.trailers, {"x-haiku-console": "only %C3%A9%0A"})
+
+    async def test_trailer_http10(self) -> None:
+        """
+        An HTTP/1.0 client, which cannot take trailers, gets the body alone.
+        """
+        response = await http(
+            self.port, "/?x-haiku-handler=console.py&x-haiku-console=trailer", version="1.0"
+        )
+        self.assertEqual(response.text, "body end\n")
+        self.assertNotIn("trailer", response.headers)
+
+
+class LibraryTests(TestCase):
+    """
+    The runtime as a resource in a user's own site (SPEC §6).
+    """
+
+    async def test_mounted(self) -> None:
+        """
+        A L{HandlerResource} with a fixed handler, given the reactor and a
+        pool, serves under a child of a user's own root resource.
+        """
+        pool = WorkerPool(reactor, size=1, max_requests=1)
+        pool.startService()
+        self.addCleanup(pool.stopService)
+        loader = HandlerLoader(reactor, bundled_samples(), 16384)
+        root = Resource()
+        root.putChild(b"hello", HandlerResource(reactor, pool, loader, handler="hello.py"))
+        port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        response = await http(port.getHost().port, "/hello/anything")
+        self.assertEqual((response.status, response.text), (200, "Hello, world!\n"))
