@@ -263,6 +263,18 @@ class Options(usage.Options):
                     f"ssl:{https_port}:privateKey={_quote(str(key))}"
                     f":certKey={_quote(str(cert))}"
                 )
+            elif sslport.startswith("ssl:") and "privateKey=" not in sslport:
+                # An ssl endpoint naming no key uses --cert/--key or the
+                # generated pair.
+                if cert is None:
+                    generate_tls = True
+                    cert, key = state / "tls" / "cert.pem", state / "tls" / "key.pem"
+                assert key is not None
+                https = (
+                    f"{sslport}:privateKey={_quote(str(key))}:certKey={_quote(str(cert))}"
+                )
+                if not generate_tls:
+                    _check_endpoint("sslport", https)
             else:
                 https, _ = _listener("sslport", sslport, "")
         if http_port and http_port == https_port:

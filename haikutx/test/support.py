@@ -123,7 +123,7 @@ class Response:
 
 
 async def http(
-    port: int,
+    port: int | Any,
     target: str,
     method: str = "GET",
     headers: dict[str, str] | None = None,
@@ -133,6 +133,8 @@ async def http(
     """
     Send one request over a new connection (closed after the response) and
     parse the answer with h11.
+
+    @param port: a port on 127.0.0.1, or a client endpoint.
     """
     lines = [f"{method} {target} HTTP/{version}", "Host: 127.0.0.1", "Connection: close"]
     for name, value in (headers or {}).items():
@@ -142,5 +144,19 @@ async def http(
     request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
     done: Deferred[list[tuple[float, bytes]]] = Deferred()
     factory = ClientFactory.forProtocol(lambda: _RawClient(request, done))
-    reactor.connectTCP("127.0.0.1", port, factory)
+    if isinstance(port, int):
+        reactor.connectTCP("127.0.0.1", port, factory)
+    else:
+        await port.connect(factory)
     return Response(await done)
+
+
+def free_port() -> int:
+    """
+    A TCP port on 127.0.0.1 that was free a moment ago.
+    """
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

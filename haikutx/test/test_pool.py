@@ -1,0 +1,282 @@
+"""
+Unit tests of L{haikutx.pool.WorkerPool} and L{haikutx.worker.WorkerProtocol}
+on fake workers and a L{Clock}.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from haikutx import wire
+from haikutx.interfaces import IExchange, IWorkerSpawner
+from haikutx.pool import PoolBusy, PythonWorkerSpawner, WorkerPool
+from haikutx.testing import FakeSpawner
+
+
+class SpawnerTests(SynchronousTestCase):
+    """
+    The spawners provide L{IWorkerSpawner}.
+    """
+
+    def test_interfaces(self) -> None:
+        """
+        The real and the fake spawner provide the interface.
+        """
+        verifyObject(IWorkerSpawner, PythonWorkerSpawner(Clock()))
+        verifyObject(IWorkerSpawner, FakeSpawner())
+
+
+@implementer(IExchange)
+class RecordingExchange:
+    """
+    Records what a worker sends back.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def head(self, status, headers):
+        self.events.append(("head", status, headers))
+
+    def data(self, data):
+        self.events.append(("data", data))
+
+    def finish(self, trailers):
+        self.events.append(("finish", trailers))
+
+    def fail(self, status, message):
+        self.events.append(("fail", status, message))
+
+    def lost(self, reason):
+        self.events.append(("lost", reason))
+
+
+class PoolTests(SynchronousTestCase):
+    """
+    Tests for L{WorkerPool}.
+    """
+
+    def make_pool(self, size: int = 2, max_requests: int = 1) -> WorkerPool:
+        self.clock = Clock()
+        self.spawner = FakeSpawner()
+        pool = WorkerPool(
+            self.clock,
+            size=size,
+            max_requests=max_requests,
+            spawner=self.spawner,
+            keepalive_interval=5,
+            keepalive_timeout=2,
+        )
+        pool.startService()
+        return pool
+
+    def ready(self, index: int) -> None:
+        self.spawner.started[index].send(wire.READY, b'{"pid": 1}')
+
+    def serve(self, pool: WorkerPool, worker) -> None:
+        worker.run(RecordingExchange(), {}, b"")
+        worker.transport.send(wire.FINISH, b'{"trailers": []}')
+        pool.release(worker)
+
+    def test_starts_size_workers(self) -> None:
+        """
+        Starting the pool starts C{size} workers ahead of demand.
+        """
+        pool = self.make_pool(size=3)
+        self.assertEqual(len(self.spawner.started), 3)
+        self.assertEqual(pool.status()["workers"], {"starting": 3})
+
+    def test_acquire_waits_for_ready(self) -> None:
+        """
+        A request waits until a worker is ready.
+        """
+        pool = self.make_pool(size=1)
+        acquired = pool.acquire(5)
+        self.assertNoResult(acquired)
+        self.ready(0)
+        worker = self.successResultOf(acquired)
+        self.assertEqual(worker.state, "idle")
+
+    def test_busy_times_out(self) -> None:
+        """
+        When no worker is free within the timeout, L{PoolBusy}.
+        """
+        pool = self.make_pool(size=1)
+        acquired = pool.acquire(5)
+        self.clock.advance(5)
+        self.failureResultOf(acquired, PoolBusy)
+        self.ready(0)
+        self.assertEqual(pool.status()["workers"], {"idle": 1})
+
+    def test_recycle_starts_replacement(self) -> None:
+        """
+        A worker released at its quota is replaced at once, before it exits.
+        """
+        pool = self.make_pool(size=1, max_requests=1)
+        self.ready(0)
+        worker = self.successResultOf(pool.acquire(5))
+        self.serve(pool, worker)
+        self.assertEqual(worker.state, "recycling")
+        self.assertEqual(len(self.spawner.started), 2)
+        self.spawner.started[0].exit(0)
+        self.assertEqual(len(self.spawner.started), 2)
+        self.assertEqual(pool.counters["recycled"], 1)
+        self.assertEqual(pool.counters["died"], 0)
+
+    def test_recycled_worker_killed_if_it_lingers(self) -> None:
+        """
+        A recycled worker that does not exit is killed after the kill time.
+        """
+        pool = self.make_pool(size=1, max_requests=1)
+        self.ready(0)
+        worker = self.successResultOf(pool.acquire(5))
+        self.serve(pool, worker)
+        self.clock.advance(5)
+        self.assertIn("KILL", self.spawner.started[0].signals)
+
+    def test_reuse(self) -> None:
+        """
+        With no quota a released worker serves the next request.
+        """
+        pool = self.make_pool(size=1, max_requests=0)
+        self.ready(0)
+        worker = self.successResultOf(pool.acquire(5))
+        self.serve(pool, worker)
+        self.assertIs(self.successResultOf(pool.acquire(5)), worker)
+        self.assertEqual(len(self.spawner.started), 1)
+
+    def test_death_replaced(self) -> None:
+        """
+        A worker that dies is replaced.
+        """
+        pool = self.make_pool(size=1, max_requests=0)
+        self.ready(0)
+        self.spawner.started[0].exit(1)
+        self.assertEqual(len(self.spawner.started), 2)
+        self.assertEqual(pool.counters["died"], 1)
+
+    def test_backoff(self) -> None:
+        """
+        Workers that keep dying before they are ready are restarted with a
+        growing delay, not in a busy loop.
+        """
+        pool = self.make_pool(size=1, max_requests=0)
+        for i in range(3):
+            self.spawner.started[i].exit(1)
+        self.assertEqual(len(self.spawner.started), 3)
+        self.clock.advance(2)
+        self.assertEqual(len(self.spawner.started), 4)
+
+    def test_stop(self) -> None:
+        """
+        Stopping the pool terminates every worker, kills those that linger,
+        and fires once all have ended.
+        """
+        pool = self.make_pool(size=2)
+        stopped = pool.stopService()
+        self.assertEqual([t.signals for t in self.spawner.started], [["TERM"], ["TERM"]])
+        self.spawner.started[0].exit(0)
+        self.assertNoResult(stopped)
+        self.clock.advance(5)
+        self.assertEqual(self.spawner.started[1].signals, ["TERM", "KILL"])
+        self.spawner.started[1].exit(signal=9)
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.spawner.started), 2)
+
+
+class WorkerProtocolTests(SynchronousTestCase):
+    """
+    Tests for L{haikutx.worker.WorkerProtocol}: framing and heartbeat.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.spawner = FakeSpawner()
+        self.pool = WorkerPool(
+            self.clock, size=1, max_requests=0, spawner=self.spawner,
+            keepalive_interval=5, keepalive_timeout=2,
+        )
+        self.pool.startService()
+        self.transport = self.spawner.started[0]
+        self.transport.send(wire.READY, b"{}")
+        self.worker = self.transport.protocol
+
+    def test_request_frames(self) -> None:
+        """
+        A request is sent as a head frame, body frames and a body end.
+        """
+        exchange = RecordingExchange()
+        verifyObject(IExchange, exchange)
+        body = b"x" * (wire.CHUNK + 1)
+        self.worker.run(exchange, {"method": "POST"}, body)
+        kinds = [kind for kind, _ in self.transport.frames()]
+        self.assertEqual(kinds, [wire.REQUEST, wire.BODY, wire.BODY, wire.BODY_END])
+        self.transport.send(wire.HEAD, b'{"status": 201, "headers": [["a", "b"]]}')
+        self.transport.send(wire.DATA, b"hi")
+        self.transport.send(wire.FINISH, b'{"trailers": []}')
+        self.assertEqual(
+            exchange.events,
+            [("head", 201, [["a", "b"]]), ("data", b"hi"), ("finish", [])],
+        )
+
+    def test_heartbeat_answered(self) -> None:
+        """
+        A worker that echoes each challenge lives on.
+        """
+        for _ in range(3):
+            self.clock.advance(5)
+            challenge = self.transport.frames()[-1]
+            self.assertEqual(challenge[0], wire.CHALLENGE)
+            self.transport.send(wire.ANSWER, challenge[1])
+            self.clock.advance(2)
+        self.assertEqual(self.transport.signals, [])
+
+    def test_heartbeat_missed(self) -> None:
+        """
+        A worker that does not answer within the timeout is killed, and the
+        request it held is answered with the reason.
+        """
+        exchange = RecordingExchange()
+        self.worker.run(exchange, {}, b"")
+        self.clock.advance(5)
+        self.clock.advance(2)
+        self.assertEqual(self.transport.signals, ["KILL"])
+        self.transport.exit(signal=9)
+        self.assertEqual(
+            exchange.events,
+            [("lost", "the worker process did not answer a heartbeat within 2000 ms")],
+        )
+        self.assertEqual(self.pool.counters["killed"], 1)
+        self.assertEqual(len(self.spawner.started), 2)
+
+    def test_heartbeat_wrong(self) -> None:
+        """
+        A wrong answer kills the worker.
+        """
+        self.clock.advance(5)
+        self.transport.send(wire.ANSWER, b"forged")
+        self.assertEqual(self.transport.signals, ["KILL"])
+        self.assertEqual(self.worker.kill_reason, "sent an incorrect heartbeat answer")
+
+    def test_malformed_frame(self) -> None:
+        """
+        A malformed frame kills the worker.
+        """
+        self.worker.childDataReceived(4, b"\xff\xff\xff\xff\x00")
+        self.assertEqual(self.transport.signals, ["KILL"])
+
+    def test_output_logged(self) -> None:
+        """
+        What a worker prints is logged line by line with its stream.
+        """
+        from twisted.logger import globalLogPublisher
+        from twisted.internet.testing import EventLoggingObserver
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.worker.childDataReceived(2, b"one\ntw")
+        self.worker.childDataReceived(2, b"o\n")
+        lines = [(e["stream"], e["line"]) for e in events if "stream" in e]
+        self.assertEqual(lines, [("stderr", "one"), ("stderr", "two")])
