@@ -161,7 +161,7 @@ def _describe(error: BaseException) -> str:
         return "TLS failure: " + (", ".join(details) or "handshake failed")
     name = type(error).__name__
     if name in ("VerificationError", "CertificateError"):
-        return f"TLS failure: certificate does not match the host ({error})"
+        return "TLS failure: the certificate does not name this host"
     if isinstance(error, ConnectionRefusedError):
         return "connection refused"
     if isinstance(error, DNSLookupError):

@@ -736,8 +736,11 @@ class TLSTests(FetcherTestsMixin, TestCase):
         with open(cafile, "wb") as f:
             f.write(ca)
         url = f"https://127.0.0.1:{port}/h.py"
-        error = await self.fails(self.fetcher(allow=(url,)), url, 502)
-        self.assertIn("TLS failure", error.message)
+        await self.fails(
+            self.fetcher(allow=(url,)), url, 502,
+            f"Unable to obtain HTTP handler code from {url}: "
+            "TLS failure: certificate verify failed",
+        )
         fetcher = self.fetcher(allow=(url, f"https://localhost:{port}/"), cafile=cafile)
         self.assertEqual((await fetcher.fetch(url)).source, SOURCE)
         localhost = f"https://localhost:{port}/h.py"
@@ -753,8 +756,11 @@ class TLSTests(FetcherTestsMixin, TestCase):
         with open(cafile, "wb") as f:
             f.write(ca)
         url = f"https://127.0.0.1:{port}/h.py"
-        error = await self.fails(self.fetcher(allow=(url,), cafile=cafile), url, 502)
-        self.assertIn("TLS failure", error.message)
+        await self.fails(
+            self.fetcher(allow=(url,), cafile=cafile), url, 502,
+            f"Unable to obtain HTTP handler code from {url}: "
+            "TLS failure: the certificate does not name this host",
+        )
         self.assertEqual(origin.counts, {})
 
 
