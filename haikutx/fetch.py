@@ -175,6 +175,31 @@ def _describe(error: BaseException) -> str:
     return f"{name}: {error}"
 
 
+def bypasses_proxy(host: str, no_proxy: tuple[str, ...]) -> bool:
+    """
+    Whether C{host} is reached directly although a proxy is set, by the
+    usual C{NO_PROXY} rules: C{*} matches every host, C{example.com} and
+    C{.example.com} match it and its subdomains, an IP address matches
+    itself; a C{:port} suffix is ignored.
+
+    @param host: a URL host, lower case, without brackets.
+    @param no_proxy: the C{NO_PROXY} entries.
+    """
+    host = host.strip("[]").lower().rstrip(".")
+    for entry in no_proxy:
+        entry = entry.strip().lower()
+        if entry == "*":
+            return True
+        if entry.startswith("["):
+            entry = entry[1:].split("]", 1)[0]
+        elif entry.count(":") == 1:
+            entry = entry.split(":", 1)[0]
+        entry = entry.lstrip(".").rstrip(".")
+        if entry and (host == entry or host.endswith("." + entry)):
+            return True
+    return False
+
+
 @implementer(IAgentEndpointFactory)
 class _Endpoints:
     """
@@ -194,7 +219,7 @@ class _Endpoints:
         def check(address: Any) -> str | None:
             return f._rules.check_address(scheme, host, port, address)
 
-        if f._proxy_endpoint is not None:
+        if f._proxy_endpoint is not None and not bypasses_proxy(host, f._no_proxy):
 
             async def target() -> str:
                 return await f._tunnel_target(host, port, check)
@@ -330,6 +355,8 @@ class HandlerFetcher:
     @param max_size: largest handler accepted, in bytes (C{--maxsize}).
     @param allow: C{--allow} URL prefixes.
     @param proxy: C{host:port} of an HTTP proxy, or C{None}.
+    @param no_proxy: hosts reached directly although C{proxy} is set
+        (C{NO_PROXY} entries, see L{bypasses_proxy}).
     @param cafile: PEM file of extra CA certificates trusted for https, on
         top of the system's.
     @param cache_ttl: freshness in seconds of a handler whose origin gives
@@ -349,6 +376,7 @@ class HandlerFetcher:
         max_size: int,
         allow: tuple[str, ...] | list[str] = (),
         proxy: str | None = None,
+        no_proxy: tuple[str, ...] = (),
         cafile: Path | str | None = None,
         cache_ttl: float = 5.0,
         cache_bytes: int = 32 * 1024 * 1024,
@@ -359,6 +387,7 @@ class HandlerFetcher:
         self._max_size = max_size
         self._rules = AddressRules.from_prefixes(tuple(allow))
         self._proxy = proxy
+        self._no_proxy = tuple(no_proxy)
         self._cache_ttl = cache_ttl
         self._cache_bytes = cache_bytes
         self._timeout = timeout
@@ -463,6 +492,14 @@ class HandlerFetcher:
                 status=error.status,
                 reason=error.message,
             )
+        else:
+            self.log.info(
+                "fetched {handler_url} ({cache}, {size} bytes from {final_url})",
+                handler_url=url,
+                cache=result.cache,
+                size=len(result.source),
+                final_url=result.url,
+            )
         self._hops.pop(url, None)
         for waiter in self._inflight.pop(url, []):
             if waiter.called:
@@ -548,7 +585,11 @@ class HandlerFetcher:
 
     async def _request(self, target: _Target, headers: Headers) -> IResponse:
         uri = target.url.encode("ascii")
-        if self._proxy_agent is not None and target.scheme == "http":
+        if (
+            self._proxy_agent is not None
+            and target.scheme == "http"
+            and not bypasses_proxy(target.host, self._no_proxy)
+        ):
             # The proxy resolves the name itself; check what this machine
             # sees first (best effort, see doc/loader.md).
             await self._tunnel_target(

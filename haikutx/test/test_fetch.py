@@ -32,6 +32,7 @@ from zope.interface.verify import verifyObject
 
 from haikutx.fetch import (
     UNSUPPORTED_PROTOCOL,
+    bypasses_proxy,
     FetchedHandler,
     HandlerFetcher,
     HandlerFetchError,
@@ -720,6 +721,28 @@ class FreshnessTests(SynchronousTestCase):
         self.assertEqual(f(cache_control="max-age=bogus"), 0.0)
 
 
+class BypassTests(SynchronousTestCase):
+    """
+    L{bypasses_proxy} applies C{NO_PROXY}.
+    """
+
+    def test_entries(self) -> None:
+        """
+        Domains match themselves and subdomains, addresses match
+        themselves, C{*} matches all, ports are ignored.
+        """
+        rules = ("localhost", ".internal.test", "127.0.0.1:8080", "[::1]")
+        self.assertTrue(bypasses_proxy("localhost", rules))
+        self.assertTrue(bypasses_proxy("a.internal.test", rules))
+        self.assertTrue(bypasses_proxy("internal.test", rules))
+        self.assertTrue(bypasses_proxy("127.0.0.1", rules))
+        self.assertTrue(bypasses_proxy("::1", rules))
+        self.assertFalse(bypasses_proxy("notlocalhost", rules))
+        self.assertFalse(bypasses_proxy("127.0.0.2", rules))
+        self.assertTrue(bypasses_proxy("anything", ("*",)))
+        self.assertFalse(bypasses_proxy("anything", ()))
+
+
 class TLSTests(FetcherTestsMixin, TestCase):
     """
     https origins are verified; C{cafile} adds a CA.
@@ -865,6 +888,23 @@ class ProxyTests(FetcherTestsMixin, TestCase):
             f"the proxy {proxy} refused CONNECT: 403 Access violation",
         )
         self.assertEqual(origin.counts, {})
+
+    async def test_no_proxy(self) -> None:
+        """
+        Hosts in C{no_proxy} are fetched directly; others go to the proxy
+        (here a closed port, so they fail).
+        """
+        origin, port, _ = self.origin()
+        origin.serve("/h.py")
+        proxy = f"127.0.0.1:{_free_port()}"
+        url = f"http://127.0.0.1:{port}/h.py"
+        direct = self.fetcher(allow=(url,), proxy=proxy, no_proxy=("127.0.0.1",))
+        self.assertEqual((await direct.fetch(url)).source, SOURCE)
+        proxied = self.fetcher(allow=(url,), proxy=proxy)
+        await self.fails(
+            proxied, url, 502,
+            f"Unable to obtain HTTP handler code from {url}: connection refused",
+        )
 
     async def test_proxy_still_checks_addresses(self) -> None:
         """
