@@ -70,9 +70,11 @@ async def _run(seconds: float, size: int) -> None:
         rows.append((mode, count, elapsed, origin.requests - before))
         await fetcher.close()
     await port.stopListening()
-    print(f"handler size {size} bytes, {seconds:g} s per mode, "
-          f"python {platform.python_version()}, {platform.machine()}, "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"handler size {size} bytes, {seconds:g} s per mode, "
+        f"python {platform.python_version()}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs"
+    )
     print(f"{'mode':32} {'fetches':>9} {'fetches/s':>11} {'origin requests':>16}")
     for mode, count, elapsed, requests in rows:
         print(f"{mode:32} {count:9d} {count / elapsed:11.0f} {requests:16d}")

@@ -341,9 +341,7 @@ class EgressRules:
         return f"{host}:{port} resolves to a {kind} address ({parsed})"
 
 
-def _same_address(
-    a: IPv4Address | IPv6Address, b: IPv4Address | IPv6Address
-) -> bool:
+def _same_address(a: IPv4Address | IPv6Address, b: IPv4Address | IPv6Address) -> bool:
     if isinstance(a, IPv6Address) and a.ipv4_mapped is not None:
         a = a.ipv4_mapped
     if isinstance(b, IPv6Address) and b.ipv4_mapped is not None:

@@ -123,7 +123,9 @@ def _parse(url: str) -> _Target:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        raise HandlerFetchError(400, f"The handler URL {url} is not a valid URL.")
+        raise HandlerFetchError(
+            400, f"The handler URL {url} is not a valid URL."
+        ) from None
     if parts.scheme not in ("http", "https"):
         raise HandlerFetchError(400, UNSUPPORTED_PROTOCOL)
     if (
@@ -463,9 +465,7 @@ class HandlerFetcher:
         self._expired.add(url)
         loading.cancel()
 
-    def _settle(
-        self, result: FetchedHandler | Failure, url: str, timer: Any
-    ) -> None:
+    def _settle(self, result: FetchedHandler | Failure, url: str, timer: Any) -> None:
         if timer.active():
             timer.cancel()
         expired = url in self._expired
@@ -474,9 +474,7 @@ class HandlerFetcher:
             self._counters["errors"] += 1
             if expired or not result.check(HandlerFetchError):
                 if not expired:
-                    self.log.failure(
-                        "fetching {handler_url}", result, handler_url=url
-                    )
+                    self.log.failure("fetching {handler_url}", result, handler_url=url)
                     result = Failure(_unable(url, _describe(result.value)))
                 else:
                     result = Failure(
@@ -544,11 +542,11 @@ class HandlerFetcher:
             try:
                 response = await self._request(target, headers)
             except AddressRefused as e:
-                raise _refused(current, e.reason)
+                raise _refused(current, e.reason) from None
             except (HandlerFetchError, CancelledError):
                 raise
             except Exception as e:
-                raise _unable(current, _describe(e))
+                raise _unable(current, _describe(e)) from e
             code = response.code
             if code in REDIRECTS and hop < MAX_REDIRECTS:
                 location = response.headers.getRawHeaders(b"location")
@@ -565,7 +563,8 @@ class HandlerFetcher:
             if code != 200:
                 await _discard(response, self._max_size)
                 raise HandlerFetchError(
-                    502, f"HTTP error when obtaining handler code from {current}: {code}"
+                    502,
+                    f"HTTP error when obtaining handler code from {current}: {code}",
                 )
             length = response.length
             if isinstance(length, int) and length > self._max_size:
@@ -576,7 +575,7 @@ class HandlerFetcher:
             except (HandlerFetchError, CancelledError):
                 raise
             except Exception as e:
-                raise _unable(current, _describe(e))
+                raise _unable(current, _describe(e)) from e
             self._counters["bytes"] += len(source)
             self._counters["misses"] += 1
             stored = self._store(url, current, source, response.headers)

@@ -38,8 +38,16 @@ class AddressKindTests(SynchronousTestCase):
         """
         Every loopback form a URL can name is classified as loopback.
         """
-        for form in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "::ffff:127.0.0.1",
-                     "64:ff9b::7f00:1", "::ffff:0:7f00:1", "2002:7f00:1::1"):
+        for form in (
+            "127.0.0.1",
+            "127.0.0.2",
+            "::1",
+            "[::1]",
+            "::ffff:127.0.0.1",
+            "64:ff9b::7f00:1",
+            "::ffff:0:7f00:1",
+            "2002:7f00:1::1",
+        ):
             self.assertEqual(address_kind(form), "loopback", form)
             self.assertFalse(is_public(form))
 
@@ -154,8 +162,12 @@ class AddressRulesTests(SynchronousTestCase):
             rules.check_url("http", "127.0.0.1", 8000, "/handlers/%2e%2e/admin")
         )
         self.assertIsNone(rules.check_address("http", "127.0.0.1", 8000, "127.0.0.1"))
-        self.assertIsNotNone(rules.check_address("http", "localhost", 8000, "127.0.0.1"))
-        self.assertIsNotNone(rules.check_address("http", "127.0.0.1", 8001, "127.0.0.1"))
+        self.assertIsNotNone(
+            rules.check_address("http", "localhost", 8000, "127.0.0.1")
+        )
+        self.assertIsNotNone(
+            rules.check_address("http", "127.0.0.1", 8001, "127.0.0.1")
+        )
 
     def test_scheme_only_prefix(self) -> None:
         """

@@ -32,10 +32,10 @@ from zope.interface.verify import verifyObject
 
 from haikutx.fetch import (
     UNSUPPORTED_PROTOCOL,
-    bypasses_proxy,
     FetchedHandler,
     HandlerFetcher,
     HandlerFetchError,
+    bypasses_proxy,
     freshness,
 )
 from haikutx.interfaces import IHandlerFetcher
@@ -107,7 +107,7 @@ def _certificates(names: list[str]) -> tuple[bytes, Any, Any]:
     from cryptography.x509.oid import NameOID
     from OpenSSL import crypto
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "haikutx test CA")])
     ca = (
@@ -121,10 +121,15 @@ def _certificates(names: list[str]) -> tuple[bytes, Any, Any]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False,
-                key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -367,7 +372,9 @@ class FetchTests(FetcherTestsMixin, TestCase):
             await fetcher.fetch(base + "/long.py")
             self.assertEqual((await fetcher.fetch(base + "/never.py")).cache, "miss")
         self.assertEqual(origin.counts, {"/long.py": 1, "/never.py": 3})
-        self.assertIsNone(origin.last_headers["/never.py"].getRawHeaders("if-none-match"))
+        self.assertIsNone(
+            origin.last_headers["/never.py"].getRawHeaders("if-none-match")
+        )
         off = self.fetcher(allow=allow, cache_bytes=0)
         for _ in range(3):
             self.assertEqual((await off.fetch(base + "/long.py")).cache, "off")
@@ -417,7 +424,9 @@ class FetchTests(FetcherTestsMixin, TestCase):
         origin.serve("/5")
         fetcher = self.fetcher(allow=(base + "/",))
         await self.fails(
-            fetcher, base + "/1", 502,
+            fetcher,
+            base + "/1",
+            502,
             f"HTTP error when obtaining handler code from {base}/4: 302",
         )
         self.assertNotIn("/5", origin.counts)
@@ -430,7 +439,9 @@ class FetchTests(FetcherTestsMixin, TestCase):
         base = f"http://127.0.0.1:{port}"
         fetcher = self.fetcher(allow=(base + "/",))
         await self.fails(
-            fetcher, base + "/missing.py", 502,
+            fetcher,
+            base + "/missing.py",
+            502,
             f"HTTP error when obtaining handler code from {base}/missing.py: 404",
         )
         self.assertEqual(fetcher.counters()["errors"], 1)
@@ -496,7 +507,9 @@ class FetchTests(FetcherTestsMixin, TestCase):
         fetcher = self.fetcher(allow=(url,), timeout=0.3)
         started = reactor.seconds()
         await self.fails(
-            fetcher, url, 502,
+            fetcher,
+            url,
+            502,
             f"Unable to obtain HTTP handler code from {url}: timed out after 0.3 s",
         )
         self.assertLess(reactor.seconds() - started, 2)
@@ -534,7 +547,9 @@ class FetchTests(FetcherTestsMixin, TestCase):
         port = _free_port()
         url = f"http://127.0.0.1:{port}/h.py"
         await self.fails(
-            self.fetcher(allow=(url,)), url, 502,
+            self.fetcher(allow=(url,)),
+            url,
+            502,
             f"Unable to obtain HTTP handler code from {url}: connection refused",
         )
 
@@ -574,7 +589,9 @@ class SafetyTests(FetcherTestsMixin, TestCase):
         fetcher = self.fetcher(allow=(base + "/ok/",))
         self.assertEqual((await fetcher.fetch(base + "/ok/h.py")).source, SOURCE)
         await self.fails(
-            fetcher, base + "/secret", 403,
+            fetcher,
+            base + "/secret",
+            403,
             f"The handler URL {base}/secret is not allowed: "
             "it matches no --allow prefix",
         )
@@ -615,7 +632,9 @@ class SafetyTests(FetcherTestsMixin, TestCase):
         resolver = ScriptedResolver([["127.0.0.1"]])
         fetcher = self.fetcher(resolver=resolver)
         await self.fails(
-            fetcher, f"http://rebind.test:{port}/h.py", 403,
+            fetcher,
+            f"http://rebind.test:{port}/h.py",
+            403,
             f"The handler URL http://rebind.test:{port}/h.py is not allowed: "
             "rebind.test resolves to a loopback address (127.0.0.1)",
         )
@@ -760,7 +779,9 @@ class TLSTests(FetcherTestsMixin, TestCase):
             f.write(ca)
         url = f"https://127.0.0.1:{port}/h.py"
         await self.fails(
-            self.fetcher(allow=(url,)), url, 502,
+            self.fetcher(allow=(url,)),
+            url,
+            502,
             f"Unable to obtain HTTP handler code from {url}: "
             "TLS failure: certificate verify failed",
         )
@@ -780,7 +801,9 @@ class TLSTests(FetcherTestsMixin, TestCase):
             f.write(ca)
         url = f"https://127.0.0.1:{port}/h.py"
         await self.fails(
-            self.fetcher(allow=(url,), cafile=cafile), url, 502,
+            self.fetcher(allow=(url,), cafile=cafile),
+            url,
+            502,
             f"Unable to obtain HTTP handler code from {url}: "
             "TLS failure: the certificate does not name this host",
         )
@@ -794,7 +817,9 @@ class ProxyTests(FetcherTestsMixin, TestCase):
 
     def setUp(self) -> None:
         if shutil.which("tinyproxy") is None:
-            raise self.skipTest("tinyproxy is not installed (apt-get install tinyproxy)")
+            raise self.skipTest(
+                "tinyproxy is not installed (apt-get install tinyproxy)"
+            )
 
     async def tinyproxy(self, extra: str = "") -> tuple[str, _Tinyproxy]:
         """
@@ -812,11 +837,13 @@ class ProxyTests(FetcherTestsMixin, TestCase):
             f.write(
                 f"{user}Port {port}\nListen 127.0.0.1\nTimeout 10\nMaxClients 20\n"
                 f"Allow 127.0.0.1\nLogLevel Connect\n"
-                f"ViaProxyName \"haikutx-test\"\n{extra}"
+                f'ViaProxyName "haikutx-test"\n{extra}'
             )
         protocol = _Tinyproxy()
         process = reactor.spawnProcess(
-            protocol, shutil.which("tinyproxy"), ["tinyproxy", "-d", "-c", config],
+            protocol,
+            shutil.which("tinyproxy"),
+            ["tinyproxy", "-d", "-c", config],
             env={"PATH": os.environ.get("PATH", "")},
         )
 
@@ -883,7 +910,9 @@ class ProxyTests(FetcherTestsMixin, TestCase):
         url = f"https://127.0.0.1:{port}/h.py"
         fetcher = self.fetcher(allow=(url,), proxy=proxy)
         await self.fails(
-            fetcher, url, 502,
+            fetcher,
+            url,
+            502,
             f"Unable to obtain HTTP handler code from {url}: "
             f"the proxy {proxy} refused CONNECT: 403 Access violation",
         )
@@ -902,7 +931,9 @@ class ProxyTests(FetcherTestsMixin, TestCase):
         self.assertEqual((await direct.fetch(url)).source, SOURCE)
         proxied = self.fetcher(allow=(url,), proxy=proxy)
         await self.fails(
-            proxied, url, 502,
+            proxied,
+            url,
+            502,
             f"Unable to obtain HTTP handler code from {url}: connection refused",
         )
 
