@@ -22,7 +22,8 @@ from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import deferLater
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
@@ -438,6 +439,7 @@ class FetchTests(FetcherTestsMixin, TestCase):
         origin, port, _ = self.origin()
         base = f"http://127.0.0.1:{port}"
         fetcher = self.fetcher(allow=(base + "/",))
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         await self.fails(
             fetcher,
             base + "/missing.py",
@@ -445,6 +447,9 @@ class FetchTests(FetcherTestsMixin, TestCase):
             f"HTTP error when obtaining handler code from {base}/missing.py: 404",
         )
         self.assertEqual(fetcher.counters()["errors"], 1)
+        failed = [e for e in events if e.get("status") == 502]
+        self.assertEqual(len(failed), 1)
+        self.assertEqual(failed[0]["handler_url"], base + "/missing.py")
 
     async def test_unsupported_scheme(self) -> None:
         """
@@ -480,11 +485,21 @@ class FetchTests(FetcherTestsMixin, TestCase):
             return NOT_DONE_YET
 
         origin.routes["/stream.py"] = streaming
+
+        def announced(request: Any) -> int:
+            request.setHeader("content-length", "100000")
+            request.write(b"z")
+            return NOT_DONE_YET
+
+        origin.routes["/announced.py"] = announced
         fetcher = self.fetcher(allow=(base + "/",), max_size=100)
         self.assertEqual(len((await fetcher.fetch(base + "/exact.py")).source), 100)
         message = "The size of the handler exceeded the quota of 100 bytes."
         await self.fails(fetcher, base + "/over.py", 400, message)
         await self.fails(fetcher, base + "/stream.py", 400, message)
+        # The body never comes: only the early Content-Length check answers
+        # before the time limit.
+        await self.fails(fetcher, base + "/announced.py", 400, message)
         for _ in range(50):
             if "/stream.py" in origin.lost:
                 break
