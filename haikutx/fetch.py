@@ -15,6 +15,10 @@ from urllib.parse import urljoin, urlsplit
 
 from attrs import define, frozen
 from OpenSSL import SSL
+
+# IOpenSSLTrustRoot is how Twisted lets a trust root add CAs to a context;
+# it has no public import path, and platformTrust() can only replace.
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import (
@@ -294,6 +298,8 @@ class _Body(Protocol):
     download at the first byte over it.
     """
 
+    transport: Any
+
     def __init__(self, max_size: int) -> None:
         self._max_size = max_size
         self._chunks: list[bytes] = []
@@ -414,6 +420,28 @@ class HandlerFetcher:
             )
             self._proxy_agent = ProxyAgent(self._proxy_endpoint, reactor, self._pool)
         self._agent = Agent.usingEndpointFactory(reactor, _Endpoints(self), self._pool)
+
+    @classmethod
+    def from_config(cls, reactor: Any, config: Any, **kwargs: Any) -> HandlerFetcher:
+        """
+        The fetcher C{twistd haiku} asks for.
+
+        @param reactor: the reactor.
+        @param config: a L{haikutx.config.Config} (C{--maxsize}, C{--allow},
+            C{--proxy} and C{NO_PROXY}, C{--cafile}, C{--cache-ttl}).
+        @param kwargs: further keyword arguments (C{cache_bytes},
+            C{timeout}, C{resolver}).
+        """
+        return cls(
+            reactor,
+            max_size=config.limits.max_size,
+            allow=config.allow,
+            proxy=config.proxy,
+            no_proxy=config.no_proxy,
+            cafile=config.cafile,
+            cache_ttl=config.cache_ttl,
+            **kwargs,
+        )
 
     def counters(self) -> dict[str, int]:
         """
@@ -616,8 +644,8 @@ class HandlerFetcher:
         entry = _Entry(
             final_url=final_url,
             source=source,
-            etag=(headers.getRawHeaders(b"etag") or [None])[-1],
-            last_modified=(headers.getRawHeaders(b"last-modified") or [None])[-1],
+            etag=_last(headers, b"etag"),
+            last_modified=_last(headers, b"last-modified"),
             expires=self._reactor.seconds() + lifetime,
         )
         size = entry.size(url)
@@ -651,6 +679,11 @@ class HandlerFetcher:
             self._cache.move_to_end(url)
 
 
+def _last(headers: Headers, name: bytes) -> bytes | None:
+    values = headers.getRawHeaders(name)
+    return values[-1] if values else None
+
+
 def _trust(cafile: Path | str | None) -> Any:
     """
     The trust root for https origins: the system's CAs, plus those in
@@ -668,13 +701,7 @@ def _trust(cafile: Path | str | None) -> Any:
     return _SystemAndExtraTrust(certificates)
 
 
-def _trust_interface() -> Any:
-    from twisted.internet._sslverify import IOpenSSLTrustRoot
-
-    return IOpenSSLTrustRoot
-
-
-@implementer(_trust_interface())
+@implementer(IOpenSSLTrustRoot)
 class _SystemAndExtraTrust:
     """
     Trust the system's CAs and these extra certificates.

@@ -165,6 +165,8 @@ class _TunnelProtocol(Protocol):
     the protocol the tunnel was opened for.
     """
 
+    transport: Any
+
     def __init__(self, target: str, proxy: str, factory: Any) -> None:
         self._target = target.encode("ascii")
         self._proxy = proxy

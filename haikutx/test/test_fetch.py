@@ -267,6 +267,24 @@ class FetchTests(FetcherTestsMixin, TestCase):
         """
         self.assertTrue(verifyObject(IHandlerFetcher, self.fetcher()))
 
+    async def test_from_config(self) -> None:
+        """
+        L{HandlerFetcher.from_config} applies C{--maxsize} and C{--allow}.
+        """
+        from haikutx.config import Config, Limits
+
+        origin, port, _ = self.origin()
+        origin.serve("/h.py", b"x" * 11)
+        base = f"http://127.0.0.1:{port}"
+        config = Config(limits=Limits(max_size=10), allow=(base + "/ok/",))
+        fetcher = HandlerFetcher.from_config(reactor, config)
+        self.addCleanup(fetcher.close)
+        await self.fails(fetcher, base + "/h.py", 403)
+        config = Config(limits=Limits(max_size=10), allow=(base + "/",))
+        fetcher = HandlerFetcher.from_config(reactor, config)
+        self.addCleanup(fetcher.close)
+        await self.fails(fetcher, base + "/h.py", 400)
+
     async def test_fresh_handler_fetched_once(self) -> None:
         """
         1000 fetches of a fresh handler (500 at once, coalesced, then 500
