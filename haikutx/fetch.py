@@ -354,6 +354,22 @@ async def _discard(response: IResponse, max_size: int) -> None:
         pass
 
 
+class _Pool(HTTPConnectionPool):
+    """
+    A connection pool that takes no connection back once closed: a response
+    that completes after L{HandlerFetcher.close} (or after its download was
+    abandoned mid-packet) is closed instead of waiting in the pool.
+    """
+
+    closed = False
+
+    def _putConnection(self, key: Any, connection: Any) -> None:
+        if self.closed or getattr(connection.transport, "disconnecting", False):
+            connection.transport.loseConnection()
+            return
+        super()._putConnection(key, connection)
+
+
 @implementer(IHandlerFetcher)
 class HandlerFetcher:
     """
@@ -409,7 +425,7 @@ class HandlerFetcher:
         self._counters = dict.fromkeys(
             ("hits", "misses", "revalidations", "coalesced", "bytes", "errors"), 0
         )
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool = _Pool(reactor, persistent=True)
         self._pool.cachedConnectionTimeout = 30
         self._proxy_endpoint: Any = None
         self._proxy_agent: Any = None
@@ -458,8 +474,9 @@ class HandlerFetcher:
 
     def close(self) -> Deferred[None]:
         """
-        Close the pooled connections.
+        Close the pooled connections; none is pooled afterwards.
         """
+        self._pool.closed = True
         return self._pool.closeCachedConnections()
 
     def fetch(self, url: str) -> Deferred[FetchedHandler]:
