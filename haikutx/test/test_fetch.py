@@ -256,6 +256,52 @@ class FetcherTestsMixin:
         raise AssertionError
 
 
+class HandlerFetcherConformanceMixin:
+    """
+    What every L{IHandlerFetcher} does, fakes included: subclasses define
+    C{make_fetcher(url, source)} returning a fetcher that serves C{source}
+    at C{url} (and nothing else).
+    """
+
+    async def make_fetcher(self, source: bytes) -> tuple[Any, str]:
+        raise NotImplementedError
+
+    async def test_conforms(self) -> None:
+        """
+        The fetcher provides L{IHandlerFetcher}, fetches the code with its
+        final URL and a cache status, refuses another scheme with a 400, and
+        counts hits, misses, revalidations, bytes and errors.
+        """
+        fetcher, url = await self.make_fetcher(SOURCE)
+        self.assertTrue(verifyObject(IHandlerFetcher, fetcher))
+        fetched = await fetcher.fetch(url)
+        self.assertEqual((fetched.url, fetched.source), (url, SOURCE))
+        self.assertIn(fetched.cache, ("hit", "miss", "revalidated", "off"))
+        try:
+            await fetcher.fetch("gopher://127.0.0.1/h.py")
+        except HandlerFetchError as e:
+            self.assertEqual((e.status, e.message), (400, UNSUPPORTED_PROTOCOL))
+        else:
+            self.fail("gopher fetched")
+        counters = fetcher.counters()
+        for name in ("hits", "misses", "revalidations", "bytes", "errors"):
+            self.assertIsInstance(counters[name], int)
+
+
+class HandlerFetcherConformanceTests(
+    HandlerFetcherConformanceMixin, FetcherTestsMixin, TestCase
+):
+    """
+    L{HandlerFetcher} conforms to L{IHandlerFetcher}.
+    """
+
+    async def make_fetcher(self, source: bytes) -> tuple[Any, str]:
+        origin, port, _ = self.origin()
+        origin.serve("/h.py", source)
+        url = f"http://127.0.0.1:{port}/h.py"
+        return self.fetcher(allow=(url,)), url
+
+
 class FetchTests(FetcherTestsMixin, TestCase):
     """
     L{HandlerFetcher} against real origins on loopback.
