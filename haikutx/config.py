@@ -72,6 +72,7 @@ class Config:
     generate_tls: bool = False
     workers: int = 4
     proxy: str | None = None
+    no_proxy: tuple[str, ...] = ()
     limits: Limits = field(factory=Limits)
     max_requests: int = 1
     keepalive_timeout: float = 5.0

@@ -199,7 +199,8 @@ class Exchange:
                 status = self.status or status
             else:
                 for name, _ in list(request.responseHeaders.getAllRawHeaders()):
-                    request.responseHeaders.removeHeader(name)
+                    if name.lower() != b"x-haiku-cache":
+                        request.responseHeaders.removeHeader(name)
                 send_error(request, status, message)
         self._complete(status, message)
 
@@ -292,6 +293,8 @@ class HandlerResource(Resource):
             return
         if request._disconnected:
             return
+        if self._debug:
+            request.responseHeaders.setRawHeaders(b"x-haiku-cache", [handler.cache.encode()])
         try:
             worker = await self._pool.acquire(self._limits.max_time)
         except PoolBusy as e:

@@ -9,11 +9,12 @@ from typing import Any
 
 from attrs import asdict
 from twisted.application import strports
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from haikutx.config import Config
+from haikutx.fetch import HandlerFetcher
 from haikutx.loader import HandlerLoader
 from haikutx.pool import WorkerPool
 from haikutx.runtime import HandlerResource
@@ -41,9 +42,25 @@ class RuntimeRoot(Resource):
         return self._handlers.render(request)
 
 
-def build_runtime(reactor: Any, config: Config) -> tuple[WorkerPool, Resource]:
+class FetcherService(Service):
     """
-    The worker pool and the root resource of the runtime.
+    Closes the handler fetcher's pooled connections when the runtime stops.
+    """
+
+    def __init__(self, fetcher: HandlerFetcher) -> None:
+        self.fetcher = fetcher
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.fetcher.close()
+
+
+def build_runtime(
+    reactor: Any, config: Config
+) -> tuple[WorkerPool, Resource, HandlerFetcher]:
+    """
+    The worker pool, the root resource and the handler fetcher of the
+    runtime.
     """
     pool = WorkerPool(
         reactor,
@@ -53,7 +70,7 @@ def build_runtime(reactor: Any, config: Config) -> tuple[WorkerPool, Resource]:
         keepalive_timeout=config.keepalive_timeout,
     )
     pool.setName("pool")
-    fetcher = None
+    fetcher = HandlerFetcher.from_config(reactor, config)
     loader = HandlerLoader(reactor, config.handlers, config.limits.max_size, fetcher)
     handlers = HandlerResource(
         reactor,
@@ -68,10 +85,11 @@ def build_runtime(reactor: Any, config: Config) -> tuple[WorkerPool, Resource]:
         {
             "pool": pool.status,
             "requests": lambda: dict(handlers.counters),
+            "cache": fetcher.counters,
             "limits": lambda: limits,
         }
     )
-    return pool, RuntimeRoot(handlers, status)
+    return pool, RuntimeRoot(handlers, status), fetcher
 
 
 def build_service(reactor: Any, config: Config) -> MultiService:
@@ -84,8 +102,9 @@ def build_service(reactor: Any, config: Config) -> MultiService:
         and, when configured, C{jobs} and C{gate}.
     """
     top = MultiService()
-    pool, root = build_runtime(reactor, config)
+    pool, root, fetcher = build_runtime(reactor, config)
     pool.setServiceParent(top)
+    FetcherService(fetcher).setServiceParent(top)
     runtime = MultiService()
     runtime.setName("runtime")
     runtime.setServiceParent(top)

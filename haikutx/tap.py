@@ -119,6 +119,17 @@ def proxy_from_environ(environ: dict[str, str]) -> str | None:
     return None
 
 
+def no_proxy_from_environ(environ: dict[str, str]) -> tuple[str, ...]:
+    """
+    The hosts C{NO_PROXY} (either case) says to reach without the proxy.
+
+    @param environ: the environment to read.
+    @return: the comma-separated entries, stripped.
+    """
+    value = environ.get("NO_PROXY") or environ.get("no_proxy") or ""
+    return tuple(e.strip() for e in value.split(",") if e.strip())
+
+
 def _proxy_address(option: str, value: str) -> str:
     parsed = urlsplit(value if "://" in value else "http://" + value)
     try:
@@ -327,6 +338,7 @@ class Options(usage.Options):
                 else 4 * _cpus()
             ),
             proxy=proxy,
+            no_proxy=no_proxy_from_environ(dict(os.environ)),
             limits=Limits(
                 max_size=_int("maxsize", self["maxsize"], 1),
                 max_time=_int("maxtime", self["maxtime"], 1) / 1000.0,

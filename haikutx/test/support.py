@@ -54,8 +54,9 @@ def start_runtime(
         handlers=handlers,
         **config,
     )
-    pool, root = build_runtime(reactor, cfg)
+    pool, root, fetcher = build_runtime(reactor, cfg)
     pool.startService()
+    case.addCleanup(fetcher.close)
     site = Site(root, reactor=reactor)
     site.displayTracebacks = False
     port = reactor.listenTCP(0, site, interface="127.0.0.1")

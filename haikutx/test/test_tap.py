@@ -9,7 +9,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from haikutx.config import Config, Limits, bundled_samples
-from haikutx.tap import Options, proxy_from_environ
+from haikutx.tap import Options, no_proxy_from_environ, proxy_from_environ
 
 
 def parse(*argv: str) -> Config:
@@ -140,3 +140,19 @@ class ProxyFromEnvironTests(SynchronousTestCase):
         No proxy variable gives no proxy.
         """
         self.assertIsNone(proxy_from_environ({}))
+
+
+class NoProxyFromEnvironTests(SynchronousTestCase):
+    """
+    Tests for L{no_proxy_from_environ}.
+    """
+
+    def test_entries(self) -> None:
+        """
+        C{NO_PROXY} (or C{no_proxy}) gives its comma-separated entries.
+        """
+        self.assertEqual(
+            no_proxy_from_environ({"no_proxy": " localhost, .internal.test,,"}),
+            ("localhost", ".internal.test"),
+        )
+        self.assertEqual(no_proxy_from_environ({}), ())
