@@ -20,4 +20,8 @@ def build_service(reactor, config: Config) -> MultiService:
         C{jobs} and C{gate} (the last two only when configured).
     """
     top = MultiService()
+    if config.jobs is not None:
+        from haikutx.jobs import build_jobs_service
+
+        build_jobs_service(reactor, config).setServiceParent(top)
     return top
