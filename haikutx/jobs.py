@@ -868,7 +868,7 @@ class JobRunner:
         # Give the output a moment, then close them so the job ends.
         record.cancel_timer("kill")
         record.cancel_timer("job_time")
-        if record.state == RUNNING:
+        if record.state == RUNNING and record.transport is not None:
             record.timers["drain"] = self._reactor.callLater(
                 self._drain_time, record.transport.loseConnection
             )
