@@ -399,7 +399,7 @@ class JobAPITests(_HTTPTestCase):
         bytes with a truncation flag, and binary output is replaced.
         """
         await self._server(max_output=100)
-        _, job = await self._post({"command": "sh", "args": ["-c", "echo first; sleep 30"]})
+        _, job = await self._post({"command": "sh", "args": ["-c", "echo first; exec sleep 30"]})
         for _ in range(200):
             _, seen = await self._get(job["id"])
             if seen["stdout"]:
@@ -419,7 +419,7 @@ class JobAPITests(_HTTPTestCase):
         the pipes does not keep it open.
         """
         await self._server(kill_grace=0.3)
-        _, job = await self._post({"command": "sh", "args": ["-c", "trap '' TERM; sleep 30 & wait"]})
+        _, job = await self._post({"command": "sh", "args": ["-c", "trap '' TERM; sleep 2 & wait"]})
         await deferLater(reactor, 0.3)
         code, done = await self._get(job["id"], "DELETE")
         self.assertEqual((code, done["state"], done["error"], done["signal"]), (200, "finished", "stopped", "SIGKILL"))
