@@ -148,9 +148,7 @@ class AddressRulesTests(SynchronousTestCase):
         Loopback literals are refused unless an C{--allow} prefix covers
         them; non-http URLs are refused; host names pass (checked on send).
         """
-        for url in ("http://127.0.0.2/cb", "http://[::1]:8/", "http://0x7f000001/"):
-            if url == "http://0x7f000001/":
-                continue  # not an address literal to ipaddress: checked on send
+        for url in ("http://127.0.0.2/cb", "http://[::1]:8/", "http://[::ffff:127.0.0.1]/"):
             self.assertRaises(JobRefused, check_callback_url, url, ())
         self.assertEqual(
             check_callback_url("http://127.0.0.2/cb", ("http://127.0.0.2/",)),
@@ -499,14 +497,15 @@ class JobAPITests(_HTTPTestCase):
         the job says so.
         """
         await self._server()
-        _, job = await self._post({"command": "true", "callback": "http://localhost:1/"})
-        for _ in range(100):
-            _, seen = await self._get(job["id"])
-            if (seen["callback_outcome"] or {}).get("status") not in (None, "pending"):
-                break
-            await deferLater(reactor, 0.05)
-        self.assertEqual(seen["callback_outcome"]["status"], "refused")
-        self.assertIn("loopback", seen["callback_outcome"]["error"])
+        for host in ("localhost", "0x7f000001"):
+            _, job = await self._post({"command": "true", "callback": f"http://{host}:1/"})
+            for _ in range(100):
+                _, seen = await self._get(job["id"])
+                if (seen["callback_outcome"] or {}).get("status") not in (None, "pending"):
+                    break
+                await deferLater(reactor, 0.05)
+            self.assertEqual(seen["callback_outcome"]["status"], "refused", host)
+            self.assertIn("loopback", seen["callback_outcome"]["error"])
 
     async def test_runs_as_user(self) -> None:
         """
@@ -549,6 +548,53 @@ class JobAPITests(_HTTPTestCase):
         self.assertEqual((back["state"], back["error"]), ("finished", "interrupted"))
         later = await self._until_finished(queued.id)
         self.assertEqual(later["stdout"], "later\n")
+
+
+class RunnerStartTests(TestCase):
+    """
+    L{JobRunner.start} and L{JobService} on a store with earlier jobs.
+    """
+
+    async def test_pending_callback_and_running(self) -> None:
+        """
+        A job stored as running comes back interrupted, and a callback still
+        pending is marked failed; both changes are saved.
+        """
+        from haikutx.jobstore import CallbackOutcome, Job
+
+        store = MemoryJobStore()
+        job = Job(
+            id="a" * 40, seq=4, command="echo", arguments=(), state="running",
+            callback="http://example.com/", callback_outcome=CallbackOutcome("pending", 2),
+        )
+        store.jobs[job.id] = job
+        runner = JobRunner(reactor, store, post_callback=lambda url, body: succeed(200))
+        await runner.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(runner.stop()))
+        back = store.jobs[job.id]
+        self.assertEqual((back.state, back.error), ("finished", "interrupted"))
+        self.assertEqual(back.callback_outcome.status, "failed")
+        self.assertEqual(runner.submit("echo", [], None).seq, 5)
+
+    async def test_warns_without_whitelist(self) -> None:
+        """
+        The service logs a warning at start when no whitelist is set, and
+        job events carry C{job_id}.
+        """
+        from twisted.logger import LogLevel, capturedLogs
+
+        from haikutx.jobs import JobService
+
+        runner = JobRunner(reactor, MemoryJobStore(), post_callback=lambda u, b: succeed(200))
+        service = JobService(runner)
+        with capturedLogs() as events:
+            service.startService()
+            await runner.wait_ready()
+            job = runner.submit("true", [], None)
+        self.addCleanup(service.stopService)
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertTrue(any("whitelist" in e["log_format"] for e in warnings))
+        self.assertTrue(any(e.get("job_id") == job.id for e in events))
 
 
 class TwistdRestartTests(_HTTPTestCase):
