@@ -262,6 +262,102 @@ class _HTTPTestCase(TestCase):
         self.addCleanup(pool.closeCachedConnections)
 
 
+class _FakeProcess:
+    def __init__(self, proto):
+        self.proto = proto
+        self.pid = 4242
+        self.signals = []
+        self.lost = False
+
+    def closeStdin(self):
+        pass
+
+    def signalProcess(self, name):
+        self.signals.append(name)
+
+    def loseConnection(self):
+        self.lost = True
+
+
+class _ProcessClock(Clock):
+    """
+    A L{Clock} that also records C{spawnProcess} calls (a fake
+    L{IReactorProcess} for timer tests on fake time).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+
+    def spawnProcess(self, proto, executable, args, env=None, path=None, uid=None, gid=None, usePTY=False, childFDs=None):
+        process = _FakeProcess(proto)
+        self.spawned.append((executable, args, uid, gid, childFDs, process))
+        proto.makeConnection(process)
+        return process
+
+
+class TimerTests(SynchronousTestCase):
+    """
+    The runner's timers on fake time: job time, kill grace, drain.
+    """
+
+    def _runner(self, **kw):
+        clock = _ProcessClock()
+        runner = JobRunner(clock, MemoryJobStore(), post_callback=lambda u, b: succeed(200), **kw)
+        self.successResultOf(Deferred.fromCoroutine(runner.start()))
+        return clock, runner
+
+    def test_jobtime_then_kill(self) -> None:
+        """
+        At C{job_time} the job gets SIGTERM, and SIGKILL C{kill_grace}
+        later when it has not exited; the exit ends it as a timeout.
+        """
+        clock, runner = self._runner(job_time=10, kill_grace=3)
+        job = runner.submit("sleep", ["100"], None)
+        executable, args, uid, gid, fds, process = clock.spawned[0]
+        self.assertEqual((args, fds[0]), (["sleep", "100"], "w"))
+        clock.advance(9.9)
+        self.assertEqual(process.signals, [])
+        clock.advance(0.1)
+        self.assertEqual(process.signals, ["TERM"])
+        clock.advance(2.9)
+        self.assertEqual(process.signals, ["TERM"])
+        clock.advance(0.1)
+        self.assertEqual(process.signals, ["TERM", "KILL"])
+        runner._ended(runner._jobs[job.id], None, 9)
+        done = runner.get(job.id)
+        self.assertEqual((done.state, done.error, done.signal), ("finished", "timeout", "SIGKILL"))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_drain_after_exit(self) -> None:
+        """
+        When the process has exited but its pipes stay open, they are closed
+        after C{drain_time}.
+        """
+        clock, runner = self._runner(drain_time=1)
+        job = runner.submit("sh", [], None)
+        process = clock.spawned[0][-1]
+        process.proto.processExited(None)
+        clock.advance(0.9)
+        self.assertFalse(process.lost)
+        clock.advance(0.1)
+        self.assertTrue(process.lost)
+
+    def test_queue_order(self) -> None:
+        """
+        With C{max_running} 1 the second job starts only after the first
+        ended, and runs as the given uid and gid.
+        """
+        clock, runner = self._runner(max_running=1, uid=65534, gid=65534)
+        first = runner.submit("true", ["1"], None)
+        second = runner.submit("true", ["2"], None)
+        self.assertEqual(len(clock.spawned), 1)
+        self.assertEqual(runner.get(second.id).state, "queued")
+        runner._ended(runner._jobs[first.id], 0, None)
+        self.assertEqual([s[1] for s in clock.spawned], [["true", "1"], ["true", "2"]])
+        self.assertEqual(clock.spawned[1][2:4], (65534, 65534))
+
+
 class _Receiver(Resource):
     isLeaf = True
 
