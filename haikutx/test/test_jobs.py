@@ -466,6 +466,41 @@ class JobAPITests(_HTTPTestCase):
         code, _ = await self._post({"command": "echo"})
         self.assertEqual(code, 202)
 
+    async def test_chunked_too_large(self) -> None:
+        """
+        A chunked body growing past the limit gets 413 too, and the server
+        keeps answering.
+        """
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+        from twisted.internet.protocol import Protocol
+
+        await self._server()
+
+        class Raw(Protocol):
+            def __init__(self):
+                self.data = b""
+                self.done = Deferred()
+
+            def dataReceived(self, data):
+                self.data += data
+
+            def connectionLost(self, reason):
+                self.done.callback(self.data)
+
+        raw = Raw()
+        port = int(self.url.rsplit(":", 1)[1].rstrip("/"))
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), raw)
+        chunk = b"x" * 32768
+        raw.transport.write(
+            b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 3
+            + b"0\r\n\r\n"
+        )
+        answer = await raw.done
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413"), answer[:100])
+        self.assertEqual((await self._post({"command": "true"}))[0], 202)
+
     async def test_token(self) -> None:
         """
         With a token, requests without the right bearer token get 401.
