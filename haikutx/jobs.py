@@ -1202,7 +1202,17 @@ def build_jobs_service(reactor, config: Any) -> JobService:
     @param reactor: the reactor.
     @param config: a L{haikutx.config.Config} with C{jobs} set.
     """
-    uid, gid = command_user(config.user)
+    try:
+        uid, gid = command_user(config.user)
+    except KeyError:
+        from twisted.python.usage import UsageError
+
+        raise UsageError(f"--user: there is no user {config.user!r}")
+    if config.user and os.geteuid() != 0:
+        JobService.log.warn(
+            "--user {user} ignored: not started as root, jobs run as this user",
+            user=config.user,
+        )
     store = SQLiteJobStore(reactor, config.state / "jobs.sqlite3")
     runner = JobRunner(
         reactor,
