@@ -22,14 +22,15 @@ import re
 import secrets
 import shutil
 import signal as signal_module
-from datetime import datetime, timezone
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime
 from io import BytesIO
-from typing import Any, Awaitable, Callable, Iterable, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import treq
-from treq.client import HTTPClient
 from attrs import define, field
+from treq.client import HTTPClient
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
@@ -198,7 +199,7 @@ def iso_time(seconds: float | None) -> str | None:
     """
     if seconds is None:
         return None
-    moment = datetime.fromtimestamp(seconds, timezone.utc)
+    moment = datetime.fromtimestamp(seconds, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -6,7 +6,7 @@ built on it. Each one passes the same conformance tests as the real part.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer

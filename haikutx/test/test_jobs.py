@@ -15,13 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import treq
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
+from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -335,7 +335,7 @@ class TimerTests(SynchronousTestCase):
         after C{drain_time}.
         """
         clock, runner = self._runner(drain_time=1)
-        job = runner.submit("sh", [], None)
+        runner.submit("sh", [], None)
         process = clock.spawned[0][-1]
         process.proto.processExited(None)
         clock.advance(0.9)
@@ -673,7 +673,7 @@ class JobAPITests(_HTTPTestCase):
         runner._store = MemoryJobStore()
         runner._stopping = True
         record.transport.signalProcess("KILL")
-        runner2 = await self._server(store=SQLiteJobStore(reactor, path))
+        await self._server(store=SQLiteJobStore(reactor, path))
         self.assertEqual((await self._get(done.id))[1]["stdout"], "kept\n")
         back = (await self._get(running.id))[1]
         self.assertEqual((back["state"], back["error"]), ("finished", "interrupted"))
