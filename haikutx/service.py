@@ -118,4 +118,8 @@ def build_service(reactor: Any, config: Config) -> MultiService:
     for description in (config.http, config.https):
         if description is not None:
             strports.service(description, site, reactor=reactor).setServiceParent(runtime)
+    if config.jobs is not None:
+        from haikutx.jobs import build_jobs_service
+
+        build_jobs_service(reactor, config).setServiceParent(top)
     return top

@@ -318,6 +318,13 @@ class Options(usage.Options):
         whitelist = None
         if self["whitelist"] is not None:
             whitelist = tuple(c.strip() for c in self["whitelist"].split(",") if c.strip())
+        if self["user"] is not None:
+            import pwd
+
+            try:
+                pwd.getpwnam(self["user"])
+            except KeyError:
+                raise usage.UsageError(f"--user: there is no user {self['user']!r}")
         for allowed in self["egress-allow"]:
             _host_port("egress-allow", allowed)
         for prefix in self["allow"]:

@@ -73,6 +73,7 @@ class OptionsTests(SynchronousTestCase):
             (["--handlers", "/nonexistent"], "--handlers"),
             (["--allow", "ftp://x/"], "--allow"),
             (["--egress-allow", "nohost"], "--egress-allow"),
+            (["--user", "no-such-user-xyz"], "--user"),
         ]
         for argv, option in cases:
             with self.assertRaises(UsageError, msg=argv) as caught:
