@@ -105,34 +105,53 @@ class Identity:
             raise ValueError("a handler identity must not be root")
 
 
-def switch_identity(
-    identity: Identity, last_cap: int, ambient: bool = False
-) -> None:
+class PreparedIdentity:
     """
-    Become C{identity} for good (real, effective and saved ids; no
-    supplementary groups), keeping at most C{CAP_DAC_READ_SEARCH}. Must be
-    called as root.
+    The C{capset} arguments of an identity switch, built once in the
+    zygote so that the forked child only makes system calls.
+    """
 
-    @param identity: who to become.
-    @param last_cap: from L{last_capability}, read once in the zygote.
-    @param ambient: also raise the kept capability into the ambient set, so
-        that it survives C{execve} of an interpreter.
+    def __init__(self, identity: Identity, last_cap: int, ambient: bool) -> None:
+        self.identity = identity
+        self.ambient = ambient
+        keep = identity.keep_read_capability
+        self.drop = tuple(
+            cap for cap in range(last_cap + 1) if not (keep and cap == CAP_DAC_READ_SEARCH)
+        )
+        mask = (1 << CAP_DAC_READ_SEARCH) if keep else 0
+        self._header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+        self._data = (_CapData * 2)()
+        self._data[0].effective = mask
+        self._data[0].permitted = mask
+        self._data[0].inheritable = mask if ambient else 0
+        self._header_ref = ctypes.byref(self._header)
+
+
+def switch_identity(prepared: PreparedIdentity) -> None:
+    """
+    Become the prepared identity for good (real, effective and saved ids;
+    no supplementary groups), keeping at most C{CAP_DAC_READ_SEARCH} (in
+    the ambient set too when exec is allowed, so that it survives
+    C{execve} of an interpreter). Must be called as root.
+
+    @param prepared: from L{PreparedIdentity}, made in the zygote.
     @raise OSError: if a step fails (the caller must then exit).
     """
+    identity = prepared.identity
     keep = identity.keep_read_capability
-    for cap in range(last_cap + 1):
-        if not (keep and cap == CAP_DAC_READ_SEARCH):
-            prctl(PR_CAPBSET_DROP, cap)
+    _prctl = libc.prctl
+    for cap in prepared.drop:
+        if _prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0:
+            check(-1, "PR_CAPBSET_DROP")
     if keep:
         prctl(PR_SET_KEEPCAPS, 1)
     os.setgroups([])
     os.setresgid(identity.gid, identity.gid, identity.gid)
     os.setresuid(identity.uid, identity.uid, identity.uid)
     if keep:
-        mask = 1 << CAP_DAC_READ_SEARCH
-        set_capabilities(mask, mask, mask if ambient else 0)
+        check(libc.capset(prepared._header_ref, prepared._data), "capset")
         prctl(PR_SET_KEEPCAPS, 0)
-        if ambient:
+        if prepared.ambient:
             prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_DAC_READ_SEARCH)
 
 
