@@ -205,6 +205,12 @@ def attack(name, args):
             os.execv(args["argv"][0], args["argv"])
         except OSError as e:
             return _error(e)
+    if name == "fstat":
+        try:
+            os.fstat(args["fd"])
+            return _result(True)
+        except OSError as e:
+            return _error(e)
     if name == "cpu":
         while True:
             pass
@@ -258,6 +264,8 @@ def main(config):
     for name in list(sys.modules):
         if name.split(".")[0] in _PURGE:
             del sys.modules[name]
+    if config.get("leak"):
+        config["args"]["fd"] = os.open("/etc/hostname", os.O_RDONLY)
     r, w = os.pipe()
     started = time.perf_counter()
     pid = os.fork()

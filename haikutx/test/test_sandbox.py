@@ -58,14 +58,16 @@ needs_netns = _needs(
 needs_scopes = _needs(LAYERS.landlock_scopes, LAYERS.reasons.get("landlock_scopes", ""))
 
 
-def run_child(test, attack: str, args: dict | None = None, pass_fds=(), **config):
+def run_child(
+    test, attack: str, args: dict | None = None, pass_fds=(), prefix=(), **config
+):
     """
     Run one hostile child and return the zygote's report, with the child's
     JSON report parsed into C{report} when it wrote one.
     """
     config = dict(config, attack=attack, args=args or {})
     proc = subprocess.run(
-        [sys.executable, "-m", "haikutx.test.sandbox_child", repr(config)],
+        [*prefix, sys.executable, "-m", "haikutx.test.sandbox_child", repr(config)],
         capture_output=True,
         timeout=60,
         pass_fds=pass_fds,
@@ -259,6 +261,84 @@ class HostileChildTests(SynchronousTestCase):
         self.assertGreater(report["cas"], 0)
         self.assertEqual(report["status"]["no_new_privs"], 1)
         self.assertEqual(report["status"]["seccomp"], 2)
+
+
+    def test_inherited_fd_closed(self):
+        """
+        A descriptor the zygote had open (standing for the relay's listener
+        or a control socket) is closed in the child.
+        """
+        self.denied(run_child(self, "fstat", leak=True), (errno.EBADF,))
+
+    def test_no_twisted_in_zygote(self):
+        """
+        Importing and preparing the sandbox pulls in neither Twisted nor
+        attrs (the zygote must stay lean).
+        """
+        code = (
+            "import sys; from haikutx.sandbox import prepare, probe, SandboxPolicy; "
+            "probe(); prepare(SandboxPolicy()); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('twisted', 'attrs', 'attr', 'zope')))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, timeout=60, check=True
+        )
+        self.assertEqual(out.stdout.strip(), b"[]")
+
+
+class NonRootZygoteTests(SynchronousTestCase):
+    """
+    A zygote that is not root (here: root dropped to uid 64002 by
+    C{setpriv}, keeping only C{CAP_DAC_READ_SEARCH} to read the
+    interpreter) still confines its children with Landlock, seccomp and
+    rlimits.
+    """
+
+    def setpriv(self):
+        if not ROOT:
+            raise self.skipTest("already not root: the other tests cover this case")
+        path = "/usr/bin/setpriv"
+        if not os.path.exists(path):
+            raise self.skipTest("setpriv (util-linux) is not installed")
+        return (
+            path, "--reuid", "64002", "--regid", "64002", "--clear-groups",
+            "--inh-caps", "+dac_read_search", "--ambient-caps", "+dac_read_search",
+        )
+
+    @needs_landlock
+    def test_imports(self):
+        """
+        The non-root child imports the standard library and runs a loop.
+        """
+        result = run_child(self, "imports", prefix=self.setpriv())
+        self.assertEqual(result["layers"]["uid"], "not root: handlers run as this process's uid")
+        self.assertTrue(result["report"]["ok"], result)
+        self.assertEqual(result["report"]["uid"], 64002)
+
+    @needs_landlock
+    def test_read_shadow(self):
+        """
+        The non-root child cannot read C{/etc/shadow}, capability or not.
+        """
+        result = run_child(self, "read", {"path": "/etc/shadow"}, prefix=self.setpriv())
+        self.assertEqual(result["report"]["errno"], errno.EACCES, result)
+
+    @needs_scopes
+    def test_kill_parent(self):
+        """
+        The non-root child cannot signal its zygote, which has the same uid.
+        """
+        result = run_child(self, "kill", {"pid": "parent"}, prefix=self.setpriv())
+        self.assertEqual(result["report"]["errno"], errno.EPERM, result)
+
+    @needs_seccomp
+    def test_fork(self):
+        """
+        The non-root child cannot fork.
+        """
+        result = run_child(self, "fork", prefix=self.setpriv())
+        self.assertEqual(result["report"]["errno"], errno.EPERM, result)
 
 
 class IdentityTests(SynchronousTestCase):
