@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from haikutx.sandbox import (
@@ -658,3 +660,125 @@ class PrepareTests(SynchronousTestCase):
         The default policy forbids exec.
         """
         self.assertFalse(SandboxPolicy().allow_exec)
+
+
+def _run_bpf(program, nr: int, arch: int, args: tuple[int, ...]) -> int:
+    """
+    Interpret the classic BPF subset the filter uses over a
+    C{seccomp_data}.
+    """
+    data = {0: nr, 4: arch}
+    for i, value in enumerate(args):
+        data[16 + 8 * i] = value & 0xFFFFFFFF
+        data[20 + 8 * i] = value >> 32
+    acc = 0
+    pc = 0
+    while True:
+        code, jt, jf, k = program[pc]
+        if code == 0x20:
+            acc = data[k]
+        elif code == 0x54:
+            acc &= k
+        elif code == 0x06:
+            return k
+        elif code in (0x15, 0x35, 0x45):
+            taken = {0x15: acc == k, 0x35: acc >= k, 0x45: bool(acc & k)}[code]
+            pc += jt if taken else jf
+        else:
+            raise AssertionError(f"unknown opcode {code:#x}")
+        pc += 1
+
+
+def _expected(machine: str, allow_exec: bool, nr: int, args: tuple[int, ...]) -> int:
+    """
+    The decision the filter should make, written plainly.
+    """
+    table = seccomp.SYSCALLS[machine]
+    names = {v: n for n, v in table.items()}
+    name = names.get(nr)
+    eperm = seccomp.RET_ERRNO | errno.EPERM
+    if machine == "x86_64" and nr >= 0x40000000:
+        return seccomp.RET_KILL_PROCESS
+    if name in seccomp.DENIED or (name in seccomp.EXEC and not allow_exec):
+        return eperm
+    low = [a & 0xFFFFFFFF for a in args]
+    if name == "clone3":
+        return seccomp.RET_ERRNO | errno.ENOSYS
+    if name == "clone":
+        ok = low[0] & seccomp.CLONE_THREAD and not low[0] & seccomp.CLONE_NEW_ANY
+        return seccomp.RET_ALLOW if ok else eperm
+    if name == "socket":
+        return seccomp.RET_ALLOW if low[0] in (2, 10) else eperm
+    if name == "socketpair":
+        ok = low[0] == 1 and low[1] & 0xF == 1
+        return seccomp.RET_ALLOW if ok else eperm
+    return seccomp.RET_ALLOW
+
+
+
+_machines = st.sampled_from(sorted(seccomp.SYSCALLS))
+
+
+@st.composite
+def _calls(draw):
+    machine = draw(_machines)
+    numbers = sorted(seccomp.SYSCALLS[machine].values())
+    nr = draw(st.one_of(st.sampled_from(numbers), st.integers(0, 500), st.integers(0, 2**32 - 1)))
+    flag_bits = st.sampled_from(
+        [seccomp.CLONE_THREAD, 0x100, 0x200, 0x400, 0x800, 0x11, 0x4000, 0x80000, 1, 2, 10, 16, 17]
+        + [1 << b for b in range(32)]
+    )
+    arg = st.one_of(
+        st.lists(flag_bits, max_size=4).map(lambda bits: sum(set(bits))),
+        st.integers(0, 2**64 - 1),
+    )
+    args = tuple(draw(st.lists(arg, min_size=6, max_size=6)))
+    return machine, draw(st.booleans()), nr, args
+
+
+class FilterSemanticsTests(SynchronousTestCase):
+    """
+    The assembled seccomp program decides every system call as the policy
+    says.
+    """
+
+    @given(_calls())
+    def test_decisions(self, call):
+        """
+        For any system call number and arguments, the filter returns what
+        the plainly written policy returns.
+        """
+        machine, allow_exec, nr, args = call
+        program = seccomp.build_program(machine, allow_exec)
+        self.assertEqual(
+            _run_bpf(program, nr, seccomp.AUDIT_ARCH[machine], args),
+            _expected(machine, allow_exec, nr, args),
+        )
+
+    @given(_machines, st.integers(0, 2**32 - 1))
+    def test_foreign_arch_killed(self, machine, arch):
+        """
+        A call made through another audit architecture kills the process.
+        """
+        if arch == seccomp.AUDIT_ARCH[machine]:
+            return
+        program = seccomp.build_program(machine, False)
+        self.assertEqual(_run_bpf(program, 0, arch, (0,) * 6), seccomp.RET_KILL_PROCESS)
+
+    def test_thread_clone_allowed(self):
+        """
+        The flags glibc's C{pthread_create} passes to C{clone} are allowed,
+        and those of C{fork} and C{posix_spawn} are not.
+        """
+        program = seccomp.build_program("x86_64", False)
+        nr = seccomp.SYSCALLS["x86_64"]["clone"]
+        arch = seccomp.AUDIT_ARCH_X86_64
+        pthread = 0x3D0F00  # CLONE_VM|FS|FILES|SIGHAND|THREAD|SYSVSEM|SETTLS|PARENT_SETTID|CHILD_CLEARTID
+        fork = 0x01200011  # CLONE_CHILD_SETTID|CLONE_CHILD_CLEARTID|SIGCHLD
+        vfork = 0x4111  # CLONE_VM|CLONE_VFORK|SIGCHLD
+        self.assertEqual(_run_bpf(program, nr, arch, (pthread, 0, 0, 0, 0, 0)), seccomp.RET_ALLOW)
+        for flags in (fork, vfork):
+            self.assertEqual(
+                _run_bpf(program, nr, arch, (flags, 0, 0, 0, 0, 0)),
+                seccomp.RET_ERRNO | errno.EPERM,
+            )
