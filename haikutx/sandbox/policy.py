@@ -29,7 +29,8 @@ SYSTEM_READ_PATHS = (
     "/lib64",
     "/usr/local/lib",
     "/etc/ld.so.cache",
-    "/etc/ssl",
+    "/etc/ssl/certs",  # not /etc/ssl: /etc/ssl/private holds keys
+    "/etc/ssl/openssl.cnf",
     "/usr/share/ca-certificates",
     "/etc/ca-certificates",
     "/etc/resolv.conf",
@@ -78,8 +79,12 @@ def interpreter_read_paths() -> tuple[str, ...]:
             [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
         )
     )
-    paths: list[str] = list(prefixes)
-    paths += [p for p in (sys.prefix, sys.base_prefix)]
+    # A virtual environment's or pyenv's prefix is the Python installation;
+    # a system prefix (/usr) holds much more, so only its sys.path entries
+    # (and a pyvenv.cfg) are granted there.
+    system = ("/", "/usr", "/usr/local")
+    paths: list[str] = [p for p in prefixes if p not in system]
+    paths += [os.path.join(p, "pyvenv.cfg") for p in prefixes]
     for entry in sys.path:
         if entry and os.path.isabs(entry) and _under(os.path.realpath(entry), prefixes):
             paths.append(entry)
@@ -359,6 +364,25 @@ def prepare(policy: SandboxPolicy) -> PreparedSandbox:
     else:
         layers["landlock"] = found.reasons["landlock"]
 
+    identity = policy.identity
+    if (
+        identity is not None
+        and identity.keep_read_capability
+        and summary is not None
+        and all(_world_readable(p) for p in summary.read_paths + summary.exec_paths)
+    ):
+        # Every granted path is readable by any uid (e.g. a system Python
+        # in /usr): the capability is not needed, so it is not kept.
+        policy = _replace(
+            policy, identity=Identity(identity.uid, identity.gid, keep_read_capability=False)
+        )
+    if policy.identity is not None:
+        layers["uid"] = (
+            "active, keeping CAP_DAC_READ_SEARCH (the interpreter is not readable by every uid)"
+            if policy.identity.keep_read_capability
+            else "active, no capabilities"
+        )
+
     program = None
     if found.seccomp:
         program = seccomp.build_filter(policy.allow_exec, MACHINE)
@@ -392,6 +416,23 @@ def _warm_up() -> None:
     libc.prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0)
     libc.syscall(_CLOSE_RANGE, ctypes.c_uint(1), ctypes.c_uint(0), ctypes.c_uint(0))
     privileges.get_capabilities()
+
+
+def _world_readable(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return True  # skipped by the ruleset anyway
+    import stat
+
+    if not mode & stat.S_IROTH or (stat.S_ISDIR(mode) and not mode & stat.S_IXOTH):
+        return False
+    parent = os.path.dirname(os.path.realpath(path))
+    while parent != "/":
+        if not os.stat(parent).st_mode & stat.S_IXOTH:
+            return False
+        parent = os.path.dirname(parent)
+    return True
 
 
 def _replace(policy: SandboxPolicy, **changes: object) -> SandboxPolicy:

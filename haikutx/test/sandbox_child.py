@@ -55,6 +55,11 @@ def attack(name, args):
                 return _result(True, data=f.read(64).decode("latin-1"))
         except OSError as e:
             return _error(e)
+    if name == "listdir":
+        try:
+            return _result(True, names=os.listdir(args["path"]))
+        except OSError as e:
+            return _error(e)
     if name == "write":
         try:
             with open(args["path"], "w") as f:

@@ -390,6 +390,21 @@ class IdentityTests(SynchronousTestCase):
 
     @needs_root
     @needs_landlock
+    def test_private_keys_with_capability(self):
+        """
+        C{CAP_DAC_READ_SEARCH} does not let the child list
+        C{/etc/ssl/private} (which holds TLS keys) although C{/etc/ssl/certs}
+        is readable.
+        """
+        if not os.path.isdir("/etc/ssl/private"):
+            raise self.skipTest("no /etc/ssl/private here")
+        result = run_child(self, "listdir", {"path": "/etc/ssl/private"}, uid=TEST_UID)
+        self.assertEqual(result["report"]["errno"], errno.EACCES, result)
+        result = run_child(self, "listdir", {"path": "/etc/ssl/certs"}, uid=TEST_UID)
+        self.assertTrue(result["report"]["ok"], result)
+
+    @needs_root
+    @needs_landlock
     def test_threads_bounded_by_nproc(self):
         """
         With a uid of its own, the child's tasks are bounded by
@@ -590,9 +605,17 @@ class PrepareTests(SynchronousTestCase):
         import haikutx
 
         self.assertIn(os.path.dirname(os.path.abspath(haikutx.__file__)), paths)
-        self.assertIn("/etc/ssl", paths)
-        self.assertNotIn("/etc", paths)
+        self.assertIn("/etc/ssl/certs", paths)
+        for path in paths:
+            real = os.path.realpath(path)
+            for secret in ("/etc/ssl/private", "/etc/shadow", "/root"):
+                self.assertFalse(
+                    (secret + "/").startswith(real.rstrip("/") + "/")
+                    and not real.startswith("/root/"),
+                    f"{path} grants {secret}",
+                )
         self.assertNotIn(os.getcwd(), paths)
+        self.assertNotIn("/usr", paths)
 
     def test_identity_for_slot(self):
         """
