@@ -83,6 +83,7 @@ class Config:
     cache_ttl: float = 5.0
     cafile: Path | None = None
     user: str | None = None
+    sandbox: bool = True
     serve: Path | None = None
     egress_allow: tuple[str, ...] = ()
     state: Path = field(factory=default_state_directory)

@@ -7,6 +7,7 @@ its request quota or died, and stops them all with the service.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections import deque
@@ -32,13 +33,26 @@ class PoolBusy(Exception):
 @implementer(IWorkerSpawner)
 class PythonWorkerSpawner:
     """
-    Start worker processes as C{python -m haikutx.child} with
-    C{reactor.spawnProcess}.
+    Start worker slots as C{python -m haikutx.child}: a lean zygote (no
+    Twisted) that prepares the kernel sandbox once and forks a sandboxed
+    child per process lifetime (L{haikutx.child.zygote}).
+
+    @param reactor: the reactor that spawns processes.
+    @param options: the zygote's options (JSON-able): C{sandbox} (bool),
+        C{max_memory} (bytes), C{cpu_seconds}, C{user}, C{base_uid},
+        C{max_threads}; each worker adds its C{slot}.
+    @param executable: the Python interpreter.
     """
 
-    def __init__(self, reactor: IReactorProcess, executable: str = sys.executable) -> None:
+    def __init__(
+        self,
+        reactor: IReactorProcess,
+        options: dict[str, Any] | None = None,
+        executable: str = sys.executable,
+    ) -> None:
         self._reactor = reactor
         self._executable = executable
+        self._options = dict(options or {})
         package_root = str(Path(__file__).resolve().parent.parent)
         self._env = {
             "PATH": os.defpath,
@@ -49,10 +63,11 @@ class PythonWorkerSpawner:
         }
 
     def spawn(self, protocol: WorkerProtocol, max_requests: int) -> None:
+        options = dict(self._options, slot=protocol.slot)
         self._reactor.spawnProcess(
             protocol,
             self._executable,
-            [self._executable, "-m", "haikutx.child", str(max_requests)],
+            [self._executable, "-m", "haikutx.child", str(max_requests), json.dumps(options)],
             env=self._env,
             path="/",
             childFDs=CHILD_FDS,
@@ -92,6 +107,7 @@ class WorkerPool(Service):
         self._failures = 0
         self._respawn: IDelayedCall | None = None
         self.counters = {"started": 0, "recycled": 0, "died": 0, "killed": 0}
+        self.sandbox: dict[str, Any] | None = None
 
     # Service
 
@@ -116,7 +132,12 @@ class WorkerPool(Service):
 
     # Workers
 
+    def _free_slot(self) -> int:
+        taken = {worker.slot for worker in self.workers}
+        return next(slot for slot in range(len(taken) + 1) if slot not in taken)
+
     def _spawn(self) -> None:
+        slot = self._free_slot()
         worker = WorkerProtocol(
             self._reactor,
             self._ready,
@@ -124,12 +145,18 @@ class WorkerPool(Service):
             keepalive_interval=self._keepalive[0],
             keepalive_timeout=self._keepalive[1],
         )
+        worker.slot = slot
         self.workers.add(worker)
         self.counters["started"] += 1
         self._spawner.spawn(worker, self.max_requests)
 
     def _ready(self, worker: WorkerProtocol) -> None:
         self._failures = 0
+        if worker.sandbox is not None and self.sandbox is None:
+            self.sandbox = worker.sandbox
+            self.log.info(
+                "handler sandbox layers: {layers}", layers=worker.sandbox.get("layers")
+            )
         self._hand_out(worker)
 
     def _hand_out(self, worker: WorkerProtocol) -> None:
@@ -143,7 +170,6 @@ class WorkerPool(Service):
         self._idle.append(worker)
 
     def _ended(self, worker: WorkerProtocol, reason: str) -> None:
-        recycled = worker not in self.workers
         self.workers.discard(worker)
         try:
             self._idle.remove(worker)
@@ -151,11 +177,11 @@ class WorkerPool(Service):
             pass
         if worker.kill_reason is not None:
             self.counters["killed"] += 1
-        elif not recycled:
+        else:
             self.counters["died"] += 1
         if not self.running:
             return
-        if not recycled and worker.served == 0 and worker.kill_reason is None:
+        if worker.child_pid is None and worker.kill_reason is None:
             self._failures += 1
         replacements = self.size - len(self.workers)
         if replacements <= 0:
@@ -211,9 +237,10 @@ class WorkerPool(Service):
 
     def release(self, worker: WorkerProtocol) -> None:
         """
-        Take back a worker whose request has been answered.  A worker that
-        reached its quota exits by itself and a fresh one is started now,
-        ahead of the next request.
+        Take back a worker whose request has been answered.  When its
+        process reached its quota, the process exits and the worker's
+        zygote forks a fresh one at once; the worker is handed out again
+        when that one is ready.
         """
         worker.served += 1
         if worker.state != "busy":
@@ -221,11 +248,11 @@ class WorkerPool(Service):
         if self.max_requests and worker.served >= self.max_requests:
             worker.state = "recycling"
             self.counters["recycled"] += 1
-            self.workers.discard(worker)
-            timer = self._reactor.callLater(self._kill_time, worker.kill, "did not exit after its last request")
-            worker.ended.addBoth(_cancel_timer, timer)
-            if self.running:
-                self._spawn()
+            worker.deadline = self._reactor.callLater(
+                self._kill_time,
+                worker.kill,
+                "did not start a fresh process after its last request",
+            )
             return
         self._hand_out(worker)
 
@@ -241,6 +268,7 @@ class WorkerPool(Service):
             "max_requests": self.max_requests,
             "workers": states,
             "waiting": len(self._waiters),
+            "sandbox": self.sandbox,
             **self.counters,
         }
 

@@ -5,6 +5,7 @@ Composition of the haikutx services from a L{Config}.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from attrs import asdict
@@ -16,7 +17,7 @@ from twisted.web.server import Request, Site
 from haikutx.config import Config
 from haikutx.fetch import HandlerFetcher
 from haikutx.loader import HandlerLoader
-from haikutx.pool import WorkerPool
+from haikutx.pool import PythonWorkerSpawner, WorkerPool
 from haikutx.runtime import HandlerResource
 from haikutx.status import StatusResource
 
@@ -55,6 +56,32 @@ class FetcherService(Service):
         return self.fetcher.close()
 
 
+#: First uid of the per-slot handler uids used as root without --user:
+#: each worker slot gets a uid of its own so RLIMIT_NPROC counts it alone.
+SLOT_BASE_UID = 2_000_000_000
+
+#: Tasks (threads) a handler process may have, with a per-slot uid.
+MAX_HANDLER_THREADS = 64
+
+
+def zygote_options(config: Config) -> dict[str, Any]:
+    """
+    The sandbox options each worker slot's zygote gets from C{config}.
+    """
+    if config.max_requests:
+        cpu_seconds = math.ceil(config.limits.max_time * config.max_requests) + 1
+    else:
+        cpu_seconds = 2**31 - 2
+    return {
+        "sandbox": config.sandbox,
+        "max_memory": config.limits.max_memory,
+        "cpu_seconds": cpu_seconds,
+        "user": config.user,
+        "base_uid": SLOT_BASE_UID if config.user is None else None,
+        "max_threads": MAX_HANDLER_THREADS,
+    }
+
+
 def build_runtime(
     reactor: Any, config: Config
 ) -> tuple[WorkerPool, Resource, HandlerFetcher]:
@@ -66,6 +93,7 @@ def build_runtime(
         reactor,
         size=config.workers,
         max_requests=config.max_requests,
+        spawner=PythonWorkerSpawner(reactor, zygote_options(config)),
         keepalive_interval=config.keepalive_interval,
         keepalive_timeout=config.keepalive_timeout,
     )

@@ -40,6 +40,7 @@ FINISH = ord("F")  #: JSON: the response is complete ({"trailers": [...]}).
 FAIL = ord("X")  #: JSON: the runtime answers instead ({"status", "message"}).
 ANSWER = ord("A")  #: bytes: the echoed heartbeat challenge.
 CONSOLE = ord("L")  #: text: a console line, sent only with --debug.
+SANDBOX = ord("S")  #: JSON: the zygote's sandbox layers, sent once at start.
 
 
 class FrameError(Exception):

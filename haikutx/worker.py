@@ -82,6 +82,10 @@ class WorkerProtocol(ProcessProtocol):
         self._exchange: Any = None
         self.state = "starting"
         self.pid: int | None = None
+        self.child_pid: int | None = None
+        self.slot = 0
+        self.deadline: IDelayedCall | None = None
+        self.sandbox: dict[str, Any] | None = None
         self.served = 0
         self.kill_reason: str | None = None
         self.started = reactor.seconds()
@@ -92,7 +96,7 @@ class WorkerProtocol(ProcessProtocol):
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
         self.transport.closeStdin()
-        self.log.info("worker {worker_pid} started", worker_pid=self.pid)
+        self.log.info("worker {worker_pid} started in slot {slot}", worker_pid=self.pid, slot=self.slot)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == FROM_WORKER:
@@ -119,10 +123,10 @@ class WorkerProtocol(ProcessProtocol):
         cause = self.kill_reason or describe_exit(reason)
         previous, self.state = self.state, "dead"
         self._stop_heartbeat()
-        if previous != "recycling" or self.kill_reason:
-            self.log.info(
-                "worker {worker_pid} ended: {reason}", worker_pid=self.pid, reason=cause
-            )
+        self._cancel_deadline()
+        self.log.info(
+            "worker {worker_pid} ended: {reason}", worker_pid=self.pid, reason=cause
+        )
         exchange, self._exchange = self._exchange, None
         if exchange is not None:
             exchange.lost(f"the worker process {cause}")
@@ -139,10 +143,16 @@ class WorkerProtocol(ProcessProtocol):
             else:
                 self.kill("sent an incorrect heartbeat answer")
         elif kind == wire.READY:
-            if self.state == "starting":
-                self.state = "idle"
-                self._schedule_heartbeat()
+            if self.state in ("starting", "recycling"):
+                self.child_pid = json.loads(payload).get("pid")
+                self.served = 0
+                self._cancel_deadline()
+                if self.state == "starting":
+                    self._schedule_heartbeat()
+                self.state = "ready"
                 self._on_ready(self)
+        elif kind == wire.SANDBOX:
+            self.sandbox = json.loads(payload)
         elif kind == wire.CONSOLE:
             self.log.info(
                 "console of worker {worker_pid}: {console}",
@@ -207,6 +217,11 @@ class WorkerProtocol(ProcessProtocol):
         self.kill(
             f"did not answer a heartbeat within {self._timeout * 1000:.0f} ms"
         )
+
+    def _cancel_deadline(self) -> None:
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        self.deadline = None
 
     def _stop_heartbeat(self) -> None:
         if self._heartbeat is not None and self._heartbeat.active():

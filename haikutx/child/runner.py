@@ -340,6 +340,7 @@ class Worker:
         self._head: dict[str, Any] | None = None
         self._body: list[bytes] = []
         self.current: HandlerRun | None = None
+        self.server_gone = False
         self._stdout, self._stderr = sys.stdout, sys.stderr
 
     def send(self, frame: bytes) -> None:
@@ -369,6 +370,7 @@ class Worker:
         except BlockingIOError:
             return
         if not data:
+            self.server_gone = True
             self.loop.stop()
             return
         for kind, payload in self._reader.feed(data):
@@ -416,12 +418,3 @@ class Worker:
             self.current.fail_with(error)
 
 
-def main(argv: list[str]) -> None:
-    """
-    Run a worker: C{python -m haikutx.child MAX_REQUESTS}.
-    """
-    max_requests = int(argv[1]) if len(argv) > 1 else 1
-    os.set_blocking(CONTROL_OUT, True)
-    Worker(max_requests).run()
-    sys.stdout.flush()
-    os._exit(0)

@@ -111,24 +111,30 @@ class PoolTests(SynchronousTestCase):
         self.ready(0)
         self.assertEqual(pool.status()["workers"], {"idle": 1})
 
-    def test_recycle_starts_replacement(self) -> None:
+    def test_recycle(self) -> None:
         """
-        A worker released at its quota is replaced at once, before it exits.
+        A worker released at its quota waits for its zygote's fresh process
+        (a new READY) and is then handed out again; no process is spawned.
         """
         pool = self.make_pool(size=1, max_requests=1)
         self.ready(0)
         worker = self.successResultOf(pool.acquire(5))
         self.serve(pool, worker)
         self.assertEqual(worker.state, "recycling")
-        self.assertEqual(len(self.spawner.started), 2)
-        self.spawner.started[0].exit(0)
-        self.assertEqual(len(self.spawner.started), 2)
+        waiting = pool.acquire(5)
+        self.assertNoResult(waiting)
+        self.spawner.started[0].send(wire.READY, b'{"pid": 2}')
+        self.assertIs(self.successResultOf(waiting), worker)
+        self.assertEqual(worker.child_pid, 2)
+        self.assertEqual(len(self.spawner.started), 1)
         self.assertEqual(pool.counters["recycled"], 1)
-        self.assertEqual(pool.counters["died"], 0)
+        self.clock.advance(10)
+        self.assertEqual(self.spawner.started[0].signals, [])
 
     def test_recycled_worker_killed_if_it_lingers(self) -> None:
         """
-        A recycled worker that does not exit is killed after the kill time.
+        A recycled worker whose fresh process does not come is killed after
+        the kill time.
         """
         pool = self.make_pool(size=1, max_requests=1)
         self.ready(0)

@@ -1,0 +1,118 @@
+# -*- test-case-name: haikutx.test.test_runtime -*-
+"""
+The zygote: one per worker slot.  It prepares the kernel sandbox once,
+imports what handlers need, then forks a sandboxed child that serves
+requests on fds 3 and 4 (L{haikutx.child.runner.Worker}).  When that child
+exits after its last request, the zygote forks the next one at once, so a
+fresh process per request costs a fork, not an interpreter start.
+
+When a child dies abnormally (a signal, a crash), the zygote ends the same
+way, so the server sees the cause and starts a new zygote: a child that
+died in the middle of a frame never leaves the channel half-written.
+
+Standard library only (no Twisted): forking a small process is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from haikutx import wire
+from haikutx.child import runner
+
+#: A child's exit status when the server closed fd 3: the zygote stops.
+EXIT_SERVER_GONE = 3
+
+#: A child's exit status when the sandbox could not be applied.
+EXIT_SANDBOX_FAILED = 70
+
+_KEEP_FDS = (0, 1, 2, runner.CONTROL_IN, runner.CONTROL_OUT)
+
+
+def _prepare(options: dict[str, Any]) -> Any:
+    """
+    Prepare the sandbox of this slot's children, or C{None} when disabled.
+    """
+    if not options.get("sandbox", True):
+        return None
+    from haikutx.sandbox import ResourceLimits, SandboxPolicy, identity_for, prepare
+
+    identity = identity_for(options.get("user"), options.get("slot", 0), options.get("base_uid"))
+    limits = ResourceLimits(
+        address_space=int(options.get("max_memory", 256 << 20)),
+        cpu_seconds=int(options.get("cpu_seconds", 6)),
+    )
+    policy = SandboxPolicy(
+        limits=limits,
+        identity=identity,
+        max_threads=options.get("max_threads") if options.get("base_uid") is not None else None,
+    )
+    return prepare(policy)
+
+
+def _child(sandbox: Any, max_requests: int, zygote: int) -> None:
+    try:
+        if sandbox is not None:
+            sandbox.apply(keep_fds=_KEEP_FDS, parent_death_signal=signal.SIGKILL)
+        else:
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except Exception as e:
+        os.write(2, f"sandbox could not be applied: {e}\n".encode())
+        os._exit(EXIT_SANDBOX_FAILED)
+    if os.getppid() != zygote:
+        # The zygote died before the parent-death signal was set.
+        os._exit(EXIT_SERVER_GONE)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    worker = runner.Worker(max_requests)
+    worker.run()
+    sys.stdout.flush()
+    os._exit(EXIT_SERVER_GONE if worker.server_gone else 0)
+
+
+def _end_like(status: int) -> None:
+    """
+    End this process the way the child with C{status} ended.
+    """
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+        os._exit(128 + number)
+    os._exit(os.waitstatus_to_exitcode(status))
+
+
+def main(argv: list[str]) -> None:
+    """
+    Run a zygote: C{python -m haikutx.child.zygote MAX_REQUESTS OPTIONS_JSON}.
+    """
+    max_requests = int(argv[1]) if len(argv) > 1 else 1
+    options = json.loads(argv[2]) if len(argv) > 2 else {}
+    os.set_blocking(runner.CONTROL_OUT, True)
+    sandbox = _prepare(options)
+    report = sandbox.describe() if sandbox is not None else {"layers": {"all": "disabled"}}
+    os.write(runner.CONTROL_OUT, wire.encode_json(wire.SANDBOX, report))
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    zygote = os.getpid()
+    while True:
+        pid = os.fork()
+        if pid == 0:
+            _child(sandbox, max_requests, zygote)
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            continue
+        _end_like(status)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
