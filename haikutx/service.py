@@ -20,4 +20,8 @@ def build_service(reactor, config: Config) -> MultiService:
         C{jobs} and C{gate} (the last two only when configured).
     """
     top = MultiService()
+    if config.gates:
+        from haikutx.gate import GateService
+
+        GateService.from_config(reactor, config).setServiceParent(top)
     return top
