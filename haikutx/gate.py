@@ -395,7 +395,9 @@ class Application:
                                       timeout=5)
         while True:
             try:
-                probe = await endpoint.connect(Factory.forProtocol(Protocol))
+                probe_factory = Factory.forProtocol(Protocol)
+                probe_factory.noisy = False
+                probe = await endpoint.connect(probe_factory)
             except (ierror.ConnectError, ierror.ConnectionRefusedError):
                 pass
             else:
@@ -781,6 +783,7 @@ class GateProtocol(Protocol):
     async def _connect(self, where: Route, head: bytes) -> None:
         endpoint = TCP4ClientEndpoint(self._reactor, BACKEND_HOST, where.port, timeout=10)
         factory = Factory.forProtocol(lambda: BackendProtocol(self, where.port))
+        factory.noisy = False
         app = self.factory.gate.application(where.app) if where.app else None
         try:
             backend = await endpoint.connect(factory)
@@ -1041,6 +1044,8 @@ class GateFactory(Factory):
 
     @ivar connections: the open client connections.
     """
+
+    noisy = False
 
     def __init__(self, reactor: Any, gate: "GateService") -> None:
         self.reactor = reactor

@@ -28,7 +28,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.internet.testing import EventLoggingObserver
 from twisted.python.usage import UsageError
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -879,6 +879,52 @@ class NamesTests(_Integration):
         await gate_service.stopService()
         self.assertFalse(app.running)
         self.assertIsNotNone(second.status)
+
+    async def test_start_timeout(self) -> None:
+        """
+        An application whose port never opens is waited for only
+        C{start_timeout} seconds, then answered 502.
+        """
+        port = _free_port()
+        path = self.names_file(
+            f"slow {port} ^ ^ ^ {sys.executable} -c __import__('time').sleep(30)\n"
+        )
+        gate_service, gate = self.gate(names_path=path, start_timeout=0.5)
+        start = reactor.seconds()
+        status, _, body = await self.get(gate, b"/slow/")
+        self.assertEqual(status, 502)
+        self.assertLess(reactor.seconds() - start, 5)
+        self.assertTrue(gate_service.applications["slow"].running)
+
+    async def test_runs_as_user(self) -> None:
+        """
+        The command runs as the entry's user, with its log owned by it.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("switching users needs root")
+        import pwd
+
+        nobody = pwd.getpwnam("nobody")
+        # sys.executable may live where nobody cannot reach (/root/...).
+        python = "/usr/bin/python3"
+        if not os.path.exists(python):
+            raise SkipTest("needs a system /usr/bin/python3 that nobody can run")
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        directory.chmod(0o755)
+        port = _free_port()
+        path = self.names_file(
+            f"app {port} nobody {directory} app.log {python} -m http.server "
+            f"{port} --bind 127.0.0.1\n"
+        )
+        gate_service, gate = self.gate(names_path=path)
+        _, headers, _ = await self.get(gate, b"/app/")
+        self.assertTrue(headers[b"server"].startswith(b"SimpleHTTP"))
+        pid = gate_service.applications["app"].process.pid
+        uids = [line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("Uid:")][0].split()[1:]
+        self.assertEqual(set(map(int, uids)), {nobody.pw_uid})
+        self.assertEqual((directory / "app.log").stat().st_uid, nobody.pw_uid)
 
     async def test_sighup_reload(self) -> None:
         """
