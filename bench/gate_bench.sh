@@ -28,9 +28,10 @@ wait_port() {
     done
 }
 
-run() { # name url
-    wrk -t2 -c"$CONN" -d"${DUR}s" "$2" | tee /tmp/gate_bench_$1.txt \
-        | awk -v n="$1" '/Requests\/sec/ {print n, $2}'
+run() { # name url [wrk options]
+    name=$1 url=$2; shift 2
+    wrk -t2 -c"$CONN" -d"${DUR}s" "$@" "$url" | tee /tmp/gate_bench_$name.txt \
+        | awk -v n="$name" '/Requests\/sec/ {print n, $2}'
 }
 
 "$PY" bench/hello_backend.py $BACK & PIDS="$PIDS $!"
@@ -47,6 +48,13 @@ echo "wrk -t2 -c$CONN -d${DUR}s, keep-alive, GET /$BACK/ through the gates"
 D=$(run direct "http://127.0.0.1:$BACK/")
 G=$(run haikutx "http://127.0.0.1:$GATE/$BACK/")
 P=$(run httpGate "http://127.0.0.1:$PIL/$BACK/")
+echo "$D"; echo "$G"; echo "$P"
+d=$(echo "$D" | cut -d' ' -f2); g=$(echo "$G" | cut -d' ' -f2); p=$(echo "$P" | cut -d' ' -f2)
+"$PY" -c "print(f'haikutx/direct {$g/$d:.0%}  httpGate/direct {$p/$d:.0%}  haikutx/httpGate {$g/$p:.0%}')"
+echo "new connection per request (-H 'Connection: close')"
+D=$(run direct "http://127.0.0.1:$BACK/" -H "Connection: close")
+G=$(run haikutx "http://127.0.0.1:$GATE/$BACK/" -H "Connection: close")
+P=$(run httpGate "http://127.0.0.1:$PIL/$BACK/" -H "Connection: close")
 echo "$D"; echo "$G"; echo "$P"
 d=$(echo "$D" | cut -d' ' -f2); g=$(echo "$G" | cut -d' ' -f2); p=$(echo "$P" | cut -d' ' -f2)
 "$PY" -c "print(f'haikutx/direct {$g/$d:.0%}  httpGate/direct {$p/$d:.0%}  haikutx/httpGate {$g/$p:.0%}')"
