@@ -150,4 +150,8 @@ def build_service(reactor: Any, config: Config) -> MultiService:
         from haikutx.jobs import build_jobs_service
 
         build_jobs_service(reactor, config).setServiceParent(top)
+    if config.gates:
+        from haikutx.gate import GateService
+
+        GateService.from_config(reactor, config).setServiceParent(top)
     return top

@@ -386,7 +386,7 @@ class Options(usage.Options):
             max_output=_int("maxoutput", self["maxoutput"], 1),
             token=self["token"],
             gates=tuple(gates),
-            names=_existing("names", self["names"]) if self["names"] else None,
+            names=_names_file(self["names"]) if self["names"] else None,
             gate_target=(
                 _int("gate-target", self["gate-target"], 1, 65535)
                 if self["gate-target"] is not None
@@ -402,6 +402,24 @@ class Options(usage.Options):
             ),
             idle=_number("idle", self["idle"], 0.001),
         )
+
+
+def _names_file(value: str) -> Path:
+    """
+    Check that the gate's names file reads and parses.
+
+    @raise usage.UsageError: naming C{--names} and the bad line.
+    """
+    from haikutx.names import NamesFile, NamesFileError
+
+    path = _existing("names", value)
+    try:
+        NamesFile.parse(path.read_text())
+    except UnicodeDecodeError as e:
+        raise usage.UsageError(f"--names: {value} is not UTF-8 text: {e}")
+    except NamesFileError as e:
+        raise usage.UsageError(f"--names: {value}: {e}")
+    return path
 
 
 def _host_port(option: str, value: str) -> tuple[str, int]:
