@@ -25,7 +25,11 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
 from twisted.internet.task import Clock
-from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.internet.testing import (
+    EventLoggingObserver,
+    MemoryReactorClock,
+    StringTransport,
+)
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import FileBodyProducer, ProxyAgent, readBody
@@ -226,6 +230,91 @@ class ProxyUnitTests(SynchronousTestCase):
             transport.value().endswith(b"\r\n\r\nmalformed request line b'HELLO'\n")
         )
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class SpliceUnitTests(SynchronousTestCase):
+    """
+    L{EgressProxy} once connected, on a L{MemoryReactorClock} with
+    L{StringTransport}s on both sides.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        factory = EgressProxyFactory(
+            self.reactor,
+            EgressRules.from_pairs(["db.test:5432"]),
+            resolver=ScriptedResolver([["127.0.0.1"]]),
+            idle_timeout=60,
+        )
+        self.proxy = factory.buildProtocol(None)
+        self.client = StringTransport()
+        self.proxy.makeConnection(self.client)
+
+    def connect_upstream(self) -> tuple[Protocol, StringTransport]:
+        host, port, connecting, _, _ = self.reactor.tcpClients[0]
+        self.assertEqual((host, port), ("127.0.0.1", 5432))
+        upstream = connecting.buildProtocol(None)
+        transport = StringTransport()
+        upstream.makeConnection(transport)
+        return upstream, transport
+
+    def test_splice(self) -> None:
+        """
+        After C{200 Connection established}, bytes pass both ways, and each
+        side is registered as the other's producer.
+        """
+        self.proxy.dataReceived(b"CONNECT db.test:5432 HTTP/1.1\r\n\r\nfirst")
+        upstream, transport = self.connect_upstream()
+        self.assertEqual(
+            self.client.value(), b"HTTP/1.1 200 Connection established\r\n\r\n"
+        )
+        self.assertEqual(transport.value(), b"first")
+        self.assertIs(transport.producer, self.client)
+        self.assertIs(self.client.producer, transport)
+        self.proxy.dataReceived(b"up")
+        upstream.dataReceived(b"down")
+        self.assertEqual(transport.value(), b"firstup")
+        self.assertTrue(self.client.value().endswith(b"down"))
+        upstream.connectionLost(None)
+        self.assertTrue(self.client.disconnecting)
+
+    def test_client_gone(self) -> None:
+        """
+        When the client leaves, the upstream connection is closed.
+        """
+        self.proxy.dataReceived(b"CONNECT db.test:5432 HTTP/1.1\r\n\r\n")
+        _, transport = self.connect_upstream()
+        self.proxy.connectionLost(None)
+        self.assertTrue(transport.disconnecting)
+
+    def test_client_gone_while_connecting(self) -> None:
+        """
+        When the client leaves before the destination answers, the
+        connection attempt is stopped and no timer is left.
+        """
+        self.proxy.dataReceived(b"CONNECT db.test:5432 HTTP/1.1\r\n\r\n")
+        self.proxy.connectionLost(None)
+        self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(self.client.value(), b"")
+
+    def test_idle_timeout(self) -> None:
+        """
+        A spliced connection that carries nothing for C{idle_timeout}
+        seconds is closed on both sides; traffic either way resets the
+        timer.
+        """
+        self.proxy.dataReceived(b"CONNECT db.test:5432 HTTP/1.1\r\n\r\n")
+        upstream, transport = self.connect_upstream()
+        self.reactor.advance(50)
+        upstream.dataReceived(b"x")
+        self.reactor.advance(50)
+        self.proxy.dataReceived(b"y")
+        self.reactor.advance(59)
+        self.assertFalse(self.client.disconnecting or transport.disconnecting)
+        self.reactor.advance(1)
+        self.assertTrue(self.client.disconnected)
+        self.assertTrue(transport.disconnected)
 
 
 class _Client(Protocol):
