@@ -39,9 +39,9 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.interfaces import IFileDescriptorReceiver
+from twisted.internet.interfaces import IFileDescriptorReceiver, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -198,10 +198,16 @@ class _Upstream(Protocol):
         self._proxy._upstream_lost()
 
 
+@implementer(IHalfCloseableProtocol)
 class EgressProxy(Protocol):
     """
     One handler connection: read the request head, check and connect to the
     destination, then splice.
+
+    A client that shuts down its writing (a half-close) has the upstream's
+    writing shut down too, once what it sent is delivered, and still gets
+    the answer; when the upstream closes, the client's connection is closed
+    once what the upstream sent is delivered.
     """
 
     log = Logger()
@@ -217,10 +223,14 @@ class EgressProxy(Protocol):
         self._timed_out = False
         self._upstream: _Upstream | None = None
         self._target: tuple[str, int] | None = None
+        self._client_eof = False
+        self._client_gone = False
+        self._upstream_gone = False
 
     # client side
 
     def connectionMade(self) -> None:
+        self._factory._opened(self)
         self._timer = self._reactor.callLater(
             self._factory.head_timeout, self._head_timed_out
         )
@@ -266,6 +276,23 @@ class EgressProxy(Protocol):
             lambda f: self.log.failure("egress proxy bug", f, host=host, port=port)
         )
 
+    def readConnectionLost(self) -> None:
+        """
+        The client shut down its writing: pass it on once spliced; before
+        that, the request is abandoned.
+        """
+        if self._client_eof:
+            return
+        self._client_eof = True
+        if self._state == "splice":
+            assert self._upstream is not None
+            self._upstream.transport.loseWriteConnection()
+        elif self._state == "head":
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         state, self._state = self._state, "closed"
         self._cancel_timer()
@@ -273,6 +300,8 @@ class EgressProxy(Protocol):
             self._connecting.cancel()
         if self._upstream is not None:
             self._upstream.transport.loseConnection()
+        self._client_gone = True
+        self._maybe_done()
 
     # connecting
 
@@ -295,6 +324,8 @@ class EgressProxy(Protocol):
         assert self._target is not None
         host, port = self._target
         if self._state != "connecting":
+            self._factory._opened(self)
+            self._upstream = upstream
             upstream.transport.abortConnection()
             return
         self._cancel_timer()
@@ -318,7 +349,10 @@ class EgressProxy(Protocol):
         self._timer = self._reactor.callLater(
             self._factory.idle_timeout, self._idle_timed_out
         )
-        self.transport.resumeProducing()
+        if self._client_eof:
+            upstream.transport.loseWriteConnection()
+        else:
+            self.transport.resumeProducing()
 
     def _connect_failed(self, failure: Failure) -> None:
         assert self._target is not None
@@ -350,8 +384,23 @@ class EgressProxy(Protocol):
         self.transport.write(data)
 
     def _upstream_lost(self) -> None:
+        self._upstream_gone = True
         self._cancel_timer()
         self.transport.loseConnection()
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self._client_gone and (self._upstream is None or self._upstream_gone):
+            self._factory._closed(self)
+
+    def abort(self) -> None:
+        """
+        Abort the client's connection and the upstream one.
+        """
+        self._cancel_timer()
+        self.transport.abortConnection()
+        if self._upstream is not None:
+            self._upstream.transport.abortConnection()
 
     def _touch(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -441,11 +490,48 @@ class EgressProxyFactory(Factory):
         self.head_timeout = head_timeout
         self.idle_timeout = idle_timeout
         self.max_head = max_head
+        self._live: set[EgressProxy] = set()
+        self._idle_waiters: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> EgressProxy:
         proxy = EgressProxy(self)
         proxy.factory = self
         return proxy
+
+    @property
+    def connections(self) -> int:
+        """
+        How many client connections are open (with their upstreams).
+        """
+        return len(self._live)
+
+    def _opened(self, proxy: EgressProxy) -> None:
+        self._live.add(proxy)
+
+    def _closed(self, proxy: EgressProxy) -> None:
+        self._live.discard(proxy)
+        if not self._live:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def when_idle(self) -> Deferred[None]:
+        """
+        @return: a L{Deferred} firing once no connection is open (at once
+            if none is).
+        """
+        if not self._live:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
+
+    def abort_all(self) -> None:
+        """
+        Abort every open connection and its upstream.
+        """
+        for proxy in list(self._live):
+            proxy.abort()
 
 
 @implementer(IFileDescriptorReceiver)
@@ -578,21 +664,22 @@ def make_egress_channel(
     @param timeout: seconds allowed to resolve and connect a destination.
     @return: the zygote's end (inheritable: pass it to the zygote as a
         child descriptor and close it here once the zygote is started),
-        and a callable that closes the server's end and returns a
-        L{Deferred} firing once it is closed (connections already passed
-        keep running until they end).
+        and a callable that closes the server's end, aborts the
+        connections passed over it and returns a L{Deferred} firing once
+        all are closed.
     """
     server, zygote = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    factory = EgressProxyFactory(reactor, rules, resolver, timeout)
     try:
-        channel = listen_channel(
-            reactor, server, EgressProxyFactory(reactor, rules, resolver, timeout)
-        )
+        channel = listen_channel(reactor, server, factory)
     finally:
         server.close()
     zygote.set_inheritable(True)
 
     def stop() -> Deferred[None]:
         channel.transport.loseConnection()
-        return channel.when_closed()
+        factory.abort_all()
+        done = gatherResults([channel.when_closed(), factory.when_idle()])
+        return done.addCallback(lambda _: None)
 
     return zygote, stop

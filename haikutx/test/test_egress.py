@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IFileDescriptorReceiver, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
 from twisted.internet.task import Clock
@@ -35,6 +36,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import FileBodyProducer, ProxyAgent, readBody
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from haikutx.addresses import EgressRules
 from haikutx.egress import (
@@ -322,10 +325,16 @@ class _Client(Protocol):
     Collects what it receives; tests wait for a marker or the close.
     """
 
+    tracker: _Tracker | None = None
+
     def __init__(self) -> None:
         self.data = b""
         self._waiters: list[tuple[bytes, Deferred[bytes]]] = []
         self.closed: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        if self.tracker is not None:
+            self.tracker.opened(self)
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
@@ -347,6 +356,70 @@ class _Client(Protocol):
         for _, waiter in waiters:
             waiter.callback(self.data)
         self.closed.callback(self.data)
+        if self.tracker is not None:
+            self.tracker.closed(self)
+
+
+class _Tracker:
+    """
+    Counts open connections, so that a test ends only once all are closed.
+    """
+
+    def __init__(self) -> None:
+        self.open: set[Any] = set()
+        self._waiters: list[Deferred[None]] = []
+
+    def opened(self, connection: Any) -> None:
+        self.open.add(connection)
+
+    def closed(self, connection: Any) -> None:
+        self.open.discard(connection)
+        if not self.open:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def when_idle(self) -> Deferred[None]:
+        waiter: Deferred[None] = Deferred()
+        if self.open:
+            self._waiters.append(waiter)
+        else:
+            waiter.callback(None)
+        return waiter
+
+
+class _TrackingFactory(Factory):
+    """
+    A server factory whose connections a L{_Tracker} counts (the protocols
+    keep their interfaces, half-close included).
+    """
+
+    def __init__(self, wrapped: Any, tracker: _Tracker) -> None:
+        self._wrapped = wrapped
+        self._tracker = tracker
+
+    def doStart(self) -> None:
+        self._wrapped.doStart()
+
+    def doStop(self) -> None:
+        self._wrapped.doStop()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = self._wrapped.buildProtocol(addr)
+        tracker = self._tracker
+        made, lost = protocol.connectionMade, protocol.connectionLost
+
+        def connectionMade() -> None:
+            tracker.opened(protocol)
+            made()
+
+        def connectionLost(reason: Any = None) -> None:
+            tracker.closed(protocol)
+            lost(reason)
+
+        protocol.connectionMade = connectionMade
+        protocol.connectionLost = connectionLost
+        return protocol
 
 
 class _Echo(Protocol):
@@ -360,6 +433,27 @@ class _Echo(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)
+
+
+@implementer(IHalfCloseableProtocol)
+class _Count(Protocol):
+    """
+    Reads until the client shuts down its writing, then answers with the
+    number of bytes read and shuts down its own.
+    """
+
+    def connectionMade(self) -> None:
+        self.count = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.count += len(data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(b"%d" % self.count)
+        self.transport.loseWriteConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
 
 
 class _Page(Resource):
@@ -386,8 +480,33 @@ class ServersMixin:
     """
 
     timeout = 30
+    _tracker: _Tracker | None = None
+
+    @property
+    def tracker(self) -> _Tracker:
+        """
+        The connections of this test's servers and clients; the test ends
+        once all are closed (the last cleanup).
+        """
+        if self._tracker is None:
+            self._tracker = _Tracker()
+            self._proxies: list[EgressProxyFactory] = []
+
+            async def idle() -> None:
+                for proxy in self._proxies:
+                    await proxy.when_idle()
+                assert self._tracker is not None
+                await self._tracker.when_idle()
+
+            self.addCleanup(lambda: Deferred.fromCoroutine(idle()))  # type: ignore[attr-defined]
+        return self._tracker
 
     def listen(self, factory: Any, tls: Any = None) -> int:
+        if isinstance(factory, EgressProxyFactory):
+            self.tracker
+            self._proxies.append(factory)
+        else:
+            factory = _TrackingFactory(factory, self.tracker)
         if tls is None:
             port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         else:
@@ -415,9 +534,19 @@ class ServersMixin:
         factory = EgressProxyFactory(reactor, EgressRules.from_pairs(allowed), **kwargs)
         return self.listen(factory)
 
+    def client_factory(self) -> Factory:
+        tracker = self.tracker
+
+        def build() -> _Client:
+            client = _Client()
+            client.tracker = tracker
+            return client
+
+        return Factory.forProtocol(build)
+
     async def client(self, port: int) -> _Client:
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-        client: _Client = await endpoint.connect(Factory.forProtocol(_Client))
+        client: _Client = await endpoint.connect(self.client_factory())
         self.addCleanup(client.transport.abortConnection)  # type: ignore[attr-defined]
         return client
 
@@ -475,6 +604,22 @@ class ProxyTests(ServersMixin, TestCase):
         data = await client.wait_for(b"early")
         self.assertTrue(data.endswith(b"hello\nearly"), data)
 
+    async def test_half_close(self) -> None:
+        """
+        A client that shuts down its writing still gets the answer the
+        server sends after seeing the end of the request, and then the end
+        of the connection.
+        """
+        port = self.listen(Factory.forProtocol(_Count))
+        proxy = self.proxy([f"127.0.0.1:{port}"])
+        client = await self.client(proxy)
+        client.transport.write(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+        await client.wait_for(b"\r\n\r\n")
+        client.transport.write(b"z" * 100000)
+        client.transport.loseWriteConnection()
+        data = await client.closed
+        self.assertEqual(data, b"HTTP/1.1 200 Connection established\r\n\r\n100000")
+
     async def test_connect_tls(self) -> None:
         """
         TLS runs end to end through C{CONNECT} to an allowed TLS server,
@@ -494,7 +639,7 @@ class ProxyTests(ServersMixin, TestCase):
         endpoint = wrapClientTLS(
             optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(ca)), tunnel
         )
-        client: _Client = await endpoint.connect(Factory.forProtocol(_Client))
+        client: _Client = await endpoint.connect(self.client_factory())
         client.transport.write(b"GET /secret HTTP/1.0\r\nHost: localhost\r\n\r\n")
         data = await client.closed
         self.assertTrue(data.startswith(b"HTTP/1.0 200"), data)
@@ -712,12 +857,19 @@ class ChannelTests(ServersMixin, TestCase):
 
     async def test_stop(self) -> None:
         """
-        The stop callable closes the server's end: the zygote sees the end
-        of the channel.
+        The stop callable closes the server's end, so the zygote sees the
+        end of the channel, and aborts the tunnels passed over it.
         """
-        zygote, stop = make_egress_channel(reactor, EgressRules())
+        port, _ = self.echo()
+        zygote, stop = make_egress_channel(
+            reactor, EgressRules.from_pairs([f"127.0.0.1:{port}"])
+        )
         self.addCleanup(zygote.close)
+        client = await self.passed_client(zygote)
+        client.transport.write(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+        await client.wait_for(b"hello\n")
         await stop()
+        self.assertTrue((await client.closed).endswith(b"hello\n"))
         zygote.settimeout(5)
         self.assertEqual(zygote.recv(1), b"")
 
@@ -729,13 +881,15 @@ class ChannelTests(ServersMixin, TestCase):
         ours, theirs = socket.socketpair()
         self.addCleanup(theirs.close)
         port, _ = self.echo()
-        channel = listen_channel(
-            reactor,
-            ours,
-            EgressProxyFactory(reactor, EgressRules.from_pairs([f"127.0.0.1:{port}"])),
+        factory = EgressProxyFactory(
+            reactor, EgressRules.from_pairs([f"127.0.0.1:{port}"])
         )
+        self._proxies.append(factory)
+        channel = listen_channel(reactor, ours, factory)
         ours.close()
+        self.addCleanup(channel.when_closed)
         self.addCleanup(channel.transport.loseConnection)
+        self.assertTrue(verifyObject(IFileDescriptorReceiver, channel))
         client = await self.passed_client(theirs)
         client.transport.write(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
         await client.wait_for(b"hello\n")
@@ -760,7 +914,8 @@ _CHILD = textwrap.dedent(
     except urllib.error.HTTPError as e:
         out["refused"] = [e.code, e.read().decode()]
     context = ssl.create_default_context(cafile=cafile)
-    out["tls"] = urllib.request.urlopen(tls_url, timeout=20, context=context).read().decode()
+    out["tls"] = urllib.request.urlopen(tls_url, timeout=20, context=context).read()
+    out["tls"] = out["tls"].decode()
     try:
         urllib.request.urlopen(tls_url.replace("localhost", "127.0.0.2"), timeout=20)
         out["tls_refused"] = "no error"
