@@ -12,6 +12,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import socket
 import sys
 import textwrap
@@ -31,7 +32,9 @@ from twisted.internet.testing import (
     MemoryReactorClock,
     StringTransport,
 )
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import FileBodyProducer, ProxyAgent, readBody
 from twisted.web.resource import Resource
@@ -503,16 +506,21 @@ class ServersMixin:
 
     def listen(self, factory: Any, tls: Any = None) -> int:
         if isinstance(factory, EgressProxyFactory):
-            self.tracker
+            self.tracker  # noqa: B018
             self._proxies.append(factory)
         else:
+            if tls is not None:
+                factory = TLSMemoryBIOFactory(tls, False, factory)
             factory = _TrackingFactory(factory, self.tracker)
-        if tls is None:
-            port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        else:
-            port = reactor.listenSSL(0, factory, tls, interface="127.0.0.1")
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)  # type: ignore[attr-defined]
         return port.getHost().port
+
+    def write_file(self, data: bytes) -> str:
+        path = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
 
     def echo(self) -> tuple[int, Factory]:
         factory = Factory.forProtocol(_Echo)
@@ -671,6 +679,41 @@ class ProxyTests(ServersMixin, TestCase):
                 (b"POST", b"/path?q=1", f"127.0.0.1:{port}".encode()),
             ],
         )
+
+    async def test_curl(self) -> None:
+        """
+        curl fetches an allowed http URL (absolute form) and an allowed
+        https URL (CONNECT, certificate verified) through the proxy, and
+        reports the 403 for a refused one.
+        """
+        curl = shutil.which("curl")
+        if curl is None:
+            raise self.skipTest("curl is not installed (apt-get install curl)")
+        port, _ = self.site()
+        tls_port, _, ca = self.tls_site()
+        cafile = self.write_file(ca)
+        proxy = self.proxy([f"127.0.0.1:{port}", f"localhost:{tls_port}"])
+        common = ["-sS", "--max-time", "20", "-x", f"http://127.0.0.1:{proxy}"]
+
+        async def run(*args: str) -> tuple[bytes, bytes, int]:
+            result: tuple[bytes, bytes, int] = await getProcessOutputAndValue(
+                curl, [*common, *args], env={}, reactor=reactor
+            )
+            return result
+
+        out, err, code = await run(f"http://127.0.0.1:{port}/plain")
+        self.assertEqual((out, code), (b"GET /plain ", 0), err)
+        out, err, code = await run(
+            "--cacert", cafile, f"https://localhost:{tls_port}/tls"
+        )
+        self.assertEqual((out, code), (b"GET /tls ", 0), err)
+        out, err, code = await run(
+            "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.2:{port}/"
+        )
+        self.assertEqual(out, b"403")
+        out, err, code = await run(f"https://127.0.0.2:{tls_port}/")
+        self.assertNotEqual(code, 0)
+        self.assertIn(b"403", err)
 
     async def test_name_resolved_by_proxy(self) -> None:
         """
@@ -954,12 +997,6 @@ class NamespaceTests(ServersMixin, TestCase):
     def setUp(self) -> None:
         if not LAYERS.network_namespaces:
             raise self.skipTest(LAYERS.reasons.get("network_namespaces", "no netns"))
-
-    def write_file(self, data: bytes) -> str:
-        path = os.path.abspath(self.mktemp())
-        with open(path, "wb") as f:
-            f.write(data)
-        return path
 
     async def test_urllib_through_relay(self) -> None:
         """
