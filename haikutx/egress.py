@@ -1,0 +1,685 @@
+# -*- test-case-name: haikutx.test.test_egress -*-
+"""
+The egress proxy (SPEC 3.2): the only way out of a zygote's network
+namespace.
+
+A handler's connection to the relay inside the namespace
+(L{haikutx.sandbox.netns.EgressRelay}) arrives here as a descriptor passed
+over a unix socketpair (L{EgressChannel}); it is adopted and served by
+L{EgressProxy}, an HTTP proxy that understands:
+
+  - C{CONNECT host:port HTTP/1.1}: answered C{200 Connection established},
+    then bytes are spliced both ways (TLS and raw TCP alike);
+  - absolute-form plain HTTP (C{GET http://host:port/path HTTP/1.1}): the
+    request is sent upstream with an origin-form target and
+    C{Connection: close}, then bytes are spliced both ways until either side
+    closes. There is one upstream per client connection: the connection
+    ends when the upstream closes after its response, so a keep-alive
+    client opens a new connection for its next request. Anything a client
+    pipelines after the first request goes to the same, already checked,
+    upstream.
+
+Every destination is resolved I{here} (the namespace has no DNS), each
+address is checked with L{EgressRules} and only checked addresses are
+connected to (L{CheckedEndpoint}): loopback, private, link-local and
+metadata addresses are refused with C{403 Forbidden} and a one-line reason
+unless C{--egress-allow} names the C{host:port}. A name that does not
+resolve or a destination that does not answer gets C{502 Bad Gateway}; a
+destination that takes longer than the timeout, C{504 Gateway Timeout}; a
+malformed request, C{400 Bad Request}; a request head larger than the
+bound, C{431}; a head that does not arrive in time, C{408}.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.interfaces import IFileDescriptorReceiver, IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from haikutx.addresses import EgressRules, ip_from_host
+from haikutx.outbound import AddressRefused, CheckedEndpoint
+
+#: The largest request head (request line and headers) accepted, in bytes.
+MAX_HEAD = 16384
+
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_VERSION = re.compile(rb"^HTTP/1\.[01]$")
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+)$")
+_PORT = re.compile(r"^[0-9]{1,5}$")
+
+#: Headers meant for the proxy or for one hop, not passed upstream.
+_HOP_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"upgrade",
+    }
+)
+
+_REASONS = {
+    400: "Bad Request",
+    403: "Forbidden",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    502: "Bad Gateway",
+    504: "Gateway Timeout",
+}
+
+
+class BadRequest(ValueError):
+    """
+    A request the proxy cannot serve.
+
+    @ivar status: the status to answer with.
+    @ivar reason: one line saying why.
+    """
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+def parse_authority(authority: str) -> tuple[str, int]:
+    """
+    Parse a C{host:port} as a C{CONNECT} target or URL authority gives it.
+
+    @return: the host (brackets kept for IPv6) and the port.
+    @raise BadRequest: for a missing or bad host or port.
+    """
+    host, sep, port = authority.rpartition(":")
+    if not sep or not host or not _PORT.match(port) or not _HOST.match(host):
+        raise BadRequest(f"bad host:port {authority[:100]!r}")
+    number = int(port)
+    if not 0 < number < 65536:
+        raise BadRequest(f"bad port in {authority[:100]!r}")
+    if host.startswith("[") and ip_from_host(host) is None:
+        raise BadRequest(f"bad IPv6 address in {authority[:100]!r}")
+    return host, number
+
+
+def _check_header_lines(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    headers = []
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN.match(name):
+            raise BadRequest(f"malformed header line {line[:60]!r}")
+        headers.append((name, value.strip()))
+    return headers
+
+
+def parse_head(head: bytes) -> tuple[str, str, int, bytes | None]:
+    """
+    Parse a proxy request's head (without the blank line that ends it).
+
+    @return: C{(method, host, port, upstream_head)} where C{upstream_head}
+        is the head to send upstream for plain HTTP (origin-form target,
+        hop-by-hop headers removed, C{Connection: close}), or C{None} for
+        C{CONNECT}.
+    @raise BadRequest: for a request the proxy cannot serve.
+    """
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not _VERSION.match(parts[2]):
+        raise BadRequest(f"malformed request line {lines[0][:100]!r}")
+    method_bytes, target_bytes, version = parts
+    headers = _check_header_lines(lines[1:])
+    method = method_bytes.decode("ascii")
+    try:
+        target = target_bytes.decode("ascii")
+    except UnicodeDecodeError:
+        raise BadRequest("request target is not ASCII") from None
+    if method == "CONNECT":
+        host, port = parse_authority(target)
+        return method, host, port, None
+    if target.lower().startswith("https://"):
+        raise BadRequest("https URLs are proxied with CONNECT")
+    if not target.lower().startswith("http://"):
+        raise BadRequest(
+            "not a proxy request: expected CONNECT host:port or an absolute http:// URL"
+        )
+    url = urlsplit(target)
+    authority = url.netloc
+    if "@" in authority:
+        raise BadRequest("URL has credentials")
+    if not authority:
+        raise BadRequest("URL has no host")
+    if authority.endswith("]") or ":" not in authority:
+        authority += ":80"
+    host, port = parse_authority(authority)
+    origin = url.path or "/"
+    if url.query:
+        origin += "?" + url.query
+    out = [b"%s %s %s" % (method_bytes, origin.encode("ascii"), version)]
+    has_host = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _HOP_HEADERS:
+            continue
+        has_host = has_host or lower == b"host"
+        out.append(name + b": " + value)
+    if not has_host:
+        out.append(b"Host: " + url.netloc.encode("ascii"))
+    out.append(b"Connection: close")
+    return method, host, port, b"\r\n".join(out) + b"\r\n\r\n"
+
+
+class _Upstream(Protocol):
+    """
+    The connection to the destination: hands what it receives to the
+    client side.
+    """
+
+    transport: Any
+
+    def __init__(self, proxy: EgressProxy) -> None:
+        self._proxy = proxy
+
+    def dataReceived(self, data: bytes) -> None:
+        self._proxy._from_upstream(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._proxy._upstream_lost()
+
+
+@implementer(IHalfCloseableProtocol)
+class EgressProxy(Protocol):
+    """
+    One handler connection: read the request head, check and connect to the
+    destination, then splice.
+
+    A client that shuts down its writing (a half-close) has the upstream's
+    writing shut down too, once what it sent is delivered, and still gets
+    the answer; when the upstream closes, the client's connection is closed
+    once what the upstream sent is delivered.
+    """
+
+    log = Logger()
+    transport: Any
+
+    def __init__(self, factory: EgressProxyFactory) -> None:
+        self._factory = factory
+        self._reactor = factory.reactor
+        self._buffer = b""
+        self._state = "head"
+        self._timer: Any = None
+        self._connecting: Deferred[Any] | None = None
+        self._timed_out = False
+        self._upstream: _Upstream | None = None
+        self._target: tuple[str, int] | None = None
+        self._client_eof = False
+        self._client_gone = False
+        self._upstream_gone = False
+
+    # client side
+
+    def connectionMade(self) -> None:
+        self._factory._opened(self)
+        self._timer = self._reactor.callLater(
+            self._factory.head_timeout, self._head_timed_out
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._state == "splice":
+            assert self._upstream is not None
+            self._touch()
+            self._upstream.transport.write(data)
+            return
+        if self._state == "closed":
+            return
+        self._buffer += data
+        if self._state != "head":
+            return
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > self._factory.max_head:
+                self._refuse(431, "the request head is too large", None)
+            return
+        if end > self._factory.max_head:
+            self._refuse(431, "the request head is too large", None)
+            return
+        head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
+        try:
+            _, host, port, upstream_head = parse_head(head)
+        except BadRequest as e:
+            self._refuse(e.status, e.reason, None)
+            return
+        self._target = (host, port)
+        self._state = "connecting"
+        self._cancel_timer()
+        self.transport.pauseProducing()
+        self._timer = self._reactor.callLater(
+            self._factory.timeout, self._connect_timed_out
+        )
+        self._connecting = Deferred.fromCoroutine(self._connect(host, port))
+        self._connecting.addCallbacks(
+            lambda upstream: self._splice(upstream, upstream_head),
+            self._connect_failed,
+        )
+        self._connecting.addErrback(
+            lambda f: self.log.failure("egress proxy bug", f, host=host, port=port)
+        )
+
+    def readConnectionLost(self) -> None:
+        """
+        The client shut down its writing: pass it on once spliced; before
+        that, the request is abandoned.
+        """
+        if self._client_eof:
+            return
+        self._client_eof = True
+        if self._state == "splice":
+            assert self._upstream is not None
+            self._upstream.transport.loseWriteConnection()
+        elif self._state == "head":
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        state, self._state = self._state, "closed"
+        self._cancel_timer()
+        if state == "connecting" and self._connecting is not None:
+            self._connecting.cancel()
+        if self._upstream is not None:
+            self._upstream.transport.loseConnection()
+        self._client_gone = True
+        self._maybe_done()
+
+    # connecting
+
+    async def _connect(self, host: str, port: int) -> _Upstream:
+        rules = self._factory.rules
+        endpoint = CheckedEndpoint(
+            self._reactor,
+            self._factory.resolver,
+            host.strip("[]"),
+            port,
+            lambda address: rules.check(host, port, address),
+            self._factory.timeout,
+        )
+        upstream: _Upstream = await endpoint.connect(
+            Factory.forProtocol(lambda: _Upstream(self))
+        )
+        return upstream
+
+    def _splice(self, upstream: _Upstream, upstream_head: bytes | None) -> None:
+        assert self._target is not None
+        host, port = self._target
+        if self._state != "connecting":
+            self._factory._opened(self)
+            self._upstream = upstream
+            upstream.transport.abortConnection()
+            return
+        self._cancel_timer()
+        self._state = "splice"
+        self._upstream = upstream
+        self.log.info(
+            "egress to {host}:{port} allowed",
+            host=host,
+            port=port,
+            method="CONNECT" if upstream_head is None else "HTTP",
+        )
+        upstream.transport.registerProducer(self.transport, True)
+        self.transport.registerProducer(upstream.transport, True)
+        if upstream_head is None:
+            self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            upstream.transport.write(upstream_head)
+        pending, self._buffer = self._buffer, b""
+        if pending:
+            upstream.transport.write(pending)
+        self._timer = self._reactor.callLater(
+            self._factory.idle_timeout, self._idle_timed_out
+        )
+        if self._client_eof:
+            upstream.transport.loseWriteConnection()
+        else:
+            self.transport.resumeProducing()
+
+    def _connect_failed(self, failure: Failure) -> None:
+        assert self._target is not None
+        host, port = self._target
+        if self._state == "closed":
+            return
+        if self._timed_out:
+            self._refuse(504, f"{host}:{port} did not answer in time", failure)
+        elif failure.check(AddressRefused):
+            self._refuse(403, failure.value.reason, failure)
+        elif failure.check(DNSLookupError):
+            self._refuse(502, f"cannot resolve {host}", failure)
+        elif failure.check(ConnectError):
+            self._refuse(
+                502,
+                f"cannot connect to {host}:{port}: {failure.getErrorMessage()}",
+                failure,
+            )
+        else:
+            self.log.failure(
+                "egress to {host}:{port} failed", failure, host=host, port=port
+            )
+            self._refuse(502, f"cannot connect to {host}:{port}", None)
+
+    # splicing
+
+    def _from_upstream(self, data: bytes) -> None:
+        self._touch()
+        self.transport.write(data)
+
+    def _upstream_lost(self) -> None:
+        self._upstream_gone = True
+        self._cancel_timer()
+        self.transport.loseConnection()
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self._client_gone and (self._upstream is None or self._upstream_gone):
+            self._factory._closed(self)
+
+    def abort(self) -> None:
+        """
+        Abort the client's connection and the upstream one.
+        """
+        self._cancel_timer()
+        self.transport.abortConnection()
+        if self._upstream is not None:
+            self._upstream.transport.abortConnection()
+
+    def _touch(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._factory.idle_timeout)
+
+    # timeouts and answers
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _head_timed_out(self) -> None:
+        self._timer = None
+        self._refuse(408, "the request head did not arrive in time", None)
+
+    def _connect_timed_out(self) -> None:
+        self._timer = None
+        self._timed_out = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+
+    def _idle_timed_out(self) -> None:
+        self._timer = None
+        host, port = self._target or ("", 0)
+        self.log.info(
+            "egress to {host}:{port} closed after {idle_timeout}s idle",
+            host=host,
+            port=port,
+            idle_timeout=self._factory.idle_timeout,
+        )
+        self.transport.abortConnection()
+        if self._upstream is not None:
+            self._upstream.transport.abortConnection()
+
+    def _refuse(self, status: int, reason: str, failure: Failure | None) -> None:
+        host, port = self._target or ("", 0)
+        self.log.warn(
+            "egress to {host}:{port} refused with {status}: {reason}",
+            host=host,
+            port=port,
+            status=status,
+            reason=reason,
+        )
+        self._cancel_timer()
+        self._state = "closed"
+        self._buffer = b""
+        body = (reason.replace("\r", " ").replace("\n", " ") + "\n").encode("utf-8")
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s"
+            % (status, _REASONS[status].encode("ascii"), len(body), body)
+        )
+        self.transport.loseConnection()
+
+
+class EgressProxyFactory(Factory):
+    """
+    Builds an L{EgressProxy} for each handler connection.
+
+    @ivar reactor: an L{IReactorTCP} and L{IReactorTime}.
+    @ivar rules: which non-public C{host:port} pairs may be reached.
+    @ivar resolver: an L{IHostnameResolver}; the reactor's by default.
+    @ivar timeout: seconds allowed to resolve and connect to a destination.
+    @ivar head_timeout: seconds allowed for the request head to arrive.
+    @ivar idle_timeout: seconds a spliced connection may carry nothing
+        either way before both sides are closed.
+    @ivar max_head: the largest request head accepted, in bytes.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        rules: EgressRules,
+        resolver: Any = None,
+        timeout: float = 10.0,
+        head_timeout: float = 10.0,
+        idle_timeout: float = 600.0,
+        max_head: int = MAX_HEAD,
+    ) -> None:
+        self.reactor = reactor
+        self.rules = rules
+        self.resolver = resolver if resolver is not None else reactor.nameResolver
+        self.timeout = timeout
+        self.head_timeout = head_timeout
+        self.idle_timeout = idle_timeout
+        self.max_head = max_head
+        self._live: set[EgressProxy] = set()
+        self._idle_waiters: list[Deferred[None]] = []
+
+    def buildProtocol(self, addr: Any) -> EgressProxy:
+        proxy = EgressProxy(self)
+        proxy.factory = self
+        return proxy
+
+    @property
+    def connections(self) -> int:
+        """
+        How many client connections are open (with their upstreams).
+        """
+        return len(self._live)
+
+    def _opened(self, proxy: EgressProxy) -> None:
+        self._live.add(proxy)
+
+    def _closed(self, proxy: EgressProxy) -> None:
+        self._live.discard(proxy)
+        if not self._live:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def when_idle(self) -> Deferred[None]:
+        """
+        @return: a L{Deferred} firing once no connection is open (at once
+            if none is).
+        """
+        if not self._live:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
+
+    def abort_all(self) -> None:
+        """
+        Abort every open connection and its upstream.
+        """
+        for proxy in list(self._live):
+            proxy.abort()
+
+
+@implementer(IFileDescriptorReceiver)
+class EgressChannel(Protocol):
+    """
+    The server's end of a zygote's relay channel: each descriptor passed
+    over it (a connection a handler made to the relay) is adopted and
+    served by C{factory}.
+
+    @ivar received: how many descriptors arrived.
+    """
+
+    log = Logger()
+    transport: Any
+
+    def __init__(self, reactor: Any, factory: Factory) -> None:
+        """
+        @param reactor: an L{IReactorSocket}.
+        @param factory: builds the protocol serving each connection (an
+            L{EgressProxyFactory}).
+        """
+        self._reactor = reactor
+        self._factory = factory
+        self.received = 0
+        self._gone = False
+        self._waiters: list[Deferred[None]] = []
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:
+        """
+        Adopt a passed TCP connection; the received descriptor is closed
+        once adopted (the reactor keeps its own duplicate).
+        """
+        self.received += 1
+        try:
+            sock = socket.socket(fileno=descriptor)
+        except OSError as e:
+            os.close(descriptor)
+            self.log.warn(
+                "egress channel: passed descriptor refused: {reason}", reason=str(e)
+            )
+            return
+        try:
+            if sock.type != socket.SOCK_STREAM or sock.family not in (
+                socket.AF_INET,
+                socket.AF_INET6,
+            ):
+                self.log.warn(
+                    "egress channel: passed descriptor refused: {reason}",
+                    reason=f"not a TCP socket ({sock.family!r}, {sock.type!r})",
+                )
+                return
+            sock.setblocking(False)
+            self._reactor.adoptStreamConnection(
+                sock.fileno(), sock.family, self._factory
+            )
+        except OSError as e:
+            self.log.warn(
+                "egress channel: cannot adopt connection: {reason}", reason=str(e)
+            )
+        finally:
+            sock.close()
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Ignore the data bytes that carry the descriptors.
+        """
+
+    def when_closed(self) -> Deferred[None]:
+        """
+        @return: a L{Deferred} firing once the channel is closed.
+        """
+        if self._gone:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._gone = True
+        self.log.info(
+            "egress channel closed after {received} connections", received=self.received
+        )
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+
+class _OneProtocol(Factory):
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self._protocol
+
+
+def listen_channel(
+    reactor: Any, sock: socket.socket, factory: Factory
+) -> EgressChannel:
+    """
+    Serve the connections passed over a relay channel.
+
+    @param reactor: an L{IReactorSocket}.
+    @param sock: the server's end of the channel (a connected C{AF_UNIX}
+        stream socket); it is made non-blocking and adopted (the reactor
+        works on a duplicate, so the caller may close C{sock}).
+    @param factory: serves each passed connection (an
+        L{EgressProxyFactory}).
+    @return: the channel protocol; C{channel.transport.loseConnection()}
+        stops it and C{channel.when_closed()} fires once it is gone.
+    """
+    channel = EgressChannel(reactor, factory)
+    sock.setblocking(False)
+    reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, _OneProtocol(channel))
+    return channel
+
+
+def make_egress_channel(
+    reactor: Any,
+    rules: EgressRules,
+    resolver: Any = None,
+    timeout: float = 10.0,
+) -> tuple[socket.socket, Callable[[], Deferred[None]]]:
+    """
+    Make the channel for one zygote: a unix socketpair whose server end is
+    served here by an L{EgressProxyFactory} applying C{rules}.
+
+    @param reactor: an L{IReactorSocket}, L{IReactorTCP}, L{IReactorTime}.
+    @param rules: the C{--egress-allow} rules.
+    @param resolver: an L{IHostnameResolver}; the reactor's by default.
+    @param timeout: seconds allowed to resolve and connect a destination.
+    @return: the zygote's end (inheritable: pass it to the zygote as a
+        child descriptor and close it here once the zygote is started),
+        and a callable that closes the server's end, aborts the
+        connections passed over it and returns a L{Deferred} firing once
+        all are closed.
+    """
+    server, zygote = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    factory = EgressProxyFactory(reactor, rules, resolver, timeout)
+    try:
+        channel = listen_channel(reactor, server, factory)
+    finally:
+        server.close()
+    zygote.set_inheritable(True)
+
+    def stop() -> Deferred[None]:
+        channel.transport.loseConnection()
+        factory.abort_all()
+        done = gatherResults([channel.when_closed(), factory.when_idle()])
+        return done.addCallback(lambda _: None)
+
+    return zygote, stop
