@@ -30,6 +30,13 @@ class PoolBusy(Exception):
     """
 
 
+#: The zygote's end of its egress channel (L{haikutx.egress}).
+EGRESS_FD = 5
+
+#: The port of the egress relay inside each zygote's network namespace.
+EGRESS_PORT = 3128
+
+
 @implementer(IWorkerSpawner)
 class PythonWorkerSpawner:
     """
@@ -49,8 +56,10 @@ class PythonWorkerSpawner:
         reactor: IReactorProcess,
         options: dict[str, Any] | None = None,
         executable: str = sys.executable,
+        egress: Any = None,
     ) -> None:
         self._reactor = reactor
+        self._egress = egress
         self._executable = executable
         self._options = dict(options or {})
         package_root = str(Path(__file__).resolve().parent.parent)
@@ -64,14 +73,28 @@ class PythonWorkerSpawner:
 
     def spawn(self, protocol: WorkerProtocol, max_requests: int) -> None:
         options = dict(self._options, slot=protocol.slot)
-        self._reactor.spawnProcess(
-            protocol,
-            self._executable,
-            [self._executable, "-m", "haikutx.child", str(max_requests), json.dumps(options)],
-            env=self._env,
-            path="/",
-            childFDs=CHILD_FDS,
-        )
+        child_fds: dict[int, Any] = dict(CHILD_FDS)
+        channel = None
+        if self._egress is not None and options.get("sandbox", True):
+            from haikutx.egress import make_egress_channel
+
+            channel, stop = make_egress_channel(self._reactor, self._egress)
+            child_fds[EGRESS_FD] = channel.fileno()
+            options["egress"] = {"fd": EGRESS_FD, "port": EGRESS_PORT}
+            protocol.ended.addBoth(lambda result: stop().addCallback(lambda _: result))
+        try:
+            self._reactor.spawnProcess(
+                protocol,
+                self._executable,
+                [self._executable, "-m", "haikutx.child", str(max_requests),
+                 json.dumps(options)],
+                env=self._env,
+                path="/",
+                childFDs=child_fds,
+            )
+        finally:
+            if channel is not None:
+                channel.close()
 
 
 class WorkerPool(Service):

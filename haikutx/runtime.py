@@ -195,7 +195,7 @@ class Exchange:
                     handler_url=self._handler.url,
                     reason=message,
                 )
-                request.channel.transport.abortConnection()
+                request.channel.transport.loseConnection()
                 status = self.status or status
             else:
                 for name, _ in list(request.responseHeaders.getAllRawHeaders()):

@@ -14,6 +14,7 @@ from twisted.application.service import MultiService, Service
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from haikutx.addresses import EgressRules
 from haikutx.config import Config
 from haikutx.fetch import HandlerFetcher
 from haikutx.loader import HandlerLoader
@@ -93,7 +94,11 @@ def build_runtime(
         reactor,
         size=config.workers,
         max_requests=config.max_requests,
-        spawner=PythonWorkerSpawner(reactor, zygote_options(config)),
+        spawner=PythonWorkerSpawner(
+            reactor,
+            zygote_options(config),
+            egress=EgressRules.from_pairs(config.egress_allow),
+        ),
         keepalive_interval=config.keepalive_interval,
         keepalive_timeout=config.keepalive_timeout,
     )

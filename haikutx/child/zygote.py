@@ -46,12 +46,56 @@ def _prepare(options: dict[str, Any]) -> Any:
         address_space=int(options.get("max_memory", 256 << 20)),
         cpu_seconds=int(options.get("cpu_seconds", 6)),
     )
+    egress = options.get("egress")
     policy = SandboxPolicy(
         limits=limits,
         identity=identity,
+        connect_ports=(int(egress["port"]),) if egress else None,
         max_threads=options.get("max_threads") if options.get("base_uid") is not None else None,
     )
     return prepare(policy)
+
+
+def _enter_egress(options: dict[str, Any], zygote: int) -> str:
+    """
+    Move this zygote (and so its children) into a network namespace of its
+    own whose only way out is the server's egress proxy, reached through a
+    relay on 127.0.0.1 inside the namespace; handlers get C{HTTP_PROXY} and
+    C{HTTPS_PROXY} naming it.
+
+    @return: how the network layer stands, for the start-up report.
+    """
+    egress = options.get("egress")
+    if not egress:
+        return "disabled"
+    import socket
+
+    from haikutx.sandbox import EgressRelay, enter_network_namespace
+
+    channel = socket.socket(fileno=int(egress["fd"]))
+    try:
+        kind = enter_network_namespace()
+    except OSError as e:
+        channel.close()
+        return f"unavailable: cannot create a network namespace ({e})"
+    relay = EgressRelay(channel, int(egress["port"]))
+    pid = os.fork()
+    if pid == 0:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        if os.getppid() != zygote:
+            os._exit(0)
+        keep = sorted({relay.fileno(), channel.fileno()})
+        os.closerange(0, keep[0])
+        for low, high in zip(keep, keep[1:] + [1 << 16]):
+            os.closerange(low + 1, high)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        relay.serve_forever()
+        os._exit(0)
+    os.environ.update(relay.proxy_environ())
+    relay.close()
+    return f"active: {kind} namespace, egress through the server's proxy"
 
 
 def _child(sandbox: Any, max_requests: int, zygote: int) -> None:
@@ -94,11 +138,13 @@ def main(argv: list[str]) -> None:
     max_requests = int(argv[1]) if len(argv) > 1 else 1
     options = json.loads(argv[2]) if len(argv) > 2 else {}
     os.set_blocking(runner.CONTROL_OUT, True)
-    sandbox = _prepare(options)
-    report = sandbox.describe() if sandbox is not None else {"layers": {"all": "disabled"}}
-    os.write(runner.CONTROL_OUT, wire.encode_json(wire.SANDBOX, report))
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     zygote = os.getpid()
+    sandbox = _prepare(options)
+    network = _enter_egress(options, zygote) if sandbox is not None else "disabled"
+    report = sandbox.describe() if sandbox is not None else {"layers": {"all": "disabled"}}
+    report.setdefault("layers", {})["network"] = network
+    os.write(runner.CONTROL_OUT, wire.encode_json(wire.SANDBOX, report))
     while True:
         pid = os.fork()
         if pid == 0:
