@@ -390,7 +390,13 @@ class Worker:
             self._start(head, body)
 
     def _start(self, head: dict[str, Any], body: bytes) -> None:
-        run = HandlerRun(self, head, body)
+        run: HandlerRun
+        if head.get("language", "python") != "python":
+            from haikutx.child.stdio import StdioRun
+
+            run = StdioRun(self, head, body)
+        else:
+            run = HandlerRun(self, head, body)
         self.current = run
         stream = _ConsoleStream(run.console_write)
         sys.stdout = sys.stderr = stream  # type: ignore[assignment]

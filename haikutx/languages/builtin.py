@@ -1,0 +1,150 @@
+# -*- test-case-name: haikutx.test.test_languages -*-
+"""
+The built-in languages: Python handlers (SPEC §3.1) and the stdio
+interpreters (SPEC §3.3).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+from attrs import field, frozen
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from haikutx.interfaces import ILanguage
+
+#: Where interpreters are looked for (not the server's C{$PATH}: a
+#: handler's interpreter should not depend on how the server was started).
+SEARCH_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+_TCL_BOOT = str(Path(__file__).with_name("boot.tcl"))
+
+
+@implementer(IPlugin, ILanguage)
+@frozen
+class PythonLanguage:
+    """
+    Python handlers with C{req}, C{res} and C{console}, run in the worker.
+    """
+
+    name: str = "python"
+    aliases: tuple[str, ...] = ("py",)
+    extensions: tuple[str, ...] = (".py",)
+    interpreters: tuple[str, ...] = ()
+    runner: str = "python"
+
+    def interpreter(self) -> str | None:
+        return sys.executable
+
+    def is_available(self) -> bool:
+        return True
+
+    def argv(self, source: bytes) -> list[str] | None:
+        return None
+
+
+def _inline(flag: str) -> Callable[[str, str], list[str]]:
+    """
+    A command line that passes the code after C{flag} (C{-c}, C{-e}).
+    """
+
+    def build(program: str, code: str) -> list[str]:
+        return [program, flag, code]
+
+    return build
+
+
+def _shell(program: str, code: str) -> list[str]:
+    return [program, "-c", code, "haiku"]
+
+
+def _php(program: str, code: str) -> list[str]:
+    # eval in HTML mode, so that a file starting with <?php runs as it would
+    # from disk; the code is an argument, never part of the eval'd string.
+    if code.startswith("#!"):
+        code = code.split("\n", 1)[1] if "\n" in code else ""
+    return [program, "-r", 'eval("?>" . $argv[1]);', "--", code]
+
+
+def _lua(program: str, code: str) -> list[str]:
+    # lua skips a #! line only in files: make it a comment.
+    if code.startswith("#!"):
+        code = "--" + code
+    # attached: lua refuses a separate -e argument that starts with "-"
+    return [program, "-e" + code]
+
+
+def _tcl(program: str, code: str) -> list[str]:
+    return [program, _TCL_BOOT, code]
+
+
+@implementer(IPlugin, ILanguage)
+@frozen
+class StdioLanguage:
+    """
+    A language run by an interpreter process: the request body on its stdin,
+    its stdout the response (with an optional CGI header block), its stderr
+    the console.
+
+    @ivar programs: interpreter program names tried in order.
+    @ivar build: makes the command line from the interpreter's path and the
+        code.
+    """
+
+    name: str
+    aliases: tuple[str, ...]
+    extensions: tuple[str, ...]
+    interpreters: tuple[str, ...]
+    programs: tuple[str, ...]
+    build: Callable[[str, str], list[str]] = field(eq=False, repr=False)
+    runner: str = "stdio"
+
+    def interpreter(self) -> str | None:
+        for program in self.programs:
+            found = shutil.which(program, path=SEARCH_PATH)
+            if found:
+                return found
+        return None
+
+    def is_available(self) -> bool:
+        return self.interpreter() is not None
+
+    def argv(self, source: bytes) -> list[str] | None:
+        program = self.interpreter()
+        if program is None:
+            raise ValueError(f"the {self.name} interpreter is not installed")
+        if b"\0" in source:
+            raise ValueError("the handler contains NUL bytes")
+        return self.build(program, source.decode("utf-8", "surrogateescape"))
+
+
+BUILTIN: tuple[PythonLanguage | StdioLanguage, ...] = (
+    PythonLanguage(),
+    StdioLanguage(
+        "python3", ("python-script",), (".py3",), ("python3",),
+        ("python3",), _inline("-c"),
+    ),
+    StdioLanguage(
+        "bash", ("shell",), (".sh", ".bash"), ("bash",), ("bash",), _shell,
+    ),
+    StdioLanguage("sh", (), (), ("sh", "dash"), ("sh",), _shell),
+    StdioLanguage(
+        "node", ("javascript", "js", "nodejs"), (".js", ".cjs"), ("node", "nodejs"),
+        ("node", "nodejs"), _inline("-e"),
+    ),
+    StdioLanguage("ruby", ("rb",), (".rb",), ("ruby",), ("ruby",), _inline("-e")),
+    StdioLanguage("perl", ("pl",), (".pl",), ("perl",), ("perl",), _inline("-e")),
+    StdioLanguage("php", (), (".php",), ("php",), ("php",), _php),
+    StdioLanguage(
+        "lua", (), (".lua",), ("lua", "lua5.4", "lua5.3", "lua5.1", "luajit"),
+        ("lua5.4", "lua", "lua5.3", "lua5.1", "luajit"), _lua,
+    ),
+    StdioLanguage(
+        "tcl", ("tclsh",), (".tcl",), ("tclsh", "tclsh8.6"), ("tclsh", "tclsh8.6"),
+        _tcl,
+    ),
+)
