@@ -105,14 +105,12 @@ def detect(languages: Iterable[Any], override: str | None, name: str, source: by
                 return language
     program = shebang_program(source)
     if program:
-        for language in languages:
-            if program in language.interpreters:
-                return language
-        # python3.11 names python3
-        base = program.rstrip("0123456789.")
-        for language in languages:
-            if base and base in language.interpreters:
-                return language
+        # python3.11 names python3, ruby3.1 ruby
+        for candidate in (program, re.sub(r"\.[0-9.]*\Z", "", program),
+                          program.rstrip("0123456789.")):
+            for language in languages:
+                if candidate and candidate in language.interpreters:
+                    return language
     return by_name(languages, "python")
 
 
