@@ -139,7 +139,7 @@ class StdioRun(HandlerRun):
     response head and the body go through L{HandlerRun}'s sink.
     """
 
-    def __init__(self, worker: "Worker", head: dict[str, Any], body: bytes) -> None:
+    def __init__(self, worker: Worker, head: dict[str, Any], body: bytes) -> None:
         super().__init__(worker, head, body)
         self._head_data = head
         self._body_data = body

@@ -9,7 +9,8 @@ from __future__ import annotations
 import posixpath
 import re
 import sys
-from typing import Any, Iterable, TextIO
+from collections.abc import Iterable
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from haikutx.interfaces import ILanguage

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from attrs import field, frozen
 from twisted.plugin import IPlugin

@@ -305,8 +305,8 @@ class StdioRuntimeTests(TestCase):
         its params from the environment.
         """
         programs = {
-            "python3": ("h.py3", "#!/usr/bin/env python3\nimport os\n"
-                        "print(os.environ['HAIKU_PARAM_n'])\n"),
+            "python3": ("h.py3", ("#!/usr/bin/env python3\nimport os\n"
+                                  "print(os.environ['HAIKU_PARAM_n'])\n")),
             "node": ("h.js", "#!/usr/bin/env node\nconsole.log(process.env.HAIKU_PARAM_n)\n"),
             "ruby": ("h.rb", "#!/usr/bin/env ruby\nputs ENV['HAIKU_PARAM_n']\n"),
             "perl": ("h.pl", "#!/usr/bin/perl\nprint \"$ENV{HAIKU_PARAM_n}\\n\";\n"),
