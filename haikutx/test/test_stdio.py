@@ -362,3 +362,38 @@ class StdioRuntimeTests(TestCase):
             )
 
         return Deferred.fromCoroutine(run())
+
+    def test_time_limit_kills_interpreter(self) -> Deferred[None]:
+        """
+        An interpreter that outlives C{--maxtime} is answered 500 and killed
+        with its worker.
+        """
+        from haikutx.config import Limits
+
+        async def run() -> None:
+            port = self._start({"slow.sh": "exec sleep 31.4159\n"},
+                               limits=Limits(max_time=0.5))
+            r = await http(port, "/?x-haiku-handler=slow.sh")
+            self.assertEqual(r.status, 500)
+            self.assertIn("did not complete within the time limit of 500 ms", r.text)
+            from twisted.internet import reactor
+            from twisted.internet.task import deferLater
+
+            for _ in range(40):
+                if not _running(b"sleep\x0031.4159"):
+                    return
+                await deferLater(reactor, 0.05, lambda: None)
+            self.fail("the interpreter outlived its worker")
+
+        return Deferred.fromCoroutine(run())
+
+
+def _running(cmdline: bytes) -> bool:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().rstrip(b"\0") == cmdline:
+                    return True
+            except OSError:
+                pass
+    return False
