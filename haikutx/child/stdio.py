@@ -126,6 +126,9 @@ def parse_cgi_headers(block: bytes) -> tuple[int, list[tuple[str, str]]] | None:
 
 
 def _die_with_parent() -> None:
+    """
+    In the interpreter's process before exec: die with the worker.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -172,7 +175,7 @@ class StdioRun(HandlerRun):
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 cwd="/",
-                preexec_fn=_die_with_parent,
+                preexec_fn=self._before_exec,
             )
         except OSError as e:
             self.fail(
@@ -188,6 +191,18 @@ class StdioRun(HandlerRun):
         code = await process.wait()
         feeding.cancel()
         self._exited(code)
+
+    def _before_exec(self) -> None:
+        """
+        In the forked interpreter process, before exec: die with the worker,
+        then apply the worker's C{exec_sandbox} (for instance
+        C{lambda: prepared.apply((0, 1, 2), signal.SIGKILL)}), which may
+        forbid further forks: the interpreter is the sandboxed process.
+        """
+        _die_with_parent()
+        sandbox = getattr(self._worker, "exec_sandbox", None)
+        if sandbox is not None:
+            sandbox()
 
     async def _feed(self, stdin: asyncio.StreamWriter) -> None:
         try:

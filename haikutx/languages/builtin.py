@@ -58,6 +58,12 @@ def _inline(flag: str) -> Callable[[str, str], list[str]]:
     return build
 
 
+def _node(program: str, code: str) -> list[str]:
+    # Without the JIT V8 fits the sandbox's address-space limit (it reserves
+    # ~1 GiB for JIT code otherwise) and maps no writable+executable pages.
+    return [program, "--jitless", "--no-expose-wasm", "-e", code]
+
+
 def _shell(program: str, code: str) -> list[str]:
     return [program, "-c", code, "haiku"]
 
@@ -93,6 +99,9 @@ class StdioLanguage:
     @ivar programs: interpreter program names tried in order.
     @ivar build: makes the command line from the interpreter's path and the
         code.
+    @ivar read_paths: what the interpreter reads besides the system
+        libraries (L{haikutx.sandbox.policy.SYSTEM_READ_PATHS}): its own
+        modules and configuration; granted to the sandbox when they exist.
     """
 
     name: str
@@ -102,6 +111,7 @@ class StdioLanguage:
     programs: tuple[str, ...]
     build: Callable[[str, str], list[str]] = field(eq=False, repr=False)
     runner: str = "stdio"
+    read_paths: tuple[str, ...] = ()
 
     def interpreter(self) -> str | None:
         for program in self.programs:
@@ -134,17 +144,51 @@ BUILTIN: tuple[PythonLanguage | StdioLanguage, ...] = (
     StdioLanguage("sh", (), (), ("sh", "dash"), ("sh",), _shell),
     StdioLanguage(
         "node", ("javascript", "js", "nodejs"), (".js", ".cjs"), ("node", "nodejs"),
-        ("node", "nodejs"), _inline("-e"),
+        ("node", "nodejs"), _node,
     ),
-    StdioLanguage("ruby", ("rb",), (".rb",), ("ruby",), ("ruby",), _inline("-e")),
-    StdioLanguage("perl", ("pl",), (".pl",), ("perl",), ("perl",), _inline("-e")),
-    StdioLanguage("php", (), (".php",), ("php",), ("php",), _php),
+    StdioLanguage(
+        "ruby", ("rb",), (".rb",), ("ruby",), ("ruby",), _inline("-e"),
+        read_paths=("/usr/share/rubygems-integration", "/var/lib/gems", "/usr/share/ruby"),
+    ),
+    StdioLanguage(
+        "perl", ("pl",), (".pl",), ("perl",), ("perl",), _inline("-e"),
+        read_paths=("/usr/share/perl", "/usr/share/perl5", "/usr/local/share/perl",
+                    "/etc/perl"),
+    ),
+    StdioLanguage(
+        "php", (), (".php",), ("php",), ("php",), _php,
+        read_paths=("/etc/php", "/usr/share/php"),
+    ),
     StdioLanguage(
         "lua", (), (".lua",), ("lua", "lua5.4", "lua5.3", "lua5.1", "luajit"),
         ("lua5.4", "lua", "lua5.3", "lua5.1", "luajit"), _lua,
+        read_paths=("/usr/share/lua", "/usr/local/share/lua"),
     ),
     StdioLanguage(
         "tcl", ("tclsh",), (".tcl",), ("tclsh", "tclsh8.6"), ("tclsh", "tclsh8.6"),
-        _tcl,
+        _tcl, read_paths=("/usr/share/tcltk", "/usr/share/tcltk/tcl8.6", _TCL_BOOT),
     ),
 )
+
+
+def sandbox_paths(languages: tuple[object, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """
+    What a sandbox running stdio handlers must grant: the real paths of the
+    available interpreters (to execute) and their existing read paths.
+
+    @return: C{(exec_paths, read_paths)} for
+        L{haikutx.sandbox.SandboxPolicy}'s C{exec_paths} and
+        C{extra_read_paths} (with C{allow_exec=True}).
+    """
+    import os
+
+    executable: dict[str, None] = {}
+    readable: dict[str, None] = {}
+    for language in languages:
+        if getattr(language, "runner", None) != "stdio" or not language.is_available():  # type: ignore[attr-defined]
+            continue
+        executable[os.path.realpath(language.interpreter())] = None  # type: ignore[attr-defined]
+        for path in getattr(language, "read_paths", ()):
+            if os.path.exists(path):
+                readable[os.path.realpath(path)] = None
+    return tuple(executable), tuple(readable)

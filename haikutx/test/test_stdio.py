@@ -397,3 +397,115 @@ def _running(cmdline: bytes) -> bool:
             except OSError:
                 pass
     return False
+
+
+class SandboxedStdioTests(SynchronousTestCase):
+    """
+    Stdio handlers under the kernel sandbox (L{haikutx.sandbox}), applied
+    through the worker's C{exec_sandbox} hook in the interpreter's process:
+    each interpreter runs its echo sample, and reads its own installation
+    but nothing else.
+    """
+
+    def setUp(self) -> None:
+        from haikutx.languages.builtin import sandbox_paths
+        from haikutx.sandbox import SandboxPolicy, prepare, probe
+
+        layers = probe()
+        if layers.landlock_abi < 1 or not layers.seccomp:
+            raise SkipTest("Landlock and seccomp are needed for this test")
+        exec_paths, read_paths = sandbox_paths(BUILTIN)
+        self.prepared = prepare(
+            SandboxPolicy(allow_exec=True, exec_paths=exec_paths, extra_read_paths=read_paths)
+        )
+        self.addCleanup(self.prepared.close)
+
+    def _serve(self, language: str, source: bytes, body: bytes = b"",
+             url: str = "/p?x=1") -> tuple[int, bytes]:
+        """
+        Run one request in an in-process L{Worker} whose interpreters are
+        sandboxed; the status and body it answers.
+        """
+        import os
+        import signal
+
+        from haikutx import wire
+        from haikutx.child.runner import Worker
+
+        to_worker, worker_in = os.pipe()[::-1]
+        worker_out, from_worker = os.pipe()[::-1]
+        for fd in (to_worker, worker_in, worker_out, from_worker):
+            self.addCleanup(os.close, fd)
+        worker = Worker(1, control_in=worker_in, control_out=worker_out)
+        worker.exec_sandbox = lambda: self.prepared.apply((0, 1, 2), signal.SIGKILL)
+        self.addCleanup(worker.loop.close)
+        argv = by_name(BUILTIN, language).argv(source)
+        head = dict(_head(url, [["Content-Type", "application/x-www-form-urlencoded"]],
+                          "POST"), language=language, argv=argv, source="")
+        os.write(to_worker, wire.encode_json(wire.REQUEST, head)
+                 + wire.encode(wire.BODY, body) + wire.encode(wire.BODY_END))
+        worker.run()
+        os.set_blocking(from_worker, False)
+        data = b""
+        while True:
+            try:
+                chunk = os.read(from_worker, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        status, out = 0, b""
+        for kind, payload in wire.FrameReader().feed(data):
+            if kind == wire.HEAD:
+                status = json.loads(payload)["status"]
+            elif kind == wire.DATA:
+                out += payload
+            elif kind == wire.FAIL:
+                failure = json.loads(payload)
+                status, out = failure["status"], failure["message"].encode()
+        return status, out
+
+    def test_samples(self) -> None:
+        missing = []
+        for sample, language in [("echo.sh", "bash"), ("echo.js", "node"),
+                                 ("echo.rb", "ruby"), ("echo.pl", "perl"),
+                                 ("echo.php", "php"), ("echo.lua", "lua")]:
+            if not by_name(BUILTIN, language).is_available():
+                missing.append(language)
+                continue
+            status, out = self._serve(language, (SAMPLES / sample).read_bytes(), b"a=1")
+            self.assertEqual(status, 200, (sample, out))
+            self.assertEqual(json.loads(out), {"body": "a=1", "method": "POST", "path": "/p",
+                                               "params": {"x": "1", "a": "1"}}, sample)
+        for language, code in [("tcl", b"puts ok"), ("python3", b"print('ok')"),
+                               ("sh", b"echo ok")]:
+            if by_name(BUILTIN, language).is_available():
+                self.assertEqual(self._serve(language, code), (200, b"ok\n"), language)
+        if missing:
+            raise SkipTest(f"interpreters not installed: {', '.join(missing)}")
+
+    def test_confined(self) -> None:
+        """
+        A sandboxed interpreter can neither read outside its installation,
+        nor write files, nor start other programs.
+        """
+        target = Path(self.mktemp()).absolute()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        status, out = self._serve(
+            "bash",
+            b"read -r line < /etc/shadow && echo \"read:$line\"\n"
+            b"echo x > " + str(target).encode() + b" && echo wrote\n"
+            b"echo \"id:$(id -u)\"\n"
+            b"echo done\n",
+        )
+        # bash gives up at the failed fork, before any output: a 500 whose
+        # message is its stderr, one refusal per line.
+        self.assertEqual(status, 500, out)
+        lines = out.decode().splitlines()
+        self.assertTrue(lines[0].startswith("Handler h.sh exited with status"), lines)
+        self.assertIn("/etc/shadow: Permission denied", lines[0])
+        self.assertEqual(lines[1], f"haiku: line 2: {target}: Permission denied")
+        self.assertEqual(lines[2], "haiku: fork: Operation not permitted")
+        self.assertNotIn("read:", out.decode())
+        self.assertFalse(target.exists())
