@@ -89,6 +89,7 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
         filename = part.get_filename()
         if filename is not None:
             params[name] = {
+                "name": name,
                 "filename": filename,
                 "content_type": part.get_content_type(),
                 "size": len(payload),

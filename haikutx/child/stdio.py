@@ -38,6 +38,12 @@ BASE_ENV = {
 #: Largest CGI header block read before the output is taken as all body.
 MAX_HEADER_BLOCK = 16384
 
+#: Largest environment value passed (Linux refuses a string over 128 KiB).
+MAX_ENV_VALUE = 65536
+
+#: Largest total of the C{HAIKU_PARAM_*} values.
+MAX_PARAM_ENV = 262144
+
 #: stderr bytes kept for the message of a failed run.
 STDERR_TAIL = 2048
 
@@ -52,7 +58,9 @@ def request_environment(head: dict[str, Any], body: bytes) -> dict[str, str]:
     The environment of a stdio handler: CGI/1.1 meta-variables, C{HTTP_*}
     for each request header, C{HAIKU_PARAMS} (the merged params as JSON) and
     C{HAIKU_PARAM_<name>} for each param whose name is an identifier.  Values
-    are passed as environment values only, never as code.
+    are passed as environment values only, never as code.  Values too large
+    for the environment (L{MAX_ENV_VALUE}, L{MAX_PARAM_ENV}) are left out
+    and named in C{HAIKU_OMITTED}; the body is still on stdin.
 
     @raise BadRequestBody: for a malformed body.
     """
@@ -77,16 +85,30 @@ def request_environment(head: dict[str, Any], body: bytes) -> dict[str, str]:
             "SERVER_NAME": headers.get("host", "").rsplit(":", 1)[0],
             "HAIKU_HANDLER": head["handler_url"],
             "HAIKU_LANGUAGE": head.get("language", ""),
-            "HAIKU_PARAMS": json.dumps(params),
         }
     )
+    omitted = []
+    encoded = json.dumps(params)
+    if len(encoded.encode("utf-8", "surrogatepass")) <= MAX_ENV_VALUE:
+        env["HAIKU_PARAMS"] = encoded
+    else:
+        omitted.append("HAIKU_PARAMS")
     for name, value in headers.items():
         if name in ("content-type", "content-length"):
             continue
         env["HTTP_" + re.sub(r"[^A-Z0-9_]", "_", name.upper().replace("-", "_"))] = value
+    budget = MAX_PARAM_ENV
     for name, value in params.items():
         if _IDENTIFIER.match(name):
-            env["HAIKU_PARAM_" + name] = value if isinstance(value, str) else json.dumps(value)
+            text = value if isinstance(value, str) else json.dumps(value)
+            size = len(text.encode("utf-8", "surrogatepass"))
+            if size > MAX_ENV_VALUE or size > budget:
+                omitted.append("HAIKU_PARAM_" + name)
+                continue
+            budget -= size
+            env["HAIKU_PARAM_" + name] = text
+    if omitted:
+        env["HAIKU_OMITTED"] = " ".join(omitted)
     return {k: v.replace("\0", "") for k, v in env.items()}
 
 

@@ -81,8 +81,8 @@ class RoundTripTests(SynchronousTestCase):
     )
     def test_multipart(self, fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> None:
         """
-        Multipart fields are parameters; files are described by file name,
-        content type and size.
+        Multipart fields are parameters; files are described by field name,
+        file name, content type and size.
         """
         files = {k: v for k, v in files.items() if k not in fields}
         boundary = "haikuBoundary7MA4YWxkTrZu0gW"
@@ -101,7 +101,7 @@ class RoundTripTests(SynchronousTestCase):
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
         expected: dict = dict(fields)
         for name, (filename, content) in files.items():
-            expected[name] = {"filename": filename, "content_type": "application/octet-stream",
+            expected[name] = {"name": name, "filename": filename, "content_type": "application/octet-stream",
                               "size": len(content)}
         assume(parts)
         self.assertEqual(parse_body(f"multipart/form-data; boundary={boundary}", body),

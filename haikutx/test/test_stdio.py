@@ -64,6 +64,22 @@ class EnvironmentTests(SynchronousTestCase):
         self.assertNotIn("HAIKU_PARAM_bad-name", env)
         self.assertNotIn("HTTP_CONTENT_TYPE", env)
 
+    def test_large_params_omitted(self) -> None:
+        """
+        Params too large for the environment are left out and named in
+        C{HAIKU_OMITTED}, so that the interpreter still starts.
+        """
+        big = "x" * 70000
+        env = request_environment(
+            _head("/?small=1", [["Content-Type", "application/json"]], "POST"),
+            json.dumps({"big": big, "also": "y" * 60000}).encode(),
+        )
+        self.assertEqual(env["HAIKU_OMITTED"], "HAIKU_PARAMS HAIKU_PARAM_big")
+        self.assertNotIn("HAIKU_PARAMS", env)
+        self.assertEqual(env["HAIKU_PARAM_small"], "1")
+        self.assertEqual(len(env["HAIKU_PARAM_also"]), 60000)
+        self.assertNotIn("HAIKU_OMITTED", request_environment(_head("/?a=1"), b""))
+
     def test_malformed_body(self) -> None:
         """
         A body that does not match its content type is L{BadRequestBody}.
@@ -265,6 +281,21 @@ class StdioRuntimeTests(TestCase):
                 r.body,
                 f"PUT /p/q x-haiku-handler=env.sh&z=9 {len(body)} abc ".encode() + body,
             )
+
+        return Deferred.fromCoroutine(run())
+
+    def test_large_json_body(self) -> Deferred[None]:
+        """
+        A JSON body larger than the environment can carry still reaches the
+        handler on stdin.
+        """
+        async def run() -> None:
+            port = self._start({"n.sh": 'IFS= read -r -d "" b; printf "%s %s" '
+                                        '"${#b}" "$HAIKU_OMITTED"\n'})
+            body = json.dumps({"v": "z" * 300000}).encode()
+            r = await http(port, "/?x-haiku-handler=n.sh", method="POST",
+                           headers={"Content-Type": "application/json"}, body=body)
+            self.assertEqual((r.status, r.text), (200, f"{len(body)} HAIKU_PARAMS HAIKU_PARAM_v"))
 
         return Deferred.fromCoroutine(run())
 
