@@ -85,6 +85,8 @@ class Config:
     user: str | None = None
     sandbox: bool = True
     serve: Path | None = None
+    #: listen on the first free port from the C{http} one (C{--serve} without C{--port})
+    port_search: bool = False
     egress_allow: tuple[str, ...] = ()
     state: Path = field(factory=default_state_directory)
     jobs: str | None = None

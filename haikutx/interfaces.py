@@ -68,15 +68,40 @@ class IHandlerLoader(Interface):
 
 class ILanguage(Interface):
     """
-    A handler language.
+    A handler language (SPEC §3.3), found with C{twisted.plugin.getPlugins}
+    in L{haikutx.plugins}.
     """
 
     name = Attribute("The language's name, as x-haiku-language gives it.")
+    aliases = Attribute("Other names x-haiku-language accepts (a tuple of str).")
     extensions = Attribute("File extensions (with the dot) of its handlers.")
+    interpreters = Attribute(
+        "Program names that name it on a #! line (a tuple of str)."
+    )
+    runner = Attribute(
+        "How the worker runs it: C{'python'} (in the worker) or C{'stdio'} "
+        "(an interpreter process: body on stdin, response on stdout)."
+    )
+
+    def interpreter():
+        """
+        The absolute path of the interpreter this language runs, or C{None}
+        when it is not installed (the worker's own Python for C{'python'}).
+        """
 
     def is_available():
         """
         Whether handlers in this language can run on this machine.
+        """
+
+    def argv(source):
+        """
+        The command line that runs C{source} (the handler's code, passed as
+        an argument: the sandbox forbids writing it to a file).
+
+        @param source: the handler's code (bytes).
+        @return: a list of str, or C{None} for the C{'python'} runner.
+        @raise ValueError: when the code cannot be passed (NUL bytes).
         """
 
 

@@ -165,3 +165,69 @@ def _read_capped(path: str, max_size: int) -> bytes | None:
             return f.read(max_size + 1)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
         return None
+
+
+@implementer(IHandlerLoader)
+class ServeLoader:
+    """
+    Loads one local file for every request (C{--serve}), read again when it
+    changes (size, modification time or inode).
+
+    @param reactor: used to read the file off the reactor thread.
+    @param path: the absolute path of the handler file.
+    @param max_size: largest handler accepted, in bytes.
+    """
+
+    def __init__(self, reactor: Any, path: Path, max_size: int) -> None:
+        self._reactor = reactor
+        self._path = str(path)
+        self._max_size = max_size
+        self._stamp: tuple[int, int, int] | None = None
+        self._source: bytes | None = None
+        self.reads = 0
+
+    def load(self, name: str) -> Deferred[HandlerSource]:
+        """
+        Load the served file (C{name} is ignored).
+        """
+        return Deferred.fromCoroutine(self._load())
+
+    async def _load(self, ) -> HandlerSource:
+        stamp, source = await deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), _read_if_changed,
+            self._path, self._stamp, self._max_size,
+        )
+        if stamp is None:
+            self._stamp = self._source = None
+            raise HandlerLoadError(404, f"The handler {self._path} was not found.")
+        if source is not None:
+            self.reads += 1
+            self._stamp, self._source = stamp, source
+        assert self._source is not None
+        if len(self._source) > self._max_size:
+            raise quota_exceeded(self._max_size)
+        return HandlerSource(url=self._path, source=self._source)
+
+
+def _read_if_changed(
+    path: str, stamp: tuple[int, int, int] | None, max_size: int
+) -> tuple[tuple[int, int, int] | None, bytes | None]:
+    """
+    The file's stamp, and its content when the stamp differs from C{stamp}.
+    """
+    import os
+    import stat
+
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None, None
+    if not stat.S_ISREG(info.st_mode):
+        return None, None
+    current = (info.st_mtime_ns, info.st_size, info.st_ino)
+    if current == stamp:
+        return current, None
+    source = _read_capped(path, max_size)
+    if source is None:
+        return None, None
+    return current, source

@@ -15,6 +15,10 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 
+#: Largest multipart body parsed, in bytes.
+MAX_MULTIPART = 8 * 1024 * 1024
+
+
 class BadRequestBody(ValueError):
     """
     The request body does not match its content type.
@@ -35,12 +39,15 @@ def _media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
-def parse_body(content_type: str, body: bytes) -> dict[str, Any]:
+def parse_body(
+    content_type: str, body: bytes, max_multipart: int = MAX_MULTIPART
+) -> dict[str, Any]:
     """
     Parse a request body into parameters.
 
     @param content_type: the request's C{Content-Type} (may be empty).
     @param body: the whole body.
+    @param max_multipart: largest multipart body parsed.
     @return: the body's parameters (empty for other content types).
     @raise BadRequestBody: for a malformed body.
     """
@@ -59,6 +66,8 @@ def parse_body(content_type: str, body: bytes) -> dict[str, Any]:
             raise BadRequestBody(f"JSON body does not parse: {e}")
         return value if isinstance(value, dict) else {"body": value}
     if media == "multipart/form-data":
+        if len(body) > max_multipart:
+            raise BadRequestBody(f"multipart body exceeds {max_multipart} bytes")
         return _parse_multipart(content_type, body)
     return {}
 
@@ -80,6 +89,7 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
         filename = part.get_filename()
         if filename is not None:
             params[name] = {
+                "name": name,
                 "filename": filename,
                 "content_type": part.get_content_type(),
                 "size": len(payload),

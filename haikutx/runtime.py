@@ -236,6 +236,8 @@ class HandlerResource(Resource):
     @param handler: a fixed handler name to run for every request, or
         C{None} to run the one each request names.
     @param debug: send handlers' console to the server log.
+    @param languages: the L{haikutx.interfaces.ILanguage} providers handlers
+        may be written in (default: every plugin found).
     """
 
     isLeaf = True
@@ -249,8 +251,14 @@ class HandlerResource(Resource):
         limits: Limits = Limits(),
         handler: str | None = None,
         debug: bool = False,
+        languages: Any = None,
     ) -> None:
         super().__init__()
+        if languages is None:
+            from haikutx.languages import find_languages
+
+            languages = find_languages()
+        self._languages = tuple(languages)
         self._reactor = reactor
         self._pool = pool
         self._loader = loader
@@ -293,6 +301,11 @@ class HandlerResource(Resource):
             return
         if request._disconnected:
             return
+        try:
+            language, argv = self._language(request, handler)
+        except HandlerLoadError as e:
+            self._refuse(request, e.status, e.message, name)
+            return
         if self._debug:
             request.responseHeaders.setRawHeaders(b"x-haiku-cache", [handler.cache.encode()])
         try:
@@ -306,7 +319,10 @@ class HandlerResource(Resource):
         exchange = Exchange(
             self._reactor, request, worker, self._pool, handler, self._limits.max_time
         )
-        exchange.start(self._request_head(request, handler), _body(request))
+        head = self._request_head(request, handler)
+        head["language"] = language.name
+        head["argv"] = argv
+        exchange.start(head, _body(request))
         status = await exchange.done
         self.log.info(
             "{method} {handler_url} -> {status} in {duration:.3f}s",
@@ -316,6 +332,38 @@ class HandlerResource(Resource):
             duration=self._reactor.seconds() - started,
             worker_pid=worker.pid,
         )
+
+    def _language(self, request: Request, handler: HandlerSource) -> tuple[Any, Any]:
+        """
+        The handler's language (SPEC §3.3) and the command line that runs it.
+
+        @raise HandlerLoadError: 400 for an unknown C{x-haiku-language}, 501
+            for a language whose interpreter is not installed, 500 for code
+            that cannot be passed to it.
+        """
+        from haikutx.languages import UnknownLanguage, detect
+
+        override = request_parameter(request, LANGUAGE)
+        try:
+            language = detect(self._languages, override, handler.url, handler.source)
+        except UnknownLanguage:
+            known = ", ".join(language.name for language in self._languages)
+            raise HandlerLoadError(
+                400,
+                f"The x-haiku-language parameter names an unknown language "
+                f"{override!r}; known: {known}.",
+            )
+        if not language.is_available():
+            raise HandlerLoadError(
+                501,
+                f"Handler {handler.url} is written in {language.name}, whose "
+                f"interpreter is not installed here.",
+            )
+        try:
+            argv = language.argv(handler.source)
+        except ValueError as e:
+            raise HandlerLoadError(500, f"Handler {handler.url} could not be run: {e}")
+        return language, argv
 
     def _request_head(self, request: Request, handler: HandlerSource) -> dict[str, Any]:
         peer = request.getClientAddress()
@@ -328,6 +376,7 @@ class HandlerResource(Resource):
                 for value in values
             ],
             "remote_addr": getattr(peer, "host", ""),
+            "protocol": request.clientproto.decode("latin-1"),
             "handler_url": handler.url,
             "source": handler.source.decode("utf-8", "surrogateescape"),
             "console": console_mode(request_parameter(request, CONSOLE)),

@@ -11,13 +11,15 @@ from typing import Any
 from attrs import asdict
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from haikutx.addresses import EgressRules
 from haikutx.config import Config
 from haikutx.fetch import HandlerFetcher
-from haikutx.loader import HandlerLoader
+from haikutx.loader import HandlerLoader, ServeLoader
 from haikutx.pool import PythonWorkerSpawner, WorkerPool
 from haikutx.runtime import HandlerResource
 from haikutx.status import StatusResource
@@ -73,7 +75,13 @@ def zygote_options(config: Config) -> dict[str, Any]:
         cpu_seconds = math.ceil(config.limits.max_time * config.max_requests) + 1
     else:
         cpu_seconds = 2**31 - 2
+    from haikutx.languages import find_languages
+    from haikutx.languages.builtin import sandbox_paths
+
+    exec_paths, exec_read_paths = sandbox_paths(find_languages())
     return {
+        "exec_paths": list(exec_paths),
+        "exec_read_paths": list(exec_read_paths),
         "sandbox": config.sandbox,
         "max_memory": config.limits.max_memory,
         "cpu_seconds": cpu_seconds,
@@ -81,6 +89,52 @@ def zygote_options(config: Config) -> dict[str, Any]:
         "base_uid": SLOT_BASE_UID if config.user is None else None,
         "max_threads": MAX_HANDLER_THREADS,
     }
+
+
+class FirstFreePort(Service):
+    """
+    Listens on the first free TCP port from the one C{description} names
+    (C{--serve} without C{--port}, as stackvana's C{stack} counts up from
+    3000), so several instances run side by side.
+
+    @ivar port: the port listened on, once started.
+    """
+
+    log = Logger()
+    tries = 100
+
+    def __init__(self, reactor: Any, factory: Any, description: str, serving: Any) -> None:
+        self._reactor = reactor
+        self._factory = factory
+        self._first = int(description.split(":")[1])
+        self._serving = serving
+        self._listening: Any = None
+        self.port: int | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        for port in range(self._first, min(self._first + self.tries, 65536)):
+            try:
+                self._listening = self._reactor.listenTCP(port, self._factory)
+            except CannotListenError:
+                continue
+            self.port = port
+            self.log.info(
+                "serving {path} at http://127.0.0.1:{port}/",
+                path=str(self._serving),
+                port=port,
+            )
+            return
+        raise CannotListenError(
+            "", self._first, f"no free port from {self._first} to {port}"
+        )
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._listening is not None:
+            listening, self._listening = self._listening, None
+            return listening.stopListening()
+        return None
 
 
 def build_runtime(
@@ -104,7 +158,11 @@ def build_runtime(
     )
     pool.setName("pool")
     fetcher = HandlerFetcher.from_config(reactor, config)
-    loader = HandlerLoader(reactor, config.handlers, config.limits.max_size, fetcher)
+    loader: Any
+    if config.serve is not None:
+        loader = ServeLoader(reactor, config.serve, config.limits.max_size)
+    else:
+        loader = HandlerLoader(reactor, config.handlers, config.limits.max_size, fetcher)
     handlers = HandlerResource(
         reactor,
         pool,
@@ -149,8 +207,13 @@ def build_service(reactor: Any, config: Config) -> MultiService:
         assert config.cert is not None and config.key is not None
         ensure_self_signed(config.cert, config.key)
     for description in (config.http, config.https):
-        if description is not None:
-            strports.service(description, site, reactor=reactor).setServiceParent(runtime)
+        if description is None:
+            continue
+        if config.port_search and description == config.http:
+            listener: Service = FirstFreePort(reactor, site, description, config.serve)
+        else:
+            listener = strports.service(description, site, reactor=reactor)
+        listener.setServiceParent(runtime)
     if config.jobs is not None:
         from haikutx.jobs import build_jobs_service
 

@@ -294,10 +294,12 @@ class Options(usage.Options):
             )
 
         serve = None
+        port_search = False
         if self["serve"]:
             serve = _existing("serve", self["serve"])
             if "port" not in self._given:
                 http = "tcp:3000"
+                port_search = True
             if self["sslport"] == "443":
                 https, generate_tls = None, False
 
@@ -368,6 +370,7 @@ class Options(usage.Options):
             cafile=_existing("cafile", self["cafile"]) if self["cafile"] else None,
             user=self["user"],
             serve=serve,
+            port_search=port_search,
             egress_allow=tuple(self["egress-allow"]),
             state=state,
             jobs=jobs,

@@ -341,6 +341,11 @@ class Worker:
         self._body: list[bytes] = []
         self.current: HandlerRun | None = None
         self.server_gone = False
+        #: Set by the zygote: called with C{"python"} or C{"stdio"} before
+        #: the first request runs, to apply the kernel sandbox.
+        self.confine: Callable[[str], None] | None = None
+        self.confined_for: str | None = None
+        self.exec_sandbox: Callable[[], None] | None = None
         self._stdout, self._stderr = sys.stdout, sys.stderr
 
     def send(self, frame: bytes) -> None:
@@ -392,7 +397,25 @@ class Worker:
             self._start(head, body)
 
     def _start(self, head: dict[str, Any], body: bytes) -> None:
-        run = HandlerRun(self, head, body)
+        run: HandlerRun
+        kind = "python" if head.get("language", "python") == "python" else "stdio"
+        if kind == "stdio":
+            from haikutx.child.stdio import StdioRun
+
+            run = StdioRun(self, head, body)
+        else:
+            run = HandlerRun(self, head, body)
+        if self.confine is not None and self.confined_for != kind:
+            if self.confined_for is not None:
+                # Confined for the other kind: answer, exit, and let the
+                # zygote fork a fresh process for the next request.
+                self.max_requests = self._served + 1
+                self.current = run
+                run.fail(503, f"Service unavailable: this worker process runs "
+                              f"{self.confined_for} handlers; try again.")
+                return
+            self.confine(kind)
+            self.confined_for = kind
         self.current = run
         stream = _ConsoleStream(run.console_write)
         sys.stdout = sys.stderr = stream  # type: ignore[assignment]

@@ -35,7 +35,11 @@ _KEEP_FDS = (0, 1, 2, runner.CONTROL_IN, runner.CONTROL_OUT)
 
 def _prepare(options: dict[str, Any]) -> Any:
     """
-    Prepare the sandbox of this slot's children, or C{None} when disabled.
+    Prepare the sandboxes of this slot's children, or C{None} when disabled:
+    one for Python handlers (no exec) and, when stdio interpreters are
+    installed, one for the interpreter processes (exec of those alone).
+
+    @return: C{(python, stdio)} prepared sandboxes (C{stdio} may be C{None}).
     """
     if not options.get("sandbox", True):
         return None
@@ -53,7 +57,21 @@ def _prepare(options: dict[str, Any]) -> Any:
         connect_ports=(int(egress["port"]),) if egress else None,
         max_threads=options.get("max_threads") if options.get("base_uid") is not None else None,
     )
-    return prepare(policy)
+    python = prepare(policy)
+    stdio = None
+    if options.get("exec_paths"):
+        stdio = prepare(
+            SandboxPolicy(
+                limits=limits,
+                identity=identity,
+                connect_ports=policy.connect_ports,
+                max_threads=policy.max_threads,
+                allow_exec=True,
+                exec_paths=tuple(options["exec_paths"]),
+                extra_read_paths=tuple(options.get("exec_read_paths", ())),
+            )
+        )
+    return python, stdio
 
 
 def _enter_egress(options: dict[str, Any], zygote: int) -> str:
@@ -98,22 +116,55 @@ def _enter_egress(options: dict[str, Any], zygote: int) -> str:
     return f"active: {kind} namespace, egress through the server's proxy"
 
 
-def _child(sandbox: Any, max_requests: int, zygote: int) -> None:
-    try:
-        if sandbox is not None:
-            sandbox.apply(keep_fds=_KEEP_FDS, parent_death_signal=signal.SIGKILL)
-        else:
-            import ctypes
+def _close_inherited(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
-            ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except Exception as e:
-        os.write(2, f"sandbox could not be applied: {e}\n".encode())
-        os._exit(EXIT_SANDBOX_FAILED)
+
+def _confiner(sandboxes: Any, worker: runner.Worker) -> Any:
+    """
+    The function a child calls when it learns what it will run: it applies
+    the Python sandbox to itself, or arranges for each stdio interpreter
+    it starts to apply the exec sandbox before C{exec}.
+    """
+    python, stdio = sandboxes
+
+    def confine(kind: str) -> None:
+        try:
+            if kind == "python":
+                keep = tuple(int(fd) for fd in os.listdir("/proc/self/fd"))
+                python.apply(keep_fds=keep, parent_death_signal=signal.SIGKILL)
+            elif stdio is not None:
+                worker.exec_sandbox = lambda: stdio.apply((0, 1, 2), signal.SIGKILL)
+            else:
+                worker.exec_sandbox = lambda: python.apply((0, 1, 2), signal.SIGKILL)
+        except Exception as e:
+            os.write(2, f"sandbox could not be applied: {e}\n".encode())
+            os._exit(EXIT_SANDBOX_FAILED)
+
+    return confine
+
+
+def _child(sandboxes: Any, max_requests: int, zygote: int) -> None:
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     if os.getppid() != zygote:
         # The zygote died before the parent-death signal was set.
         os._exit(EXIT_SERVER_GONE)
+    keep = set(_KEEP_FDS)
+    if sandboxes is not None:
+        keep |= {s.ruleset_fd for s in sandboxes if s is not None and s.ruleset_fd >= 0}
+    _close_inherited(keep)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     worker = runner.Worker(max_requests)
+    if sandboxes is not None:
+        worker.confine = _confiner(sandboxes, worker)
     worker.run()
     sys.stdout.flush()
     os._exit(EXIT_SERVER_GONE if worker.server_gone else 0)
@@ -142,7 +193,9 @@ def main(argv: list[str]) -> None:
     zygote = os.getpid()
     sandbox = _prepare(options)
     network = _enter_egress(options, zygote) if sandbox is not None else "disabled"
-    report = sandbox.describe() if sandbox is not None else {"layers": {"all": "disabled"}}
+    report = sandbox[0].describe() if sandbox is not None else {"layers": {"all": "disabled"}}
+    if sandbox is not None:
+        report["stdio"] = sandbox[1].describe()["layers"] if sandbox[1] else "no interpreters"
     report.setdefault("layers", {})["network"] = network
     os.write(runner.CONTROL_OUT, wire.encode_json(wire.SANDBOX, report))
     while True:

@@ -148,7 +148,7 @@ class ParamsTests(SynchronousTestCase):
         )
         self.assertEqual(
             parse_body("multipart/form-data; boundary=XX", body),
-            {"a": "value", "f": {"filename": "t.txt", "content_type": "text/plain", "size": 5}},
+            {"a": "value", "f": {"name": "f", "filename": "t.txt", "content_type": "text/plain", "size": 5}},
         )
         with self.assertRaises(BadRequestBody):
             parse_body("multipart/form-data", body)

@@ -1,0 +1,361 @@
+# -*- test-case-name: haikutx.test.test_stdio -*-
+"""
+Stdio handlers (SPEC §3.3): the worker runs the handler's interpreter as a
+child process with the request body on its stdin, the request described in
+CGI/1.1 meta-variables and C{HAIKU_PARAMS}, its stdout streamed as the
+response (after an optional CGI header block) and its stderr as the console.
+
+Standard library only: this runs in the worker process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import ctypes
+import json
+import re
+import signal
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from haikutx.child.runner import HandlerRun
+from haikutx.params import BadRequestBody, merge_params
+
+if TYPE_CHECKING:
+    from haikutx.child.runner import Worker
+
+#: The environment every interpreter gets besides the request's variables.
+BASE_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "HOME": "/",
+    "GATEWAY_INTERFACE": "CGI/1.1",
+    "SERVER_SOFTWARE": "haikutx",
+}
+
+#: Largest CGI header block read before the output is taken as all body.
+MAX_HEADER_BLOCK = 16384
+
+#: Largest environment value passed (Linux refuses a string over 128 KiB).
+MAX_ENV_VALUE = 65536
+
+#: Largest total of the C{HAIKU_PARAM_*} values.
+MAX_PARAM_ENV = 262144
+
+#: stderr bytes kept for the message of a failed run.
+STDERR_TAIL = 2048
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*\Z")
+_CGI_NAMES = (b"status", b"content-type", b"location")
+_PR_SET_PDEATHSIG = 1
+
+
+def request_environment(head: dict[str, Any], body: bytes) -> dict[str, str]:
+    """
+    The environment of a stdio handler: CGI/1.1 meta-variables, C{HTTP_*}
+    for each request header, C{HAIKU_PARAMS} (the merged params as JSON) and
+    C{HAIKU_PARAM_<name>} for each param whose name is an identifier.  Values
+    are passed as environment values only, never as code.  Values too large
+    for the environment (L{MAX_ENV_VALUE}, L{MAX_PARAM_ENV}) are left out
+    and named in C{HAIKU_OMITTED}; the body is still on stdin.
+
+    @raise BadRequestBody: for a malformed body.
+    """
+    parts = urlsplit(head["url"])
+    headers: dict[str, str] = {}
+    for name, value in head["headers"]:
+        key = name.lower()
+        headers[key] = headers[key] + ", " + value if key in headers else value
+    params = merge_params(parts.query, headers.get("content-type", ""), body)
+    env = dict(BASE_ENV)
+    env.update(
+        {
+            "REQUEST_METHOD": head["method"],
+            "REQUEST_URI": head["url"],
+            "SCRIPT_NAME": "",
+            "PATH_INFO": parts.path,
+            "QUERY_STRING": parts.query,
+            "CONTENT_TYPE": headers.get("content-type", ""),
+            "CONTENT_LENGTH": str(len(body)),
+            "REMOTE_ADDR": head.get("remote_addr", ""),
+            "SERVER_PROTOCOL": head.get("protocol", "HTTP/1.1"),
+            "SERVER_NAME": headers.get("host", "").rsplit(":", 1)[0],
+            "HAIKU_HANDLER": head["handler_url"],
+            "HAIKU_LANGUAGE": head.get("language", ""),
+        }
+    )
+    omitted = []
+    encoded = json.dumps(params)
+    if len(encoded.encode("utf-8", "surrogatepass")) <= MAX_ENV_VALUE:
+        env["HAIKU_PARAMS"] = encoded
+    else:
+        omitted.append("HAIKU_PARAMS")
+    for name, value in headers.items():
+        if name in ("content-type", "content-length"):
+            continue
+        env["HTTP_" + re.sub(r"[^A-Z0-9_]", "_", name.upper().replace("-", "_"))] = value
+    budget = MAX_PARAM_ENV
+    for name, value in params.items():
+        if _IDENTIFIER.match(name):
+            text = value if isinstance(value, str) else json.dumps(value)
+            size = len(text.encode("utf-8", "surrogatepass"))
+            if size > MAX_ENV_VALUE or size > budget:
+                omitted.append("HAIKU_PARAM_" + name)
+                continue
+            budget -= size
+            env["HAIKU_PARAM_" + name] = text
+    if omitted:
+        env["HAIKU_OMITTED"] = " ".join(omitted)
+    return {k: v.replace("\0", "") for k, v in env.items()}
+
+
+def parse_cgi_headers(block: bytes) -> tuple[int, list[tuple[str, str]]] | None:
+    """
+    Parse a CGI header block (the lines before the blank line, C{\\n} or
+    C{\\r\\n} ended).
+
+    @return: the status and the other headers, or C{None} when C{block} is
+        not a header block (a line that is not C{Name: value}, or none of
+        C{Status}, C{Content-Type}, C{Location}).
+    @raise ValueError: for a C{Status} that is not a number from 100 to 999.
+    """
+    status = 200
+    headers: list[tuple[str, str]] = []
+    names = set()
+    lines = block.split(b"\n")
+    for line in lines:
+        match = _HEADER_LINE.match(line.rstrip(b"\r"))
+        if match is None:
+            return None
+        name = match.group(1).lower()
+        names.add(name)
+        value = match.group(2).decode("utf-8", "replace")
+        if name == b"status":
+            code = value.split(None, 1)[0] if value.split() else ""
+            if not code.isdigit() or not 100 <= int(code) <= 999:
+                raise ValueError(f"invalid CGI Status header {value!r}")
+            status = int(code)
+        else:
+            headers.append((match.group(1).decode("latin-1"), value))
+    if not names.intersection(_CGI_NAMES):
+        return None
+    if b"location" in names and b"status" not in names:
+        status = 302
+    return status, headers
+
+
+def _die_with_parent() -> None:
+    """
+    In the interpreter's process before exec: die with the worker.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class StdioRun(HandlerRun):
+    """
+    One request answered by an interpreter process.  Console modes, the
+    response head and the body go through L{HandlerRun}'s sink.
+    """
+
+    def __init__(self, worker: Worker, head: dict[str, Any], body: bytes) -> None:
+        super().__init__(worker, head, body)
+        self._head_data = head
+        self._body_data = body
+        self._argv: list[str] = list(head.get("argv") or [])
+        self._language: str = head.get("language", "")
+        self._process: asyncio.subprocess.Process | None = None
+        self._stderr_tail = b""
+        self._output = False
+
+    def start(self, codes: Any) -> None:
+        """
+        Start the interpreter; the response streams as it writes.
+        """
+        try:
+            env = request_environment(self._head_data, self._body_data)
+        except BadRequestBody as e:
+            self.fail(400, f"Bad request body: {e}")
+            return
+        self._track(self._loop.create_task(self._run(env)))
+
+    async def _run(self, env: dict[str, str]) -> None:
+        if not self._argv:
+            self.fail(500, f"Handler {self.url}: no interpreter for {self._language!r}")
+            return
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd="/",
+                preexec_fn=self._before_exec,
+            )
+        except OSError as e:
+            self.fail(
+                500,
+                f"Handler {self.url} could not be run: the {self._language} "
+                f"interpreter failed to start: {e.strerror or e}",
+            )
+            return
+        self._process = process
+        assert process.stdin and process.stdout and process.stderr
+        feeding = self._loop.create_task(self._feed(process.stdin))
+        await asyncio.gather(self._read_stdout(process.stdout), self._read_stderr(process.stderr))
+        code = await process.wait()
+        feeding.cancel()
+        self._exited(code)
+
+    def _before_exec(self) -> None:
+        """
+        In the forked interpreter process, before exec: die with the worker,
+        then apply the worker's C{exec_sandbox} (for instance
+        C{lambda: prepared.apply((0, 1, 2), signal.SIGKILL)}), which may
+        forbid further forks: the interpreter is the sandboxed process.
+        """
+        _die_with_parent()
+        sandbox = getattr(self._worker, "exec_sandbox", None)
+        if sandbox is not None:
+            sandbox()
+
+    async def _feed(self, stdin: asyncio.StreamWriter) -> None:
+        try:
+            if self._body_data:
+                stdin.write(self._body_data)
+                await stdin.drain()
+            stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    async def _read_stderr(self, stderr: asyncio.StreamReader) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        while True:
+            data = await stderr.read(65536)
+            if not data:
+                text = decoder.decode(b"", final=True)
+                if text:
+                    self.console_write(text)
+                return
+            self._stderr_tail = (self._stderr_tail + data)[-STDERR_TAIL:]
+            text = decoder.decode(data)
+            if text:
+                self.console_write(text)
+
+    async def _read_stdout(self, stdout: asyncio.StreamReader) -> None:
+        pending = b""
+        deciding = True
+        while True:
+            data = await stdout.read(65536)
+            if not data:
+                break
+            if not deciding:
+                self._send(data)
+                continue
+            pending += data
+            end = _blank_line(pending)
+            if end is not None:
+                block, rest = pending[: end[0]], pending[end[1] :]
+                deciding = False
+                if not self._apply_headers(block):
+                    rest = pending
+                pending = b""
+                if self.done:
+                    return
+                if rest:
+                    self._send(rest)
+            elif len(pending) > MAX_HEADER_BLOCK or not _could_be_headers(pending):
+                deciding = False
+                self._send(pending)
+                pending = b""
+        if pending:
+            self._send(pending)
+
+    def _apply_headers(self, block: bytes) -> bool:
+        try:
+            parsed = parse_cgi_headers(block)
+        except ValueError as e:
+            self.fail(500, f"Handler {self.url} wrote a bad header block: {e}")
+            return True
+        if parsed is None:
+            return False
+        status, headers = parsed
+        response = self.response
+        response.status_code = status
+        for name, value in headers:
+            existing = response.get_header(name)
+            if existing is None:
+                response.set_header(name, value)
+            else:
+                values = existing if isinstance(existing, list) else [existing]
+                response.set_header(name, values + [value])
+        self._output = True
+        return True
+
+    def _send(self, data: bytes) -> None:
+        if self.done or self.response.finished:
+            return
+        self._output = True
+        self.response.write(data)
+
+    def _exited(self, code: int) -> None:
+        if self.done:
+            return
+        if code != 0 and not self._output and not self.response.headers_sent:
+            tail = self._stderr_tail.decode("utf-8", "replace").strip()
+            cause = (
+                f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            )
+            self.fail(500, f"Handler {self.url} {cause}" + (f": {tail}" if tail else ""))
+            return
+        self.response.end()
+
+    def abandon(self) -> None:
+        super().abandon()
+        self.kill()
+
+    def kill(self) -> None:
+        """
+        Kill the interpreter if it still runs.
+        """
+        process = self._process
+        if process is not None and process.returncode is None:
+            try:
+                process.kill()
+            except ProcessLookupError:
+                pass
+
+
+def _blank_line(data: bytes) -> tuple[int, int] | None:
+    """
+    Where the first blank line is: the end of the header block and the start
+    of the body.
+    """
+    if data.startswith(b"\r\n"):
+        return 0, 2
+    if data.startswith(b"\n"):
+        return 0, 1
+    match = re.search(rb"\r?\n\r?\n", data)
+    if match is None:
+        return None
+    return match.start(), match.end()
+
+
+def _could_be_headers(data: bytes) -> bool:
+    """
+    Whether the output so far may still be a header block: every complete
+    line is C{Name: value}.
+    """
+    lines = data.split(b"\n")
+    for line in lines[:-1]:
+        if _HEADER_LINE.match(line.rstrip(b"\r")) is None:
+            return False
+    last = lines[-1]
+    return not last or re.match(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]*(:.*)?\Z", last) is not None

@@ -1,0 +1,544 @@
+"""
+Tests for stdio handlers (L{haikutx.child.stdio}, SPEC §3.3): the CGI
+environment, the header block, the console and failures, through a real
+runtime with real worker and interpreter processes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from haikutx.child.stdio import parse_cgi_headers, request_environment
+from haikutx.languages import by_name
+from haikutx.languages.builtin import BUILTIN
+from haikutx.params import BadRequestBody
+from haikutx.test.support import http, start_runtime
+
+SAMPLES = Path(__file__).parents[2] / "samples"
+
+
+def _head(url: str, headers: list[list[str]] | None = None, method: str = "GET") -> dict[str, Any]:
+    return {
+        "method": method,
+        "url": url,
+        "headers": headers or [],
+        "remote_addr": "127.0.0.1",
+        "handler_url": "h.sh",
+        "language": "bash",
+    }
+
+
+class EnvironmentTests(SynchronousTestCase):
+    def test_cgi_variables(self) -> None:
+        """
+        The request is described in CGI/1.1 meta-variables, C{HTTP_*} for
+        headers, C{HAIKU_PARAMS} and C{HAIKU_PARAM_<identifier>}.
+        """
+        env = request_environment(
+            _head(
+                "/a/b?x=1&bad-name=2",
+                [["Content-Type", "application/x-www-form-urlencoded"],
+                 ["X-Thing", "v1"], ["x-thing", "v2"], ["Host", "h:8"]],
+                method="POST",
+            ),
+            b"y=%24(id)",
+        )
+        self.assertEqual(env["REQUEST_METHOD"], "POST")
+        self.assertEqual(env["PATH_INFO"], "/a/b")
+        self.assertEqual(env["QUERY_STRING"], "x=1&bad-name=2")
+        self.assertEqual(env["CONTENT_TYPE"], "application/x-www-form-urlencoded")
+        self.assertEqual(env["CONTENT_LENGTH"], "9")
+        self.assertEqual(env["REMOTE_ADDR"], "127.0.0.1")
+        self.assertEqual(env["SERVER_PROTOCOL"], "HTTP/1.1")
+        self.assertEqual(env["HTTP_X_THING"], "v1, v2")
+        self.assertEqual(env["HTTP_HOST"], "h:8")
+        self.assertEqual(json.loads(env["HAIKU_PARAMS"]),
+                         {"x": "1", "bad-name": "2", "y": "$(id)"})
+        self.assertEqual(env["HAIKU_PARAM_y"], "$(id)")
+        self.assertEqual(env["HAIKU_PARAM_x"], "1")
+        self.assertNotIn("HAIKU_PARAM_bad-name", env)
+        self.assertNotIn("HTTP_CONTENT_TYPE", env)
+
+    def test_large_params_omitted(self) -> None:
+        """
+        Params too large for the environment are left out and named in
+        C{HAIKU_OMITTED}, so that the interpreter still starts.
+        """
+        big = "x" * 70000
+        env = request_environment(
+            _head("/?small=1", [["Content-Type", "application/json"]], "POST"),
+            json.dumps({"big": big, "also": "y" * 60000}).encode(),
+        )
+        self.assertEqual(env["HAIKU_OMITTED"], "HAIKU_PARAMS HAIKU_PARAM_big")
+        self.assertNotIn("HAIKU_PARAMS", env)
+        self.assertEqual(env["HAIKU_PARAM_small"], "1")
+        self.assertEqual(len(env["HAIKU_PARAM_also"]), 60000)
+        self.assertNotIn("HAIKU_OMITTED", request_environment(_head("/?a=1"), b""))
+
+    def test_malformed_body(self) -> None:
+        """
+        A body that does not match its content type is L{BadRequestBody}.
+        """
+        self.assertRaises(
+            BadRequestBody, request_environment,
+            _head("/", [["Content-Type", "application/json"]], "POST"), b"{nope",
+        )
+
+
+class HeaderBlockTests(SynchronousTestCase):
+    def test_status_and_headers(self) -> None:
+        self.assertEqual(
+            parse_cgi_headers(b"Status: 201 Created\r\nContent-Type: text/plain\r\nX-A: 1"),
+            (201, [("Content-Type", "text/plain"), ("X-A", "1")]),
+        )
+
+    def test_location(self) -> None:
+        """
+        C{Location} without C{Status} redirects (302), as CGI says.
+        """
+        self.assertEqual(parse_cgi_headers(b"Location: /x"), (302, [("Location", "/x")]))
+
+    def test_not_headers(self) -> None:
+        """
+        Lines that are not headers, or headers naming none of C{Status},
+        C{Content-Type}, C{Location}, are body.
+        """
+        self.assertIsNone(parse_cgi_headers(b"hello world"))
+        self.assertIsNone(parse_cgi_headers(b"Note: just text"))
+
+    def test_bad_status(self) -> None:
+        self.assertRaises(ValueError, parse_cgi_headers, b"Status: abc")
+        self.assertRaises(ValueError, parse_cgi_headers, b"Status: 99")
+
+
+def _need(language: str) -> None:
+    if not by_name(BUILTIN, language).is_available():
+        raise SkipTest(f"the {language} interpreter is not installed here")
+
+
+class StdioRuntimeTests(TestCase):
+    """
+    Stdio handlers run through a runtime with real workers.
+    """
+
+    timeout = 60
+
+    def _start(self, handlers: dict[str, str] | Path, **kw: Any) -> int:
+        port, _ = start_runtime(self, handlers, workers=1, **kw)
+        return port
+
+    def test_samples_agree(self) -> Deferred[None]:
+        """
+        Every installed echo sample answers the same JSON as C{echo.py} for
+        the same request; missing interpreters are skipped by name.
+        """
+        async def run() -> None:
+            port = self._start(SAMPLES)
+            results = {}
+            missing = []
+            for sample, language in [("echo.py", "python"), ("echo.sh", "bash"),
+                                     ("echo.js", "node"), ("echo.rb", "ruby"),
+                                     ("echo.pl", "perl"), ("echo.php", "php"),
+                                     ("echo.lua", "lua")]:
+                if not by_name(BUILTIN, language).is_available():
+                    missing.append(language)
+                    continue
+                for body, ctype in [(b"a=1&b=2", "application/x-www-form-urlencoded"),
+                                    (b'{"k": [1, "two"], "q": "\\"x\\"\\n"}',
+                                     "application/json")]:
+                    response = await http(
+                        port, f"/some/path?x-haiku-handler={sample}&c=3", method="POST",
+                        headers={"Content-Type": ctype}, body=body,
+                    )
+                    self.assertEqual(response.status, 200, (sample, response.body))
+                    self.assertEqual(response.headers["content-type"], "application/json")
+                    value = json.loads(response.body)
+                    value["params"].pop("x-haiku-handler")
+                    results.setdefault(body, {})[sample] = value
+            for body, answers in results.items():
+                expected = answers["echo.py"]
+                self.assertEqual(expected["params"]["c"], "3")
+                self.assertEqual(expected["body"], body.decode())
+                for sample, value in answers.items():
+                    self.assertEqual(value, expected, sample)
+            self.assertGreater(len(results[b"a=1&b=2"]), 1)
+            if missing:
+                raise SkipTest(f"interpreters not installed: {', '.join(missing)}")
+
+        return Deferred.fromCoroutine(run())
+
+    def test_cgi_header_block(self) -> Deferred[None]:
+        """
+        A header block at the start of stdout sets status and headers
+        (C{\\r\\n} or C{\\n} lines); the rest is the body.
+        """
+        async def run() -> None:
+            port = self._start({
+                "crlf.sh": "printf 'Status: 201 Created\\r\\nContent-Type: text/x-a\\r\\n"
+                           "X-Extra: 1\\r\\n\\r\\nmade'\n",
+                "lf.sh": "printf 'Content-Type: text/x-b\\nSet-Cookie: a=1\\n"
+                         "Set-Cookie: b=2\\n\\nbody: here\\n'\n",
+                "plain.sh": "echo 'Hello: there'; echo; echo rest\n",
+            })
+            r = await http(port, "/?x-haiku-handler=crlf.sh")
+            self.assertEqual((r.status, r.headers["content-type"], r.headers["x-extra"], r.body),
+                             (201, "text/x-a", "1", b"made"))
+            r = await http(port, "/?x-haiku-handler=lf.sh")
+            self.assertEqual((r.status, r.headers["content-type"], r.body),
+                             (200, "text/x-b", b"body: here\n"))
+            self.assertIn(b"set-cookie: a=1", r.raw.lower())
+            self.assertIn(b"set-cookie: b=2", r.raw.lower())
+            r = await http(port, "/?x-haiku-handler=plain.sh")
+            self.assertEqual((r.status, r.body), (200, b"Hello: there\n\nrest\n"))
+
+        return Deferred.fromCoroutine(run())
+
+    def test_exit_status(self) -> Deferred[None]:
+        """
+        An interpreter that exits with a status other than 0 before any
+        output is a 500 with the tail of its stderr; after output began the
+        response stands.
+        """
+        async def run() -> None:
+            port = self._start({
+                "die.sh": "echo 'it broke' >&2; exit 3\n",
+                "late.sh": "echo partial; exit 3\n",
+                "bad.sh": "printf 'Status: nope\\n\\n'\n",
+            })
+            r = await http(port, "/?x-haiku-handler=die.sh")
+            self.assertEqual(r.status, 500)
+            self.assertEqual(r.text, "Handler die.sh exited with status 3: it broke\n")
+            r = await http(port, "/?x-haiku-handler=late.sh")
+            self.assertEqual((r.status, r.body), (200, b"partial\n"))
+            r = await http(port, "/?x-haiku-handler=bad.sh")
+            self.assertEqual(r.status, 500)
+            self.assertIn("bad header block", r.text)
+
+        return Deferred.fromCoroutine(run())
+
+    def test_console_modes(self) -> Deferred[None]:
+        """
+        stderr is the console: every x-haiku-console mode works.
+        """
+        async def run() -> None:
+            port = self._start({
+                "c.sh": "echo 'to console' >&2\nprintf 'Content-Type: text/plain\\n\\n'\n"
+                        "echo out; echo 'and after' >&2\n",
+            })
+            r = await http(port, "/?x-haiku-handler=c.sh&x-haiku-console=body")
+            self.assertEqual((r.status, r.body), (200, b"to console\nand after\n"))
+            r = await http(port, "/?x-haiku-handler=c.sh",
+                           headers={"x-haiku-console": "trailer"})
+            self.assertEqual(r.body, b"out\n")
+            self.assertEqual(r.trailers, {"x-haiku-console": "to console%0Aand after%0A"})
+            r = await http(port, "/?x-haiku-handler=c.sh&x-haiku-console=none")
+            self.assertEqual(r.body, b"out\n")
+            self.assertNotIn("x-haiku-console", r.headers)
+
+        return Deferred.fromCoroutine(run())
+
+    def test_params_inert(self) -> Deferred[None]:
+        """
+        A parameter holding shell syntax reaches the handler as a value and
+        never runs.
+        """
+        async def run() -> None:
+            target = Path(self.mktemp()).absolute()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            port = self._start({
+                "p.sh": 'printf "%s|%s" "$HAIKU_PARAM_x" "$HAIKU_PARAMS"\n',
+            })
+            evil = f"$(touch {target})`touch {target}`"
+            from urllib.parse import quote
+
+            r = await http(port, "/?x-haiku-handler=p.sh&x=" + quote(evil))
+            self.assertEqual(r.status, 200)
+            value, params = r.text.split("|", 1)
+            self.assertEqual(value, evil)
+            self.assertEqual(json.loads(params)["x"], evil)
+            self.assertFalse(target.exists())
+
+        return Deferred.fromCoroutine(run())
+
+    def test_stdin_and_cgi(self) -> Deferred[None]:
+        """
+        The body is on stdin; the CGI variables describe the request.
+        """
+        async def run() -> None:
+            port = self._start({
+                "env.sh": 'printf "%s %s %s %s %s " "$REQUEST_METHOD" "$PATH_INFO" '
+                          '"$QUERY_STRING" "$CONTENT_LENGTH" "$HTTP_X_TOKEN"\n'
+                          # The sandbox forbids starting cat: a builtin copies stdin.
+                          "IFS= read -r -d '' data; printf '%s' \"$data\"\n",
+            })
+            body = b"line one\nline two" * 1000
+            r = await http(port, "/p/q?x-haiku-handler=env.sh&z=9", method="PUT",
+                           headers={"X-Token": "abc"}, body=body)
+            self.assertEqual(
+                r.body,
+                f"PUT /p/q x-haiku-handler=env.sh&z=9 {len(body)} abc ".encode() + body,
+            )
+
+        return Deferred.fromCoroutine(run())
+
+    def test_large_json_body(self) -> Deferred[None]:
+        """
+        A JSON body larger than the environment can carry still reaches the
+        handler on stdin.
+        """
+        async def run() -> None:
+            port = self._start({"n.sh": 'IFS= read -r -d "" b; printf "%s %s" '
+                                        '"${#b}" "$HAIKU_OMITTED"\n'})
+            body = json.dumps({"v": "z" * 300000}).encode()
+            r = await http(port, "/?x-haiku-handler=n.sh", method="POST",
+                           headers={"Content-Type": "application/json"}, body=body)
+            self.assertEqual((r.status, r.text), (200, f"{len(body)} HAIKU_PARAMS HAIKU_PARAM_v"))
+
+        return Deferred.fromCoroutine(run())
+
+    def test_malformed_body_400(self) -> Deferred[None]:
+        async def run() -> None:
+            port = self._start({"ok.sh": "echo fine\n"})
+            r = await http(port, "/?x-haiku-handler=ok.sh", method="POST",
+                           headers={"Content-Type": "application/json"}, body=b"{bad")
+            self.assertEqual(r.status, 400)
+            self.assertTrue(r.text.startswith("Bad request body: JSON body does not parse"))
+
+        return Deferred.fromCoroutine(run())
+
+    def test_language_selection(self) -> Deferred[None]:
+        """
+        An unknown x-haiku-language is 400; x-haiku-language and a C{#!}
+        line choose the language of a file without a known extension.
+        """
+        async def run() -> None:
+            port = self._start({
+                "noext": "#!/bin/sh\necho from sh\n",
+                "script.txt": "echo from override\n",
+            })
+            r = await http(port, "/?x-haiku-handler=noext&x-haiku-language=cobol")
+            self.assertEqual(r.status, 400)
+            self.assertIn("unknown language 'cobol'", r.text)
+            r = await http(port, "/?x-haiku-handler=noext")
+            self.assertEqual((r.status, r.body), (200, b"from sh\n"))
+            r = await http(port, "/?x-haiku-handler=script.txt",
+                           headers={"x-haiku-language": "bash"})
+            self.assertEqual((r.status, r.body), (200, b"from override\n"))
+
+        return Deferred.fromCoroutine(run())
+
+    def test_each_interpreter(self) -> Deferred[None]:
+        """
+        Each installed interpreter runs inline code with a #! line and reads
+        its params from the environment.
+        """
+        programs = {
+            "python3": ("h.py3", ("#!/usr/bin/env python3\nimport os\n"
+                                  "print(os.environ['HAIKU_PARAM_n'])\n")),
+            "node": ("h.js", "#!/usr/bin/env node\nconsole.log(process.env.HAIKU_PARAM_n)\n"),
+            "ruby": ("h.rb", "#!/usr/bin/env ruby\nputs ENV['HAIKU_PARAM_n']\n"),
+            "perl": ("h.pl", "#!/usr/bin/perl\nprint \"$ENV{HAIKU_PARAM_n}\\n\";\n"),
+            "php": ("h.php", "#!/usr/bin/php\n<?php echo getenv('HAIKU_PARAM_n'), \"\\n\";\n"),
+            "lua": ("h.lua", "#!/usr/bin/lua\nprint(os.getenv('HAIKU_PARAM_n'))\n"),
+            "tcl": ("h.tcl", "#!/usr/bin/tclsh\nputs $env(HAIKU_PARAM_n)\n"),
+            "sh": ("h", "#!/bin/sh\necho \"$HAIKU_PARAM_n\"\n"),
+        }
+
+        async def run() -> None:
+            port = self._start({name: code for name, code in programs.values()})
+            skipped = []
+            for language, (name, _) in programs.items():
+                if not by_name(BUILTIN, language).is_available():
+                    skipped.append(language)
+                    continue
+                r = await http(port, f"/?x-haiku-handler={name}&n=-42%20x")
+                self.assertEqual((r.status, r.body), (200, b"-42 x\n"), language)
+            if skipped:
+                raise SkipTest(f"interpreters not installed: {', '.join(skipped)}")
+
+        return Deferred.fromCoroutine(run())
+
+    def test_unavailable(self) -> Deferred[None]:
+        """
+        A handler in a language whose interpreter is missing is 501, before
+        any worker is used.
+        """
+        from twisted.internet import reactor
+        from twisted.web.server import Site
+
+        from haikutx.languages.builtin import PythonLanguage, StdioLanguage
+        from haikutx.loader import HandlerLoader
+        from haikutx.runtime import HandlerResource
+        from haikutx.test.support import write_handlers
+
+        ghost = StdioLanguage("ghost", (), (".gh",), ("ghost",), ("no-such-interp-xyz",),
+                              lambda p, c: [p, c])
+        directory = write_handlers(Path(self.mktemp()), {"a.gh": "x"})
+        resource = HandlerResource(
+            reactor, None, HandlerLoader(reactor, directory, 16384),  # type: ignore[arg-type]
+            languages=[PythonLanguage(), ghost],
+        )
+        listening = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+
+        async def run() -> None:
+            r = await http(listening.getHost().port, "/?x-haiku-handler=a.gh")
+            self.assertEqual(r.status, 501)
+            self.assertEqual(
+                r.text,
+                "Handler a.gh is written in ghost, whose interpreter is not installed here.\n",
+            )
+
+        return Deferred.fromCoroutine(run())
+
+    def test_time_limit_kills_interpreter(self) -> Deferred[None]:
+        """
+        An interpreter that outlives C{--maxtime} is answered 500 and killed
+        with its worker.
+        """
+        from haikutx.config import Limits
+
+        async def run() -> None:
+            port = self._start({"slow.sh": "while :; do :; done # 31.4159\n"},
+                               limits=Limits(max_time=0.5))
+            r = await http(port, "/?x-haiku-handler=slow.sh")
+            self.assertEqual(r.status, 500)
+            self.assertIn("did not complete within the time limit of 500 ms", r.text)
+            from twisted.internet import reactor
+            from twisted.internet.task import deferLater
+
+            for _ in range(40):
+                if not _running(b"done # 31.4159"):
+                    return
+                await deferLater(reactor, 0.05, lambda: None)
+            self.fail("the interpreter outlived its worker")
+
+        return Deferred.fromCoroutine(run())
+
+
+def _running(cmdline: bytes) -> bool:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().rstrip(b"\0") == cmdline:
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+class SandboxedStdioTests(SynchronousTestCase):
+    """
+    Stdio handlers under the kernel sandbox (L{haikutx.sandbox}), applied
+    through the worker's C{exec_sandbox} hook in the interpreter's process:
+    each interpreter runs its echo sample, and reads its own installation
+    but nothing else.
+    """
+
+    def setUp(self) -> None:
+        from haikutx.languages.builtin import sandbox_paths
+        from haikutx.sandbox import SandboxPolicy, prepare, probe
+
+        layers = probe()
+        if layers.landlock_abi < 1 or not layers.seccomp:
+            raise SkipTest("Landlock and seccomp are needed for this test")
+        exec_paths, read_paths = sandbox_paths(BUILTIN)
+        self.prepared = prepare(
+            SandboxPolicy(allow_exec=True, exec_paths=exec_paths, extra_read_paths=read_paths)
+        )
+        self.addCleanup(self.prepared.close)
+
+    def _serve(self, language: str, source: bytes, body: bytes = b"",
+             url: str = "/p?x=1") -> tuple[int, bytes]:
+        """
+        Run one request in an in-process L{Worker} whose interpreters are
+        sandboxed; the status and body it answers.
+        """
+        import os
+        import signal
+
+        from haikutx import wire
+        from haikutx.child.runner import Worker
+
+        to_worker, worker_in = os.pipe()[::-1]
+        worker_out, from_worker = os.pipe()[::-1]
+        for fd in (to_worker, worker_in, worker_out, from_worker):
+            self.addCleanup(os.close, fd)
+        worker = Worker(1, control_in=worker_in, control_out=worker_out)
+        worker.exec_sandbox = lambda: self.prepared.apply((0, 1, 2), signal.SIGKILL)
+        self.addCleanup(worker.loop.close)
+        argv = by_name(BUILTIN, language).argv(source)
+        head = dict(_head(url, [["Content-Type", "application/x-www-form-urlencoded"]],
+                          "POST"), language=language, argv=argv, source="")
+        os.write(to_worker, wire.encode_json(wire.REQUEST, head)
+                 + wire.encode(wire.BODY, body) + wire.encode(wire.BODY_END))
+        worker.run()
+        os.set_blocking(from_worker, False)
+        data = b""
+        while True:
+            try:
+                chunk = os.read(from_worker, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        status, out = 0, b""
+        for kind, payload in wire.FrameReader().feed(data):
+            if kind == wire.HEAD:
+                status = json.loads(payload)["status"]
+            elif kind == wire.DATA:
+                out += payload
+            elif kind == wire.FAIL:
+                failure = json.loads(payload)
+                status, out = failure["status"], failure["message"].encode()
+        return status, out
+
+    def test_samples(self) -> None:
+        missing = []
+        for sample, language in [("echo.sh", "bash"), ("echo.js", "node"),
+                                 ("echo.rb", "ruby"), ("echo.pl", "perl"),
+                                 ("echo.php", "php"), ("echo.lua", "lua")]:
+            if not by_name(BUILTIN, language).is_available():
+                missing.append(language)
+                continue
+            status, out = self._serve(language, (SAMPLES / sample).read_bytes(), b"a=1")
+            self.assertEqual(status, 200, (sample, out))
+            self.assertEqual(json.loads(out), {"body": "a=1", "method": "POST", "path": "/p",
+                                               "params": {"x": "1", "a": "1"}}, sample)
+        for language, code in [("tcl", b"puts ok"), ("python3", b"print('ok')"),
+                               ("sh", b"echo ok")]:
+            if by_name(BUILTIN, language).is_available():
+                self.assertEqual(self._serve(language, code), (200, b"ok\n"), language)
+        if missing:
+            raise SkipTest(f"interpreters not installed: {', '.join(missing)}")
+
+    def test_confined(self) -> None:
+        """
+        A sandboxed interpreter can neither read outside its installation,
+        nor write files, nor start other programs.
+        """
+        target = Path(self.mktemp()).absolute()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        status, out = self._serve(
+            "bash",
+            b"read -r line < /etc/shadow && echo \"read:$line\"\n"
+            b"echo x > " + str(target).encode() + b" && echo wrote\n"
+            b"echo \"id:$(id -u)\"\n"
+            b"echo done\n",
+        )
+        # bash gives up at the failed fork, before any output: a 500 whose
+        # message is its stderr, one refusal per line.
+        self.assertEqual(status, 500, out)
+        lines = out.decode().splitlines()
+        self.assertTrue(lines[0].startswith("Handler h.sh exited with status"), lines)
+        self.assertIn("/etc/shadow: Permission denied", lines[0])
+        self.assertEqual(lines[1], f"haiku: line 2: {target}: Permission denied")
+        self.assertEqual(lines[2], "haiku: fork: Operation not permitted")
+        self.assertNotIn("read:", out.decode())
+        self.assertFalse(target.exists())
