@@ -11,6 +11,10 @@ setup(
     packages=find_packages(include=["haikutx", "haikutx.*"])
     + ["twisted.plugins", "haikutx.samples"],
     package_dir={"haikutx.samples": "samples"},
-    package_data={"haikutx.samples": ["*"], "twisted.plugins": ["haikutx_plugin.py"]},
+    package_data={
+        "haikutx": ["languages/boot.tcl"],
+        "haikutx.samples": ["*"],
+        "twisted.plugins": ["haikutx_plugin.py"],
+    },
     include_package_data=False,
 )
