@@ -2,9 +2,10 @@
 Runtime throughput: the C{samples/hello.py} handler served by haikutx with
 C{-r 1} (a fresh sandboxed child per request) and C{-r 0} (a worker process
 serves requests until it dies), against a raw twisted.web hello-world site
-as the baseline. Each server is started, checked once for the right body,
-driven by wrk at several connection counts (bounded runs), then stopped with
-SIGTERM. Prints requests/s, p50 and p99 side by side, with ratios to the raw
+as the baseline. For each connection count a fresh server is started,
+checked for the right body, warmed up with 20 sequential requests, driven
+by wrk (one bounded run), checked again, then stopped with SIGTERM (a fresh
+server per run, so that one run cannot spoil the next). Prints requests/s, p50 and p99 side by side, with ratios to the raw
 Twisted site, and errors (non-2xx responses and socket errors).
 
 Run from the repository root with the project venv::
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -148,10 +150,31 @@ def wrk(port: int, seconds: int, connections: int) -> Run:
     return parse_wrk(out)
 
 
-def bench_server(
-    name: str, argv: list[str], port: int, seconds: int, connections: list[int],
+def after_run(port: int) -> str:
+    """
+    Check that the server still answers after a wrk run ("" when it does).
+
+    wrk closes its connections at the end of a run, some with requests still
+    queued for a worker; a server that mishandles that stops answering.
+    """
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{PATH}", timeout=15) as response:
+            body = response.read()
+    except urllib.error.HTTPError as e:
+        return f"afterwards {e.code}"
+    except OSError as e:
+        return f"afterwards {e}"
+    return "" if body == BODY else f"afterwards body {body!r}"
+
+
+def bench_level(
+    name: str, argv: list[str], port: int, seconds: int, count: int,
     env: dict[str, str],
-) -> dict[int, Run]:
+) -> Run:
+    """
+    Start a fresh server, check its answer, warm it up, run wrk once with
+    C{count} connections, check that it still answers, stop it.
+    """
     process = subprocess.Popen(
         argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -159,20 +182,30 @@ def bench_server(
         body = wait_ready(port, process)
         if body != BODY:
             raise SystemExit(f"{name}: wrong body {body!r}")
-        # A short warm-up so that workers and caches are up.
-        wrk(port, 1, max(connections))
-        runs = {}
-        for count in connections:
-            runs[count] = wrk(port, seconds, count)
-            run = runs[count]
-            print(f"  {name:<14} c={count:<3} {run.rate:9.1f} req/s  "
-                  f"p50 {run.p50:7.2f} ms  p99 {run.p99:7.2f} ms  "
-                  f"{run.errors or 'no errors'}", flush=True)
+        # Warm-up, sequential so that no request is left queued at its end.
+        for _ in range(20):
+            wait_ready(port, process)
+        run = wrk(port, seconds, count)
         if process.poll() is not None:
-            raise SystemExit(f"{name}: server died during the runs")
-        return runs
+            raise SystemExit(f"{name}: server died during the run")
+        after = after_run(port)
+        if after:
+            run = attr.evolve(run, errors=", ".join(filter(None, [run.errors, after])))
+        print(f"  {name:<14} c={count:<3} {run.rate:9.1f} req/s  "
+              f"p50 {run.p50:7.2f} ms  p99 {run.p99:7.2f} ms  "
+              f"{run.errors or 'no errors'}", flush=True)
+        return run
     finally:
         stop(process)
+
+
+def bench_server(
+    name: str, argv: list[str], port: int, seconds: int, connections: list[int],
+    env: dict[str, str],
+) -> dict[int, Run]:
+    return {
+        count: bench_level(name, argv, port, seconds, count, env) for count in connections
+    }
 
 
 def ratio(value: float, base: float) -> str:

@@ -183,7 +183,8 @@ class Options(usage.Options):
          "stays fresh."],
         ["cafile", None, None, "Extra CA certificates (PEM) for https handler origins."],
         ["user", None, None, "Unprivileged user for handler processes and jobs "
-         "[default: nobody when started as root]."],
+         "[default as root: a uid of its own per worker slot for handlers, "
+         "nobody for jobs]."],
         ["serve", None, None, "Serve this one local handler file for every request."],
         ["state", None, None, "State directory [default: ~/.haikutx, or "
          "/var/lib/haikutx for root]."],
@@ -214,15 +215,13 @@ class Options(usage.Options):
 
     def opt_allow(self, prefix: str) -> None:
         """
-        Allow handler URLs starting with this prefix (repeatable); private and
-        loopback addresses are refused unless a prefix allows them.
+        Allow handler URLs starting with this prefix (repeatable); private and loopback addresses are refused unless a prefix allows them.
         """
         self["allow"].append(prefix)
 
     def opt_egress_allow(self, address: str) -> None:
         """
-        host:port that handlers may connect to although it is loopback or
-        private (repeatable).
+        host:port that handlers may connect to although it is loopback or private (repeatable).
         """
         self["egress-allow"].append(address)
 

@@ -547,3 +547,53 @@ class LibraryTests(TestCase):
         self.addCleanup(port.stopListening)
         response = await http(port.getHost().port, "/hello/anything")
         self.assertEqual((response.status, response.text), (200, "Hello, world!\n"))
+
+
+class URLHandlerTests(TestCase):
+    """
+    Handlers fetched by URL through the runtime (SPEC §2.1).
+    """
+
+    def setUp(self) -> None:
+        from twisted.web.static import Data
+
+        origin = Resource()
+        origin.putChild(b"hello.py", Data(HANDLERS["hello.py"].encode(), "text/plain"))
+        origin.putChild(b"big.py", Data(b"#" * 300, "text/plain"))
+        listening = reactor.listenTCP(0, Site(origin), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.origin = f"http://127.0.0.1:{listening.getHost().port}/"
+        self.port, self.pool = start_runtime(
+            self, {}, limits=Limits(max_size=200), allow=(self.origin,), debug=True
+        )
+
+    async def test_fetched_and_cached(self) -> None:
+        """
+        A handler named by an allowed URL runs; the second request is served
+        from the cache (C{x-haiku-cache} under --debug).
+        """
+        first = await http(self.port, f"/?x-haiku-handler={self.origin}hello.py")
+        second = await http(self.port, f"/?x-haiku-handler={self.origin}hello.py")
+        self.assertEqual((first.status, first.text), (200, "Hello, world!\n"))
+        self.assertEqual((first.headers["x-haiku-cache"], second.headers["x-haiku-cache"]),
+                         ("miss", "hit"))
+        self.assertEqual(second.text, "Hello, world!\n")
+
+    async def test_errors(self) -> None:
+        """
+        A non-200 origin answers 502, an oversized handler 400, a loopback
+        URL no prefix allows 403.
+        """
+        missing = await http(self.port, f"/?x-haiku-handler={self.origin}missing.py")
+        self.assertEqual(
+            (missing.status, missing.text),
+            (502, f"HTTP error when obtaining handler code from {self.origin}missing.py: 404\n"),
+        )
+        big = await http(self.port, f"/?x-haiku-handler={self.origin}big.py")
+        self.assertEqual(
+            (big.status, big.text),
+            (400, "The size of the handler exceeded the quota of 200 bytes.\n"),
+        )
+        other = self.origin.replace("127.0.0.1", "localhost")
+        refused = await http(self.port, f"/?x-haiku-handler={other}hello.py")
+        self.assertEqual(refused.status, 403)
