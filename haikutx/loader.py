@@ -7,6 +7,8 @@ handlers directory (never outside it).
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,6 +19,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.filepath import FilePath, InsecurePath
 from zope.interface import implementer
 
+from haikutx.fetch import HandlerFetchError
 from haikutx.interfaces import IHandlerLoader
 
 UNSUPPORTED_PROTOCOL = (
@@ -118,8 +121,6 @@ class HandlerLoader:
             if self._fetcher is None:
                 raise HandlerLoadError(403, f"The handler URL {name} is not allowed: "
                                        "this runtime serves local handlers only")
-            from haikutx.fetch import HandlerFetchError
-
             try:
                 fetched = await self._fetcher.fetch(name)
             except HandlerFetchError as e:
@@ -157,9 +158,6 @@ def _read_capped(path: str, max_size: int) -> bytes | None:
     """
     try:
         with open(path, "rb") as f:
-            import os
-            import stat
-
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 return None
             return f.read(max_size + 1)

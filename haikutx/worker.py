@@ -121,7 +121,7 @@ class WorkerProtocol(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         cause = self.kill_reason or describe_exit(reason)
-        previous, self.state = self.state, "dead"
+        self.state = "dead"
         self._stop_heartbeat()
         self._cancel_deadline()
         self.log.info(

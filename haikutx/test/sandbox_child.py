@@ -13,7 +13,6 @@ zygote.
 
 import ast
 import ctypes
-import errno
 import os
 import signal
 import sys

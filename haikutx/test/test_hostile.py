@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SkipTest, TestCase
 

@@ -173,6 +173,7 @@ class PoolTests(SynchronousTestCase):
         for i in range(3):
             self.spawner.started[i].exit(1)
         self.assertEqual(len(self.spawner.started), 3)
+        self.assertEqual(pool.counters["died"], 3)
         self.clock.advance(2)
         self.assertEqual(len(self.spawner.started), 4)
 

@@ -5,7 +5,6 @@ End-to-end tests: C{twistd -n haiku} as a user runs it, over HTTP and HTTPS.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 
