@@ -65,6 +65,20 @@ def start_runtime(
     return port.getHost().port, pool
 
 
+async def ready(pool: Any, timeout: float = 20.0) -> None:
+    """
+    Wait until every worker of C{pool} is idle (bounded), so that tests with
+    a short --maxtime do not count a worker's start-up against it.
+    """
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + timeout
+    while pool.status()["workers"] != {"idle": pool.size}:
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"workers not ready: {pool.status()}")
+        await deferLater(reactor, 0.02, lambda: None)
+
+
 class _RawClient(Protocol):
     def __init__(self, request: bytes, done: Deferred[list[tuple[float, bytes]]]) -> None:
         self._request = request

@@ -20,7 +20,7 @@ from haikutx.config import Limits, bundled_samples
 from haikutx.loader import HandlerLoader
 from haikutx.pool import WorkerPool
 from haikutx.runtime import NO_HANDLER, HandlerResource
-from haikutx.test.support import http, start_runtime
+from haikutx.test.support import http, ready, start_runtime
 
 HANDLERS = {
     "hello.py": "res.write_head(200, {'Content-Type': 'text/plain'})\nres.end('Hello, world!\\n')\n",
@@ -244,10 +244,11 @@ class TimeLimitTests(TestCase):
     --maxtime and dead workers: every request is answered, never hung.
     """
 
-    def setUp(self) -> None:
+    def setUp(self) -> Deferred[None]:
         self.port, self.pool = start_runtime(
             self, HANDLERS, workers=1, max_requests=0, limits=Limits(max_time=0.5)
         )
+        return Deferred.fromCoroutine(ready(self.pool))
 
     async def test_never_ends(self) -> None:
         """

@@ -14,12 +14,13 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from haikutx.child.stdio import parse_cgi_headers, request_environment
+from haikutx.config import bundled_samples
 from haikutx.languages import by_name
 from haikutx.languages.builtin import BUILTIN
 from haikutx.params import BadRequestBody
-from haikutx.test.support import http, start_runtime
+from haikutx.test.support import http, ready, start_runtime
 
-SAMPLES = Path(__file__).parents[2] / "samples"
+SAMPLES = bundled_samples()
 
 
 def _head(url: str, headers: list[list[str]] | None = None, method: str = "GET") -> dict[str, Any]:
@@ -129,7 +130,7 @@ class StdioRuntimeTests(TestCase):
     timeout = 60
 
     def _start(self, handlers: dict[str, str] | Path, **kw: Any) -> int:
-        port, _ = start_runtime(self, handlers, workers=1, **kw)
+        port, self.pool = start_runtime(self, handlers, workers=1, **kw)
         return port
 
     def test_samples_agree(self) -> Deferred[None]:
@@ -406,6 +407,7 @@ class StdioRuntimeTests(TestCase):
         async def run() -> None:
             port = self._start({"slow.sh": "while :; do :; done # 31.4159\n"},
                                limits=Limits(max_time=0.5))
+            await ready(self.pool)
             r = await http(port, "/?x-haiku-handler=slow.sh")
             self.assertEqual(r.status, 500)
             self.assertIn("did not complete within the time limit of 500 ms", r.text)
