@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from attrs import frozen
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.filepath import FilePath, InsecurePath
 from zope.interface import implementer
@@ -96,25 +96,60 @@ class HandlerLoader:
     """
     Loads handlers by URL or by local name.
 
-    @param reactor: used to read local files off the reactor thread.
+    @param reactor: used to read local files off the reactor thread, and
+        for time.
     @param handlers: the local handlers directory.
     @param max_size: largest handler accepted, in bytes.
     @param fetcher: an L{haikutx.interfaces.IHandlerFetcher} for URLs.
+    @param fresh_for: seconds a local handler's code is served from memory
+        before the file is read again (C{--cache-ttl}); 0 reads it for
+        every request.
+    @param cache_bytes: bound of the local handlers kept in memory.
     """
 
     def __init__(
-        self, reactor: Any, handlers: Path, max_size: int, fetcher: Any = None
+        self,
+        reactor: Any,
+        handlers: Path,
+        max_size: int,
+        fetcher: Any = None,
+        fresh_for: float = 0.0,
+        cache_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self._reactor = reactor
         self._handlers = FilePath(str(handlers))
         self._max_size = max_size
         self._fetcher = fetcher
+        self._fresh_for = fresh_for
+        self._cache_bytes = cache_bytes
+        self._local: dict[str, tuple[float, HandlerSource]] = {}
+        self._local_bytes = 0
 
     def load(self, name: str) -> Deferred[HandlerSource]:
         """
         Load the handler C{name}.
         """
+        cached = self._local.get(name)
+        if cached is not None:
+            if cached[0] > self._reactor.seconds():
+                return succeed(cached[1])
+            self._forget(name)
         return Deferred.fromCoroutine(self._load(name))
+
+    def _remember(self, name: str, handler: HandlerSource) -> None:
+        size = len(handler.source)
+        if self._fresh_for <= 0 or size > self._cache_bytes:
+            return
+        self._forget(name)
+        while self._local and self._local_bytes + size > self._cache_bytes:
+            self._forget(next(iter(self._local)))
+        self._local[name] = (self._reactor.seconds() + self._fresh_for, handler)
+        self._local_bytes += size
+
+    def _forget(self, name: str) -> None:
+        cached = self._local.pop(name, None)
+        if cached is not None:
+            self._local_bytes -= len(cached[1].source)
 
     async def _load(self, name: str) -> HandlerSource:
         if classify(name) == "url":
@@ -126,7 +161,9 @@ class HandlerLoader:
             except HandlerFetchError as e:
                 raise HandlerLoadError(e.status, e.message)
             return HandlerSource(url=fetched.url, source=fetched.source, cache=fetched.cache)
-        return await self._read_local(name)
+        handler = await self._read_local(name)
+        self._remember(name, handler)
+        return handler
 
     def _local_path(self, name: str) -> FilePath[str]:
         relative = name.split("?", 1)[0].split("#", 1)[0]

@@ -324,14 +324,17 @@ class HandlerResource(Resource):
         head["argv"] = argv
         exchange.start(head, _body(request))
         status = await exchange.done
-        self.log.info(
-            "{method} {handler_url} -> {status} in {duration:.3f}s",
-            method=request.method.decode("latin-1"),
-            handler_url=handler.url,
-            status=status,
-            duration=self._reactor.seconds() - started,
-            worker_pid=worker.pid,
-        )
+        if self._debug:
+            # The access log has a line for every request already; this one
+            # adds the handler, the time taken and the worker.
+            self.log.info(
+                "{method} {handler_url} -> {status} in {duration:.3f}s",
+                method=request.method.decode("latin-1"),
+                handler_url=handler.url,
+                status=status,
+                duration=self._reactor.seconds() - started,
+                worker_pid=worker.pid,
+            )
 
     def _language(self, request: Request, handler: HandlerSource) -> tuple[Any, Any]:
         """

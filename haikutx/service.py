@@ -162,7 +162,10 @@ def build_runtime(
     if config.serve is not None:
         loader = ServeLoader(reactor, config.serve, config.limits.max_size)
     else:
-        loader = HandlerLoader(reactor, config.handlers, config.limits.max_size, fetcher)
+        loader = HandlerLoader(
+            reactor, config.handlers, config.limits.max_size, fetcher,
+            fresh_for=config.cache_ttl,
+        )
     handlers = HandlerResource(
         reactor,
         pool,

@@ -158,7 +158,8 @@ class Options(usage.Options):
     )
 
     optFlags = [
-        ["debug", "d", "Also write handler console output to the server log."],
+        ["debug", "d", "Also write handler console output, and a line per request "
+         "(handler, time taken, worker), to the server log."],
         ["languages", None, "Print the handler languages available here and exit."],
     ]
 
@@ -179,8 +180,8 @@ class Options(usage.Options):
         ["maxmemory", None, "256", "Address-space limit of a handler process in MiB."],
         ["handlers", None, None, "Directory of local handlers named by a relative "
          "x-haiku-handler [default: the bundled samples]."],
-        ["cache-ttl", None, "5", "Seconds a fetched handler without caching headers "
-         "stays fresh."],
+        ["cache-ttl", None, "5", "Seconds a fetched handler without caching headers, "
+         "or a local one, stays fresh in memory."],
         ["cafile", None, None, "Extra CA certificates (PEM) for https handler origins."],
         ["user", None, None, "Unprivileged user for handler processes and jobs "
          "[default as root: a uid of its own per worker slot for handlers, "

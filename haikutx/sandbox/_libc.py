@@ -87,6 +87,28 @@ CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 
 
+def close_fds_except(keep_fds: tuple[int, ...] | set[int]) -> None:
+    """
+    Close every descriptor of this process but C{keep_fds}, with
+    C{close_range(2)} (a few system calls, whatever the descriptor limit).
+
+    @param keep_fds: the descriptors to keep open.
+    """
+    low = 0
+    for fd in sorted(set(keep_fds)):
+        if fd > low:
+            _close_range(low, fd - 1)
+        low = max(low, fd + 1)
+    _close_range(low, 0xFFFFFFFF)
+
+
+def _close_range(first: int, last: int) -> None:
+    if libc.syscall(
+        _COMMON["close_range"], ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(0)
+    ) < 0:
+        os.closerange(first, min(last + 1, os.sysconf("SC_OPEN_MAX")))
+
+
 def unshare(flags: int) -> None:
     """
     Call C{unshare(2)} (L{os.unshare} is new in Python 3.12).

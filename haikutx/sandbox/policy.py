@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 
 from . import landlock, privileges, seccomp
-from ._libc import MACHINE, PR_SET_PDEATHSIG, libc, prctl, syscall_number
+from ._libc import MACHINE, PR_SET_PDEATHSIG, close_fds_except, libc, prctl, syscall_number
 from .privileges import Identity, ResourceLimits
 
 _CLOSE_RANGE = syscall_number("close_range")
@@ -239,7 +239,7 @@ class PreparedSandbox:
         """
         try:
             ruleset_fd = self.ruleset_fd
-            _close_other_fds(keep_fds + ((ruleset_fd,) if ruleset_fd >= 0 else ()))
+            close_fds_except(keep_fds + ((ruleset_fd,) if ruleset_fd >= 0 else ()))
             privileges.apply_limits(self._limits)
             if self._identity is not None:
                 privileges.switch_identity(self._identity)
@@ -283,20 +283,6 @@ class PreparedSandbox:
             out["exec_paths"] = list(self.ruleset.exec_paths)
         out["exec_allowed"] = self.policy.allow_exec
         return out
-
-
-def _close_other_fds(keep_fds: tuple[int, ...]) -> None:
-    low = 0
-    for fd in sorted(set(keep_fds)):
-        if fd > low:
-            _close_range(low, fd - 1)
-        low = max(low, fd + 1)
-    _close_range(low, 0xFFFFFFFF)
-
-
-def _close_range(first: int, last: int) -> None:
-    if libc.syscall(_CLOSE_RANGE, ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(0)) < 0:
-        os.closerange(first, min(last + 1, os.sysconf("SC_OPEN_MAX")))
 
 
 def prepare(policy: SandboxPolicy) -> PreparedSandbox:
