@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qsl
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.web.http import toChunk
@@ -308,8 +308,19 @@ class HandlerResource(Resource):
             return
         if self._debug:
             request.responseHeaders.setRawHeaders(b"x-haiku-cache", [handler.cache.encode()])
+        # Everything the worker needs is taken from the request now: when
+        # the client goes away, twisted.web closes the request's content.
+        head = self._request_head(request, handler)
+        head["language"] = language.name
+        head["argv"] = argv
+        body = _body(request)
+        acquiring = self._pool.acquire(self._limits.max_time)
+        # A client that leaves while waiting gives up its place in the queue.
+        request.notifyFinish().addErrback(lambda _: acquiring.cancel())
         try:
-            worker = await self._pool.acquire(self._limits.max_time)
+            worker = await acquiring
+        except CancelledError:
+            return
         except PoolBusy as e:
             request.responseHeaders.setRawHeaders(
                 b"retry-after", [b"%d" % max(1, round(self._limits.max_time))]
@@ -319,10 +330,7 @@ class HandlerResource(Resource):
         exchange = Exchange(
             self._reactor, request, worker, self._pool, handler, self._limits.max_time
         )
-        head = self._request_head(request, handler)
-        head["language"] = language.name
-        head["argv"] = argv
-        exchange.start(head, _body(request))
+        exchange.start(head, body)
         status = await exchange.done
         if self._debug:
             # The access log has a line for every request already; this one

@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
@@ -303,6 +306,53 @@ class TimeLimitTests(TestCase):
         )
         response = await http(self.port, "/?x-haiku-handler=hello.py")
         self.assertEqual(response.status, 200)
+
+
+class ClientGoneTests(TestCase):
+    """
+    A client that goes away while its request waits for a worker loses
+    its place, and the worker goes to the next request.
+    """
+
+    def setUp(self) -> Deferred[None]:
+        self.port, self.pool = start_runtime(
+            self, HANDLERS, workers=1, max_requests=0, limits=Limits(max_time=3)
+        )
+        return Deferred.fromCoroutine(ready(self.pool))
+
+    async def test_leaves_while_waiting(self) -> None:
+        """
+        The only worker is busy; a second client sends a request and leaves
+        while it waits. The wait is dropped at once, and once the first
+        request is answered the worker serves a third request.
+        """
+        first = Deferred.fromCoroutine(http(self.port, "/?x-haiku-handler=delayed.py"))
+        await _until(lambda: self.pool.status()["workers"] == {"busy": 1})
+        leaving = await _connect(self.port)
+        leaving.transport.write(
+            b"GET /?x-haiku-handler=hello.py HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        await _until(lambda: self.pool.status()["waiting"] == 1)
+        leaving.transport.abortConnection()
+        await _until(lambda: self.pool.status()["waiting"] == 0)
+        self.assertEqual((await first).text, "Hello, world!\n")
+        started = reactor.seconds()
+        third = await http(self.port, "/?x-haiku-handler=hello.py")
+        self.assertEqual((third.status, third.text), (200, "Hello, world!\n"))
+        self.assertLess(reactor.seconds() - started, 2)
+
+
+async def _until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not met in time")
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+async def _connect(port: int) -> Protocol:
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    return await connectProtocol(endpoint, Protocol())
 
 
 class HeartbeatTests(TestCase):
