@@ -161,10 +161,10 @@ def after_run(port: int) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{PATH}", timeout=15) as response:
             body = response.read()
     except urllib.error.HTTPError as e:
-        return f"afterwards {e.code}"
+        return f"then answers {e.code}"
     except OSError as e:
-        return f"afterwards {e}"
-    return "" if body == BODY else f"afterwards body {body!r}"
+        return f"then fails: {e}"
+    return "" if body == BODY else f"then answers {body!r}"
 
 
 def bench_level(
