@@ -15,7 +15,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from haikutx.config import Limits
 from haikutx.sandbox import probe
-from haikutx.test.support import http, start_runtime, write_handlers
+from haikutx.test.support import http, ready, start_runtime, write_handlers
 
 ATTACK = """
 import os, socket, subprocess, sys, threading
@@ -47,7 +47,9 @@ elif what == 'subprocess':
 elif what == 'exec':
     os.execv('/bin/sh', ['sh', '-c', 'echo hi'])
 elif what == 'kill':
-    os.kill(int(target) if target else os.getppid(), 9)
+    for pid in [int(t) for t in target.split(',') if t] or [os.getppid()]:
+        if pid != os.getpid():
+            os.kill(pid, 9)
     res.end('killed')
 elif what == 'memory':
     block = bytearray(4 * 1024 ** 3)
@@ -168,10 +170,12 @@ class HostileHandlerTests(TestCase):
         """
         self.assertRefused(await self.attack("kill"), "PermissionError", "ProcessLookupError")
         self.assertEqual(self.pool.counters["died"], 0)
-        siblings = [w.child_pid for w in self.pool.workers if w.child_pid]
-        for pid in siblings:
-            response = await self.attack("kill", str(pid))
-            self.assertRefused(response, "PermissionError", "ProcessLookupError")
+        await ready(self.pool)
+        # Both slots' processes are ready; one of them serves the attack,
+        # which skips itself and tries to kill the other.
+        siblings = [str(w.child_pid) for w in self.pool.workers]
+        response = await self.attack("kill", ",".join(siblings))
+        self.assertRefused(response, "PermissionError")
         self.assertEqual(self.pool.counters["died"], 0)
 
     async def test_memory(self) -> None:

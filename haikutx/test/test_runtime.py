@@ -307,6 +307,25 @@ class TimeLimitTests(TestCase):
         response = await http(self.port, "/?x-haiku-handler=hello.py")
         self.assertEqual(response.status, 200)
 
+    async def test_handler_process_killed(self) -> None:
+        """
+        When the process running the handler (the zygote's child) is killed
+        with SIGKILL, the answer names that signal, and the slot is
+        replaced.
+        """
+        pending = Deferred.fromCoroutine(http(self.port, "/?x-haiku-handler=pid-wait-silent.py"))
+        await _until(lambda: any(w.state == "busy" for w in self.pool.workers))
+        busy = next(w for w in self.pool.workers if w.state == "busy")
+        os.kill(busy.child_pid, signal.SIGKILL)
+        response = await pending
+        self.assertEqual(
+            (response.status, response.text),
+            (500, "Handler pid-wait-silent.py did not complete: the worker process was "
+                  "killed by signal 9 (SIGKILL).\n"),
+        )
+        response = await http(self.port, "/?x-haiku-handler=hello.py")
+        self.assertEqual(response.status, 200)
+
 
 class ClientGoneTests(TestCase):
     """
