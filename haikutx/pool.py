@@ -23,6 +23,9 @@ from zope.interface import implementer
 from haikutx.interfaces import IWorkerSpawner
 from haikutx.worker import CHILD_FDS, WorkerProtocol
 
+#: A request waiting for a worker, and the handler kind it will run.
+_Waiter = tuple[Deferred[WorkerProtocol], str | None]
+
 
 class PoolBusy(Exception):
     """
@@ -126,7 +129,7 @@ class WorkerPool(Service):
         self._kill_time = kill_time
         self.workers: set[WorkerProtocol] = set()
         self._idle: deque[WorkerProtocol] = deque()
-        self._waiters: deque[Deferred[WorkerProtocol]] = deque()
+        self._waiters: deque[_Waiter] = deque()
         self._failures = 0
         self._respawn: IDelayedCall | None = None
         self.counters = {"started": 0, "recycled": 0, "died": 0, "killed": 0}
@@ -144,7 +147,7 @@ class WorkerPool(Service):
         if self._respawn is not None and self._respawn.active():
             self._respawn.cancel()
         while self._waiters:
-            self._waiters.popleft().errback(PoolBusy("the runtime is stopping"))
+            self._waiters.popleft()[0].errback(PoolBusy("the runtime is stopping"))
         ended = []
         for worker in list(self.workers):
             ended.append(worker.ended)
@@ -183,14 +186,47 @@ class WorkerPool(Service):
         self._hand_out(worker)
 
     def _hand_out(self, worker: WorkerProtocol) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.called:
+        """
+        Give C{worker} to the longest-waiting request whose handler it can
+        run, or keep it idle.  When requests wait but none can run on it
+        (its process is confined for the other kind of handler), its
+        process is replaced by a fresh one, which suits any of them.
+        """
+        waiting = False
+        for entry in list(self._waiters):
+            waiter, kind = entry
+            if waiter.called:
+                self._waiters.remove(entry)
+                continue
+            if _suits(worker, kind):
+                self._waiters.remove(entry)
                 worker.state = "idle"
                 waiter.callback(worker)
                 return
+            waiting = True
+        if waiting:
+            self._recycle(worker, retire=True)
+            return
         worker.state = "idle"
         self._idle.append(worker)
+
+    def _recycle(self, worker: WorkerProtocol, retire: bool) -> None:
+        """
+        Wait for C{worker}'s zygote to fork a fresh process; kill the worker
+        if none comes in time.
+
+        @param retire: ask the current (idle) process to exit; otherwise it
+            exits by itself, having reached its quota.
+        """
+        worker.state = "recycling"
+        self.counters["recycled"] += 1
+        worker.deadline = self._reactor.callLater(
+            self._kill_time,
+            worker.kill,
+            "did not start a fresh process after its last request",
+        )
+        if retire:
+            worker.retire()
 
     def _ended(self, worker: WorkerProtocol, reason: str) -> None:
         self.workers.discard(worker)
@@ -230,29 +266,43 @@ class WorkerPool(Service):
 
     # Requests
 
-    def acquire(self, timeout: float) -> Deferred[WorkerProtocol]:
+    def acquire(
+        self, timeout: float, kind: str | None = None
+    ) -> Deferred[WorkerProtocol]:
         """
         An idle worker, as soon as one is free.
 
         @param timeout: seconds to wait before failing with L{PoolBusy}.
+        @param kind: the kind of handler it will run
+            (L{haikutx.worker.handler_kind}): a worker whose process already
+            ran the other kind is not handed out (its process is replaced by
+            a fresh one instead); C{None} takes any worker.
         @return: a L{Deferred} firing with a worker in state C{idle}.
         """
-        while self._idle:
-            worker = self._idle.popleft()
-            if worker.state == "idle":
+        other = None
+        for worker in list(self._idle):
+            if worker.state != "idle":
+                self._idle.remove(worker)
+            elif _suits(worker, kind):
+                self._idle.remove(worker)
                 return _succeed(worker)
+            elif other is None:
+                other = worker
         waiter: Deferred[WorkerProtocol] = Deferred(self._forget)
-        self._waiters.append(waiter)
+        self._waiters.append((waiter, kind))
         timer = self._reactor.callLater(timeout, self._give_up, waiter)
         waiter.addBoth(_cancel_timer, timer)
+        if other is not None:
+            self._idle.remove(other)
+            self._recycle(other, retire=True)
         return waiter
 
     def _forget(self, waiter: Deferred[WorkerProtocol]) -> bool:
-        try:
-            self._waiters.remove(waiter)
-        except ValueError:
-            return False
-        return True
+        for entry in self._waiters:
+            if entry[0] is waiter:
+                self._waiters.remove(entry)
+                return True
+        return False
 
     def _give_up(self, waiter: Deferred[WorkerProtocol]) -> None:
         if self._forget(waiter):
@@ -269,13 +319,7 @@ class WorkerPool(Service):
         if worker.state != "busy":
             return
         if self.max_requests and worker.served >= self.max_requests:
-            worker.state = "recycling"
-            self.counters["recycled"] += 1
-            worker.deadline = self._reactor.callLater(
-                self._kill_time,
-                worker.kill,
-                "did not start a fresh process after its last request",
-            )
+            self._recycle(worker, retire=False)
             return
         self._hand_out(worker)
 
@@ -294,6 +338,10 @@ class WorkerPool(Service):
             "sandbox": self.sandbox,
             **self.counters,
         }
+
+
+def _suits(worker: WorkerProtocol, kind: str | None) -> bool:
+    return kind is None or worker.kind is None or worker.kind == kind
 
 
 def _succeed(worker: WorkerProtocol) -> Deferred[WorkerProtocol]:

@@ -23,7 +23,7 @@ from haikutx.console import console_mode
 from haikutx.interfaces import IExchange
 from haikutx.loader import HandlerLoadError, HandlerSource
 from haikutx.pool import PoolBusy, WorkerPool
-from haikutx.worker import WorkerProtocol
+from haikutx.worker import WorkerProtocol, handler_kind
 
 HANDLER = "x-haiku-handler"
 CONSOLE = "x-haiku-console"
@@ -314,7 +314,7 @@ class HandlerResource(Resource):
         head["language"] = language.name
         head["argv"] = argv
         body = _body(request)
-        acquiring = self._pool.acquire(self._limits.max_time)
+        acquiring = self._pool.acquire(self._limits.max_time, handler_kind(language.name))
         # A client that leaves while waiting gives up its place in the queue.
         request.notifyFinish().addErrback(lambda _: acquiring.cancel())
         try:

@@ -31,6 +31,7 @@ REQUEST = ord("R")  #: JSON: the request head, the handler and its limits.
 BODY = ord("B")  #: bytes: a piece of the request body.
 BODY_END = ord("E")  #: empty: the request body is complete.
 CHALLENGE = ord("C")  #: bytes: a heartbeat challenge to echo.
+RETIRE = ord("Q")  #: empty: exit now, idle; the zygote forks a fresh process.
 
 # Worker to server.
 READY = ord("Y")  #: JSON: the worker is ready for a request ({"pid": ...}).

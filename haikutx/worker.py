@@ -28,6 +28,15 @@ FROM_WORKER = 4
 CHILD_FDS = {0: "w", 1: "r", 2: "r", TO_WORKER: "w", FROM_WORKER: "r"}
 
 
+def handler_kind(language: str) -> str:
+    """
+    What a worker process must be confined for to run a handler written in
+    C{language}: C{"python"} (run in the process itself, no exec) or
+    C{"stdio"} (an interpreter process started for it).
+    """
+    return "python" if language == "python" else "stdio"
+
+
 def describe_exit(reason: Failure) -> str:
     """
     Name how a process ended, for logs and error messages.
@@ -57,6 +66,8 @@ class WorkerProtocol(ProcessProtocol):
     @ivar state: C{starting}, C{idle}, C{busy}, C{recycling} or C{dead}.
     @ivar pid: the process id, once started.
     @ivar served: requests this process has served.
+    @ivar kind: what the current process is confined for (L{handler_kind}),
+        or C{None} while it has run nothing.
     @ivar kill_reason: why the server killed it, if it did.
     """
 
@@ -87,6 +98,7 @@ class WorkerProtocol(ProcessProtocol):
         self.deadline: IDelayedCall | None = None
         self.sandbox: dict[str, Any] | None = None
         self.served = 0
+        self.kind: str | None = None
         self.kill_reason: str | None = None
         self.started = reactor.seconds()
         self.ended: Deferred[None] = Deferred()
@@ -146,6 +158,7 @@ class WorkerProtocol(ProcessProtocol):
             if self.state in ("starting", "recycling"):
                 self.child_pid = json.loads(payload).get("pid")
                 self.served = 0
+                self.kind = None
                 self._cancel_deadline()
                 if self.state == "starting":
                     self._schedule_heartbeat()
@@ -186,12 +199,20 @@ class WorkerProtocol(ProcessProtocol):
         """
         assert self.state == "idle", self.state
         self.state = "busy"
+        self.kind = handler_kind(head.get("language", "python"))
         self._exchange = exchange
         frames = [wire.encode_json(wire.REQUEST, head)]
         for start in range(0, len(body), wire.CHUNK):
             frames.append(wire.encode(wire.BODY, body[start : start + wire.CHUNK]))
         frames.append(wire.encode(wire.BODY_END))
         self.transport.writeToChild(TO_WORKER, b"".join(frames))
+
+    def retire(self) -> None:
+        """
+        Ask the idle process to exit, so that its zygote forks a fresh one
+        (announced by a new READY).
+        """
+        self.transport.writeToChild(TO_WORKER, wire.encode(wire.RETIRE))
 
     def detach(self, exchange: Any) -> None:
         """

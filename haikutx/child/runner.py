@@ -384,6 +384,8 @@ class Worker:
     def _frame(self, kind: int, payload: bytes) -> None:
         if kind == wire.CHALLENGE:
             self.send(wire.encode(wire.ANSWER, payload))
+        elif kind == wire.RETIRE and self.current is None:
+            self.loop.stop()
         elif kind == wire.REQUEST:
             import json
 

@@ -177,6 +177,62 @@ class PoolTests(SynchronousTestCase):
         self.clock.advance(2)
         self.assertEqual(len(self.spawner.started), 4)
 
+    def serve_kind(self, pool: WorkerPool, worker, language: str) -> None:
+        worker.run(RecordingExchange(), {"language": language}, b"")
+        worker.transport.send(wire.FINISH, b'{"trailers": []}')
+        pool.release(worker)
+
+    def test_kind_kept(self) -> None:
+        """
+        A worker whose process ran a Python handler is handed out again for
+        Python handlers, and for callers that do not say.
+        """
+        pool = self.make_pool(size=1, max_requests=0)
+        self.ready(0)
+        worker = self.successResultOf(pool.acquire(5, "python"))
+        self.serve_kind(pool, worker, "python")
+        self.assertEqual(worker.kind, "python")
+        self.assertIs(self.successResultOf(pool.acquire(5, "python")), worker)
+        self.serve_kind(pool, worker, "python")
+        self.assertIs(self.successResultOf(pool.acquire(5)), worker)
+
+    def test_other_kind_gets_a_fresh_process(self) -> None:
+        """
+        A request for the other kind of handler does not get a process
+        confined for the first: the idle process is asked to exit, and the
+        request gets the worker once its fresh process is ready.
+        """
+        pool = self.make_pool(size=1, max_requests=0)
+        self.ready(0)
+        worker = self.successResultOf(pool.acquire(5, "python"))
+        self.serve_kind(pool, worker, "python")
+        waiting = pool.acquire(5, "stdio")
+        self.assertNoResult(waiting)
+        self.assertEqual(worker.state, "recycling")
+        self.assertEqual(self.spawner.started[0].frames()[-1], (wire.RETIRE, b""))
+        self.spawner.started[0].send(wire.READY, b'{"pid": 3}')
+        self.assertIs(self.successResultOf(waiting), worker)
+        self.assertIsNone(worker.kind)
+        self.assertEqual(len(self.spawner.started), 1)
+
+    def test_released_worker_goes_to_a_waiter_it_suits(self) -> None:
+        """
+        A released worker skips waiting requests of the other kind for one
+        of its own kind; when none suits, its process is replaced.
+        """
+        pool = self.make_pool(size=1, max_requests=0)
+        self.ready(0)
+        worker = self.successResultOf(pool.acquire(5, "python"))
+        stdio = pool.acquire(5, "stdio")
+        python = pool.acquire(5, "python")
+        self.serve_kind(pool, worker, "python")
+        self.assertIs(self.successResultOf(python), worker)
+        self.assertNoResult(stdio)
+        self.serve_kind(pool, worker, "python")
+        self.assertEqual(worker.state, "recycling")
+        self.spawner.started[0].send(wire.READY, b'{"pid": 4}')
+        self.assertIs(self.successResultOf(stdio), worker)
+
     def test_stop(self) -> None:
         """
         Stopping the pool terminates every worker, kills those that linger,

@@ -173,6 +173,25 @@ class StdioRuntimeTests(TestCase):
 
         return Deferred.fromCoroutine(run())
 
+    def test_mixed_kinds_reused_worker(self) -> Deferred[None]:
+        """
+        With one reused worker (C{-r 0}), Python and stdio handlers take
+        turns and every request is answered 200: a process confined for one
+        kind is replaced before it runs the other.
+        """
+        _need("bash")
+
+        async def run() -> None:
+            port = self._start(SAMPLES, max_requests=0)
+            await ready(self.pool)
+            for sample in ["hello.py", "echo.sh", "echo.sh", "hello.py", "echo.sh"]:
+                response = await http(port, f"/?x-haiku-handler={sample}")
+                self.assertEqual(response.status, 200, (sample, response.body))
+            self.assertEqual(self.pool.counters["recycled"], 3)
+            self.assertEqual(self.pool.counters["started"], 1)
+
+        return Deferred.fromCoroutine(run())
+
     def test_cgi_header_block(self) -> Deferred[None]:
         """
         A header block at the start of stdout sets status and headers
