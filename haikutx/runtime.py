@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.web.http import toChunk
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from haikutx.config import Limits
@@ -36,6 +36,22 @@ NO_HANDLER = (
 
 #: Response headers a handler may not set: the runtime frames the response.
 _HOP_BY_HOP = {b"connection", b"transfer-encoding", b"keep-alive", b"upgrade"}
+
+#: Set on a request for which L{HandlerResource} emits its own event.
+_LOGGED_HERE = "haiku_logged"
+
+
+class RuntimeSite(Site):
+    """
+    A L{Site} whose access log leaves out the requests L{HandlerResource}
+    answers: for each of those the runtime emits one structured event of
+    its own (SPEC §7: client, method, handler, status, duration, worker),
+    so that every request costs one log line, not two.
+    """
+
+    def log(self, request: Request) -> None:
+        if not getattr(request, _LOGGED_HERE, False):
+            super().log(request)
 
 
 def request_parameter(request: Request, name: str) -> str | None:
@@ -269,9 +285,12 @@ class HandlerResource(Resource):
 
     def render(self, request: Request) -> Any:
         self.counters["requests"] += 1
+        # Every path below emits one event for this request (SPEC §7).
+        setattr(request, _LOGGED_HERE, True)
         name = self._handler or request_parameter(request, HANDLER)
         if not name:
             if request.uri == b"/favicon.ico":
+                self._served(request, None, 404, self._reactor.seconds(), None)
                 request.setResponseCode(404)
                 request.responseHeaders.setRawHeaders(b"content-length", [b"0"])
                 return b""
@@ -284,13 +303,33 @@ class HandlerResource(Resource):
     def _refuse(self, request: Request, status: int, message: str, name: str | None) -> None:
         self.counters["errors"] += 1
         self.log.warn(
-            "{method} {handler_url} -> {status}: {reason}",
+            "{client} {method} {handler_url} -> {status}: {reason}",
+            client=_client(request),
             method=request.method.decode("latin-1"),
             handler_url=name,
             status=status,
             reason=message,
         )
         send_error(request, status, message)
+
+    def _served(
+        self, request: Request, name: str | None, status: int | None, started: float,
+        worker_pid: int | None,
+    ) -> None:
+        """
+        Emit the event of a request that was answered (C{status}), or whose
+        client went away before it was (C{None}).
+        """
+        self.log.info(
+            "{client} {method} {handler_url} -> {answer} in {duration:.3f}s",
+            client=_client(request),
+            method=request.method.decode("latin-1"),
+            handler_url=name,
+            status=status,
+            answer=status if status is not None else "client went away",
+            duration=self._reactor.seconds() - started,
+            worker_pid=worker_pid,
+        )
 
     async def _serve(self, request: Request, name: str) -> None:
         started = self._reactor.seconds()
@@ -300,6 +339,7 @@ class HandlerResource(Resource):
             self._refuse(request, e.status, e.message, name)
             return
         if request._disconnected:
+            self._served(request, name, None, started, None)
             return
         try:
             language, argv = self._language(request, handler)
@@ -320,6 +360,7 @@ class HandlerResource(Resource):
         try:
             worker = await acquiring
         except CancelledError:
+            self._served(request, handler.url, None, started, None)
             return
         except PoolBusy as e:
             request.responseHeaders.setRawHeaders(
@@ -332,17 +373,7 @@ class HandlerResource(Resource):
         )
         exchange.start(head, body)
         status = await exchange.done
-        if self._debug:
-            # The access log has a line for every request already; this one
-            # adds the handler, the time taken and the worker.
-            self.log.info(
-                "{method} {handler_url} -> {status} in {duration:.3f}s",
-                method=request.method.decode("latin-1"),
-                handler_url=handler.url,
-                status=status,
-                duration=self._reactor.seconds() - started,
-                worker_pid=worker.pid,
-            )
+        self._served(request, handler.url, status, started, worker.pid)
 
     def _language(self, request: Request, handler: HandlerSource) -> tuple[Any, Any]:
         """
@@ -399,6 +430,10 @@ class HandlerResource(Resource):
         self.log.failure("serving {handler_url} failed", failure, handler_url=name)
         if not request.startedWriting and not request._disconnected:
             send_error(request, 500, f"Handler {name} could not be run: internal error")
+
+
+def _client(request: Request) -> str:
+    return getattr(request.getClientAddress(), "host", "-")
 
 
 def _body(request: Request) -> bytes:

@@ -14,14 +14,14 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from haikutx.addresses import EgressRules
 from haikutx.config import Config
 from haikutx.fetch import HandlerFetcher
 from haikutx.loader import HandlerLoader, ServeLoader
 from haikutx.pool import PythonWorkerSpawner, WorkerPool
-from haikutx.runtime import HandlerResource
+from haikutx.runtime import HandlerResource, RuntimeSite
 from haikutx.status import StatusResource
 
 
@@ -202,7 +202,7 @@ def build_service(reactor: Any, config: Config) -> MultiService:
     runtime = MultiService()
     runtime.setName("runtime")
     runtime.setServiceParent(top)
-    site = Site(root, reactor=reactor)
+    site = RuntimeSite(root, reactor=reactor)
     site.displayTracebacks = False
     if config.https is not None and config.generate_tls:
         from haikutx.tls import ensure_self_signed

@@ -158,8 +158,7 @@ class Options(usage.Options):
     )
 
     optFlags = [
-        ["debug", "d", "Also write handler console output, and a line per request "
-         "(handler, time taken, worker), to the server log."],
+        ["debug", "d", "Also write handler console output to the server log."],
         ["languages", None, "Print the handler languages available here and exit."],
     ]
 

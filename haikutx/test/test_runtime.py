@@ -327,6 +327,66 @@ class TimeLimitTests(TestCase):
         self.assertEqual(response.status, 200)
 
 
+class LogTests(TestCase):
+    """
+    One structured event per request (SPEC §7), and no second line for it
+    in a L{RuntimeSite}'s access log.
+    """
+
+    async def test_one_event_per_request(self) -> None:
+        """
+        A served request emits one event naming the client, method,
+        handler, status, duration and worker; a refused one a warning with
+        the reason. The access log keeps only the other requests.
+        """
+        from pathlib import Path
+
+        from twisted.logger import globalLogPublisher
+
+        from haikutx.config import Config
+        from haikutx.runtime import RuntimeSite
+        from haikutx.service import build_runtime
+        from haikutx.test.support import write_handlers
+
+        handlers = write_handlers(Path(self.mktemp()), HANDLERS)
+        pool, root, fetcher = build_runtime(
+            reactor, Config(http=None, https=None, workers=1, handlers=handlers)
+        )
+        pool.startService()
+        self.addCleanup(fetcher.close)
+        self.addCleanup(pool.stopService)
+        access = Path(self.mktemp())
+        site = RuntimeSite(root, logPath=str(access), reactor=reactor)
+        listening = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        self.assertEqual((await http(port, "/?x-haiku-handler=hello.py")).status, 200)
+        self.assertEqual((await http(port, "/?x-haiku-handler=missing.py")).status, 404)
+        self.assertEqual((await http(port, "/_haiku/status")).status, 200)
+
+        mine = [e for e in events if e.get("log_namespace") == "haikutx.runtime.HandlerResource"]
+        served, refused = mine
+        self.assertEqual(
+            (served["client"], served["method"], served["handler_url"], served["status"],
+             served["log_level"].name),
+            ("127.0.0.1", "GET", "hello.py", 200, "info"),
+        )
+        self.assertEqual(served["worker_pid"], next(iter(pool.workers)).pid)
+        self.assertGreater(served["duration"], 0)
+        self.assertEqual(
+            (refused["handler_url"], refused["status"], refused["log_level"].name),
+            ("missing.py", 404, "warn"),
+        )
+        site.stopFactory()
+        lines = access.read_text().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn('"GET /_haiku/status HTTP/1.1" 200', lines[0])
+
+
 class ClientGoneTests(TestCase):
     """
     A client that goes away while its request waits for a worker loses
