@@ -205,19 +205,26 @@ class WorkerPool(Service):
                 return
             waiting = True
         if waiting:
-            self._recycle(worker, retire=True)
+            self._recycle(worker, "a waiting request needs a fresh process", retire=True)
             return
         worker.state = "idle"
         self._idle.append(worker)
 
-    def _recycle(self, worker: WorkerProtocol, retire: bool) -> None:
+    def _recycle(self, worker: WorkerProtocol, reason: str, retire: bool) -> None:
         """
         Wait for C{worker}'s zygote to fork a fresh process; kill the worker
         if none comes in time.
 
+        @param reason: why, for the log.
         @param retire: ask the current (idle) process to exit; otherwise it
             exits by itself, having reached its quota.
         """
+        self.log.info(
+            "worker {worker_pid} recycling its process {child_pid}: {reason}",
+            worker_pid=worker.pid,
+            child_pid=worker.child_pid,
+            reason=reason,
+        )
         worker.state = "recycling"
         self.counters["recycled"] += 1
         worker.deadline = self._reactor.callLater(
@@ -294,7 +301,10 @@ class WorkerPool(Service):
         waiter.addBoth(_cancel_timer, timer)
         if other is not None:
             self._idle.remove(other)
-            self._recycle(other, retire=True)
+            self._recycle(
+                other, f"a {kind} handler cannot run in a process that ran "
+                f"{other.kind} handlers", retire=True,
+            )
         return waiter
 
     def _forget(self, waiter: Deferred[WorkerProtocol]) -> bool:
@@ -319,7 +329,9 @@ class WorkerPool(Service):
         if worker.state != "busy":
             return
         if self.max_requests and worker.served >= self.max_requests:
-            self._recycle(worker, retire=False)
+            self._recycle(
+                worker, f"served its quota of {self.max_requests} requests", retire=False
+            )
             return
         self._hand_out(worker)
 

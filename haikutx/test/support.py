@@ -65,18 +65,31 @@ def start_runtime(
     return port.getHost().port, pool
 
 
+async def until(condition: Any, timeout: float = 10.0, what: Any = None) -> None:
+    """
+    Wait (bounded) until C{condition()} is true, checking every 10 ms.
+
+    @param what: called for the failure message when time runs out.
+    """
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(what() if what else "condition not met in time")
+        await deferLater(reactor, 0.01, lambda: None)
+
+
 async def ready(pool: Any, timeout: float = 20.0) -> None:
     """
     Wait until every worker of C{pool} is idle (bounded), so that tests with
     a short --maxtime do not count a worker's start-up against it.
     """
-    from twisted.internet.task import deferLater
-
-    deadline = reactor.seconds() + timeout
-    while pool.status()["workers"] != {"idle": pool.size}:
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"workers not ready: {pool.status()}")
-        await deferLater(reactor, 0.02, lambda: None)
+    await until(
+        lambda: pool.status()["workers"] == {"idle": pool.size},
+        timeout,
+        lambda: f"workers not ready: {pool.status()}",
+    )
 
 
 class _RawClient(Protocol):

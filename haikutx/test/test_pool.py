@@ -215,6 +215,22 @@ class PoolTests(SynchronousTestCase):
         self.assertIsNone(worker.kind)
         self.assertEqual(len(self.spawner.started), 1)
 
+    def test_recycles_logged(self) -> None:
+        """
+        Every recycle is logged with its reason (SPEC §7).
+        """
+        from twisted.logger import capturedLogs
+
+        pool = self.make_pool(size=1, max_requests=1)
+        self.ready(0)
+        worker = self.successResultOf(pool.acquire(5))
+        with capturedLogs() as events:
+            self.serve(pool, worker)
+        recycled = [e for e in events if "recycling" in e["log_format"]]
+        self.assertEqual(len(recycled), 1)
+        self.assertEqual(recycled[0]["reason"], "served its quota of 1 requests")
+        self.assertEqual(recycled[0]["worker_pid"], worker.pid)
+
     def test_released_worker_goes_to_a_waiter_it_suits(self) -> None:
         """
         A released worker skips waiting requests of the other kind for one

@@ -23,7 +23,7 @@ from haikutx.config import Limits, bundled_samples
 from haikutx.loader import HandlerLoader
 from haikutx.pool import WorkerPool
 from haikutx.runtime import NO_HANDLER, HandlerResource
-from haikutx.test.support import http, ready, start_runtime
+from haikutx.test.support import http, ready, start_runtime, until
 
 HANDLERS = {
     "hello.py": "res.write_head(200, {'Content-Type': 'text/plain'})\nres.end('Hello, world!\\n')\n",
@@ -314,7 +314,7 @@ class TimeLimitTests(TestCase):
         replaced.
         """
         pending = Deferred.fromCoroutine(http(self.port, "/?x-haiku-handler=pid-wait-silent.py"))
-        await _until(lambda: any(w.state == "busy" for w in self.pool.workers))
+        await until(lambda: any(w.state == "busy" for w in self.pool.workers))
         busy = next(w for w in self.pool.workers if w.state == "busy")
         os.kill(busy.child_pid, signal.SIGKILL)
         response = await pending
@@ -406,27 +406,19 @@ class ClientGoneTests(TestCase):
         request is answered the worker serves a third request.
         """
         first = Deferred.fromCoroutine(http(self.port, "/?x-haiku-handler=delayed.py"))
-        await _until(lambda: self.pool.status()["workers"] == {"busy": 1})
+        await until(lambda: self.pool.status()["workers"] == {"busy": 1})
         leaving = await _connect(self.port)
         leaving.transport.write(
             b"GET /?x-haiku-handler=hello.py HTTP/1.1\r\nHost: x\r\n\r\n"
         )
-        await _until(lambda: self.pool.status()["waiting"] == 1)
+        await until(lambda: self.pool.status()["waiting"] == 1)
         leaving.transport.abortConnection()
-        await _until(lambda: self.pool.status()["waiting"] == 0)
+        await until(lambda: self.pool.status()["waiting"] == 0)
         self.assertEqual((await first).text, "Hello, world!\n")
         started = reactor.seconds()
         third = await http(self.port, "/?x-haiku-handler=hello.py")
         self.assertEqual((third.status, third.text), (200, "Hello, world!\n"))
         self.assertLess(reactor.seconds() - started, 2)
-
-
-async def _until(condition: Any, timeout: float = 10.0) -> None:
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not met in time")
-        await deferLater(reactor, 0.01, lambda: None)
 
 
 async def _connect(port: int) -> Protocol:
