@@ -1,5 +1,5 @@
 """
-Fetches per second of one handler through L{haikutx.fetch.HandlerFetcher}
+Fetches per second of one handler through L{haikutx.runtime.fetch.HandlerFetcher}
 with the cache on (fresh: served from memory), on but always stale (each
 fetch a conditional request answered 304), and off (each fetch downloads the
 handler, as haiku-http did on every request).
@@ -25,7 +25,7 @@ from twisted.internet import defer, reactor  # noqa: E402
 from twisted.web.resource import Resource  # noqa: E402
 from twisted.web.server import Site  # noqa: E402
 
-from haikutx.fetch import HandlerFetcher  # noqa: E402
+from haikutx.runtime.fetch import HandlerFetcher  # noqa: E402
 
 
 class _Handler(Resource):

@@ -23,8 +23,8 @@ SERVER = """
 import sys
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
-from haikutx.addresses import EgressRules
-from haikutx.egress import EgressProxyFactory
+from haikutx.net.addresses import EgressRules
+from haikutx.runtime.egress import EgressProxyFactory
 
 class Echo(Protocol):
     def dataReceived(self, data):

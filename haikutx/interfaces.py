@@ -15,7 +15,7 @@ class IWorkerSpawner(Interface):
         """
         Start one worker process connected to C{protocol}.
 
-        @param protocol: a L{haikutx.worker.WorkerProtocol}.
+        @param protocol: a L{haikutx.runtime.worker.WorkerProtocol}.
         @param max_requests: requests the worker serves before it exits;
             0 means never.
         """
@@ -61,8 +61,8 @@ class IHandlerLoader(Interface):
         """
         Load the handler C{name} (an http/https URL or a relative name).
 
-        @return: a L{Deferred} firing with a L{haikutx.loader.HandlerSource},
-            or failing with L{haikutx.loader.HandlerLoadError}.
+        @return: a L{Deferred} firing with a L{haikutx.runtime.loader.HandlerSource},
+            or failing with L{haikutx.runtime.loader.HandlerLoadError}.
         """
 
 
@@ -115,8 +115,8 @@ class IHandlerFetcher(Interface):
         Fetch the handler at C{url}, following redirects, through the cache.
 
         @param url: an absolute http or https URL.
-        @return: a L{Deferred} firing with a L{haikutx.fetch.FetchedHandler},
-            or failing with L{haikutx.fetch.HandlerFetchError}.
+        @return: a L{Deferred} firing with a L{haikutx.runtime.fetch.FetchedHandler},
+            or failing with L{haikutx.runtime.fetch.HandlerFetchError}.
         """
 
     def counters():
@@ -130,7 +130,7 @@ class IHandlerFetcher(Interface):
 
 class IJobStore(Interface):
     """
-    Durable storage of job runner jobs (L{haikutx.jobstore.Job} values).
+    Durable storage of job runner jobs (L{haikutx.jobs.store.sqlite.Job} values).
 
     The job runner keeps the live copy of every job in memory; the store is
     the copy that survives a restart. Every method returns a L{Deferred}
@@ -149,14 +149,14 @@ class IJobStore(Interface):
         Every stored job, oldest first (in the order they were saved first).
 
         @return: a L{Deferred} that fires with a L{list} of
-            L{haikutx.jobstore.Job}.
+            L{haikutx.jobs.store.sqlite.Job}.
         """
 
     def save(job):
         """
         Insert C{job}, or replace the stored job with the same id.
 
-        @param job: a L{haikutx.jobstore.Job}.
+        @param job: a L{haikutx.jobs.store.sqlite.Job}.
         @return: a L{Deferred} that fires with C{None} once it is stored.
         """
 

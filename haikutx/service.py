@@ -16,13 +16,13 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from haikutx.addresses import EgressRules
+from haikutx.net.addresses import EgressRules
 from haikutx.config import Config
-from haikutx.fetch import HandlerFetcher
-from haikutx.loader import HandlerLoader, ServeLoader
-from haikutx.pool import PythonWorkerSpawner, WorkerPool
-from haikutx.runtime import HandlerResource, RuntimeSite
-from haikutx.status import StatusResource
+from haikutx.runtime.fetch import HandlerFetcher
+from haikutx.runtime.loader import HandlerLoader, ServeLoader
+from haikutx.runtime.pool import PythonWorkerSpawner, WorkerPool
+from haikutx.runtime.resource import HandlerResource, RuntimeSite
+from haikutx.runtime.status import StatusResource
 
 
 class RuntimeRoot(Resource):
@@ -218,11 +218,11 @@ def build_service(reactor: Any, config: Config) -> MultiService:
             listener = strports.service(description, site, reactor=reactor)
         listener.setServiceParent(runtime)
     if config.jobs is not None:
-        from haikutx.jobs import build_jobs_service
+        from haikutx.jobs.runner import build_jobs_service
 
         build_jobs_service(reactor, config).setServiceParent(top)
     if config.gates:
-        from haikutx.gate import GateService
+        from haikutx.gate.service import GateService
 
         GateService.from_config(reactor, config).setServiceParent(top)
     return top

@@ -412,7 +412,7 @@ def _names_file(value: str) -> Path:
 
     @raise usage.UsageError: naming C{--names} and the bad line.
     """
-    from haikutx.names import NamesFile, NamesFileError
+    from haikutx.gate.names import NamesFile, NamesFileError
 
     path = _existing("names", value)
     try:

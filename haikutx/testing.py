@@ -12,9 +12,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from haikutx import wire
+from haikutx.child import wire
 from haikutx.interfaces import IJobStore, IWorkerSpawner
-from haikutx.jobstore import Job
+from haikutx.jobs.store.sqlite import Job
 
 
 class FakeWorkerTransport:

@@ -11,7 +11,7 @@ import json
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
-from haikutx.params import merge_params, parse_query
+from haikutx.child.params import merge_params, parse_query
 
 
 class Headers(dict):
@@ -75,7 +75,7 @@ class Request:
         """
         The query merged with a form, multipart or JSON body.
 
-        @raise haikutx.params.BadRequestBody: for a malformed body (the
+        @raise haikutx.child.params.BadRequestBody: for a malformed body (the
             caller gets 400 if the handler does not catch it).
         """
         if self._params is None:

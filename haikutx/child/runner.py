@@ -1,7 +1,7 @@
 # -*- test-case-name: haikutx.test.test_runtime -*-
 """
 The worker process: it reads requests from fd 3, runs each Python handler
-on an asyncio loop and writes the response to fd 4 (L{haikutx.wire}).
+on an asyncio loop and writes the response to fd 4 (L{haikutx.child.wire}).
 
 Heartbeat challenges are answered from the same loop that runs handler
 code, so a handler that blocks the loop stops the answers and is caught.
@@ -23,10 +23,10 @@ import traceback
 from collections import OrderedDict
 from typing import Any, Callable
 
-from haikutx import wire
+from haikutx.child import wire
 from haikutx.child.api import Console, Request, Response, ResponseSink
-from haikutx.console import CONSOLE_HEADER, ConsoleBuffer, encode_console
-from haikutx.params import BadRequestBody
+from haikutx.child.console import CONSOLE_HEADER, ConsoleBuffer, encode_console
+from haikutx.child.params import BadRequestBody
 
 CONTROL_IN = 3
 CONTROL_OUT = 4

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from haikutx.child.runner import HandlerRun
-from haikutx.params import BadRequestBody, merge_params
+from haikutx.child.params import BadRequestBody, merge_params
 
 if TYPE_CHECKING:
     from haikutx.child.runner import Worker

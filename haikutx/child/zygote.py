@@ -28,7 +28,7 @@ import signal
 import sys
 from typing import Any
 
-from haikutx import wire
+from haikutx.child import wire
 from haikutx.child import runner
 from haikutx.sandbox._libc import PR_SET_PDEATHSIG, close_fds_except, libc
 

@@ -8,7 +8,7 @@ import string
 
 from hypothesis import strategies as st
 
-from haikutx.names import DEFAULT, NamesEntry, NamesFile
+from haikutx.gate.names import DEFAULT, NamesEntry, NamesFile
 
 _ALPHABET = string.ascii_letters + string.digits + "-_.:/~=+,%@#^"
 
@@ -68,9 +68,9 @@ ignored_lines = st.one_of(
 )
 
 
-# Framing and console (haikutx.wire, haikutx.console).
+# Framing and console (haikutx.child.wire, haikutx.child.console).
 
-from haikutx import wire  # noqa: E402, I001
+from haikutx.child import wire  # noqa: E402, I001
 
 frame_kinds = st.sampled_from(
     [wire.REQUEST, wire.BODY, wire.BODY_END, wire.CHALLENGE, wire.HEAD, wire.DATA,

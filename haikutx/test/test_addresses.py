@@ -1,6 +1,6 @@
 # -*- test-case-name: haikutx.test.test_addresses -*-
 """
-Tests for L{haikutx.addresses}.
+Tests for L{haikutx.net.addresses}.
 
 The classifier is a pure function: these tests name special ranges only as
 data to classify; nothing here opens a connection.
@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from haikutx.addresses import (
+from haikutx.net.addresses import (
     PUBLIC,
     AddressRules,
     EgressRules,

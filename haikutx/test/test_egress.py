@@ -1,5 +1,5 @@
 """
-Tests for L{haikutx.egress}: the egress proxy on real sockets (the allowed
+Tests for L{haikutx.runtime.egress}: the egress proxy on real sockets (the allowed
 destinations are this test's own servers on 127.0.0.1, made reachable by
 C{--egress-allow} entries; refusals use loopback forms only), the relay
 channel with real C{SCM_RIGHTS}, and a child process in its own network
@@ -42,8 +42,8 @@ from twisted.web.server import Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from haikutx.addresses import EgressRules
-from haikutx.egress import (
+from haikutx.net.addresses import EgressRules
+from haikutx.runtime.egress import (
     BadRequest,
     EgressProxyFactory,
     listen_channel,
@@ -51,7 +51,7 @@ from haikutx.egress import (
     parse_authority,
     parse_head,
 )
-from haikutx.outbound import ProxyRefused, TunnelEndpoint
+from haikutx.net.outbound import ProxyRefused, TunnelEndpoint
 from haikutx.sandbox import probe
 from haikutx.test.test_fetch import ScriptedResolver, _certificates
 

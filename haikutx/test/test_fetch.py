@@ -1,6 +1,6 @@
 # -*- test-case-name: haikutx.test.test_fetch -*-
 """
-Tests for L{haikutx.fetch} and L{haikutx.outbound}: real origin servers on
+Tests for L{haikutx.runtime.fetch} and L{haikutx.net.outbound}: real origin servers on
 127.0.0.1 (plain and TLS with a CA generated here), a real tinyproxy, and
 L{MemoryReactorClock} for the endpoint's single look at DNS.
 """
@@ -31,7 +31,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from haikutx.fetch import (
+from haikutx.runtime.fetch import (
     UNSUPPORTED_PROTOCOL,
     FetchedHandler,
     HandlerFetcher,
@@ -40,7 +40,7 @@ from haikutx.fetch import (
     freshness,
 )
 from haikutx.interfaces import IHandlerFetcher
-from haikutx.outbound import AddressRefused, CheckedEndpoint
+from haikutx.net.outbound import AddressRefused, CheckedEndpoint
 
 reactor: Any = _global_reactor
 SOURCE = b"def handle(req, res):\n    res.end('hello')\n"

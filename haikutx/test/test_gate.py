@@ -1,5 +1,5 @@
 """
-Tests for L{haikutx.gate}: unit tests on Clock and StringTransport, and
+Tests for L{haikutx.gate.service}: unit tests on Clock and StringTransport, and
 integration tests with real backends, a real started application and real
 TLS on 127.0.0.1.
 """
@@ -35,8 +35,8 @@ from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
 from haikutx.config import Config
-from haikutx.gate import Application, GateService, _Framer, route
-from haikutx.names import NamesEntry, NamesFile
+from haikutx.gate.service import Application, GateService, _Framer, route
+from haikutx.gate.names import NamesEntry, NamesFile
 from haikutx.service import build_service
 from haikutx.tap import Options
 

@@ -1,6 +1,6 @@
 # -*- test-case-name: haikutx.test.test_jobs -*-
 """
-Tests for L{haikutx.jobs}: pure parts on Clock, the API and the runner on
+Tests for L{haikutx.jobs.runner}: pure parts on Clock, the API and the runner on
 real processes and sockets, and a real restart of C{twistd haiku}.
 """
 
@@ -27,7 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from haikutx.config import Config
-from haikutx.jobs import (
+from haikutx.jobs.runner import (
     AddressRefused,
     JobRefused,
     JobRunner,
@@ -40,7 +40,7 @@ from haikutx.jobs import (
     refused_callback_address,
     split_args,
 )
-from haikutx.jobstore import SQLiteJobStore
+from haikutx.jobs.store.sqlite import SQLiteJobStore
 from haikutx.service import build_service
 from haikutx.testing import MemoryJobStore
 
@@ -691,7 +691,7 @@ class RunnerStartTests(TestCase):
         A job stored as running comes back interrupted, and a callback still
         pending is marked failed; both changes are saved.
         """
-        from haikutx.jobstore import CallbackOutcome, Job
+        from haikutx.jobs.store.sqlite import CallbackOutcome, Job
 
         store = MemoryJobStore()
         job = Job(
@@ -714,7 +714,7 @@ class RunnerStartTests(TestCase):
         """
         from twisted.logger import LogLevel, capturedLogs
 
-        from haikutx.jobs import JobService
+        from haikutx.jobs.runner import JobService
 
         runner = JobRunner(reactor, MemoryJobStore(), post_callback=lambda u, b: succeed(200))
         service = JobService(runner)

@@ -1,6 +1,6 @@
 # -*- test-case-name: haikutx.test.test_jobstore -*-
 """
-Tests for L{haikutx.jobstore} and L{haikutx.testing.MemoryJobStore}.
+Tests for L{haikutx.jobs.store.sqlite} and L{haikutx.testing.MemoryJobStore}.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from haikutx.interfaces import IJobStore
-from haikutx.jobstore import FINISHED, RUNNING, CallbackOutcome, Job, SQLiteJobStore
+from haikutx.jobs.store.sqlite import FINISHED, RUNNING, CallbackOutcome, Job, SQLiteJobStore
 from haikutx.testing import MemoryJobStore
 
 

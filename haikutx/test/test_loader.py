@@ -1,5 +1,5 @@
 """
-Tests for L{haikutx.loader.HandlerLoader} with local handlers: files are
+Tests for L{haikutx.runtime.loader.HandlerLoader} with local handlers: files are
 read off the reactor thread (for real), and kept in memory for the
 freshness given (time from a L{Clock}).
 """
@@ -13,7 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from haikutx.loader import HandlerLoader, HandlerLoadError
+from haikutx.runtime.loader import HandlerLoader, HandlerLoadError
 
 
 class _ClockedReactor:

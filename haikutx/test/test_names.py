@@ -1,12 +1,12 @@
 """
-Tests for L{haikutx.names}.
+Tests for L{haikutx.gate.names}.
 """
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from haikutx.names import NamesEntry, NamesFile, NamesFileError
+from haikutx.gate.names import NamesEntry, NamesFile, NamesFileError
 from haikutx.test.strategies import ignored_lines, names_entries, names_files
 
 

@@ -1,5 +1,5 @@
 """
-Property tests for L{haikutx.params}, the one parameter parser of every
+Property tests for L{haikutx.child.params}, the one parameter parser of every
 handler language: query strings, urlencoded forms, JSON and multipart
 bodies round-trip, and malformed bodies are L{BadRequestBody}, never another
 exception.
@@ -14,7 +14,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from haikutx.params import BadRequestBody, merge_params, parse_body, parse_query
+from haikutx.child.params import BadRequestBody, merge_params, parse_body, parse_query
 
 _text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20)
 _names = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1,

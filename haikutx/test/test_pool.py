@@ -1,5 +1,5 @@
 """
-Unit tests of L{haikutx.pool.WorkerPool} and L{haikutx.worker.WorkerProtocol}
+Unit tests of L{haikutx.runtime.pool.WorkerPool} and L{haikutx.runtime.worker.WorkerProtocol}
 on fake workers and a L{Clock}.
 """
 
@@ -10,9 +10,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from haikutx import wire
+from haikutx.child import wire
 from haikutx.interfaces import IExchange, IWorkerSpawner
-from haikutx.pool import PoolBusy, PythonWorkerSpawner, WorkerPool
+from haikutx.runtime.pool import PoolBusy, PythonWorkerSpawner, WorkerPool
 from haikutx.testing import FakeSpawner
 
 
@@ -268,7 +268,7 @@ class PoolTests(SynchronousTestCase):
 
 class WorkerProtocolTests(SynchronousTestCase):
     """
-    Tests for L{haikutx.worker.WorkerProtocol}: framing and heartbeat.
+    Tests for L{haikutx.runtime.worker.WorkerProtocol}: framing and heartbeat.
     """
 
     def setUp(self) -> None:

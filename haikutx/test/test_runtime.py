@@ -20,9 +20,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from haikutx.config import Limits, bundled_samples
-from haikutx.loader import HandlerLoader
-from haikutx.pool import WorkerPool
-from haikutx.runtime import NO_HANDLER, HandlerResource
+from haikutx.runtime.loader import HandlerLoader
+from haikutx.runtime.pool import WorkerPool
+from haikutx.runtime.resource import NO_HANDLER, HandlerResource
 from haikutx.test.support import http, ready, start_runtime, until
 
 HANDLERS = {
@@ -344,7 +344,7 @@ class LogTests(TestCase):
         from twisted.logger import globalLogPublisher
 
         from haikutx.config import Config
-        from haikutx.runtime import RuntimeSite
+        from haikutx.runtime.resource import RuntimeSite
         from haikutx.service import build_runtime
         from haikutx.test.support import write_handlers
 
@@ -368,7 +368,7 @@ class LogTests(TestCase):
         self.assertEqual((await http(port, "/?x-haiku-handler=missing.py")).status, 404)
         self.assertEqual((await http(port, "/_haiku/status")).status, 200)
 
-        mine = [e for e in events if e.get("log_namespace") == "haikutx.runtime.HandlerResource"]
+        mine = [e for e in events if e.get("log_namespace") == "haikutx.runtime.resource.HandlerResource"]
         served, refused = mine
         self.assertEqual(
             (served["client"], served["method"], served["handler_url"], served["status"],

@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from haikutx.loader import HandlerLoadError, ServeLoader
+from haikutx.runtime.loader import HandlerLoadError, ServeLoader
 from haikutx.service import FirstFreePort
 from haikutx.tap import Options
 from haikutx.test.support import free_port, http

@@ -17,7 +17,7 @@ from haikutx.child.stdio import parse_cgi_headers, request_environment
 from haikutx.config import bundled_samples
 from haikutx.languages import by_name
 from haikutx.languages.builtin import BUILTIN
-from haikutx.params import BadRequestBody
+from haikutx.child.params import BadRequestBody
 from haikutx.test.support import http, ready, start_runtime
 
 SAMPLES = bundled_samples()
@@ -392,8 +392,8 @@ class StdioRuntimeTests(TestCase):
         from twisted.web.server import Site
 
         from haikutx.languages.builtin import PythonLanguage, StdioLanguage
-        from haikutx.loader import HandlerLoader
-        from haikutx.runtime import HandlerResource
+        from haikutx.runtime.loader import HandlerLoader
+        from haikutx.runtime.resource import HandlerResource
         from haikutx.test.support import write_handlers
 
         ghost = StdioLanguage("ghost", (), (".gh",), ("ghost",), ("no-such-interp-xyz",),
@@ -483,7 +483,7 @@ class SandboxedStdioTests(SynchronousTestCase):
         import os
         import signal
 
-        from haikutx import wire
+        from haikutx.child import wire
         from haikutx.child.runner import Worker
 
         to_worker, worker_in = os.pipe()[::-1]

@@ -11,16 +11,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from haikutx import wire
-from haikutx.console import ConsoleBuffer, console_mode, encode_console
-from haikutx.loader import HandlerLoadError, classify
-from haikutx.params import BadRequestBody, merge_params, parse_body
+from haikutx.child import wire
+from haikutx.child.console import ConsoleBuffer, console_mode, encode_console
+from haikutx.runtime.loader import HandlerLoadError, classify
+from haikutx.child.params import BadRequestBody, merge_params, parse_body
 from haikutx.test.strategies import console_text, frames
 
 
 class WireTests(SynchronousTestCase):
     """
-    Tests for L{haikutx.wire}.
+    Tests for L{haikutx.child.wire}.
     """
 
     @given(frames, st.lists(st.integers(min_value=1, max_value=50), min_size=1))
@@ -110,7 +110,7 @@ class ConsoleBufferTests(SynchronousTestCase):
 
 class ParamsTests(SynchronousTestCase):
     """
-    Tests for L{haikutx.params}.
+    Tests for L{haikutx.child.params}.
     """
 
     def test_query_last_wins(self) -> None:
@@ -200,9 +200,9 @@ class BusyTests(SynchronousTestCase):
         from twisted.web.server import Site
 
         from haikutx.config import Limits
-        from haikutx.loader import HandlerSource
-        from haikutx.pool import WorkerPool
-        from haikutx.runtime import HandlerResource
+        from haikutx.runtime.loader import HandlerSource
+        from haikutx.runtime.pool import WorkerPool
+        from haikutx.runtime.resource import HandlerResource
         from haikutx.testing import FakeSpawner
 
         class Loader:

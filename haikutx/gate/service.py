@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from haikutx.names import NamesEntry, NamesFile, NamesFileError
+from haikutx.gate.names import NamesEntry, NamesFile, NamesFileError
 
 #: Largest request head accepted, in bytes (larger: 431).
 MAX_HEAD = 16384

@@ -53,7 +53,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from haikutx.interfaces import IJobStore
-from haikutx.jobstore import (
+from haikutx.jobs.store.sqlite import (
     FINISHED,
     QUEUED,
     RUNNING,

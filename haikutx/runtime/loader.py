@@ -19,7 +19,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.filepath import FilePath, InsecurePath
 from zope.interface import implementer
 
-from haikutx.fetch import HandlerFetchError
+from haikutx.runtime.fetch import HandlerFetchError
 from haikutx.interfaces import IHandlerLoader
 
 UNSUPPORTED_PROTOCOL = (

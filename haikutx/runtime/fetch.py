@@ -44,9 +44,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
-from haikutx.addresses import AddressRules
+from haikutx.net.addresses import AddressRules
 from haikutx.interfaces import IHandlerFetcher
-from haikutx.outbound import (
+from haikutx.net.outbound import (
     AddressRefused,
     CheckedEndpoint,
     ProxyRefused,

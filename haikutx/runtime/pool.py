@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from haikutx.interfaces import IWorkerSpawner
-from haikutx.worker import CHILD_FDS, WorkerProtocol
+from haikutx.runtime.worker import CHILD_FDS, WorkerProtocol
 
 #: A request waiting for a worker, and the handler kind it will run.
 _Waiter = tuple[Deferred[WorkerProtocol], str | None]
@@ -33,7 +33,7 @@ class PoolBusy(Exception):
     """
 
 
-#: The zygote's end of its egress channel (L{haikutx.egress}).
+#: The zygote's end of its egress channel (L{haikutx.runtime.egress}).
 EGRESS_FD = 5
 
 #: The port of the egress relay inside each zygote's network namespace.
@@ -65,7 +65,7 @@ class PythonWorkerSpawner:
         self._egress = egress
         self._executable = executable
         self._options = dict(options or {})
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])
         self._env = {
             "PATH": os.defpath,
             "LANG": "C.UTF-8",
@@ -79,7 +79,7 @@ class PythonWorkerSpawner:
         child_fds: dict[int, Any] = dict(CHILD_FDS)
         channel = None
         if self._egress is not None and options.get("sandbox", True):
-            from haikutx.egress import make_egress_channel
+            from haikutx.runtime.egress import make_egress_channel
 
             channel, stop = make_egress_channel(self._reactor, self._egress)
             child_fds[EGRESS_FD] = channel.fileno()
@@ -281,7 +281,7 @@ class WorkerPool(Service):
 
         @param timeout: seconds to wait before failing with L{PoolBusy}.
         @param kind: the kind of handler it will run
-            (L{haikutx.worker.handler_kind}): a worker whose process already
+            (L{haikutx.runtime.worker.handler_kind}): a worker whose process already
             ran the other kind is not handed out (its process is replaced by
             a fresh one instead); C{None} takes any worker.
         @return: a L{Deferred} firing with a worker in state C{idle}.

@@ -19,7 +19,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from haikutx import wire
+from haikutx.child import wire
 
 #: File descriptor numbers in the worker.
 TO_WORKER = 3
@@ -194,7 +194,7 @@ class WorkerProtocol(ProcessProtocol):
         Send one request to this worker; its response goes to C{exchange}.
 
         @param exchange: an L{IExchange}.
-        @param head: the request head (L{haikutx.wire.REQUEST}).
+        @param head: the request head (L{haikutx.child.wire.REQUEST}).
         @param body: the whole request body, sent in chunks.
         """
         assert self.state == "idle", self.state

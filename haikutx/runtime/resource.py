@@ -19,11 +19,11 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from haikutx.config import Limits
-from haikutx.console import console_mode
+from haikutx.child.console import console_mode
 from haikutx.interfaces import IExchange
-from haikutx.loader import HandlerLoadError, HandlerSource
-from haikutx.pool import PoolBusy, WorkerPool
-from haikutx.worker import WorkerProtocol, handler_kind
+from haikutx.runtime.loader import HandlerLoadError, HandlerSource
+from haikutx.runtime.pool import PoolBusy, WorkerPool
+from haikutx.runtime.worker import WorkerProtocol, handler_kind
 
 HANDLER = "x-haiku-handler"
 CONSOLE = "x-haiku-console"

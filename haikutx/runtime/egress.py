@@ -47,8 +47,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from haikutx.addresses import EgressRules, ip_from_host
-from haikutx.outbound import AddressRefused, CheckedEndpoint
+from haikutx.net.addresses import EgressRules, ip_from_host
+from haikutx.net.outbound import AddressRefused, CheckedEndpoint
 
 #: The largest request head (request line and headers) accepted, in bytes.
 MAX_HEAD = 16384

@@ -23,7 +23,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from haikutx.addresses import ip_from_host, parse_ip
+from haikutx.net.addresses import ip_from_host, parse_ip
 
 Check = Callable[[IPv4Address | IPv6Address], "str | None"]
 

@@ -1,0 +1,3 @@
+"""
+Where jobs are kept: implementations of L{haikutx.interfaces.IJobStore}.
+"""
