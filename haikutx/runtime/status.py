@@ -5,17 +5,19 @@ C{GET /_haiku/status}: the runtime's state as JSON, for loopback clients.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from typing import Any, Callable
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from haikutx.net.local import is_local_request
+
 
 class StatusResource(Resource):
     """
-    The runtime's status as JSON, answered to loopback clients only.
+    The runtime's status as JSON, answered to local clients only
+    (L{is_local_request}: loopback, and not through a proxy).
 
     @param sources: named callables returning JSON-able parts of the status.
     """
@@ -27,12 +29,7 @@ class StatusResource(Resource):
         self._sources = sources
 
     def render_GET(self, request: Request) -> bytes:
-        host = getattr(request.getClientAddress(), "host", "")
-        try:
-            loopback = ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
+        if not is_local_request(request):
             request.setResponseCode(403)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"The status is shown to loopback clients only.\n"
