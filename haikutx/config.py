@@ -75,6 +75,10 @@ class Config:
     no_proxy: tuple[str, ...] = ()
     limits: Limits = field(factory=Limits)
     max_requests: int = 1
+    #: requests of one handler running at once (C{None}: C{workers} - 1, at least 1)
+    max_concurrency: int | None = None
+    #: requests of one handler waiting for a worker (C{None}: 2 x C{workers})
+    max_queue: int | None = None
     keepalive_timeout: float = 5.0
     keepalive_interval: float = 5.0
     debug: bool = False

@@ -21,24 +21,31 @@ from haikutx.config import Config
 from haikutx.runtime.fetch import HandlerFetcher
 from haikutx.runtime.loader import HandlerLoader, ServeLoader
 from haikutx.runtime.pool import PythonWorkerSpawner, WorkerPool
+from haikutx.metrics import MetricsResource, show_workers
 from haikutx.runtime.resource import HandlerResource, RuntimeSite
+from haikutx.runtime.scheduler import Scheduler
 from haikutx.runtime.status import StatusResource
 
 
 class RuntimeRoot(Resource):
     """
-    The runtime's root: C{/_haiku/status}, and every other path runs a
-    handler.
+    The runtime's root: C{/_haiku/status}, C{/_haiku/metrics}, and every
+    other path runs a handler.
     """
 
-    def __init__(self, handlers: HandlerResource, status: Resource) -> None:
+    def __init__(
+        self, handlers: HandlerResource, status: Resource, metrics: Resource | None = None
+    ) -> None:
         super().__init__()
         self._handlers = handlers
         self._status = status
+        self._metrics = metrics
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
         if path == b"_haiku" and request.postpath == [b"status"]:
             return self._status
+        if path == b"_haiku" and request.postpath == [b"metrics"] and self._metrics:
+            return self._metrics
         request.postpath.insert(0, request.prepath.pop())
         return self._handlers
 
@@ -173,6 +180,7 @@ def build_runtime(
         config.limits,
         handler=str(config.serve) if config.serve else None,
         debug=config.debug,
+        scheduler=Scheduler(reactor, pool, config.max_concurrency, config.max_queue),
     )
     limits = {k: v for k, v in asdict(config.limits).items()}
     status = StatusResource(
@@ -181,9 +189,12 @@ def build_runtime(
             "requests": lambda: dict(handlers.counters),
             "cache": fetcher.counters,
             "limits": lambda: limits,
+            "scheduler": handlers.scheduler.status,
+            "handlers": handlers.scheduler.tenants.status,
         }
     )
-    return pool, RuntimeRoot(handlers, status), fetcher
+    metrics = MetricsResource(refresh=[lambda: show_workers(pool.status()["workers"])])
+    return pool, RuntimeRoot(handlers, status, metrics), fetcher
 
 
 def build_service(reactor: Any, config: Config) -> MultiService:

@@ -177,6 +177,11 @@ class Options(usage.Options):
         ["keepalive-interval", "v", "5000", "ms between heartbeat challenges."],
         ["maxconsole", "l", "4096", "Console bytes kept per request; 0 = unlimited."],
         ["maxmemory", None, "256", "Address-space limit of a handler process in MiB."],
+        ["maxconcurrency", None, None, "Requests of one handler running at once; one "
+         "worker is always left for the other handlers [default: --workers - 1, "
+         "at least 1]."],
+        ["maxqueue", None, None, "Requests of one handler waiting for a worker; "
+         "beyond them, 429 at once [default: 2 x --workers]."],
         ["handlers", None, None, "Directory of local handlers named by a relative "
          "x-haiku-handler [default: the bundled samples]."],
         ["cache-ttl", None, "5", "Seconds a fetched handler without caching headers, "
@@ -354,6 +359,16 @@ class Options(usage.Options):
                 max_memory=_int("maxmemory", self["maxmemory"], 16) * 1024 * 1024,
             ),
             max_requests=_int("maxrequests", self["maxrequests"], 0),
+            max_concurrency=(
+                _int("maxconcurrency", self["maxconcurrency"], 1)
+                if self["maxconcurrency"] is not None
+                else None
+            ),
+            max_queue=(
+                _int("maxqueue", self["maxqueue"], 0)
+                if self["maxqueue"] is not None
+                else None
+            ),
             keepalive_timeout=_int("keepalive-timeout", self["keepalive-timeout"], 1)
             / 1000.0,
             keepalive_interval=_int("keepalive-interval", self["keepalive-interval"], 1)

@@ -23,6 +23,8 @@ from haikutx.child.console import console_mode
 from haikutx.interfaces import IExchange
 from haikutx.runtime.loader import HandlerLoadError, HandlerSource
 from haikutx.runtime.pool import PoolBusy, WorkerPool
+from haikutx.runtime.scheduler import Overloaded, Scheduler
+from haikutx.runtime.tenants import handler_identity
 from haikutx.runtime.worker import WorkerProtocol, handler_kind
 
 HANDLER = "x-haiku-handler"
@@ -39,6 +41,12 @@ _HOP_BY_HOP = {b"connection", b"transfer-encoding", b"keep-alive", b"upgrade"}
 
 #: Set on a request for which L{HandlerResource} emits its own event.
 _LOGGED_HERE = "haiku_logged"
+
+#: Set on a request to the handler it is accounted under.
+_IDENTITY = "haiku_handler"
+
+#: Seconds a client refused with 429 is told to wait.
+RETRY_OVERLOADED = 1
 
 
 class RuntimeSite(Site):
@@ -174,12 +182,14 @@ class Exchange:
                 )
                 self._request.write(b"0\r\n" + lines + b"\r\n")
             self._request.finish()
-        self._complete(self.status or 200)
+        # The worker first: the request's turn, given back when it is
+        # done, finds the worker idle.
         self._pool.release(self._worker)
+        self._complete(self.status or 200)
 
     def fail(self, status: int, message: str) -> None:
-        self._answer(status, message)
         self._pool.release(self._worker)
+        self._answer(status, message)
 
     def lost(self, reason: str) -> None:
         self._answer(500, f"Handler {self._handler.url} did not complete: {reason}.")
@@ -254,6 +264,8 @@ class HandlerResource(Resource):
     @param debug: send handlers' console to the server log.
     @param languages: the L{haikutx.interfaces.ILanguage} providers handlers
         may be written in (default: every plugin found).
+    @param scheduler: the L{Scheduler} sharing C{pool} among handlers
+        (default: one with the default shares).
     """
 
     isLeaf = True
@@ -268,6 +280,7 @@ class HandlerResource(Resource):
         handler: str | None = None,
         debug: bool = False,
         languages: Any = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
         super().__init__()
         if languages is None:
@@ -277,6 +290,7 @@ class HandlerResource(Resource):
         self._languages = tuple(languages)
         self._reactor = reactor
         self._pool = pool
+        self.scheduler = scheduler if scheduler is not None else Scheduler(reactor, pool)
         self._loader = loader
         self._limits = limits
         self._handler = handler
@@ -300,8 +314,24 @@ class HandlerResource(Resource):
         served.addErrback(self._crashed, request, name)
         return NOT_DONE_YET
 
-    def _refuse(self, request: Request, status: int, message: str, name: str | None) -> None:
+    def _account(self, request: Request, status: int | None, started: float) -> None:
+        """
+        Count the request under its handler (L{handler_identity}), when it
+        named one.
+        """
+        identity = getattr(request, _IDENTITY, None)
+        if identity is not None:
+            tenants = self.scheduler.tenants
+            tenants.answered(
+                tenants.lookup(identity), status, self._reactor.seconds() - started
+            )
+
+    def _refuse(
+        self, request: Request, status: int, message: str, name: str | None,
+        started: float | None = None,
+    ) -> None:
         self.counters["errors"] += 1
+        self._account(request, status, self._reactor.seconds() if started is None else started)
         self.log.warn(
             "{client} {method} {handler_url} -> {status}: {reason}",
             client=_client(request),
@@ -320,6 +350,7 @@ class HandlerResource(Resource):
         Emit the event of a request that was answered (C{status}), or whose
         client went away before it was (C{None}).
         """
+        self._account(request, status, started)
         self.log.info(
             "{client} {method} {handler_url} -> {answer} in {duration:.3f}s",
             client=_client(request),
@@ -333,6 +364,7 @@ class HandlerResource(Resource):
 
     async def _serve(self, request: Request, name: str) -> None:
         started = self._reactor.seconds()
+        setattr(request, _IDENTITY, handler_identity(name))
         try:
             handler = await self._loader.load(name)
         except HandlerLoadError as e:
@@ -354,25 +386,48 @@ class HandlerResource(Resource):
         head["language"] = language.name
         head["argv"] = argv
         body = _body(request)
-        acquiring = self._pool.acquire(self._limits.max_time, handler_kind(language.name))
+        scheduler = self.scheduler
+        acquiring = scheduler.acquire(
+            scheduler.tenants.lookup(getattr(request, _IDENTITY)),
+            self._limits.max_time,
+            handler_kind(language.name),
+        )
         # A client that leaves while waiting gives up its place in the queue.
         request.notifyFinish().addErrback(lambda _: acquiring.cancel())
         try:
-            worker = await acquiring
+            turn = await acquiring
         except CancelledError:
             self._served(request, handler.url, None, started, None)
+            return
+        except Overloaded:
+            request.responseHeaders.setRawHeaders(
+                b"retry-after", [b"%d" % RETRY_OVERLOADED]
+            )
+            self._refuse(
+                request, 429,
+                f"Too many requests for handler {handler.url}: it already has "
+                f"{scheduler.max_concurrency} running and {scheduler.max_queue} "
+                f"waiting; try again later.",
+                name, started,
+            )
             return
         except PoolBusy as e:
             request.responseHeaders.setRawHeaders(
                 b"retry-after", [b"%d" % max(1, round(self._limits.max_time))]
             )
-            self._refuse(request, 503, f"Service unavailable: {e}; try again later.", name)
+            self._refuse(
+                request, 503, f"Service unavailable: {e}; try again later.", name, started
+            )
             return
-        exchange = Exchange(
-            self._reactor, request, worker, self._pool, handler, self._limits.max_time
-        )
-        exchange.start(head, body)
-        status = await exchange.done
+        worker = turn.worker
+        try:
+            exchange = Exchange(
+                self._reactor, request, worker, self._pool, handler, self._limits.max_time
+            )
+            exchange.start(head, body)
+            status = await exchange.done
+        finally:
+            scheduler.release(turn)
         self._served(request, handler.url, status, started, worker.pid)
 
     def _language(self, request: Request, handler: HandlerSource) -> tuple[Any, Any]:

@@ -411,14 +411,30 @@ class ClientGoneTests(TestCase):
         leaving.transport.write(
             b"GET /?x-haiku-handler=hello.py HTTP/1.1\r\nHost: x\r\n\r\n"
         )
-        await until(lambda: self.pool.status()["waiting"] == 1)
+        await _until_waiting(self.port, 1)
         leaving.transport.abortConnection()
-        await until(lambda: self.pool.status()["waiting"] == 0)
+        await _until_waiting(self.port, 0)
         self.assertEqual((await first).text, "Hello, world!\n")
         started = reactor.seconds()
         third = await http(self.port, "/?x-haiku-handler=hello.py")
         self.assertEqual((third.status, third.text), (200, "Hello, world!\n"))
         self.assertLess(reactor.seconds() - started, 2)
+
+
+async def _until_waiting(port: int, count: int, timeout: float = 10.0) -> None:
+    """
+    Wait (bounded) until C{count} requests wait for a worker, for their
+    turn (the scheduler) or at the pool, as C{/_haiku/status} says.
+    """
+    deadline = reactor.seconds() + timeout
+    while True:
+        status = json.loads((await http(port, "/_haiku/status")).body)
+        waiting = status["scheduler"]["waiting"] + status["pool"]["waiting"]
+        if waiting == count:
+            return
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"{waiting} requests wait, not {count}: {status}")
+        await deferLater(reactor, 0.01, lambda: None)
 
 
 async def _connect(port: int) -> Protocol:
