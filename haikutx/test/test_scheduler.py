@@ -508,3 +508,37 @@ class FloodTests(TestCase):
         With C{-r 0} (processes reused).
         """
         await self._flood(0)
+
+
+class OptionTests(SynchronousTestCase):
+    """
+    C{--maxconcurrency} and C{--maxqueue} reach the runtime's scheduler.
+    """
+
+    def test_options(self) -> None:
+        """
+        Both are whole numbers (C{--maxqueue} may be 0); unset, the
+        scheduler derives them from C{--workers}.
+        """
+        from twisted.python.usage import UsageError
+
+        from haikutx.service import build_runtime
+        from haikutx.tap import Options
+
+        def parse(*argv: str) -> Any:
+            options = Options()
+            options.parseOptions(["--port", "none", "--sslport", "none", *argv])
+            return options.config
+
+        config = parse("-w", "6")
+        self.assertEqual((config.max_concurrency, config.max_queue), (None, None))
+        config = parse("-w", "6", "--maxconcurrency", "2", "--maxqueue", "0")
+        self.assertEqual((config.max_concurrency, config.max_queue), (2, 0))
+        for bad in (["--maxconcurrency", "0"], ["--maxqueue", "-1"], ["--maxqueue", "x"]):
+            self.assertRaises(UsageError, parse, *bad)
+        pool, root, fetcher = build_runtime(reactor, config)
+        scheduler = root._handlers.scheduler
+        self.assertEqual((scheduler.max_concurrency, scheduler.max_queue), (2, 0))
+        pool, root, fetcher = build_runtime(reactor, parse("-w", "6"))
+        scheduler = root._handlers.scheduler
+        self.assertEqual((scheduler.max_concurrency, scheduler.max_queue), (5, 12))
