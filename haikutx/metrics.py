@@ -10,35 +10,105 @@ and after what they do.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
+from itertools import accumulate
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 from twisted.web.resource import Resource
 from twisted.web.server import Request
+from zope.interface import Interface
 
 from haikutx.net.local import is_local_request
 
 #: The registry of haikutx's own metrics.
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-#: Requests the runtime answered, by handler (SPEC's accounting name, or
-#: C{other}) and status code.
-REQUESTS = Counter(
-    "haiku_requests",
-    "Requests the runtime answered, by handler and status.",
-    ["handler", "status"],
-    registry=REGISTRY,
-)
+#: Bounds (seconds) of the buckets of C{haiku_request_duration_seconds},
+#: C{+Inf} aside.
+DURATION_BUCKETS = tuple(b for b in Histogram.DEFAULT_BUCKETS if b != float("inf"))
 
-#: How long the runtime took to answer, by handler.
-REQUEST_DURATION = Histogram(
-    "haiku_request_duration_seconds",
-    "Time from a request's arrival to the end of its answer, by handler.",
-    ["handler"],
-    registry=REGISTRY,
-)
+
+class IRequestCounts(Interface):
+    """
+    What a runtime counted of the requests it answered (its table of
+    handlers, L{haikutx.runtime.tenants.Tenants}).
+    """
+
+    def request_counts() -> Iterable[tuple[str, dict[int, int], list[int], float]]:
+        """
+        Per handler: its name, its answers by status, its answers by
+        duration bucket (one count per bound of L{DURATION_BUCKETS}, then
+        one for longer ones, not cumulative) and the sum of its durations.
+        """
+
+
+class RequestsCollector:
+    """
+    C{haiku_requests_total{handler,status}} and the histogram
+    C{haiku_request_duration_seconds{handler}}, made at each scrape from
+    the counts the runtimes keep themselves (a request costs two integer
+    increments, not two metric updates).
+    """
+
+    def __init__(self) -> None:
+        self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def add(self, source: IRequestCounts) -> None:
+        """
+        Show C{source}'s counts (for as long as it lives).
+        """
+        self._sources.add(source)
+
+    def describe(self) -> list[Any]:
+        return list(self._families())
+
+    def collect(self) -> Iterable[Any]:
+        merged: dict[str, tuple[dict[int, int], list[int], list[float]]] = {}
+        for source in list(self._sources):
+            for name, answers, durations, total in source.request_counts():
+                counts, buckets, sums = merged.setdefault(
+                    name, ({}, [0] * (len(DURATION_BUCKETS) + 1), [0.0])
+                )
+                for status, count in answers.items():
+                    counts[status] = counts.get(status, 0) + count
+                for i, count in enumerate(durations):
+                    buckets[i] += count
+                sums[0] += total
+        requests, durations = self._families()
+        bounds = [floatToGoString(b) for b in DURATION_BUCKETS] + ["+Inf"]
+        for name, (counts, buckets, sums) in sorted(merged.items()):
+            for status, count in sorted(counts.items()):
+                requests.add_metric([name, str(status)], count)
+            if any(buckets):
+                durations.add_metric(
+                    [name], list(zip(bounds, accumulate(buckets), strict=True)), sum_value=sums[0]
+                )
+        return [requests, durations]
+
+    def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "haiku_requests",
+                "Requests the runtime answered, by handler and status.",
+                labels=["handler", "status"],
+            ),
+            HistogramMetricFamily(
+                "haiku_request_duration_seconds",
+                "Time from a request's arrival to the end of its answer, by handler.",
+                labels=["handler"],
+            ),
+        )
+
+
+#: Requests the runtime answered, by handler (its accounting name, or
+#: C{other}) and status code, and their durations by handler.
+REQUESTS = RequestsCollector()
+REGISTRY.register(REQUESTS)
 
 #: Worker processes by state (idle, busy, starting, ...).
 WORKERS = Gauge(
@@ -78,28 +148,6 @@ def show_workers(states: dict[str, int], gauge: Any = WORKERS) -> None:
     """
     for state in set(WORKER_STATES) | set(states):
         gauge.labels(state).set(states.get(state, 0))
-
-
-def fold_handler(requests: Any, durations: Any, name: str, into: str) -> None:
-    """
-    Forget handler C{name}'s series: its answered requests are added to
-    C{into}'s (so that totals never go down), its durations are dropped.
-
-    @param requests: a counter like L{REQUESTS}.
-    @param durations: a histogram like L{REQUEST_DURATION}.
-    """
-    counts: dict[str, float] = {}
-    for metric in requests.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_total") and sample.labels.get("handler") == name:
-                counts[sample.labels["status"]] = sample.value
-    for status, value in counts.items():
-        requests.labels(into, status).inc(value)
-        requests.remove(name, status)
-    try:
-        durations.remove(name)
-    except KeyError:
-        pass
 
 
 class MetricsResource(Resource):

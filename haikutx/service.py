@@ -18,10 +18,10 @@ from twisted.web.server import Request
 
 from haikutx.net.addresses import EgressRules
 from haikutx.config import Config
+from haikutx.metrics import MetricsResource, show_workers
 from haikutx.runtime.fetch import HandlerFetcher
 from haikutx.runtime.loader import HandlerLoader, ServeLoader
 from haikutx.runtime.pool import PythonWorkerSpawner, WorkerPool
-from haikutx.metrics import MetricsResource, show_workers
 from haikutx.runtime.resource import HandlerResource, RuntimeSite
 from haikutx.runtime.scheduler import Scheduler
 from haikutx.runtime.status import StatusResource
@@ -44,7 +44,7 @@ class RuntimeRoot(Resource):
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
         if path == b"_haiku" and request.postpath == [b"status"]:
             return self._status
-        if path == b"_haiku" and request.postpath == [b"metrics"] and self._metrics:
+        if path == b"_haiku" and request.postpath == [b"metrics"] and self._metrics is not None:
             return self._metrics
         request.postpath.insert(0, request.prepath.pop())
         return self._handlers

@@ -368,7 +368,7 @@ class HandlerResource(Resource):
         try:
             handler = await self._loader.load(name)
         except HandlerLoadError as e:
-            self._refuse(request, e.status, e.message, name)
+            self._refuse(request, e.status, e.message, name, started)
             return
         if request._disconnected:
             self._served(request, name, None, started, None)
@@ -376,7 +376,7 @@ class HandlerResource(Resource):
         try:
             language, argv = self._language(request, handler)
         except HandlerLoadError as e:
-            self._refuse(request, e.status, e.message, name)
+            self._refuse(request, e.status, e.message, name, started)
             return
         if self._debug:
             request.responseHeaders.setRawHeaders(b"x-haiku-cache", [handler.cache.encode()])
@@ -399,15 +399,14 @@ class HandlerResource(Resource):
         except CancelledError:
             self._served(request, handler.url, None, started, None)
             return
-        except Overloaded:
+        except Overloaded as e:
             request.responseHeaders.setRawHeaders(
                 b"retry-after", [b"%d" % RETRY_OVERLOADED]
             )
             self._refuse(
                 request, 429,
-                f"Too many requests for handler {handler.url}: it already has "
-                f"{scheduler.max_concurrency} running and {scheduler.max_queue} "
-                f"waiting; try again later.",
+                f"Too many requests for handler {handler.url}: {e.tenant.running} "
+                f"running and {len(e.tenant.waiting)} waiting already; try again later.",
                 name, started,
             )
             return

@@ -61,32 +61,27 @@ def default_max_queue(workers: int) -> int:
 @define(eq=False)
 class Turn:
     """
-    One request's share of the pool, from the moment it is granted until
-    L{Scheduler.release}.
+    One request's share of the pool: it waits for it, is granted it, holds
+    it with a worker, and gives it back with L{Scheduler.release}.
 
-    @ivar tenant: the handler it was granted to.
+    @ivar tenant: the request's handler.
     @ivar worker: the worker the pool gave it, once it did.
     """
 
     tenant: Tenant
-    worker: Any = None
-    released: bool = False
-
-
-@define(eq=False)
-class _Waiter:
-    tenant: Tenant
     #: the order of arrival
     since: int
-    #: when the request fails with PoolBusy, turn or not
+    #: when the request fails with PoolBusy, granted or not
     deadline: float
     kind: str | None
     result: Deferred[Turn]
+    worker: Any = None
+    #: the timer of its wait for a turn, while it waits
     timer: IDelayedCall | None = None
-    turn: Turn | None = None
-    #: the pool's acquire, once granted and until it fires.
+    #: the pool's acquire, once granted and until it fires
     acquiring: Deferred[Any] | None = None
     cancelled: bool = False
+    released: bool = False
 
 
 class Scheduler:
@@ -94,7 +89,7 @@ class Scheduler:
     Fair turns at the workers of one pool.
 
     @param clock: the reactor, for time.
-    @param pool: the L{WorkerPool} (its C{size} and C{acquire}).
+    @param pool: the L{WorkerPool} (its C{size}, fixed, and C{acquire}).
     @param max_concurrency: turns one handler holds at most (default
         L{default_max_concurrency}).
     @param max_queue: requests of one handler waiting at most (default
@@ -112,31 +107,18 @@ class Scheduler:
     ) -> None:
         self._clock = clock
         self._pool = pool
-        self._max_concurrency = max_concurrency
-        self._max_queue = max_queue
+        size = pool.size if pool is not None else 1
+        #: Turns one handler holds at most.
+        self.max_concurrency = (
+            max_concurrency if max_concurrency is not None else default_max_concurrency(size)
+        )
+        #: Requests of one handler waiting at most.
+        self.max_queue = max_queue if max_queue is not None else default_max_queue(size)
         self.tenants = tenants if tenants is not None else Tenants()
         self.granted = 0
         #: Tenants with requests waiting, in no particular order.
         self._queued: dict[Tenant, None] = {}
         self._arrivals = count()
-
-    @property
-    def max_concurrency(self) -> int:
-        """
-        Turns one handler holds at most.
-        """
-        if self._max_concurrency is not None:
-            return self._max_concurrency
-        return default_max_concurrency(self._pool.size)
-
-    @property
-    def max_queue(self) -> int:
-        """
-        Requests of one handler waiting at most.
-        """
-        if self._max_queue is not None:
-            return self._max_queue
-        return default_max_queue(self._pool.size)
 
     @property
     def waiting(self) -> int:
@@ -158,23 +140,23 @@ class Scheduler:
             after C{timeout}.  Cancelling it (the client left) gives up the
             request's place, or its turn, at once.
         """
-        waiter = _Waiter(
+        turn = Turn(
             tenant,
             next(self._arrivals),
             self._clock.seconds() + timeout,
             kind,
-            Deferred(lambda _: self._cancel(waiter)),
+            Deferred(lambda _: self._cancel(turn)),
         )
         if self._may_start(tenant):
             # Whoever waits while turns are free is at its cap.
-            self._grant(waiter)
+            self._grant(turn)
         elif len(tenant.waiting) >= self.max_queue:
-            waiter.result.errback(Overloaded(tenant))
+            turn.result.errback(Overloaded(tenant))
         else:
-            tenant.waiting.append(waiter)
+            tenant.waiting.append(turn)
             self._queued[tenant] = None
-            waiter.timer = self._clock.callLater(timeout, self._give_up, waiter)
-        return waiter.result
+            turn.timer = self._clock.callLater(timeout, self._give_up, turn)
+        return turn.result
 
     def status(self) -> dict[str, int]:
         """
@@ -193,12 +175,12 @@ class Scheduler:
         """
         for tenant in list(self._queued):
             while tenant.waiting:
-                waiter = tenant.waiting[0]
-                if waiter.timer is not None and waiter.timer.active():
-                    waiter.timer.cancel()
-                waiter.timer = None
+                turn = tenant.waiting[0]
+                if turn.timer is not None and turn.timer.active():
+                    turn.timer.cancel()
+                turn.timer = None
                 self._dequeue(tenant)
-                waiter.result.errback(PoolBusy("the runtime is stopping"))
+                turn.result.errback(PoolBusy("the runtime is stopping"))
 
     def release(self, turn: Turn) -> None:
         """
@@ -218,46 +200,49 @@ class Scheduler:
     def _may_start(self, tenant: Tenant) -> bool:
         return tenant.running < self.max_concurrency and self.granted < self._pool.size
 
-    def _grant(self, waiter: _Waiter) -> None:
+    def _grant(self, turn: Turn) -> None:
         """
-        Give C{waiter} a turn and ask the pool for a worker.
+        Grant C{turn} and ask the pool for a worker.
         """
-        tenant = waiter.tenant
-        tenant.running += 1
+        turn.tenant.running += 1
         self.granted += 1
-        waiter.turn = Turn(tenant)
-        remaining = max(waiter.deadline - self._clock.seconds(), 0.001)
-        acquiring = waiter.acquiring = self._pool.acquire(remaining, waiter.kind)
-        acquiring.addBoth(self._acquired, waiter)
+        remaining = max(turn.deadline - self._clock.seconds(), 0.001)
+        acquiring = turn.acquiring = self._pool.acquire(remaining, turn.kind)
+        acquiring.addBoth(self._acquired, turn)
 
-    def _acquired(self, result: Any, waiter: _Waiter) -> None:
+    def _acquired(self, result: Any, turn: Turn) -> None:
         """
-        The pool answered a granted waiter: with a worker, or failing (no
+        The pool answered a granted turn: with a worker, or failing (no
         worker in time, or cancelled because the client left).
         """
-        waiter.acquiring = None
-        turn = waiter.turn
-        assert turn is not None
-        if waiter.cancelled:
+        turn.acquiring = None
+        if turn.cancelled:
             # The pool's acquire was cancelled with the request.
             self.release(turn)
             return
         if isinstance(result, Failure):
             self.release(turn)
-            waiter.result.errback(result)
+            turn.result.errback(result)
             return
         turn.worker = result
-        waiter.result.callback(turn)
+        turn.result.callback(turn)
 
     def _dispatch(self) -> None:
         """
         Grant free turns to waiting handlers, fewest running first, the
         longest-waiting first among equals.
         """
-        while self._queued and self.granted < self._pool.size:
+        queued = self._queued
+        cap = self.max_concurrency
+        while queued and self.granted < self._pool.size:
             best: Tenant | None = None
-            for tenant in self._queued:
-                if tenant.running >= self.max_concurrency:
+            if len(queued) == 1:
+                # One handler waits: the common case, made quick.
+                best = next(iter(queued))
+                if best.running >= cap:
+                    return
+            for tenant in queued if best is None else ():
+                if tenant.running >= cap:
                     continue
                 if best is None or (tenant.running, tenant.waiting[0].since) < (
                     best.running,
@@ -266,38 +251,38 @@ class Scheduler:
                     best = tenant
             if best is None:
                 return
-            waiter = self._dequeue(best)
-            if waiter.timer is not None and waiter.timer.active():
-                waiter.timer.cancel()
-            waiter.timer = None
-            self._grant(waiter)
+            turn = self._dequeue(best)
+            if turn.timer is not None and turn.timer.active():
+                turn.timer.cancel()
+            turn.timer = None
+            self._grant(turn)
 
-    def _dequeue(self, tenant: Tenant, waiter: _Waiter | None = None) -> _Waiter:
-        if waiter is None:
-            waiter = tenant.waiting.popleft()
+    def _dequeue(self, tenant: Tenant, turn: Turn | None = None) -> Turn:
+        if turn is None:
+            turn = tenant.waiting.popleft()
         else:
-            tenant.waiting.remove(waiter)
+            tenant.waiting.remove(turn)
         if not tenant.waiting:
             del self._queued[tenant]
-        return waiter
+        return turn
 
-    def _give_up(self, waiter: _Waiter) -> None:
-        waiter.timer = None
-        self._dequeue(waiter.tenant, waiter)
-        waiter.result.errback(PoolBusy("all workers are busy"))
+    def _give_up(self, turn: Turn) -> None:
+        turn.timer = None
+        self._dequeue(turn.tenant, turn)
+        turn.result.errback(PoolBusy("all workers are busy"))
 
-    def _cancel(self, waiter: _Waiter) -> None:
+    def _cancel(self, turn: Turn) -> None:
         """
         The request's client left: give up its place, or its turn.
         """
-        waiter.cancelled = True
-        if waiter.timer is not None:
-            if waiter.timer.active():
-                waiter.timer.cancel()
-            waiter.timer = None
-            self._dequeue(waiter.tenant, waiter)
-        elif waiter.acquiring is not None:
-            waiter.acquiring.cancel()
+        turn.cancelled = True
+        if turn.timer is not None:
+            if turn.timer.active():
+                turn.timer.cancel()
+            turn.timer = None
+            self._dequeue(turn.tenant, turn)
+        elif turn.acquiring is not None:
+            turn.acquiring.cancel()
         # The result fails with CancelledError (Deferred.cancel does it).
 
 

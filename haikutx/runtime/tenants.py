@@ -14,11 +14,13 @@ and scheduled as L{OTHER}, one bucket for all of them.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import OrderedDict, deque
 from typing import Any
 from urllib.parse import urlsplit
 
 from attrs import define, field
+from zope.interface import implementer
 
 from haikutx import metrics
 
@@ -31,6 +33,8 @@ MAX_TRACKED = 1000
 #: Longest handler identity tracked by name; a longer one is L{OTHER}.
 MAX_NAME = 1024
 
+_BOUNDS = metrics.DURATION_BUCKETS
+
 
 def handler_identity(name: str) -> str:
     """
@@ -41,6 +45,9 @@ def handler_identity(name: str) -> str:
     @return: C{name} without query, fragment and credentials; L{OTHER} for
         a name longer than L{MAX_NAME}.
     """
+    if ":" not in name and "?" not in name and "#" not in name:
+        # A local name, as it is: the common case, made quick.
+        return name if len(name) <= MAX_NAME else OTHER
     try:
         parts = urlsplit(name)
     except ValueError:
@@ -70,21 +77,21 @@ class Tenant:
     @ivar running: requests holding a worker (or about to: granted one).
     @ivar waiting: requests waiting for their turn, oldest first
         (managed by L{haikutx.runtime.scheduler.Scheduler}).
-    @ivar served: requests answered with a status below 500, other than 429.
-    @ivar refused: requests answered 429 (over the handler's share).
-    @ivar errors: requests answered with a status of 500 or more.
+    @ivar answers: requests answered, by status.
+    @ivar durations: requests answered, by duration: one count per bound
+        of L{metrics.DURATION_BUCKETS} (at most that long), then one for
+        longer ones.
+    @ivar duration_sum: seconds all the answered requests took.
     @ivar gone: requests whose client left before the answer.
     """
 
     name: str
     running: int = 0
     waiting: deque[Any] = field(factory=deque)
-    served: int = 0
-    refused: int = 0
-    errors: int = 0
+    answers: dict[int, int] = field(factory=dict)
+    durations: list[int] = field(factory=lambda: [0] * (len(metrics.DURATION_BUCKETS) + 1))
+    duration_sum: float = 0.0
     gone: int = 0
-    #: this handler's metric series, by status (and C{None}: durations)
-    series: dict[Any, Any] = field(factory=dict, repr=False)
 
     @property
     def idle(self) -> bool:
@@ -97,39 +104,48 @@ class Tenant:
         """
         The tenant's line in C{/_haiku/status}.
         """
+        refused = self.answers.get(429, 0)
+        errors = sum(count for status, count in self.answers.items() if status >= 500)
         return {
             "running": self.running,
             "waiting": len(self.waiting),
-            "served": self.served,
-            "refused": self.refused,
-            "errors": self.errors,
+            "served": sum(self.answers.values()) - refused - errors,
+            "refused": refused,
+            "errors": errors,
             "gone": self.gone,
         }
 
+    def absorb(self, other: Tenant) -> None:
+        """
+        Add C{other}'s counts to this tenant's.
+        """
+        for status, count in other.answers.items():
+            self.answers[status] = self.answers.get(status, 0) + count
+        for i, count in enumerate(other.durations):
+            self.durations[i] += count
+        self.duration_sum += other.duration_sum
+        self.gone += other.gone
 
+
+@implementer(metrics.IRequestCounts)
 class Tenants:
     """
     The handlers known to one runtime, at most C{max_tracked} of them by
     name, and the L{OTHER} bucket.
 
     @param max_tracked: handlers tracked by name at most.
-    @param requests: the counter of answered requests, by C{handler} and
-        C{status} (default L{metrics.REQUESTS}).
-    @param durations: the histogram of request durations, by C{handler}
-        (default L{metrics.REQUEST_DURATION}).
+    @param collector: the L{metrics.RequestsCollector} that shows the
+        counts (default L{metrics.REQUESTS}; C{None}: none).
     """
 
     def __init__(
-        self,
-        max_tracked: int = MAX_TRACKED,
-        requests: Any = metrics.REQUESTS,
-        durations: Any = metrics.REQUEST_DURATION,
+        self, max_tracked: int = MAX_TRACKED, collector: Any = metrics.REQUESTS
     ) -> None:
         self._max_tracked = max_tracked
-        self._requests = requests
-        self._durations = durations
         self._named: OrderedDict[str, Tenant] = OrderedDict()
         self.other = Tenant(OTHER)
+        if collector is not None:
+            collector.add(self)
 
     def lookup(self, identity: str) -> Tenant:
         """
@@ -160,13 +176,7 @@ class Tenants:
         name = next((name for name, t in self._named.items() if t.idle), None)
         if name is None:
             return False
-        tenant = self._named.pop(name)
-        other = self.other
-        other.served += tenant.served
-        other.refused += tenant.refused
-        other.errors += tenant.errors
-        other.gone += tenant.gone
-        metrics.fold_handler(self._requests, self._durations, name, OTHER)
+        self.other.absorb(self._named.pop(name))
         return True
 
     def answered(self, tenant: Tenant, status: int | None, duration: float) -> None:
@@ -177,21 +187,10 @@ class Tenants:
         if status is None:
             tenant.gone += 1
             return
-        if status == 429:
-            tenant.refused += 1
-        elif status >= 500:
-            tenant.errors += 1
-        else:
-            tenant.served += 1
-        series = tenant.series
-        counter = series.get(status)
-        if counter is None:
-            counter = series[status] = self._requests.labels(tenant.name, str(status))
-        counter.inc()
-        histogram = series.get(None)
-        if histogram is None:
-            histogram = series[None] = self._durations.labels(tenant.name)
-        histogram.observe(duration)
+        answers = tenant.answers
+        answers[status] = answers.get(status, 0) + 1
+        tenant.durations[bisect_left(_BOUNDS, duration)] += 1
+        tenant.duration_sum += duration
 
     def __iter__(self) -> Any:
         yield from self._named.values()
@@ -199,6 +198,15 @@ class Tenants:
 
     def __len__(self) -> int:
         return len(self._named)
+
+    def request_counts(self) -> Any:
+        """
+        Per handler (L{metrics.IRequestCounts}): name, answers by status,
+        by duration bucket, and the sum of durations.
+        """
+        for tenant in self:
+            if tenant.answers:
+                yield tenant.name, tenant.answers, tenant.durations, tenant.duration_sum
 
     def status(self) -> dict[str, dict[str, int]]:
         """

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from haikutx.config import Limits
-from haikutx.metrics import fold_handler
+from haikutx.metrics import RequestsCollector
 from haikutx.runtime.pool import PoolBusy
 from haikutx.runtime.scheduler import (
     Overloaded,
@@ -109,12 +109,22 @@ def _scheduler(size: int = 2, **kwargs: Any) -> tuple[Scheduler, FakePool, Clock
 
 
 def _tenants(max_tracked: int = 1000) -> Tenants:
+    return Tenants(max_tracked, collector=None)
+
+
+def _metrics(tenants: Tenants) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """
+    The samples of C{tenants}' request metrics, by name and labels.
+    """
     registry = CollectorRegistry()
-    return Tenants(
-        max_tracked,
-        Counter("t_requests", "", ["handler", "status"], registry=registry),
-        Histogram("t_duration_seconds", "", ["handler"], registry=registry),
-    )
+    collector = RequestsCollector()
+    collector.add(tenants)
+    registry.register(collector)
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for metric in registry.collect()
+        for s in metric.samples
+    }
 
 
 class FairnessTests(SynchronousTestCase):
@@ -405,14 +415,23 @@ class TenantsTests(SynchronousTestCase):
         c = tenants.lookup("c")
         self.assertEqual(c.name, "c")
         self.assertEqual(sorted(t.name for t in tenants), ["b", "c", OTHER])
-        self.assertEqual((tenants.other.served, tenants.other.refused), (1, 1))
-        samples = {
-            (s.labels["handler"], s.labels["status"]): s.value
-            for metric in tenants._requests.collect()
-            for s in metric.samples
-            if s.name.endswith("_total")
+        counts = tenants.other.counts()
+        self.assertEqual((counts["served"], counts["refused"]), (1, 1))
+        samples = _metrics(tenants)
+        requests = {
+            labels: value for (name, labels), value in samples.items()
+            if name == "haiku_requests_total"
         }
-        self.assertEqual(samples, {(OTHER, "200"): 1.0, (OTHER, "429"): 1.0})
+        self.assertEqual(
+            requests,
+            {
+                (("handler", OTHER), ("status", "200")): 1.0,
+                (("handler", OTHER), ("status", "429")): 1.0,
+            },
+        )
+        self.assertEqual(
+            samples[("haiku_request_duration_seconds_count", (("handler", OTHER),))], 2
+        )
 
     def test_answered(self) -> None:
         """
@@ -427,21 +446,37 @@ class TenantsTests(SynchronousTestCase):
             tenants.status()["a"],
             {"running": 0, "waiting": 0, "served": 2, "refused": 1, "errors": 2, "gone": 1},
         )
-        histogram = {
-            s.name: s.value
-            for metric in tenants._durations.collect()
-            for s in metric.samples
-            if s.labels.get("handler") == "a"
-        }
-        self.assertEqual(histogram["t_duration_seconds_count"], 5)
-        self.assertEqual(histogram["t_duration_seconds_sum"], 1.25)
+        samples = _metrics(tenants)
+        a = (("handler", "a"),)
+        self.assertEqual(samples[("haiku_request_duration_seconds_count", a)], 5)
+        self.assertEqual(samples[("haiku_request_duration_seconds_sum", a)], 1.25)
+        self.assertEqual(
+            samples[("haiku_request_duration_seconds_bucket", (*a, ("le", "0.1")))], 0
+        )
+        self.assertEqual(
+            samples[("haiku_request_duration_seconds_bucket", (*a, ("le", "0.25")))], 5
+        )
+        self.assertEqual(samples[("haiku_requests_total", (*a, ("status", "503")))], 1)
 
-    def test_fold_missing(self) -> None:
+    def test_collector_merges(self) -> None:
         """
-        Folding a handler with no series does nothing.
+        Two runtimes in one process (two tables) show one series per
+        handler, their sums.
         """
-        tenants = _tenants()
-        fold_handler(tenants._requests, tenants._durations, "never", OTHER)
+        first, second = _tenants(), _tenants()
+        first.answered(first.lookup("a"), 200, 0.01)
+        second.answered(second.lookup("a"), 200, 0.01)
+        registry = CollectorRegistry()
+        collector = RequestsCollector()
+        collector.add(first)
+        collector.add(second)
+        registry.register(collector)
+        self.assertEqual(
+            registry.get_sample_value(
+                "haiku_requests_total", {"handler": "a", "status": "200"}
+            ),
+            2,
+        )
 
 
 FLOOD = "import asyncio\nawait asyncio.sleep(1)\nres.end('slept')\n"
@@ -466,8 +501,13 @@ class FloodTests(TestCase):
             limits=Limits(max_time=20),
         )
         await ready(pool)
+        # The flooder, knowing that the runtime shares per handler, names
+        # its handler with a different query string each time: still one
+        # handler.
         flooding = [
-            Deferred.fromCoroutine(http(port, "/?x-haiku-handler=flood.py"))
+            Deferred.fromCoroutine(
+                http(port, "/", headers={"x-haiku-handler": f"flood.py?n={i}#{i}"})
+            )
             for i in range(16)
         ]
         # The flooder holds its three workers (its cap); its queue is full.
