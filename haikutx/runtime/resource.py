@@ -42,8 +42,10 @@ _HOP_BY_HOP = {b"connection", b"transfer-encoding", b"keep-alive", b"upgrade"}
 #: Set on a request for which L{HandlerResource} emits its own event.
 _LOGGED_HERE = "haiku_logged"
 
-#: Set on a request to the handler it is accounted under.
+#: Set on a request to the handler it is accounted under: its identity,
+#: then, once it asks for a worker, its tenant.
 _IDENTITY = "haiku_handler"
+_TENANT = "haiku_tenant"
 
 #: Seconds a client refused with 429 is told to wait.
 RETRY_OVERLOADED = 1
@@ -319,12 +321,14 @@ class HandlerResource(Resource):
         Count the request under its handler (L{handler_identity}), when it
         named one.
         """
-        identity = getattr(request, _IDENTITY, None)
-        if identity is not None:
-            tenants = self.scheduler.tenants
-            tenants.answered(
-                tenants.lookup(identity), status, self._reactor.seconds() - started
-            )
+        tenants = self.scheduler.tenants
+        tenant = getattr(request, _TENANT, None)
+        if tenant is None:
+            identity = getattr(request, _IDENTITY, None)
+            if identity is None:
+                return
+            tenant = tenants.lookup(identity)
+        tenants.answered(tenant, status, self._reactor.seconds() - started)
 
     def _refuse(
         self, request: Request, status: int, message: str, name: str | None,
@@ -387,10 +391,10 @@ class HandlerResource(Resource):
         head["argv"] = argv
         body = _body(request)
         scheduler = self.scheduler
+        tenant = scheduler.tenants.lookup(getattr(request, _IDENTITY))
+        setattr(request, _TENANT, tenant)
         acquiring = scheduler.acquire(
-            scheduler.tenants.lookup(getattr(request, _IDENTITY)),
-            self._limits.max_time,
-            handler_kind(language.name),
+            tenant, self._limits.max_time, handler_kind(language.name)
         )
         # A client that leaves while waiting gives up its place in the queue.
         request.notifyFinish().addErrback(lambda _: acquiring.cancel())

@@ -69,13 +69,13 @@ class Turn:
     """
 
     tenant: Tenant
-    #: the order of arrival
-    since: int
-    #: when the request fails with PoolBusy, granted or not
-    deadline: float
     kind: str | None
     result: Deferred[Turn]
     worker: Any = None
+    #: the order of arrival, for a request that waits
+    since: int = 0
+    #: when a request that waits fails with PoolBusy, granted or not
+    deadline: float = 0.0
     #: the timer of its wait for a turn, while it waits
     timer: IDelayedCall | None = None
     #: the pool's acquire, once granted and until it fires
@@ -140,19 +140,15 @@ class Scheduler:
             after C{timeout}.  Cancelling it (the client left) gives up the
             request's place, or its turn, at once.
         """
-        turn = Turn(
-            tenant,
-            next(self._arrivals),
-            self._clock.seconds() + timeout,
-            kind,
-            Deferred(lambda _: self._cancel(turn)),
-        )
-        if self._may_start(tenant):
+        turn = Turn(tenant, kind, Deferred(lambda _: self._cancel(turn)))
+        if tenant.running < self.max_concurrency and self.granted < self._pool.size:
             # Whoever waits while turns are free is at its cap.
-            self._grant(turn)
+            self._grant(turn, timeout)
         elif len(tenant.waiting) >= self.max_queue:
             turn.result.errback(Overloaded(tenant))
         else:
+            turn.since = next(self._arrivals)
+            turn.deadline = self._clock.seconds() + timeout
             tenant.waiting.append(turn)
             self._queued[tenant] = None
             turn.timer = self._clock.callLater(timeout, self._give_up, turn)
@@ -197,17 +193,20 @@ class Scheduler:
 
     # Internals
 
-    def _may_start(self, tenant: Tenant) -> bool:
-        return tenant.running < self.max_concurrency and self.granted < self._pool.size
-
-    def _grant(self, turn: Turn) -> None:
+    def _grant(self, turn: Turn, timeout: float) -> None:
         """
-        Grant C{turn} and ask the pool for a worker.
+        Grant C{turn} and ask the pool for a worker within C{timeout}
+        seconds.
         """
         turn.tenant.running += 1
         self.granted += 1
-        remaining = max(turn.deadline - self._clock.seconds(), 0.001)
-        acquiring = turn.acquiring = self._pool.acquire(remaining, turn.kind)
+        acquiring = self._pool.acquire(timeout, turn.kind)
+        if acquiring.called and not isinstance(acquiring.result, Failure):
+            # An idle worker at once, the common case: no callbacks needed.
+            turn.worker = acquiring.result
+            turn.result.callback(turn)
+            return
+        turn.acquiring = acquiring
         acquiring.addBoth(self._acquired, turn)
 
     def _acquired(self, result: Any, turn: Turn) -> None:
@@ -255,7 +254,7 @@ class Scheduler:
             if turn.timer is not None and turn.timer.active():
                 turn.timer.cancel()
             turn.timer = None
-            self._grant(turn)
+            self._grant(turn, max(turn.deadline - self._clock.seconds(), 0.001))
 
     def _dequeue(self, tenant: Tenant, turn: Turn | None = None) -> Turn:
         if turn is None:
