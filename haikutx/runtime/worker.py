@@ -408,11 +408,13 @@ class WorkerProtocol(ProcessProtocol):
             )
 
     def _child_started(self, child: ChildProtocol) -> None:
-        if self.state == "dead":
+        if self.state == "dead" or self.child is not None:
+            self._children.pop(child.pid, None)
             child.close()
-            return
-        if self.child is not None:
-            self.kill_zygote("started a second child while one was current")
+            child.kill_process()
+            child.release_pidfd()
+            if self.state != "dead":
+                self.kill_zygote("started a second child while one was current")
             return
         self.child = child
         self.children_started += 1
