@@ -177,9 +177,9 @@ class Options(usage.Options):
         ["keepalive-interval", "v", "5000", "ms between heartbeat challenges."],
         ["maxconsole", "l", "4096", "Console bytes kept per request; 0 = unlimited."],
         ["maxmemory", None, "256", "Address-space limit of a handler process in MiB."],
-        ["maxconcurrency", None, None, "Requests of one handler running at once; one "
-         "worker is always left for the other handlers [default: --workers - 1, "
-         "at least 1]."],
+        ["maxconcurrency", None, None, "Requests of one handler running at once "
+         "[default: --workers - 1, at least 1: one worker is always left for the "
+         "other handlers]."],
         ["maxqueue", None, None, "Requests of one handler waiting for a worker; "
          "beyond them, 429 at once [default: 2 x --workers]."],
         ["handlers", None, None, "Directory of local handlers named by a relative "
