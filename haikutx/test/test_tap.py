@@ -45,10 +45,33 @@ class OptionsTests(SynchronousTestCase):
         """
         C{none} turns a listener off.
         """
-        config = parse("--port", "none", "--sslport", "none")
+        config = parse("--port", "none", "--sslport", "none", "--jobs", "9000")
         self.assertIsNone(config.http)
         self.assertIsNone(config.https)
         self.assertFalse(config.generate_tls)
+
+    def test_runtime_off(self) -> None:
+        """
+        C{--jobs}, C{--gate} or C{--gate-target} without C{--port},
+        C{--sslport} or C{--serve} turn the runtime's listeners off.
+        """
+        for argv in (["--jobs", "9000"], ["--gate", "8000"],
+                     ["--gate", "8000", "--gate-target", "8080"]):
+            config = parse(*argv, "--state", str(self.state))
+            self.assertEqual((config.http, config.https, config.generate_tls),
+                             (None, None, False), argv)
+
+    def test_runtime_on_when_asked(self) -> None:
+        """
+        A runtime listener given beside C{--jobs} keeps the runtime on, with
+        the other listener at its default.
+        """
+        config = parse("--jobs", "9000", "--port", "8080", "--state", str(self.state))
+        self.assertEqual(config.http, "tcp:8080")
+        self.assertTrue(config.https.startswith("ssl:443:"))
+        config = parse("--gate", "8000", "-s", "8443", "--state", str(self.state))
+        self.assertEqual(config.http, "tcp:80")
+        self.assertTrue(config.https.startswith("ssl:8443:"))
 
     def test_endpoint_string(self) -> None:
         """
@@ -74,6 +97,8 @@ class OptionsTests(SynchronousTestCase):
             (["--allow", "ftp://x/"], "--allow"),
             (["--egress-allow", "nohost"], "--egress-allow"),
             (["--user", "no-such-user-xyz"], "--user"),
+            (["--port", "none", "--sslport", "none"], "nothing to serve"),
+            (["--gate-target", "8080"], "nothing to serve"),
         ]
         for argv, option in cases:
             with self.assertRaises(UsageError, msg=argv) as caught:
@@ -157,3 +182,46 @@ class NoProxyFromEnvironTests(SynchronousTestCase):
             ("localhost", ".internal.test"),
         )
         self.assertEqual(no_proxy_from_environ({}), ())
+
+
+class VersionTests(SynchronousTestCase):
+    """
+    C{--version} names haikutx's version.
+    """
+
+    def test_version(self) -> None:
+        """
+        C{--version} prints haikutx's version, then Twisted's and Python's,
+        and exits 0.
+        """
+        import io
+        import sys
+
+        import twisted
+        from haikutx import __version__
+
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        with self.assertRaises(SystemExit) as caught:
+            Options().parseOptions(["--version"])
+        self.assertEqual(caught.exception.code, 0)
+        self.assertTrue(out.getvalue().startswith(f"haikutx {__version__} (Twisted "))
+        self.assertIn(twisted.__version__, out.getvalue())
+
+    def test_single_source(self) -> None:
+        """
+        C{haikutx.__version__} is the version the package is built with:
+        pyproject.toml reads it from C{haikutx/__init__.py}.
+        """
+        import re
+        import tomllib
+
+        import haikutx
+
+        root = Path(haikutx.__file__).parent.parent
+        project = tomllib.loads((root / "pyproject.toml").read_text())
+        self.assertIn("version", project["project"]["dynamic"])
+        self.assertEqual(
+            project["tool"]["setuptools"]["dynamic"]["version"], {"attr": "haikutx.__version__"}
+        )
+        self.assertRegex(haikutx.__version__, re.compile(r"^\d+\.\d+\.\d+"))
