@@ -21,6 +21,7 @@ from zope.interface import implementer
 from haikutx.config import Limits
 from haikutx.child.console import console_mode
 from haikutx.interfaces import IExchange
+from haikutx.net.urls import redact_url
 from haikutx.runtime.loader import HandlerLoadError, HandlerSource
 from haikutx.runtime.pool import PoolBusy, WorkerPool
 from haikutx.runtime.worker import WorkerProtocol, handler_kind
@@ -306,7 +307,7 @@ class HandlerResource(Resource):
             "{client} {method} {handler_url} -> {status}: {reason}",
             client=_client(request),
             method=request.method.decode("latin-1"),
-            handler_url=name,
+            handler_url=_shown(name),
             status=status,
             reason=message,
         )
@@ -324,7 +325,7 @@ class HandlerResource(Resource):
             "{client} {method} {handler_url} -> {answer} in {duration:.3f}s",
             client=_client(request),
             method=request.method.decode("latin-1"),
-            handler_url=name,
+            handler_url=_shown(name),
             status=status,
             answer=status if status is not None else "client went away",
             duration=self._reactor.seconds() - started,
@@ -427,9 +428,19 @@ class HandlerResource(Resource):
         }
 
     def _crashed(self, failure: Any, request: Request, name: str) -> None:
-        self.log.failure("serving {handler_url} failed", failure, handler_url=name)
+        self.log.failure("serving {handler_url} failed", failure, handler_url=_shown(name))
         if not request.startedWriting and not request._disconnected:
-            send_error(request, 500, f"Handler {name} could not be run: internal error")
+            send_error(
+                request, 500, f"Handler {_shown(name)} could not be run: internal error"
+            )
+
+
+def _shown(name: str | None) -> str:
+    """
+    A handler's name as logs and answers show it: credentials redacted,
+    C{-} when the request named none.
+    """
+    return "-" if name is None else redact_url(name)
 
 
 def _client(request: Request) -> str:

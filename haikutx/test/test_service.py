@@ -336,3 +336,56 @@ class ListenFailureTests(TestCase):
             str(ListenFailed.from_error("--jobs", error2)),
             "--jobs: cannot listen on its address: Permission denied",
         )
+
+
+class SelfSignedCertificateTests(TestCase):
+    """
+    The generated certificate names every way this machine is reached.
+    """
+
+    def test_names(self) -> None:
+        """
+        It names the host, C{localhost}, C{127.0.0.1} and C{::1}.
+        """
+        import ipaddress
+
+        from cryptography import x509
+
+        from haikutx.tls import ensure_self_signed
+
+        directory = Path(self.mktemp())
+        ensure_self_signed(directory / "cert.pem", directory / "key.pem", hostname="box")
+        cert = x509.load_pem_x509_certificate((directory / "cert.pem").read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(names.get_values_for_type(x509.DNSName), ["box", "localhost"])
+        self.assertEqual(
+            names.get_values_for_type(x509.IPAddress),
+            [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")],
+        )
+
+    async def test_verified_by_address(self) -> None:
+        """
+        A client connecting to C{127.0.0.1} verifies the certificate (the
+        address is a name it holds), over real TLS.
+        """
+        from twisted.internet.ssl import PrivateCertificate
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+        from twisted.web.static import Data
+
+        from haikutx.tls import ensure_self_signed
+
+        directory = Path(self.mktemp())
+        cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+        ensure_self_signed(cert_path, key_path)
+        pair = PrivateCertificate.loadPEM(cert_path.read_bytes() + key_path.read_bytes())
+        root = Resource()
+        root.putChild(b"x", Data(b"over tls", "text/plain"))
+        listening = reactor.listenSSL(0, Site(root), pair.options(), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        endpoint = wrapClientTLS(
+            optionsForClientTLS("127.0.0.1", trustRoot=Certificate.loadPEM(cert_path.read_bytes())),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", listening.getHost().port),
+        )
+        response = await http(endpoint, "/x")
+        self.assertEqual((response.status, response.body), (200, b"over tls"))
