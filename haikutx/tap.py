@@ -153,9 +153,14 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Runs handlers fetched by URL in sandboxed worker processes: "
-        "http://host/?x-haiku-handler=<URL or name>. Listening options take a "
-        "port number, a Twisted endpoint string or 'none'. Durations are in "
-        "milliseconds unless stated."
+        "http://host/?x-haiku-handler=<URL or name>; also a job runner (--jobs) "
+        "and a gate (--gate). The runtime starts unless --jobs, --gate or "
+        "--gate-target is given without --port, --sslport or --serve. Listening "
+        "options take a port number, a Twisted endpoint string or 'none'. "
+        "Durations are in milliseconds unless stated. 'haiku ARGS' is "
+        "'twistd -n --pidfile= haiku ARGS'; JSON logs: "
+        "'twistd -n --logger haikutx.logs.json haiku ...'. The full reference "
+        "is doc/options.md."
     )
 
     optFlags = [
@@ -185,7 +190,8 @@ class Options(usage.Options):
         ["user", None, None, "Unprivileged user for handler processes and jobs "
          "[default as root: a uid of its own per worker slot for handlers, "
          "nobody for jobs]."],
-        ["serve", None, None, "Serve this one local handler file for every request."],
+        ["serve", None, None, "Serve this one local handler file for every request "
+         "(without --port: the first free port from 3000)."],
         ["state", None, None, "State directory [default: ~/.haikutx, or "
          "/var/lib/haikutx for root]."],
         ["jobs", None, None, "Listener of the job runner (a bare port listens on "

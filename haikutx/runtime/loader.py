@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from haikutx.runtime.fetch import HandlerFetchError
 from haikutx.interfaces import IHandlerLoader
+from haikutx.net.urls import redact_url
 
 UNSUPPORTED_PROTOCOL = (
     "The x-haiku-handler parameter specifies unsupported protocol. "
@@ -154,8 +155,8 @@ class HandlerLoader:
     async def _load(self, name: str) -> HandlerSource:
         if classify(name) == "url":
             if self._fetcher is None:
-                raise HandlerLoadError(403, f"The handler URL {name} is not allowed: "
-                                       "this runtime serves local handlers only")
+                raise HandlerLoadError(403, f"The handler URL {redact_url(name)} is not "
+                                       "allowed: this runtime serves local handlers only")
             try:
                 fetched = await self._fetcher.fetch(name)
             except HandlerFetchError as e:

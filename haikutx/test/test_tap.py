@@ -225,3 +225,40 @@ class VersionTests(SynchronousTestCase):
             project["tool"]["setuptools"]["dynamic"]["version"], {"attr": "haikutx.__version__"}
         )
         self.assertRegex(haikutx.__version__, re.compile(r"^\d+\.\d+\.\d+"))
+
+
+class DocumentationTests(SynchronousTestCase):
+    """
+    The user documentation covers the command line and stands alone.
+    """
+
+    root = Path(__file__).resolve().parent.parent.parent
+
+    def test_every_option_documented(self) -> None:
+        """
+        Every option C{--help} lists, and its short form, is in
+        doc/options.md.
+        """
+        import re
+
+        reference = (self.root / "doc" / "options.md").read_text()
+        listed = re.findall(r"^\s+(?:(-\w), )?--([a-z][a-z-]*)", str(Options()), re.M)
+        self.assertGreater(len(listed), 30)
+        for short, name in listed:
+            self.assertIn(f"`--{name}`", reference, name)
+            if short:
+                row = next(
+                    line for line in reference.splitlines()
+                    if line.startswith(f"| `--{name}` |")
+                )
+                self.assertIn(f"| `{short}` |", row, name)
+
+    def test_no_spec_citations(self) -> None:
+        """
+        README.md and doc/ cite no "SPEC", a file users do not have.
+        """
+        pages = [self.root / "README.md", *sorted((self.root / "doc").glob("*.md"))]
+        self.assertGreater(len(pages), 5)
+        for page in pages:
+            self.assertNotIn("SPEC", page.read_text(), page.name)
+            self.assertNotIn("§", page.read_text(), page.name)
