@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import tomllib
 from pathlib import Path
+from unittest import skipUnless
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -19,6 +20,7 @@ from haikutx.test.test_service import ROOT, start_twistd
 HAIKU = [sys.executable, "-c", "from haikutx.cli import main; main()"]
 
 
+@skipUnless((ROOT / "pyproject.toml").exists(), "needs the source tree's pyproject.toml")
 class EntryPointTests(SynchronousTestCase):
     """
     The C{haiku} console script is declared in pyproject.toml.
