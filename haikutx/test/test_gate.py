@@ -35,7 +35,9 @@ from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
 from haikutx.config import Config
-from haikutx.gate.service import Application, GateService, _Framer, route
+from haikutx.gate.apps import Application
+from haikutx.gate.routing import route
+from haikutx.gate.service import GateService
 from haikutx.gate.names import NamesEntry, NamesFile
 from haikutx.service import build_service
 from haikutx.tap import Options
@@ -377,36 +379,6 @@ class RouteTests(SynchronousTestCase):
         r = route(b"/8081/x", self.names, 7000)
         self.assertEqual((r.port, r.target), (7000, b"/8081/x"))
         self.assertEqual(route(b"http://x/", NamesFile()).status, 400)
-
-
-class FramerTests(SynchronousTestCase):
-    """
-    L{_Framer} finds the end of a body without keeping it.
-    """
-
-    def test_chunked_split_anywhere(self) -> None:
-        """
-        A chunked body is found complete however it is split, and bytes after
-        it are not counted.
-        """
-        body = b"5;ext=1\r\nhello\r\n10\r\n" + b"x" * 16 + b"\r\n0\r\nT: v\r\n\r\n"
-        for cut in range(len(body)):
-            framer = _Framer("chunked")
-            first = framer.consume(body[:cut])
-            self.assertEqual(first, cut)
-            self.assertFalse(framer.done)
-            rest = body[cut:] + b"NEXT"
-            self.assertEqual(framer.consume(rest), len(rest) - 4)
-            self.assertTrue(framer.done)
-
-    def test_length(self) -> None:
-        """
-        A Content-Length body ends after that many bytes.
-        """
-        framer = _Framer("length", 5)
-        self.assertEqual(framer.consume(b"abc"), 3)
-        self.assertEqual(framer.consume(b"deXY"), 2)
-        self.assertTrue(framer.done)
 
 
 class IdleTests(SynchronousTestCase):

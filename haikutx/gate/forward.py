@@ -1,0 +1,752 @@
+# -*- test-case-name: haikutx.test.test_gate -*-
+"""
+The gate's HTTP/1.1 forwarding: one L{GateProtocol} per client connection.
+
+Each request head is parsed strictly (L{haikutx.net.http1}) and routed by
+its own path, so every request of a kept-alive connection may go to another
+application. Bodies pass through as bytes, framed by their
+C{Content-Length} or checked chunked encoding, with two-way flow control:
+the side that reads is paused while the side that writes has more than one
+transport buffer queued. Nothing holds a whole body. After a C{101}
+response the connection becomes a raw tunnel (WebSocket).
+
+The connection's states are L{State}; L{GateProtocol._move} is the one
+place they change, and it refuses a transition L{TRANSITIONS} does not list.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from haikutx import metrics
+from haikutx.gate.apps import BACKEND_HOST, Application
+from haikutx.gate.routing import Route, route
+from haikutx.net.http1 import (
+    BadMessage,
+    BodyFramer,
+    Head,
+    end_to_end,
+    head_end,
+    parse_request_head,
+    parse_response_head,
+    reason,
+    simple_response,
+)
+from haikutx.tls import OffersHTTP11
+
+#: Largest request head accepted, in bytes (larger: 431).
+MAX_HEAD = 16384
+#: Largest response head accepted from an application, in bytes.
+MAX_RESPONSE_HEAD = 65536
+#: Client bytes buffered while a request waits for its response (pipelining)
+#: before reading from the client pauses.
+MAX_PENDING = 65536
+#: Seconds the gate waits for an application's port to accept a connection.
+CONNECT_TIMEOUT = 10
+
+#: Request headers that say who the client is: the gate drops what a client
+#: sent and sets the C{X-Forwarded-*} ones itself.
+CLIENT_IDENTITY = frozenset(
+    {b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+     b"x-real-ip"}
+)
+
+
+class State(enum.Enum):
+    """
+    Where a gate connection is in its current request.
+    """
+
+    #: Reading a request head.
+    HEAD = "head"
+    #: The request is routed; connecting to (or starting) its application.
+    ROUTING = "routing"
+    #: Forwarding the request body.
+    BODY = "body"
+    #: The request is forwarded; the response is not finished.
+    WAITING = "waiting"
+    #: After a C{101}: bytes pass both ways unread.
+    TUNNEL = "tunnel"
+    #: The client connection is closing or closed.
+    CLOSED = "closed"
+
+
+#: The transitions L{GateProtocol._move} allows.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.HEAD: frozenset({State.ROUTING, State.BODY, State.WAITING, State.CLOSED}),
+    State.ROUTING: frozenset({State.BODY, State.WAITING, State.CLOSED}),
+    State.BODY: frozenset({State.WAITING, State.TUNNEL, State.CLOSED}),
+    State.WAITING: frozenset({State.HEAD, State.TUNNEL, State.CLOSED}),
+    State.TUNNEL: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset({State.CLOSED}),
+}
+
+
+_counters: dict[tuple[str, int], Any] = {}
+
+
+def count(app: str, status: int) -> None:
+    """
+    Count one request the gate forwarded or answered, in
+    L{metrics.GATE_REQUESTS}.
+    """
+    child = _counters.get((app, status))
+    if child is None:
+        child = _counters[app, status] = metrics.GATE_REQUESTS.labels(app=app, status=status)
+    child.inc()
+
+
+@implementer(IPushProducer)
+class Valve:
+    """
+    Pauses a transport's reading while any reason to pause holds.
+    """
+
+    __slots__ = ("transport", "reasons", "on_stop")
+
+    def __init__(self, transport: Any, on_stop: Callable[[], None] | None = None) -> None:
+        self.transport = transport
+        self.reasons: set[str] = set()
+        self.on_stop = on_stop
+
+    def pause(self, why: str) -> None:
+        if not self.reasons:
+            self.transport.pauseProducing()
+        self.reasons.add(why)
+
+    def resume(self, why: str) -> None:
+        if why in self.reasons:
+            self.reasons.discard(why)
+            if not self.reasons:
+                self.transport.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.pause("consumer")
+
+    def resumeProducing(self) -> None:
+        self.resume("consumer")
+
+    def stopProducing(self) -> None:
+        if self.on_stop is not None:
+            self.on_stop()
+
+
+class BackendProtocol(Protocol):
+    """
+    One connection from the gate to an application; hands its bytes to the
+    L{GateProtocol}.
+
+    @ivar reusable: whether another request may be sent on it.
+    """
+
+    def __init__(self, gate: GateProtocol, where: Route, head: bytes) -> None:
+        self.gate = gate
+        self.port = where.port
+        self._where: Route | None = where
+        self._head = head
+        self.valve: Valve | None = None
+        self.connected_ = False
+        self.reusable = True
+        #: Fires when the connection is gone.
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.connected_ = True
+        self.valve = Valve(self.transport, self.transport.loseConnection)
+        where, self._where = self._where, None
+        assert where is not None
+        self.gate.backend_connected(self, where, self._head)
+        self._head = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.gate.backend_data(self, data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.connected_ = False
+        self.gate.backend_lost(self)
+        self.closed.callback(None)
+
+
+class _BackendFactory(ClientFactory):
+    """
+    Connects one L{BackendProtocol}, reporting a failure to its gate
+    connection (C{reactor.connectTCP}: no endpoint wrapper on the data path).
+    """
+
+    noisy = False
+
+    def __init__(self, gate: GateProtocol, where: Route, head: bytes, retried: bool) -> None:
+        self.gate, self.where, self.head, self.retried = gate, where, head, retried
+
+    def buildProtocol(self, addr: Any) -> BackendProtocol:
+        return BackendProtocol(self.gate, self.where, self.head)
+
+    def clientConnectionFailed(self, connector: Any, why: Failure) -> None:
+        self.gate.backend_unreachable(self.where, self.head, why, self.retried)
+
+
+class GateProtocol(Protocol):
+    """
+    One client connection of the gate: parses each request head, routes it,
+    and streams its body and its response between client and application.
+
+    @ivar state: the L{State} of the current request.
+    """
+
+    log = Logger()
+
+    def __init__(self, factory: GateFactory) -> None:
+        self.factory = factory
+        self._reactor = factory.reactor
+        self._buffer = bytearray()
+        self._checked = 0
+        self.state = State.HEAD
+        self._backend: BackendProtocol | None = None
+        self._idle_backend: BackendProtocol | None = None
+        self._connector: Any = None
+        self._request_framer = BodyFramer("none")
+        self._response_framer = BodyFramer("none")
+        self._response_head = True
+        self._response_buffer = bytearray()
+        self._response_rest = b""
+        self._rechunk = False
+        self._keep_alive = True
+        self._method = b""
+        self._http10 = False
+        self._upgrade = False
+        self._where: Route | None = None
+        self._app: Application | None = None
+        self._last_activity = 0.0
+        self._idle_call: Any = None
+        self.valve: Valve | None = None
+        #: Largest number of bytes this connection held at once (tests).
+        self.max_buffered = 0
+        #: Fires when the client connection is gone.
+        self.closed: Deferred[None] = Deferred()
+
+    def _move(self, to: State) -> None:
+        """
+        Change state: the one place it changes.
+
+        @raise AssertionError: for a transition L{TRANSITIONS} does not list.
+        """
+        if to not in TRANSITIONS[self.state]:
+            raise AssertionError(f"gate connection cannot go from {self.state} to {to}")
+        self.state = to
+
+    # connection
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        self.valve = Valve(transport)
+        self._https = ISSLTransport.providedBy(transport)
+        self._peer = getattr(transport.getPeer(), "host", "").encode("ascii", "replace")
+        self._last_activity = self._reactor.seconds()
+        self._idle_call = self._reactor.callLater(self.factory.idle, self._idle_check)
+        self.factory.connections.add(self)
+
+    def _idle_check(self) -> None:
+        left = self._last_activity + self.factory.idle - self._reactor.seconds()
+        if left > 0:
+            self._idle_call = self._reactor.callLater(left, self._idle_check)
+            return
+        self._idle_call = None
+        self.log.info("connection from {peer} idle for {idle}s, closed",
+                      peer=self._peer.decode(), idle=self.factory.idle)
+        self.transport.loseConnection()
+        if self._backend is not None and self._backend.transport:
+            self._backend.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.state = State.CLOSED
+        self.factory.connections.discard(self)
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        if self._connector is not None and self._connector.state == "connecting":
+            self._connector.stopConnecting()
+        self._connector = None
+        for backend in (self._backend, self._idle_backend):
+            if backend is not None and backend.transport is not None:
+                backend.transport.loseConnection()
+        self._finish_app()
+        self.closed.callback(None)
+
+    def all_closed(self) -> list[Deferred[None]]:
+        """
+        Deferreds that fire once this connection and its application
+        connections are gone.
+        """
+        found = [self.closed]
+        for backend in (self._backend, self._idle_backend):
+            if backend is not None and backend.connected_:
+                found.append(backend.closed)
+        return found
+
+    # client side
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last_activity = self._reactor.seconds()
+        if self.state is State.TUNNEL:
+            assert self._backend is not None
+            self._backend.transport.write(data)
+            return
+        buffer = self._buffer
+        buffer += data
+        if len(buffer) > self.max_buffered:
+            self.max_buffered = len(buffer)
+        self._process()
+
+    def _process(self) -> None:
+        while self._buffer and self.state is not State.CLOSED:
+            state = self.state
+            if state is State.HEAD:
+                if not self._read_head():
+                    return
+            elif state is State.BODY:
+                self._forward_body()
+                if self.state is State.BODY:
+                    return
+            elif state is State.TUNNEL:
+                data, self._buffer = bytes(self._buffer), bytearray()
+                assert self._backend is not None
+                self._backend.transport.write(data)
+            else:
+                if state is State.ROUTING and not self._check_body():
+                    return
+                # Keep what came next (pipelining), bounded.
+                if len(self._buffer) > MAX_PENDING:
+                    self.valve.pause("pending")
+                return
+
+    def _check_body(self) -> bool:
+        """
+        While connecting: check the body bytes that came with the head, so a
+        malformed chunk is refused before anything is forwarded.
+        """
+        try:
+            self._checked = self._request_framer.consume(self._buffer, self._checked)
+        except BadMessage as e:
+            self._bad_request(e)
+            return False
+        return True
+
+    def _bad_request(self, error: BadMessage) -> None:
+        self.log.warn("bad request from {peer}: {reason}", peer=self._peer.decode(),
+                      reason=error.reason, status=error.status)
+        self._refuse(error.status, error.reason)
+
+    def _read_head(self) -> bool:
+        self._where = None
+        buffer = self._buffer
+        while buffer[:2] == b"\r\n":
+            del buffer[:2]
+        try:
+            end = head_end(buffer)
+            if end < 0:
+                if len(buffer) > MAX_HEAD:
+                    self._refuse(431, f"request head larger than {MAX_HEAD} bytes")
+                return False
+            if end > MAX_HEAD:
+                self._refuse(431, f"request head larger than {MAX_HEAD} bytes")
+                return False
+            head = parse_request_head(buffer[:end])
+        except BadMessage as e:
+            self._bad_request(e)
+            return False
+        del buffer[:end]
+        method = head.method
+        self._method = method
+        self._http10 = head.version == b"HTTP/1.0"
+        self._keep_alive = head.keep_alive
+        if method.decode("ascii") not in self.factory.methods:
+            self._refuse(
+                405, f"method {method.decode('ascii')} is not forwarded",
+                [(b"Allow", ", ".join(self.factory.methods).encode())],
+            )
+            return False
+        where = route(head.target, self.factory.gate.names, self.factory.gate.target)
+        self._where = where
+        if where.status:
+            if where.status >= 400:
+                self.log.warn("{method} {target} refused: {status} {reason}",
+                              method=method.decode("ascii"),
+                              target=head.target.decode("ascii"),
+                              status=where.status, reason=where.message)
+            extra = [(b"Location", where.location.encode())] if where.location else []
+            self._refuse(where.status, where.message, extra)
+            return False
+        self._upgrade = b"upgrade" in head.connection and head.get(b"upgrade") is not None
+        self._request_framer = BodyFramer.for_request(head)
+        self._response_head = True
+        self._response_buffer = bytearray()
+        self._response_rest = b""
+        out = self._forwarded_head(head, where)
+        backend, self._idle_backend = self._idle_backend, None
+        if backend is not None and backend.port == where.port and backend.connected_:
+            self._start_request(backend, where, out)
+            return True
+        if backend is not None:
+            backend.transport.loseConnection()
+        self._move(State.ROUTING)
+        self._checked = 0
+        if not self._check_body():
+            return False
+        self.valve.pause("routing")
+        self._connect(where, out, False)
+        return True
+
+    def _forwarded_head(self, head: Head, where: Route) -> bytes:
+        """
+        The head sent to the application: origin-form target, end-to-end
+        fields but the client's identity claims, and the gate's own
+        C{X-Forwarded-For}, C{-Proto} and C{-Host}.
+        """
+        out = [head.method, b" ", where.target, b" HTTP/1.1\r\n"]
+        host = None
+        for name, value in end_to_end(head):
+            if name in CLIENT_IDENTITY:
+                continue
+            if name == b"host":
+                host = value
+            out += [name, b": ", value, b"\r\n"]
+        if host is None:
+            out.append(b"host: localhost:%d\r\n" % where.port)
+            gate = self.transport.getHost()
+            host = b"%s:%d" % (getattr(gate, "host", "").encode(), getattr(gate, "port", 0))
+        if head.chunked:
+            out.append(b"transfer-encoding: chunked\r\n")
+        if self._upgrade:
+            out += [b"connection: upgrade\r\nupgrade: ", head.get(b"upgrade") or b"", b"\r\n"]
+        elif not self._keep_alive:
+            out.append(b"connection: close\r\n")
+        out += [
+            b"x-forwarded-for: ", self._peer,
+            b"\r\nx-forwarded-proto: ", b"https" if self._https else b"http",
+            b"\r\nx-forwarded-host: ", host, b"\r\n\r\n",
+        ]
+        return b"".join(out)
+
+    def _connect(self, where: Route, head: bytes, retried: bool) -> None:
+        self._connector = self._reactor.connectTCP(
+            BACKEND_HOST, where.port, _BackendFactory(self, where, head, retried),
+            timeout=CONNECT_TIMEOUT,
+        )
+
+    def backend_connected(self, backend: BackendProtocol, where: Route, head: bytes) -> None:
+        """
+        A new application connection is open: send the request.
+        """
+        self._connector = None
+        if self.state is State.CLOSED:
+            backend.transport.loseConnection()
+            return
+        self.valve.resume("routing")
+        self._start_request(backend, where, head)
+        self._process()
+
+    def backend_unreachable(
+        self, where: Route, head: bytes, why: Failure, retried: bool
+    ) -> None:
+        """
+        An application's port did not accept: start the application when the
+        names file says how (once), else answer 502 (or its C{void} page).
+        """
+        self._connector = None
+        if self.state is State.CLOSED:
+            return
+        if not retried and where.app is not None and where.app.command:
+            app = self.factory.gate.application(where.app)
+            d = app.start_and_wait()
+            d.addCallbacks(
+                lambda _: self._connect(where, head, True) if self.state is not State.CLOSED
+                else None,
+                lambda f: self._connect_failed(f, where),
+            )
+            d.addErrback(lambda f: self.log.failure("gate bug", f))
+            return
+        self._connect_failed(why, where)
+
+    def _connect_failed(self, failure: Failure, where: Route) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.valve.resume("routing")
+        app = where.app.name if where.app else None
+        self.log.error("{app} port {port} unreachable: {reason}", app=app,
+                       port=where.port, reason=failure.getErrorMessage())
+        if where.app is not None and where.app.dir:
+            try:
+                with (Path(where.app.dir) / "void").open("rb") as f:
+                    body = f.read(1 << 20)
+            except OSError:
+                pass
+            else:
+                self._respond(503, body, b"text/html")
+                return
+        self._refuse(502, f"port {where.port} is unreachable")
+
+    def _start_request(self, backend: BackendProtocol, where: Route, head: bytes) -> None:
+        previous = self._backend
+        if previous is not backend:
+            if previous is not None:
+                self.transport.unregisterProducer()
+            self.valve.resume("consumer")
+            self.transport.registerProducer(backend.valve, True)
+            backend.transport.registerProducer(self.valve, True)
+        self._backend = backend
+        if where.app is not None:
+            self._app = self.factory.gate.application(where.app)
+            self._app.request_started()
+        checked, self._checked = self._checked, 0
+        if checked:
+            head += bytes(self._buffer[:checked])
+            del self._buffer[:checked]
+        backend.transport.write(head)
+        self._move(State.WAITING if self._request_framer.done else State.BODY)
+
+    def _forward_body(self) -> None:
+        buffer = self._buffer
+        try:
+            end = self._request_framer.consume(buffer)
+        except BadMessage as e:
+            # What came before was forwarded; the bad line is not.
+            self.log.warn("bad request body from {peer}: {reason}",
+                          peer=self._peer.decode(), reason=e.reason, status=e.status)
+            if self._backend is not None:
+                self._backend.transport.abortConnection()
+            if self._response_head:
+                self._refuse(e.status, e.reason)
+            else:
+                self.transport.abortConnection()
+            return
+        if end:
+            if end == len(buffer):
+                chunk, self._buffer = bytes(buffer), bytearray()
+            else:
+                chunk = bytes(buffer[:end])
+                del buffer[:end]
+            assert self._backend is not None
+            self._backend.transport.write(chunk)
+        if self._request_framer.done:
+            self._move(State.WAITING)
+
+    # application side
+
+    def backend_data(self, backend: BackendProtocol, data: bytes) -> None:
+        """
+        Bytes from an application: a response head, body, or tunnel data.
+        """
+        self._last_activity = self._reactor.seconds()
+        if backend is not self._backend or self.state is State.CLOSED:
+            backend.transport.loseConnection()
+            return
+        if self.state is State.TUNNEL:
+            self.transport.write(data)
+            return
+        if self._response_head:
+            self._response_buffer += data
+            if not self._read_response_head():
+                return
+            data, self._response_buffer = bytes(self._response_buffer), bytearray()
+            if self.state is State.TUNNEL:
+                if data:
+                    self.transport.write(data)
+                self._process()
+                return
+            if not data:
+                if self._response_framer.done:
+                    self._response_done()
+                return
+        if self._response_rest:
+            data, self._response_rest = self._response_rest + data, b""
+        framer = self._response_framer
+        try:
+            end = framer.consume(data)
+        except BadMessage as e:
+            self.log.error("port {port}: bad response body: {reason}", port=backend.port,
+                           reason=e.reason)
+            backend.transport.abortConnection()
+            self.transport.abortConnection()
+            return
+        if end < len(data) and not framer.done:
+            # An incomplete chunk line: kept for the next bytes.
+            self._response_rest = data[end:]
+        if end:
+            body = data if end == len(data) else data[:end]
+            if self._rechunk:
+                self.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
+            else:
+                self.transport.write(body)
+        if framer.done:
+            if end < len(data):
+                backend.reusable = False
+            self._response_done()
+
+    def _read_response_head(self) -> bool:
+        buffer = self._response_buffer
+        while True:
+            try:
+                end = head_end(buffer)
+                if end < 0:
+                    if len(buffer) > MAX_RESPONSE_HEAD:
+                        self._backend_failed("response head too large")
+                    return False
+                head = parse_response_head(buffer[:end])
+            except BadMessage as e:
+                self._backend_failed(f"bad response: {e.reason}")
+                return False
+            raw = bytes(buffer[:end])
+            del buffer[:end]
+            if head.status == 101 and self._upgrade:
+                self.transport.write(raw)
+                self._count(101)
+                self._move(State.TUNNEL)
+                return True
+            if 100 <= head.status < 200:
+                self.transport.write(raw)
+                continue
+            break
+        backend = self._backend
+        assert backend is not None
+        if not head.keep_alive or not self._keep_alive:
+            backend.reusable = False
+        self._response_framer = framer = BodyFramer.for_response(head, self._method)
+        self._rechunk = False
+        out = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
+        for name, value in end_to_end(head):
+            out += [name, b": ", value, b"\r\n"]
+        if framer.mode == "chunked":
+            out.append(b"transfer-encoding: chunked\r\n")
+        elif framer.mode == "close":
+            backend.reusable = False
+            if self._keep_alive:
+                self._rechunk = True
+                out.append(b"transfer-encoding: chunked\r\n")
+        if not self._keep_alive:
+            out.append(b"connection: close\r\n")
+        elif self._http10:
+            out.append(b"connection: keep-alive\r\n")
+        out.append(b"\r\n")
+        self.transport.write(b"".join(out))
+        self._response_head = False
+        self._count(head.status)
+        return True
+
+    def _count(self, status: int) -> None:
+        where = self._where
+        if where is not None and where.app is not None:
+            count(where.app.name, status)
+        elif where is not None and where.port:
+            count(str(where.port), status)
+        else:
+            count("-", status)
+
+    def _response_done(self) -> None:
+        backend = self._backend
+        self._finish_app()
+        if self.state in (State.BODY, State.ROUTING):
+            # The application answered before reading the whole request.
+            self._keep_alive = False
+        if not self._keep_alive:
+            self._move(State.CLOSED)
+            self.transport.loseConnection()
+            if backend is not None and backend.transport is not None:
+                backend.transport.loseConnection()
+            return
+        self._move(State.HEAD)
+        self._response_head = True
+        if backend is not None and backend.reusable and backend.connected_:
+            self._idle_backend = backend
+        elif backend is not None:
+            backend.transport.loseConnection()
+        self.valve.resume("pending")
+        if self._buffer:
+            self._process()
+
+    def _finish_app(self) -> None:
+        if self._app is not None:
+            app, self._app = self._app, None
+            app.request_finished()
+
+    def backend_lost(self, backend: BackendProtocol) -> None:
+        """
+        An application connection closed.
+        """
+        if backend is self._idle_backend:
+            self._idle_backend = None
+        if backend is not self._backend:
+            return
+        self.valve.resume("consumer")
+        if self.state is State.CLOSED:
+            return
+        self._backend = None
+        self.transport.unregisterProducer()
+        if self.state is State.TUNNEL:
+            self.transport.loseConnection()
+        elif self.state in (State.BODY, State.WAITING):
+            if self._response_head:
+                self._backend_failed("closed before answering")
+            elif self._response_framer.mode == "close":
+                if self._rechunk:
+                    self.transport.write(b"0\r\n\r\n")
+                self._response_done()
+            else:
+                self._finish_app()
+                self.transport.loseConnection()
+
+    def _backend_failed(self, why: str) -> None:
+        backend = self._backend
+        self.log.error("port {port}: {reason}", port=backend.port if backend else None,
+                       reason=why)
+        if backend is not None and backend.transport is not None:
+            backend.transport.abortConnection()
+        if self._response_head:
+            self._refuse(502, why)
+        else:
+            self.transport.loseConnection()
+
+    # answers of the gate itself
+
+    def _refuse(self, status: int, message: str,
+                headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        body = b"%d %s: %s\n" % (status, reason(status), message.encode())
+        self._respond(status, body, b"text/plain; charset=utf-8", headers)
+
+    def _respond(self, status: int, body: bytes, content_type: bytes,
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        self._finish_app()
+        self._count(status)
+        self._move(State.CLOSED)
+        self.transport.write(simple_response(status, body, content_type, headers or ()))
+        self.transport.loseConnection()
+
+
+class GateFactory(OffersHTTP11, Factory):
+    """
+    Builds L{GateProtocol}s for the listeners of a L{GateService}; offers
+    ALPN C{http/1.1} on TLS listeners.
+
+    @ivar connections: the open client connections.
+    """
+
+    noisy = False
+
+    def __init__(self, reactor: Any, gate: Any) -> None:
+        self.reactor = reactor
+        self.gate = gate
+        self.idle = gate.idle
+        self.methods = gate.methods
+        self.connections: set[GateProtocol] = set()
+
+    def buildProtocol(self, addr: Any) -> GateProtocol:
+        return GateProtocol(self)
