@@ -92,8 +92,8 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual((method, host, port), ("POST", "example.test", 8080))
         self.assertEqual(
             head,
-            b"POST /a/b?c=d HTTP/1.1\r\nHost: example.test:8080\r\nX-Kept: 1\r\n"
-            b"Connection: close\r\n\r\n",
+            b"POST /a/b?c=d HTTP/1.1\r\nhost: example.test:8080\r\nx-kept: 1\r\n"
+            b"connection: close\r\n\r\n",
         )
 
     def test_default_port_and_host_header(self) -> None:
@@ -106,7 +106,7 @@ class ParseTests(SynchronousTestCase):
                 "GET",
                 "example.test",
                 80,
-                b"GET / HTTP/1.0\r\nHost: example.test\r\nConnection: close\r\n\r\n",
+                b"GET / HTTP/1.0\r\nhost: example.test\r\nconnection: close\r\n\r\n",
             ),
         )
 
