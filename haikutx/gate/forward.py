@@ -412,7 +412,9 @@ class GateProtocol(Protocol):
         fields but the client's identity claims, and the gate's own
         C{X-Forwarded-For}, C{-Proto} and C{-Host}.
         """
-        out = [head.method, b" ", where.target, b" HTTP/1.1\r\n"]
+        # An HTTP/1.0 client's request goes on as HTTP/1.0, so the answer
+        # is not chunked (which such a client cannot read).
+        out = [head.method, b" ", where.target, b" ", head.version, b"\r\n"]
         host = None
         for name, value in end_to_end(head):
             if name in CLIENT_IDENTITY:
@@ -429,7 +431,10 @@ class GateProtocol(Protocol):
         if self._upgrade:
             out += [b"connection: upgrade\r\nupgrade: ", head.get(b"upgrade") or b"", b"\r\n"]
         elif not self._keep_alive:
-            out.append(b"connection: close\r\n")
+            if not self._http10:
+                out.append(b"connection: close\r\n")
+        elif self._http10:
+            out.append(b"connection: keep-alive\r\n")
         out += [
             b"x-forwarded-for: ", self._peer,
             b"\r\nx-forwarded-proto: ", b"https" if self._https else b"http",
@@ -629,7 +634,9 @@ class GateProtocol(Protocol):
             out.append(b"transfer-encoding: chunked\r\n")
         elif framer.mode == "close":
             backend.reusable = False
-            if self._keep_alive:
+            if self._http10:
+                self._keep_alive = False
+            elif self._keep_alive:
                 self._rechunk = True
                 out.append(b"transfer-encoding: chunked\r\n")
         if not self._keep_alive:

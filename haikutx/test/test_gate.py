@@ -811,7 +811,7 @@ class NamesTests(_Integration):
         Concurrent first requests for a stopped application start its
         command once, in its directory, output appended to its log; a crash
         is logged and the next request starts it again; stopping the gate
-        stops it.
+        stops it. The readiness probe leaves no traceback in the log.
         """
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         directory = Path(self.mktemp()).absolute()
@@ -851,6 +851,10 @@ class NamesTests(_Integration):
         await gate_service.stopService()
         self.assertFalse(app.running)
         self.assertIsNotNone(second.status)
+        # The readiness probe closes cleanly: no reset for the application
+        # to log as a traceback.
+        self.assertNotIn("Traceback", log.read_text())
+        self.assertNotIn("ConnectionResetError", log.read_text())
 
     async def test_start_timeout(self) -> None:
         """
@@ -962,3 +966,299 @@ class WiringTests(_Integration):
         self.assertTrue(message.startswith("--names: "))
         self.assertIn("line 2", message)
         self.assertNotIn("\n", message)
+
+
+# --- strict HTTP/1.1, client identity, TLS, loopback-only pages ---------------
+
+
+class RecordingBackend(Protocol):
+    """
+    Records every byte it receives in C{factory.received} and never answers.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        self.factory.received.append(b"")
+        self.index = len(self.factory.received) - 1
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.received[self.index] += data
+
+    def connectionLost(self, reason=None) -> None:
+        self.factory.lost += 1
+
+
+class _Recorder(Factory):
+    protocol = RecordingBackend
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.lost = 0
+        self.received: list[bytes] = []
+
+
+class _Collect(Protocol):
+    """
+    Writes C{data}, collects every byte until the connection closes.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.got = b""
+        self.done: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.data)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got += data
+
+    def connectionLost(self, reason=None) -> None:
+        self.done.callback(self.got)
+
+
+async def _exchange(port: int, data: bytes) -> bytes:
+    """
+    Send C{data} on a new connection and return all that comes back.
+    """
+    protocol = _Collect(data)
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+        Factory.forProtocol(lambda: protocol)
+    )
+    return await protocol.done
+
+
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
+class StrictTests(_Integration):
+    """
+    What RFC 9112 does not allow is answered 400 and never forwarded.
+    """
+
+    def recorder(self) -> tuple[_Recorder, int]:
+        factory = _Recorder()
+        return factory, self.listen(factory)
+
+    async def test_bad_heads(self) -> None:
+        """
+        Each malformed head (bare CR or LF, obs-fold, repeated or conflicting
+        Content-Length, Transfer-Encoding with Content-Length, ...) is
+        answered 400 (501 for an unknown coding) and the application gets
+        no connection.
+        """
+        from haikutx.test.test_http1 import BAD_REQUESTS
+
+        recorder, port = self.recorder()
+        _, gate = self.gate()
+        cases = dict(BAD_REQUESTS)
+        cases["unknown coding"] = (
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n"
+        )
+        for name, raw in cases.items():
+            raw = raw.replace(b" /", b" /%d/" % port, 1)
+            answer = await _exchange(gate, raw)
+            expected = 501 if name == "unknown coding" else 400
+            self.assertEqual(_status(answer), expected, (name, answer[:200]))
+        self.assertEqual((recorder.connections, recorder.received), (0, []))
+
+    async def test_bad_chunks(self) -> None:
+        """
+        A malformed chunked body that comes with its head (C{0x5}, signs,
+        spaces, overflow, bare LF, bad trailers) is answered 400 before the
+        application is connected to.
+        """
+        from haikutx.test.test_http1 import BAD_CHUNKS
+
+        recorder, port = self.recorder()
+        _, gate = self.gate(methods=("POST",))
+        head = b"POST /%d/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" % port
+        for name, body in BAD_CHUNKS.items():
+            answer = await _exchange(gate, head + body)
+            self.assertEqual(_status(answer), 400, (name, answer[:200]))
+        self.assertEqual((recorder.connections, recorder.received), (0, []))
+
+    async def test_bad_chunk_later(self) -> None:
+        """
+        A malformed chunk that comes after the request was forwarded is not
+        forwarded: the application's connection is aborted and the client
+        gets 400.
+        """
+        recorder, port = self.recorder()
+        _, gate = self.gate(methods=("POST",))
+        protocol = _Collect(
+            b"POST /%d/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n" % port
+        )
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", gate).connect(
+            Factory.forProtocol(lambda: protocol)
+        )
+        for _ in range(500):
+            if recorder.received and recorder.received[0].endswith(b"hello\r\n"):
+                break
+            await deferLater(reactor, 0.01)
+        protocol.transport.write(b"0x5\r\nworld\r\n0\r\n\r\n")
+        answer = await protocol.done
+        self.assertEqual(_status(answer), 400)
+        for _ in range(500):
+            if recorder.lost:
+                break
+            await deferLater(reactor, 0.01)
+        self.assertEqual(recorder.lost, 1)
+        self.assertTrue(recorder.received[0].endswith(b"\r\n\r\n5\r\nhello\r\n"))
+
+
+class IdentityTests(_Integration):
+    """
+    The gate says who the client is; the client cannot.
+    """
+
+    async def test_client_claims_replaced(self) -> None:
+        """
+        A client's Forwarded and X-Real-IP are dropped and its
+        X-Forwarded-For, -Proto and -Host replaced.
+        """
+        backend = self.backend()
+        _, gate = self.gate()
+        _, _, body = await self.get(gate, b"/%d/" % backend, headers=[
+            (b"forwarded", b"for=6.6.6.6;proto=https"),
+            (b"x-real-ip", b"6.6.6.6"),
+            (b"x-forwarded-for", b"6.6.6.6"),
+            (b"x-forwarded-proto", b"https"),
+            (b"x-forwarded-host", b"evil.example"),
+        ])
+        headers = json.loads(body)["headers"]
+        self.assertNotIn("forwarded", headers)
+        self.assertNotIn("x-real-ip", headers)
+        self.assertEqual(
+            (headers["x-forwarded-for"], headers["x-forwarded-proto"],
+             headers["x-forwarded-host"]),
+            ("127.0.0.1", "http", "gate.example"),
+        )
+
+    async def test_http10_without_host(self) -> None:
+        """
+        An HTTP/1.0 request without Host still gets X-Forwarded-Host: the
+        gate's own address.
+        """
+        backend = self.backend()
+        _, gate = self.gate()
+        answer = await _exchange(gate, b"GET /%d/ HTTP/1.0\r\n\r\n" % backend)
+        headers = json.loads(answer.partition(b"\r\n\r\n")[2])["headers"]
+        self.assertEqual(headers["x-forwarded-host"], f"127.0.0.1:{gate}")
+        self.assertEqual(headers["x-forwarded-for"], "127.0.0.1")
+
+    async def test_counted(self) -> None:
+        """
+        Forwarded and refused requests are counted in
+        C{haiku_gate_requests_total} by application and status.
+        """
+        from haikutx.metrics import REGISTRY
+
+        def value(app: str, status: str) -> float:
+            return REGISTRY.get_sample_value(
+                "haiku_gate_requests_total", {"app": app, "status": status}) or 0.0
+
+        backend = self.backend()
+        _, gate = self.gate()
+        before = value(str(backend), "200"), value("-", "404")
+        await self.get(gate, b"/%d/" % backend)
+        await self.get(gate, b"/nosuchapp/")
+        self.assertEqual((value(str(backend), "200"), value("-", "404")),
+                         (before[0] + 1, before[1] + 1))
+
+
+class LoopbackOnlyTests(_Integration):
+    """
+    Pages shown to loopback clients only are not shown through the gate.
+    """
+
+    async def test_status_and_metrics_refused(self) -> None:
+        """
+        C{/<runtime port>/_haiku/status} and a metrics page through the gate
+        are refused with 403, though the gate connects from 127.0.0.1; the
+        same pages asked directly answer 200.
+        """
+        from haikutx.metrics import MetricsResource
+        from haikutx.runtime.resource import RuntimeSite
+        from haikutx.service import build_runtime
+
+        pool, root, fetcher = build_runtime(
+            reactor, Config(http=None, https=None, workers=1, handlers=Path(self.mktemp()))
+        )
+        self.addCleanup(fetcher.close)
+        runtime = self.listen(RuntimeSite(root, reactor=reactor))
+        metrics_root = Resource()
+        metrics_root.putChild(b"metrics", MetricsResource())
+        metrics = self.listen(Site(metrics_root))
+        _, gate = self.gate()
+        for port, path in ((runtime, b"/_haiku/status"), (metrics, b"/metrics")):
+            direct, _, _ = await self.get(port, path)
+            self.assertEqual(direct, 200)
+            status, _, body = await self.get(gate, b"/%d%s" % (port, path))
+            self.assertEqual(status, 403, body)
+
+
+async def _curl(*args: str) -> tuple[bytes, int]:
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    out, err, code = await getProcessOutputAndValue(
+        "curl", ["-sSk", "--http1.1", "--max-time", "20", *args], env=os.environ
+    )
+    return out + err, code
+
+
+class TLSTests(_Integration):
+    """
+    Every TLS listener of the plugin offers ALPN http/1.1, so clients that
+    send ALPN (curl, browsers) connect.
+    """
+
+    def setUp(self) -> None:
+        import shutil
+
+        if shutil.which("curl") is None:
+            raise SkipTest("needs curl")
+
+    async def test_gate_alpn(self) -> None:
+        """
+        curl, which sends ALPN, gets an answer through a TLS gate, and
+        negotiates http/1.1.
+        """
+        backend = self.backend()
+        gate = GateService(
+            reactor, listeners=(f"ssl:0:interface=127.0.0.1:privateKey={SERVER_PEM}",),
+            install_sighup=False,
+        )
+        gate.startService()
+        self.addCleanup(gate.stopService)
+        port = (await list(gate)[0]._waitingForPort).getHost().port
+        out, code = await _curl("-v", f"https://127.0.0.1:{port}/{backend}/alpn")
+        self.assertEqual(code, 0, out)
+        self.assertIn(b"ALPN: server accepted http/1.1", out)
+        self.assertIn(b'"uri": "/alpn"', out)
+
+    async def test_runtime_alpn(self) -> None:
+        """
+        The runtime's TLS listener (C{--sslport}) answers curl too.
+        """
+        from twisted.application import strports
+
+        from haikutx.runtime.resource import RuntimeSite
+        from haikutx.service import build_runtime
+
+        pool, root, fetcher = build_runtime(
+            reactor, Config(http=None, https=None, workers=1, handlers=Path(self.mktemp()))
+        )
+        self.addCleanup(fetcher.close)
+        service = strports.service(
+            f"ssl:0:interface=127.0.0.1:privateKey={SERVER_PEM}",
+            RuntimeSite(root, reactor=reactor), reactor=reactor,
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = (await service._waitingForPort).getHost().port
+        out, code = await _curl("-v", f"https://127.0.0.1:{port}/_haiku/status")
+        self.assertEqual(code, 0, out)
+        self.assertIn(b"ALPN: server accepted http/1.1", out)
