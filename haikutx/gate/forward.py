@@ -17,19 +17,19 @@ place they change, and it refuses a transition L{TRANSITIONS} does not list.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer, ISSLTransport
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from haikutx import metrics
 from haikutx.gate.apps import BACKEND_HOST, Application
+from haikutx.gate.backends import BackendFactory, BackendPool, BackendProtocol, Valve
+from haikutx.gate.response import ResponseForwarder
 from haikutx.gate.routing import Route, route
 from haikutx.net.http1 import (
     BadMessage,
@@ -38,7 +38,6 @@ from haikutx.net.http1 import (
     end_to_end,
     head_end,
     parse_request_head,
-    parse_response_head,
     reason,
     simple_response,
 )
@@ -46,8 +45,6 @@ from haikutx.tls import OffersHTTP11
 
 #: Largest request head accepted, in bytes (larger: 431).
 MAX_HEAD = 16384
-#: Largest response head accepted from an application, in bytes.
-MAX_RESPONSE_HEAD = 65536
 #: Client bytes buffered while a request waits for its response (pipelining)
 #: before reading from the client pauses.
 MAX_PENDING = 65536
@@ -86,7 +83,9 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.HEAD: frozenset({State.ROUTING, State.BODY, State.WAITING, State.CLOSED}),
     State.ROUTING: frozenset({State.BODY, State.WAITING, State.CLOSED}),
     State.BODY: frozenset({State.WAITING, State.TUNNEL, State.CLOSED}),
-    State.WAITING: frozenset({State.HEAD, State.TUNNEL, State.CLOSED}),
+    # WAITING -> ROUTING: a reused application connection closed before
+    # answering; the request goes again on a new one.
+    State.WAITING: frozenset({State.HEAD, State.ROUTING, State.TUNNEL, State.CLOSED}),
     State.TUNNEL: frozenset({State.CLOSED}),
     State.CLOSED: frozenset({State.CLOSED}),
 }
@@ -106,95 +105,6 @@ def count(app: str, status: int) -> None:
     child.inc()
 
 
-@implementer(IPushProducer)
-class Valve:
-    """
-    Pauses a transport's reading while any reason to pause holds.
-    """
-
-    __slots__ = ("transport", "reasons", "on_stop")
-
-    def __init__(self, transport: Any, on_stop: Callable[[], None] | None = None) -> None:
-        self.transport = transport
-        self.reasons: set[str] = set()
-        self.on_stop = on_stop
-
-    def pause(self, why: str) -> None:
-        if not self.reasons:
-            self.transport.pauseProducing()
-        self.reasons.add(why)
-
-    def resume(self, why: str) -> None:
-        if why in self.reasons:
-            self.reasons.discard(why)
-            if not self.reasons:
-                self.transport.resumeProducing()
-
-    def pauseProducing(self) -> None:
-        self.pause("consumer")
-
-    def resumeProducing(self) -> None:
-        self.resume("consumer")
-
-    def stopProducing(self) -> None:
-        if self.on_stop is not None:
-            self.on_stop()
-
-
-class BackendProtocol(Protocol):
-    """
-    One connection from the gate to an application; hands its bytes to the
-    L{GateProtocol}.
-
-    @ivar reusable: whether another request may be sent on it.
-    """
-
-    def __init__(self, gate: GateProtocol, where: Route, head: bytes) -> None:
-        self.gate = gate
-        self.port = where.port
-        self._where: Route | None = where
-        self._head = head
-        self.valve: Valve | None = None
-        self.connected_ = False
-        self.reusable = True
-        #: Fires when the connection is gone.
-        self.closed: Deferred[None] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.connected_ = True
-        self.valve = Valve(self.transport, self.transport.loseConnection)
-        where, self._where = self._where, None
-        assert where is not None
-        self.gate.backend_connected(self, where, self._head)
-        self._head = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.gate.backend_data(self, data)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.connected_ = False
-        self.gate.backend_lost(self)
-        self.closed.callback(None)
-
-
-class _BackendFactory(ClientFactory):
-    """
-    Connects one L{BackendProtocol}, reporting a failure to its gate
-    connection (C{reactor.connectTCP}: no endpoint wrapper on the data path).
-    """
-
-    noisy = False
-
-    def __init__(self, gate: GateProtocol, where: Route, head: bytes, retried: bool) -> None:
-        self.gate, self.where, self.head, self.retried = gate, where, head, retried
-
-    def buildProtocol(self, addr: Any) -> BackendProtocol:
-        return BackendProtocol(self.gate, self.where, self.head)
-
-    def clientConnectionFailed(self, connector: Any, why: Failure) -> None:
-        self.gate.backend_unreachable(self.where, self.head, why, self.retried)
-
-
 class GateProtocol(Protocol):
     """
     One client connection of the gate: parses each request head, routes it,
@@ -211,17 +121,13 @@ class GateProtocol(Protocol):
         self._buffer = bytearray()
         self._checked = 0
         self.state = State.HEAD
+        self._pool: BackendPool = factory.pool
         self._backend: BackendProtocol | None = None
-        self._idle_backend: BackendProtocol | None = None
         self._connector: Any = None
         self._request_framer = BodyFramer("none")
-        self._response_framer = BodyFramer("none")
-        self._response_head = True
-        self._response_buffer = bytearray()
-        self._response_rest = b""
-        self._rechunk = False
+        self._response = ResponseForwarder(self)
+        self._retry_head: bytes | None = None
         self._keep_alive = True
-        self._method = b""
         self._http10 = False
         self._upgrade = False
         self._where: Route | None = None
@@ -276,9 +182,9 @@ class GateProtocol(Protocol):
         if self._connector is not None and self._connector.state == "connecting":
             self._connector.stopConnecting()
         self._connector = None
-        for backend in (self._backend, self._idle_backend):
-            if backend is not None and backend.transport is not None:
-                backend.transport.loseConnection()
+        backend = self._backend
+        if backend is not None and backend.transport is not None:
+            backend.transport.loseConnection()
         self._finish_app()
         self.closed.callback(None)
 
@@ -288,9 +194,8 @@ class GateProtocol(Protocol):
         connections are gone.
         """
         found = [self.closed]
-        for backend in (self._backend, self._idle_backend):
-            if backend is not None and backend.connected_:
-                found.append(backend.closed)
+        if self._backend is not None and self._backend.connected_:
+            found.append(self._backend.closed)
         return found
 
     # client side
@@ -366,7 +271,6 @@ class GateProtocol(Protocol):
             return False
         del buffer[:end]
         method = head.method
-        self._method = method
         self._http10 = head.version == b"HTTP/1.0"
         self._keep_alive = head.keep_alive
         if method.decode("ascii") not in self.factory.methods:
@@ -388,16 +292,12 @@ class GateProtocol(Protocol):
             return False
         self._upgrade = b"upgrade" in head.connection and head.get(b"upgrade") is not None
         self._request_framer = BodyFramer.for_request(head)
-        self._response_head = True
-        self._response_buffer = bytearray()
-        self._response_rest = b""
+        self._response.start(method, self._http10, self._keep_alive, self._upgrade)
         out = self._forwarded_head(head, where)
-        backend, self._idle_backend = self._idle_backend, None
-        if backend is not None and backend.port == where.port and backend.connected_:
+        backend = self._pool.take(where.port)
+        if backend is not None:
             self._start_request(backend, where, out)
             return True
-        if backend is not None:
-            backend.transport.loseConnection()
         self._move(State.ROUTING)
         self._checked = 0
         if not self._check_body():
@@ -430,10 +330,9 @@ class GateProtocol(Protocol):
             out.append(b"transfer-encoding: chunked\r\n")
         if self._upgrade:
             out += [b"connection: upgrade\r\nupgrade: ", head.get(b"upgrade") or b"", b"\r\n"]
-        elif not self._keep_alive:
-            if not self._http10:
-                out.append(b"connection: close\r\n")
         elif self._http10:
+            # Whatever the client wants, the application connection may
+            # serve later requests (the pool).
             out.append(b"connection: keep-alive\r\n")
         out += [
             b"x-forwarded-for: ", self._peer,
@@ -443,9 +342,13 @@ class GateProtocol(Protocol):
         return b"".join(out)
 
     def _connect(self, where: Route, head: bytes, retried: bool) -> None:
+        factory = BackendFactory(
+            self, where.port,
+            lambda backend: self.backend_connected(backend, where, head),
+            lambda why: self.backend_unreachable(where, head, why, retried),
+        )
         self._connector = self._reactor.connectTCP(
-            BACKEND_HOST, where.port, _BackendFactory(self, where, head, retried),
-            timeout=CONNECT_TIMEOUT,
+            BACKEND_HOST, where.port, factory, timeout=CONNECT_TIMEOUT
         )
 
     def backend_connected(self, backend: BackendProtocol, where: Route, head: bytes) -> None:
@@ -501,14 +404,11 @@ class GateProtocol(Protocol):
         self._refuse(502, f"port {where.port} is unreachable")
 
     def _start_request(self, backend: BackendProtocol, where: Route, head: bytes) -> None:
-        previous = self._backend
-        if previous is not backend:
-            if previous is not None:
-                self.transport.unregisterProducer()
-            self.valve.resume("consumer")
-            self.transport.registerProducer(backend.valve, True)
-            backend.transport.registerProducer(self.valve, True)
+        backend.owner = self
         self._backend = backend
+        self.valve.resume("consumer")
+        self.transport.registerProducer(backend.valve, True)
+        backend.transport.registerProducer(self.valve, True)
         if where.app is not None:
             self._app = self.factory.gate.application(where.app)
             self._app.request_started()
@@ -516,8 +416,12 @@ class GateProtocol(Protocol):
         if checked:
             head += bytes(self._buffer[:checked])
             del self._buffer[:checked]
+        # A request without a body sent on a reused connection can be sent
+        # again if the application closed that connection meanwhile.
+        done = self._request_framer.done
+        self._retry_head = head if backend.reused and done else None
         backend.transport.write(head)
-        self._move(State.WAITING if self._request_framer.done else State.BODY)
+        self._move(State.WAITING if done else State.BODY)
 
     def _forward_body(self) -> None:
         buffer = self._buffer
@@ -528,8 +432,9 @@ class GateProtocol(Protocol):
             self.log.warn("bad request body from {peer}: {reason}",
                           peer=self._peer.decode(), reason=e.reason, status=e.status)
             if self._backend is not None:
+                self._backend.reusable = False
                 self._backend.transport.abortConnection()
-            if self._response_head:
+            if self._response.head_pending:
                 self._refuse(e.status, e.reason)
             else:
                 self.transport.abortConnection()
@@ -558,98 +463,31 @@ class GateProtocol(Protocol):
         if self.state is State.TUNNEL:
             self.transport.write(data)
             return
-        if self._response_head:
-            self._response_buffer += data
-            if not self._read_response_head():
-                return
-            data, self._response_buffer = bytes(self._response_buffer), bytearray()
-            if self.state is State.TUNNEL:
-                if data:
-                    self.transport.write(data)
-                self._process()
-                return
-            if not data:
-                if self._response_framer.done:
-                    self._response_done()
-                return
-        if self._response_rest:
-            data, self._response_rest = self._response_rest + data, b""
-        framer = self._response_framer
-        try:
-            end = framer.consume(data)
-        except BadMessage as e:
-            self.log.error("port {port}: bad response body: {reason}", port=backend.port,
-                           reason=e.reason)
-            backend.transport.abortConnection()
-            self.transport.abortConnection()
-            return
-        if end < len(data) and not framer.done:
-            # An incomplete chunk line: kept for the next bytes.
-            self._response_rest = data[end:]
-        if end:
-            body = data if end == len(data) else data[:end]
-            if self._rechunk:
-                self.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
-            else:
-                self.transport.write(body)
-        if framer.done:
-            if end < len(data):
-                backend.reusable = False
-            self._response_done()
+        self._retry_head = None
+        self._response.data(backend, data)
 
-    def _read_response_head(self) -> bool:
-        buffer = self._response_buffer
-        while True:
-            try:
-                end = head_end(buffer)
-                if end < 0:
-                    if len(buffer) > MAX_RESPONSE_HEAD:
-                        self._backend_failed("response head too large")
-                    return False
-                head = parse_response_head(buffer[:end])
-            except BadMessage as e:
-                self._backend_failed(f"bad response: {e.reason}")
-                return False
-            raw = bytes(buffer[:end])
-            del buffer[:end]
-            if head.status == 101 and self._upgrade:
-                self.transport.write(raw)
-                self._count(101)
-                self._move(State.TUNNEL)
-                return True
-            if 100 <= head.status < 200:
-                self.transport.write(raw)
-                continue
-            break
-        backend = self._backend
-        assert backend is not None
-        if not head.keep_alive or not self._keep_alive:
-            backend.reusable = False
-        self._response_framer = framer = BodyFramer.for_response(head, self._method)
-        self._rechunk = False
-        out = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
-        for name, value in end_to_end(head):
-            out += [name, b": ", value, b"\r\n"]
-        if framer.mode == "chunked":
-            out.append(b"transfer-encoding: chunked\r\n")
-        elif framer.mode == "close":
-            backend.reusable = False
-            if self._http10:
-                self._keep_alive = False
-            elif self._keep_alive:
-                self._rechunk = True
-                out.append(b"transfer-encoding: chunked\r\n")
-        if not self._keep_alive:
-            out.append(b"connection: close\r\n")
-        elif self._http10:
-            out.append(b"connection: keep-alive\r\n")
-        out.append(b"\r\n")
-        self.transport.write(b"".join(out))
-        self._response_head = False
-        self._count(head.status)
-        return True
+    def state_is_tunnel(self) -> bool:
+        """
+        Whether the connection has become a tunnel.
+        """
+        return self.state is State.TUNNEL
 
-    def _count(self, status: int) -> None:
+    def enter_tunnel(self) -> None:
+        """
+        The application switched protocols (C{101}).
+        """
+        self._move(State.TUNNEL)
+
+    def tunnel_started(self) -> None:
+        """
+        The C{101} is passed on: pass on what the client sent meanwhile.
+        """
+        self._process()
+
+    def count(self, status: int) -> None:
+        """
+        Count the current request, answered with C{status}.
+        """
         where = self._where
         if where is not None and where.app is not None:
             count(where.app.name, status)
@@ -658,24 +496,36 @@ class GateProtocol(Protocol):
         else:
             count("-", status)
 
-    def _response_done(self) -> None:
-        backend = self._backend
+    def _release_backend(self, reusable: bool) -> None:
+        backend, self._backend = self._backend, None
+        self.transport.unregisterProducer()
+        self.valve.resume("consumer")
+        if backend is None or backend.transport is None:
+            return
+        backend.transport.unregisterProducer()
+        if reusable:
+            self._pool.give(backend)
+        else:
+            backend.transport.loseConnection()
+
+    def response_done(self) -> None:
+        """
+        The response is complete: release the application connection (to
+        the pool when it can serve another request) and read the next
+        request, or close.
+        """
         self._finish_app()
-        if self.state in (State.BODY, State.ROUTING):
-            # The application answered before reading the whole request.
-            self._keep_alive = False
-        if not self._keep_alive:
+        # An application that answered before reading the whole request
+        # leaves the rest of it unread: neither connection can go on.
+        complete = self.state is State.WAITING
+        backend = self._backend
+        if backend is not None:
+            self._release_backend(backend.reusable and complete)
+        if not (self._response.keep_alive and complete):
             self._move(State.CLOSED)
             self.transport.loseConnection()
-            if backend is not None and backend.transport is not None:
-                backend.transport.loseConnection()
             return
         self._move(State.HEAD)
-        self._response_head = True
-        if backend is not None and backend.reusable and backend.connected_:
-            self._idle_backend = backend
-        elif backend is not None:
-            backend.transport.loseConnection()
         self.valve.resume("pending")
         if self._buffer:
             self._process()
@@ -689,8 +539,6 @@ class GateProtocol(Protocol):
         """
         An application connection closed.
         """
-        if backend is self._idle_backend:
-            self._idle_backend = None
         if backend is not self._backend:
             return
         self.valve.resume("consumer")
@@ -698,26 +546,38 @@ class GateProtocol(Protocol):
             return
         self._backend = None
         self.transport.unregisterProducer()
+        response = self._response
         if self.state is State.TUNNEL:
             self.transport.loseConnection()
         elif self.state in (State.BODY, State.WAITING):
-            if self._response_head:
-                self._backend_failed("closed before answering")
-            elif self._response_framer.mode == "close":
-                if self._rechunk:
-                    self.transport.write(b"0\r\n\r\n")
-                self._response_done()
+            if response.received_nothing and self._retry_head is not None:
+                head, self._retry_head = self._retry_head, None
+                self._finish_app()
+                assert self._where is not None
+                self._move(State.ROUTING)
+                self.valve.pause("routing")
+                self._connect(self._where, head, False)
+            elif response.head_pending:
+                self.backend_failed("closed before answering")
+            elif response.close_delimited:
+                response.end_of_close()
+                self.response_done()
             else:
                 self._finish_app()
                 self.transport.loseConnection()
 
-    def _backend_failed(self, why: str) -> None:
+    def backend_failed(self, why: str) -> None:
+        """
+        The application's response is unusable: 502 if nothing of it was
+        passed on, else the client connection is closed.
+        """
         backend = self._backend
         self.log.error("port {port}: {reason}", port=backend.port if backend else None,
                        reason=why)
         if backend is not None and backend.transport is not None:
+            backend.reusable = False
             backend.transport.abortConnection()
-        if self._response_head:
+        if self._response.head_pending:
             self._refuse(502, why)
         else:
             self.transport.loseConnection()
@@ -732,7 +592,7 @@ class GateProtocol(Protocol):
     def _respond(self, status: int, body: bytes, content_type: bytes,
                  headers: list[tuple[bytes, bytes]] | None = None) -> None:
         self._finish_app()
-        self._count(status)
+        self.count(status)
         self._move(State.CLOSED)
         self.transport.write(simple_response(status, body, content_type, headers or ()))
         self.transport.loseConnection()
@@ -754,6 +614,8 @@ class GateFactory(OffersHTTP11, Factory):
         self.idle = gate.idle
         self.methods = gate.methods
         self.connections: set[GateProtocol] = set()
+        #: Idle application connections, shared by all client connections.
+        self.pool = BackendPool()
 
     def buildProtocol(self, addr: Any) -> GateProtocol:
         return GateProtocol(self)

@@ -134,6 +134,7 @@ class GateService(MultiService):
         for connection in list(self.factory.connections):
             closing.extend(connection.all_closed())
             connection.transport.loseConnection()
+        closing.extend(self.factory.pool.close())
         apps = [app.stop() for app in self.applications.values()]
         d = DeferredList([stopped, *closing, *apps], consumeErrors=True)
         d.addCallback(lambda _: self.log.info("gate stopped"))

@@ -690,7 +690,7 @@ def _buffered(gate: GateService) -> int:
     """
     total = 0
     for connection in gate.factory.connections:
-        total += len(connection._buffer) + len(connection._response_buffer)
+        total += len(connection._buffer) + connection._response.buffered
         for transport in (connection.transport,
                           connection._backend.transport if connection._backend else None):
             if transport is not None:
@@ -1262,3 +1262,136 @@ class TLSTests(_Integration):
         out, code = await _curl("-v", f"https://127.0.0.1:{port}/_haiku/status")
         self.assertEqual(code, 0, out)
         self.assertIn(b"ALPN: server accepted http/1.1", out)
+
+
+class _CountingConnections(Factory):
+    """
+    A raw keep-alive backend: counts connections; the C{n}th request on a
+    connection with C{n > answers} is answered by closing it unanswered (an
+    application whose keep-alive timeout races the gate's next request).
+    """
+
+    def __init__(self, answers: int = 1000) -> None:
+        self.connections = 0
+        self.answers = answers
+
+    def buildProtocol(self, addr):
+        factory = self
+
+        class One(Protocol):
+            def connectionMade(self) -> None:
+                factory.connections += 1
+                self.seen = b""
+                self.answered = 0
+
+            def dataReceived(self, data: bytes) -> None:
+                self.seen += data
+                while b"\r\n\r\n" in self.seen:
+                    _, _, self.seen = self.seen.partition(b"\r\n\r\n")
+                    if self.answered >= factory.answers:
+                        self.transport.loseConnection()
+                        return
+                    self.answered += 1
+                    body = b"conn %d" % factory.connections
+                    self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                                         % (len(body), body))
+
+        return One()
+
+
+class PoolTests(_Integration):
+    """
+    Application connections are reused across client connections.
+    """
+
+    async def test_close_clients_share_a_connection(self) -> None:
+        """
+        Clients that each open a new connection per request
+        (C{Connection: close}) are served over one application connection.
+        """
+        backend = _CountingConnections()
+        port = self.listen(backend)
+        _, gate = self.gate()
+        for _ in range(5):
+            answer = await _exchange(
+                gate, b"GET /%d/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n" % port)
+            self.assertEqual(_status(answer), 200)
+            self.assertIn(b"connection: close", answer.lower())
+        self.assertEqual(backend.connections, 1)
+
+    async def test_retry_on_closed_connection(self) -> None:
+        """
+        A GET sent on a reused application connection that the application
+        closes unanswered is sent again on a new connection.
+        """
+        backend = _CountingConnections(answers=1)
+        port = self.listen(backend)
+        _, gate = self.gate()
+        for n in range(3):
+            answer = await _exchange(
+                gate, b"GET /%d/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n" % port)
+            self.assertEqual(_status(answer), 200, answer)
+            self.assertTrue(answer.endswith(b"conn %d" % (n + 1)), answer)
+
+    async def test_no_reuse_after_early_answer(self) -> None:
+        """
+        An application that answers before reading the whole request body
+        does not get another request on that connection.
+        """
+        backend = _CountingConnections()
+        port = self.listen(backend)
+        gate_service, gate = self.gate(methods=("POST",))
+        answer = await _exchange(
+            gate, b"POST /%d/ HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\nabc" % port)
+        self.assertEqual(_status(answer), 200)
+        self.assertEqual(len(gate_service.factory.pool), 0)
+
+
+class BackendPoolTests(SynchronousTestCase):
+    """
+    L{BackendPool} keeps a bounded number of idle connections.
+    """
+
+    def backend(self, port: int):
+        from haikutx.gate.backends import BackendProtocol
+
+        backend = BackendProtocol(None, port, lambda b: None)
+        backend.makeConnection(StringTransport())
+        return backend
+
+    def test_bounds(self) -> None:
+        """
+        Beyond the bound per port and in all, connections are closed, not
+        kept; what is kept is taken most recent first.
+        """
+        from haikutx.gate.backends import BackendPool
+
+        pool = BackendPool(per_port=2, total=3)
+        a, b, c = self.backend(1), self.backend(1), self.backend(1)
+        for backend in (a, b, c):
+            pool.give(backend)
+        self.assertEqual(len(pool), 2)
+        self.assertTrue(c.transport.disconnecting)
+        d, e = self.backend(2), self.backend(2)
+        pool.give(d)
+        pool.give(e)
+        self.assertTrue(e.transport.disconnecting)
+        self.assertIs(pool.take(1), b)
+        self.assertTrue(b.reused)
+        self.assertIsNone(pool.take(3))
+
+    def test_lost_and_unasked_bytes(self) -> None:
+        """
+        An idle connection that closes or sends unasked bytes leaves the pool.
+        """
+        from haikutx.gate.backends import BackendPool
+
+        pool = BackendPool()
+        a, b = self.backend(1), self.backend(1)
+        pool.give(a)
+        pool.give(b)
+        a.dataReceived(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+        self.assertTrue(a.transport.disconnecting)
+        b.connectionLost(None)
+        self.assertEqual(len(pool), 0)
+        self.assertIsNone(pool.take(1))
