@@ -27,15 +27,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from haikutx import metrics
-from haikutx.gate.apps import BACKEND_HOST, Application
-from haikutx.gate.backends import BackendFactory, BackendPool, BackendProtocol, Valve
-from haikutx.gate.response import ResponseForwarder
+from haikutx.gate.apps import Application
+from haikutx.gate.backends import BackendPool, BackendProtocol, Valve
+from haikutx.gate.dial import Dialer
+from haikutx.gate.request import forwarded_head
+from haikutx.gate.response import ApplicationSide
 from haikutx.gate.routing import Route, route
 from haikutx.net.http1 import (
     BadMessage,
     BodyFramer,
-    Head,
-    end_to_end,
     head_end,
     parse_request_head,
     reason,
@@ -48,17 +48,6 @@ MAX_HEAD = 16384
 #: Client bytes buffered while a request waits for its response (pipelining)
 #: before reading from the client pauses.
 MAX_PENDING = 65536
-#: Seconds the gate waits for an application's port to accept a connection.
-CONNECT_TIMEOUT = 10
-
-#: Request headers that say who the client is: the gate drops what a client
-#: sent and sets the C{X-Forwarded-*} ones itself.
-CLIENT_IDENTITY = frozenset(
-    {b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-     b"x-real-ip"}
-)
-
-
 class State(enum.Enum):
     """
     Where a gate connection is in its current request.
@@ -122,11 +111,9 @@ class GateProtocol(Protocol):
         self._checked = 0
         self.state = State.HEAD
         self._pool: BackendPool = factory.pool
-        self._backend: BackendProtocol | None = None
-        self._connector: Any = None
+        self._dialing: Deferred[BackendProtocol] | None = None
         self._request_framer = BodyFramer("none")
-        self._response = ResponseForwarder(self)
-        self._retry_head: bytes | None = None
+        self._side = ApplicationSide(self, factory.pool)
         self._keep_alive = True
         self._http10 = False
         self._upgrade = False
@@ -157,6 +144,10 @@ class GateProtocol(Protocol):
         self.valve = Valve(transport)
         self._https = ISSLTransport.providedBy(transport)
         self._peer = getattr(transport.getPeer(), "host", "").encode("ascii", "replace")
+        gate = transport.getHost()
+        self._address = b"%s:%d" % (
+            getattr(gate, "host", "").encode("ascii", "replace"), getattr(gate, "port", 0)
+        )
         self._last_activity = self._reactor.seconds()
         self._idle_call = self._reactor.callLater(self.factory.idle, self._idle_check)
         self.factory.connections.add(self)
@@ -170,8 +161,7 @@ class GateProtocol(Protocol):
         self.log.info("connection from {peer} idle for {idle}s, closed",
                       peer=self._peer.decode(), idle=self.factory.idle)
         self.transport.loseConnection()
-        if self._backend is not None and self._backend.transport:
-            self._backend.transport.loseConnection()
+        self._side.close()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.state = State.CLOSED
@@ -179,12 +169,10 @@ class GateProtocol(Protocol):
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
-        if self._connector is not None and self._connector.state == "connecting":
-            self._connector.stopConnecting()
-        self._connector = None
-        backend = self._backend
-        if backend is not None and backend.transport is not None:
-            backend.transport.loseConnection()
+        if self._dialing is not None:
+            dialing, self._dialing = self._dialing, None
+            dialing.cancel()
+        self._side.close()
         self._finish_app()
         self.closed.callback(None)
 
@@ -194,8 +182,9 @@ class GateProtocol(Protocol):
         connections are gone.
         """
         found = [self.closed]
-        if self._backend is not None and self._backend.connected_:
-            found.append(self._backend.closed)
+        backend = self._side.backend
+        if backend is not None and backend.connected_:
+            found.append(backend.closed)
         return found
 
     # client side
@@ -203,8 +192,7 @@ class GateProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._last_activity = self._reactor.seconds()
         if self.state is State.TUNNEL:
-            assert self._backend is not None
-            self._backend.transport.write(data)
+            self._side.write(data)
             return
         buffer = self._buffer
         buffer += data
@@ -224,8 +212,7 @@ class GateProtocol(Protocol):
                     return
             elif state is State.TUNNEL:
                 data, self._buffer = bytes(self._buffer), bytearray()
-                assert self._backend is not None
-                self._backend.transport.write(data)
+                self._side.write(data)
             else:
                 if state is State.ROUTING and not self._check_body():
                     return
@@ -292,8 +279,11 @@ class GateProtocol(Protocol):
             return False
         self._upgrade = b"upgrade" in head.connection and head.get(b"upgrade") is not None
         self._request_framer = BodyFramer.for_request(head)
-        self._response.start(method, self._http10, self._keep_alive, self._upgrade)
-        out = self._forwarded_head(head, where)
+        self._side.start(method, self._http10, self._keep_alive, self._upgrade)
+        out = forwarded_head(
+            head, where.target, where.port, self._peer, self._https, self._address,
+            self._upgrade,
+        )
         backend = self._pool.take(where.port)
         if backend is not None:
             self._start_request(backend, where, out)
@@ -303,89 +293,23 @@ class GateProtocol(Protocol):
         if not self._check_body():
             return False
         self.valve.pause("routing")
-        self._connect(where, out, False)
+        self._connect(where, out)
         return True
 
-    def _forwarded_head(self, head: Head, where: Route) -> bytes:
-        """
-        The head sent to the application: origin-form target, end-to-end
-        fields but the client's identity claims, and the gate's own
-        C{X-Forwarded-For}, C{-Proto} and C{-Host}.
-        """
-        # An HTTP/1.0 client's request goes on as HTTP/1.0, so the answer
-        # is not chunked (which such a client cannot read).
-        out = [head.method, b" ", where.target, b" ", head.version, b"\r\n"]
-        host = None
-        for name, value in end_to_end(head):
-            if name in CLIENT_IDENTITY:
-                continue
-            if name == b"host":
-                host = value
-            out += [name, b": ", value, b"\r\n"]
-        if host is None:
-            out.append(b"host: localhost:%d\r\n" % where.port)
-            gate = self.transport.getHost()
-            host = b"%s:%d" % (getattr(gate, "host", "").encode(), getattr(gate, "port", 0))
-        if head.chunked:
-            out.append(b"transfer-encoding: chunked\r\n")
-        if self._upgrade:
-            out += [b"connection: upgrade\r\nupgrade: ", head.get(b"upgrade") or b"", b"\r\n"]
-        elif self._http10:
-            # Whatever the client wants, the application connection may
-            # serve later requests (the pool).
-            out.append(b"connection: keep-alive\r\n")
-        out += [
-            b"x-forwarded-for: ", self._peer,
-            b"\r\nx-forwarded-proto: ", b"https" if self._https else b"http",
-            b"\r\nx-forwarded-host: ", host, b"\r\n\r\n",
-        ]
-        return b"".join(out)
+    def _connect(self, where: Route, head: bytes) -> None:
+        self._dialing = dialing = self.factory.dialer.dial(self, where)
+        dialing.addCallbacks(self._connected, self._connect_failed,
+                             callbackArgs=(where, head), errbackArgs=(where,))
+        dialing.addErrback(lambda f: self.log.failure("gate bug", f))
 
-    def _connect(self, where: Route, head: bytes, retried: bool) -> None:
-        factory = BackendFactory(
-            self, where.port,
-            lambda backend: self.backend_connected(backend, where, head),
-            lambda why: self.backend_unreachable(where, head, why, retried),
-        )
-        self._connector = self._reactor.connectTCP(
-            BACKEND_HOST, where.port, factory, timeout=CONNECT_TIMEOUT
-        )
-
-    def backend_connected(self, backend: BackendProtocol, where: Route, head: bytes) -> None:
-        """
-        A new application connection is open: send the request.
-        """
-        self._connector = None
-        if self.state is State.CLOSED:
-            backend.transport.loseConnection()
-            return
+    def _connected(self, backend: BackendProtocol, where: Route, head: bytes) -> None:
+        self._dialing = None
         self.valve.resume("routing")
         self._start_request(backend, where, head)
         self._process()
 
-    def backend_unreachable(
-        self, where: Route, head: bytes, why: Failure, retried: bool
-    ) -> None:
-        """
-        An application's port did not accept: start the application when the
-        names file says how (once), else answer 502 (or its C{void} page).
-        """
-        self._connector = None
-        if self.state is State.CLOSED:
-            return
-        if not retried and where.app is not None and where.app.command:
-            app = self.factory.gate.application(where.app)
-            d = app.start_and_wait()
-            d.addCallbacks(
-                lambda _: self._connect(where, head, True) if self.state is not State.CLOSED
-                else None,
-                lambda f: self._connect_failed(f, where),
-            )
-            d.addErrback(lambda f: self.log.failure("gate bug", f))
-            return
-        self._connect_failed(why, where)
-
     def _connect_failed(self, failure: Failure, where: Route) -> None:
+        self._dialing = None
         if self.state is State.CLOSED:
             return
         self.valve.resume("routing")
@@ -404,11 +328,6 @@ class GateProtocol(Protocol):
         self._refuse(502, f"port {where.port} is unreachable")
 
     def _start_request(self, backend: BackendProtocol, where: Route, head: bytes) -> None:
-        backend.owner = self
-        self._backend = backend
-        self.valve.resume("consumer")
-        self.transport.registerProducer(backend.valve, True)
-        backend.transport.registerProducer(self.valve, True)
         if where.app is not None:
             self._app = self.factory.gate.application(where.app)
             self._app.request_started()
@@ -416,11 +335,8 @@ class GateProtocol(Protocol):
         if checked:
             head += bytes(self._buffer[:checked])
             del self._buffer[:checked]
-        # A request without a body sent on a reused connection can be sent
-        # again if the application closed that connection meanwhile.
         done = self._request_framer.done
-        self._retry_head = head if backend.reused and done else None
-        backend.transport.write(head)
+        self._side.attach(backend, head, retry=done)
         self._move(State.WAITING if done else State.BODY)
 
     def _forward_body(self) -> None:
@@ -431,10 +347,8 @@ class GateProtocol(Protocol):
             # What came before was forwarded; the bad line is not.
             self.log.warn("bad request body from {peer}: {reason}",
                           peer=self._peer.decode(), reason=e.reason, status=e.status)
-            if self._backend is not None:
-                self._backend.reusable = False
-                self._backend.transport.abortConnection()
-            if self._response.head_pending:
+            self._side.abort()
+            if self._side.head_pending:
                 self._refuse(e.status, e.reason)
             else:
                 self.transport.abortConnection()
@@ -445,32 +359,35 @@ class GateProtocol(Protocol):
             else:
                 chunk = bytes(buffer[:end])
                 del buffer[:end]
-            assert self._backend is not None
-            self._backend.transport.write(chunk)
+            self._side.write(chunk)
         if self._request_framer.done:
             self._move(State.WAITING)
 
-    # application side
+    # application side (L{ApplicationSide} reports here)
 
-    def backend_data(self, backend: BackendProtocol, data: bytes) -> None:
+    def touch(self) -> None:
         """
-        Bytes from an application: a response head, body, or tunnel data.
+        Note traffic (the idle timeout).
         """
         self._last_activity = self._reactor.seconds()
-        if backend is not self._backend or self.state is State.CLOSED:
-            backend.transport.loseConnection()
-            return
-        if self.state is State.TUNNEL:
-            self.transport.write(data)
-            return
-        self._retry_head = None
-        self._response.data(backend, data)
+
+    def state_is_closed(self) -> bool:
+        """
+        Whether the client connection is closing or closed.
+        """
+        return self.state is State.CLOSED
 
     def state_is_tunnel(self) -> bool:
         """
         Whether the connection has become a tunnel.
         """
         return self.state is State.TUNNEL
+
+    def state_is_forwarding(self) -> bool:
+        """
+        Whether a request is forwarded and its response not finished.
+        """
+        return self.state in (State.BODY, State.WAITING)
 
     def enter_tunnel(self) -> None:
         """
@@ -496,17 +413,23 @@ class GateProtocol(Protocol):
         else:
             count("-", status)
 
-    def _release_backend(self, reusable: bool) -> None:
-        backend, self._backend = self._backend, None
-        self.transport.unregisterProducer()
-        self.valve.resume("consumer")
-        if backend is None or backend.transport is None:
-            return
-        backend.transport.unregisterProducer()
-        if reusable:
-            self._pool.give(backend)
-        else:
-            backend.transport.loseConnection()
+    def retry(self, head: bytes) -> None:
+        """
+        A reused application connection closed before answering a request
+        without a body: send it again on a new connection.
+        """
+        self._finish_app()
+        assert self._where is not None
+        self._move(State.ROUTING)
+        self.valve.pause("routing")
+        self._connect(self._where, head)
+
+    def cut(self) -> None:
+        """
+        The application closed in the middle of a response.
+        """
+        self._finish_app()
+        self.transport.loseConnection()
 
     def response_done(self) -> None:
         """
@@ -518,10 +441,8 @@ class GateProtocol(Protocol):
         # An application that answered before reading the whole request
         # leaves the rest of it unread: neither connection can go on.
         complete = self.state is State.WAITING
-        backend = self._backend
-        if backend is not None:
-            self._release_backend(backend.reusable and complete)
-        if not (self._response.keep_alive and complete):
+        self._side.release(complete)
+        if not (self._side.keep_alive and complete):
             self._move(State.CLOSED)
             self.transport.loseConnection()
             return
@@ -535,49 +456,17 @@ class GateProtocol(Protocol):
             app, self._app = self._app, None
             app.request_finished()
 
-    def backend_lost(self, backend: BackendProtocol) -> None:
-        """
-        An application connection closed.
-        """
-        if backend is not self._backend:
-            return
-        self.valve.resume("consumer")
-        if self.state is State.CLOSED:
-            return
-        self._backend = None
-        self.transport.unregisterProducer()
-        response = self._response
-        if self.state is State.TUNNEL:
-            self.transport.loseConnection()
-        elif self.state in (State.BODY, State.WAITING):
-            if response.received_nothing and self._retry_head is not None:
-                head, self._retry_head = self._retry_head, None
-                self._finish_app()
-                assert self._where is not None
-                self._move(State.ROUTING)
-                self.valve.pause("routing")
-                self._connect(self._where, head, False)
-            elif response.head_pending:
-                self.backend_failed("closed before answering")
-            elif response.close_delimited:
-                response.end_of_close()
-                self.response_done()
-            else:
-                self._finish_app()
-                self.transport.loseConnection()
-
     def backend_failed(self, why: str) -> None:
         """
         The application's response is unusable: 502 if nothing of it was
         passed on, else the client connection is closed.
         """
-        backend = self._backend
+        side = self._side
+        backend = side.backend
         self.log.error("port {port}: {reason}", port=backend.port if backend else None,
                        reason=why)
-        if backend is not None and backend.transport is not None:
-            backend.reusable = False
-            backend.transport.abortConnection()
-        if self._response.head_pending:
+        side.abort()
+        if side.head_pending:
             self._refuse(502, why)
         else:
             self.transport.loseConnection()
@@ -616,6 +505,7 @@ class GateFactory(OffersHTTP11, Factory):
         self.connections: set[GateProtocol] = set()
         #: Idle application connections, shared by all client connections.
         self.pool = BackendPool()
+        self.dialer = Dialer(reactor, gate.application)
 
     def buildProtocol(self, addr: Any) -> GateProtocol:
         return GateProtocol(self)

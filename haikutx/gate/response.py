@@ -1,10 +1,12 @@
 # -*- test-case-name: haikutx.test.test_gate -*-
 """
-The response side of a gate connection: reads an application's response
-head strictly, rewrites it for the client (its own C{Connection} and
-framing), and passes the body through as bytes, framed as the application
-framed it, or chunked for a kept-alive HTTP/1.1 client when the application
-ends its body by closing.
+The application side of a gate connection: the application connection in
+use, and the response on it. The response head is read strictly and
+rewritten for the client (its own C{Connection} and framing); the body
+passes through as bytes, framed as the application framed it, or chunked
+for a kept-alive HTTP/1.1 client when the application ends its body by
+closing. A finished connection goes back to the pool when it can serve
+another request.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from haikutx.gate.backends import BackendProtocol
+from haikutx.gate.backends import BackendPool, BackendProtocol
 from haikutx.net.http1 import (
     BadMessage,
     BodyFramer,
@@ -26,13 +28,13 @@ from haikutx.net.http1 import (
 MAX_RESPONSE_HEAD = 65536
 
 
-class ResponseForwarder:
+class ApplicationSide:
     """
-    Forwards one response at a time to a client connection.
+    The application side of one client connection (C{client}, a
+    L{haikutx.gate.forward.GateProtocol}), one request at a time; the
+    L{BackendProtocol} in use reports to it.
 
-    The client connection (C{client}) provides C{transport}, C{count(status)},
-    C{response_done()}, C{tunnel_started()} and C{backend_failed(reason)}.
-
+    @ivar backend: the application connection in use, or C{None}.
     @ivar head_pending: no response head has been read yet.
     @ivar keep_alive: whether the client connection stays open after this
         response.
@@ -40,8 +42,11 @@ class ResponseForwarder:
 
     log = Logger()
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, pool: BackendPool) -> None:
         self._client = client
+        self._pool = pool
+        self.backend: BackendProtocol | None = None
+        self._retry_head: bytes | None = None
         self._buffer = bytearray()
         self._rest = b""
         self._framer = BodyFramer("none")
@@ -64,6 +69,105 @@ class ResponseForwarder:
         self.keep_alive = keep_alive
         self.head_pending = True
 
+    def attach(self, backend: BackendProtocol, head: bytes, retry: bool) -> None:
+        """
+        Send a request head on C{backend}, with flow control both ways.
+
+        @param retry: the request has no body, so it may be sent again on a
+            new connection if a reused C{backend} closes unanswered.
+        """
+        client = self._client
+        backend.owner = self
+        self.backend = backend
+        client.valve.resume("consumer")
+        client.transport.registerProducer(backend.valve, True)
+        backend.transport.registerProducer(client.valve, True)
+        self._retry_head = head if retry and backend.reused else None
+        backend.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        """
+        Pass client bytes (body, tunnel) to the application.
+        """
+        assert self.backend is not None
+        self.backend.transport.write(data)
+
+    def release(self, reusable: bool) -> None:
+        """
+        Done with the application connection: to the pool when C{reusable},
+        else closed.
+        """
+        backend, self.backend = self.backend, None
+        client = self._client
+        client.transport.unregisterProducer()
+        client.valve.resume("consumer")
+        if backend is None or backend.transport is None:
+            return
+        backend.transport.unregisterProducer()
+        if reusable and backend.reusable:
+            self._pool.give(backend)
+        else:
+            backend.transport.loseConnection()
+
+    def abort(self) -> None:
+        """
+        Abort the application connection (it cannot be reused).
+        """
+        backend = self.backend
+        if backend is not None and backend.transport is not None:
+            backend.reusable = False
+            backend.transport.abortConnection()
+
+    def close(self) -> None:
+        """
+        The client is gone: close the application connection.
+        """
+        backend = self.backend
+        if backend is not None and backend.transport is not None:
+            backend.transport.loseConnection()
+
+    def backend_data(self, backend: BackendProtocol, data: bytes) -> None:
+        """
+        Bytes from the application: a response head, body, or tunnel data.
+        """
+        client = self._client
+        client.touch()
+        if backend is not self.backend or client.state_is_closed():
+            backend.transport.loseConnection()
+            return
+        if client.state_is_tunnel():
+            client.transport.write(data)
+            return
+        self._retry_head = None
+        self._data(backend, data)
+
+    def backend_lost(self, backend: BackendProtocol) -> None:
+        """
+        The application connection closed.
+        """
+        if backend is not self.backend:
+            return
+        client = self._client
+        client.valve.resume("consumer")
+        if client.state_is_closed():
+            return
+        self.backend = None
+        client.transport.unregisterProducer()
+        if client.state_is_tunnel():
+            client.transport.loseConnection()
+        elif client.state_is_forwarding():
+            if self.received_nothing and self._retry_head is not None:
+                head, self._retry_head = self._retry_head, None
+                client.retry(head)
+            elif self.head_pending:
+                client.backend_failed("closed before answering")
+            elif self.close_delimited:
+                if self._rechunk:
+                    client.transport.write(b"0\r\n\r\n")
+                client.response_done()
+            else:
+                client.cut()
+
     @property
     def received_nothing(self) -> bool:
         """
@@ -85,10 +189,7 @@ class ResponseForwarder:
         """
         return len(self._buffer) + len(self._rest)
 
-    def data(self, backend: BackendProtocol, data: bytes) -> None:
-        """
-        Bytes of the response from C{backend}.
-        """
+    def _data(self, backend: BackendProtocol, data: bytes) -> None:
         client = self._client
         if self.head_pending:
             self._buffer += data
@@ -112,8 +213,7 @@ class ResponseForwarder:
         except BadMessage as e:
             self.log.error("port {port}: bad response body: {reason}", port=backend.port,
                            reason=e.reason)
-            backend.reusable = False
-            backend.transport.abortConnection()
+            self.abort()
             client.transport.abortConnection()
             return
         if end < len(data) and not framer.done:
@@ -129,13 +229,6 @@ class ResponseForwarder:
             if end < len(data):
                 backend.reusable = False
             client.response_done()
-
-    def end_of_close(self) -> None:
-        """
-        The application closed a close-delimited body: end it for the client.
-        """
-        if self._rechunk:
-            self._client.transport.write(b"0\r\n\r\n")
 
     def _read_head(self, backend: BackendProtocol) -> bool:
         client = self._client

@@ -690,9 +690,9 @@ def _buffered(gate: GateService) -> int:
     """
     total = 0
     for connection in gate.factory.connections:
-        total += len(connection._buffer) + connection._response.buffered
+        total += len(connection._buffer) + connection._side.buffered
         for transport in (connection.transport,
-                          connection._backend.transport if connection._backend else None):
+                          connection._side.backend.transport if connection._side.backend else None):
             if transport is not None:
                 total += len(transport.dataBuffer) + transport._tempDataLen
     return total
