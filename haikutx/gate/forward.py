@@ -401,14 +401,16 @@ class GateProtocol(Protocol):
         """
         self._process()
 
-    def count(self, status: int) -> None:
+    def count(self, status: int, answered_by_application: bool = True) -> None:
         """
-        Count the current request, answered with C{status}.
+        Count the current request, answered with C{status}: by its names
+        entry, or by its port when an application on it answered (so the
+        labels stay as few as the applications that answer), else C{-}.
         """
         where = self._where
         if where is not None and where.app is not None:
             count(where.app.name, status)
-        elif where is not None and where.port:
+        elif where is not None and where.port and answered_by_application:
             count(str(where.port), status)
         else:
             count("-", status)
@@ -481,7 +483,7 @@ class GateProtocol(Protocol):
     def _respond(self, status: int, body: bytes, content_type: bytes,
                  headers: list[tuple[bytes, bytes]] | None = None) -> None:
         self._finish_app()
-        self.count(status)
+        self.count(status, answered_by_application=False)
         self._move(State.CLOSED)
         self.transport.write(simple_response(status, body, content_type, headers or ()))
         self.transport.loseConnection()

@@ -1152,7 +1152,8 @@ class IdentityTests(_Integration):
     async def test_counted(self) -> None:
         """
         Forwarded and refused requests are counted in
-        C{haiku_gate_requests_total} by application and status.
+        C{haiku_gate_requests_total} by application and status; a port
+        counts as an application only once one answered on it.
         """
         from haikutx.metrics import REGISTRY
 
@@ -1162,11 +1163,17 @@ class IdentityTests(_Integration):
 
         backend = self.backend()
         _, gate = self.gate()
-        before = value(str(backend), "200"), value("-", "404")
+        closed = _free_port()
+        before = value(str(backend), "200"), value("-", "404"), value("-", "502")
         await self.get(gate, b"/%d/" % backend)
         await self.get(gate, b"/nosuchapp/")
-        self.assertEqual((value(str(backend), "200"), value("-", "404")),
-                         (before[0] + 1, before[1] + 1))
+        await self.get(gate, b"/%d/" % closed)
+        self.assertEqual(
+            (value(str(backend), "200"), value("-", "404"), value("-", "502")),
+            (before[0] + 1, before[1] + 1, before[2] + 1),
+        )
+        # A port nothing answered on gets no label of its own.
+        self.assertEqual(value(str(closed), "502"), 0.0)
 
 
 class LoopbackOnlyTests(_Integration):
