@@ -172,7 +172,7 @@ class GateProtocol(Protocol):
         if self._dialing is not None:
             dialing, self._dialing = self._dialing, None
             dialing.cancel()
-        self._side.close()
+        self._side.client_gone()
         self._finish_app()
         self.closed.callback(None)
 
@@ -284,7 +284,7 @@ class GateProtocol(Protocol):
             head, where.target, where.port, self._peer, self._https, self._address,
             self._upgrade,
         )
-        backend = self._pool.take(where.port)
+        backend = self._side.kept(where.port) or self._pool.take(where.port)
         if backend is not None:
             self._start_request(backend, where, out)
             return True
@@ -443,11 +443,14 @@ class GateProtocol(Protocol):
         # An application that answered before reading the whole request
         # leaves the rest of it unread: neither connection can go on.
         complete = self.state is State.WAITING
-        self._side.release(complete)
         if not (self._side.keep_alive and complete):
+            self._side.release(complete)
             self._move(State.CLOSED)
             self.transport.loseConnection()
             return
+        # The application connection stays with this client connection for
+        # its next request (L{ApplicationSide.kept}).
+        self._side.keep()
         self._move(State.HEAD)
         self.valve.resume("pending")
         if self._buffer:

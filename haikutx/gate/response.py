@@ -46,6 +46,7 @@ class ApplicationSide:
         self._client = client
         self._pool = pool
         self.backend: BackendProtocol | None = None
+        self._idle = False
         self._retry_head: bytes | None = None
         self._buffer = bytearray()
         self._rest = b""
@@ -73,17 +74,54 @@ class ApplicationSide:
         """
         Send a request head on C{backend}, with flow control both ways.
 
+        @param backend: a new connection, one from the pool, or the one
+            L{kept}.
         @param retry: the request has no body, so it may be sent again on a
             new connection if a reused C{backend} closes unanswered.
         """
-        client = self._client
-        backend.owner = self
-        self.backend = backend
-        client.valve.resume("consumer")
-        client.transport.registerProducer(backend.valve, True)
-        backend.transport.registerProducer(client.valve, True)
+        if backend is not self.backend:
+            self.release(True)
+            client = self._client
+            backend.owner = self
+            self.backend = backend
+            client.valve.resume("consumer")
+            client.transport.registerProducer(backend.valve, True)
+            backend.transport.registerProducer(client.valve, True)
+        self._idle = False
         self._retry_head = head if retry and backend.reused else None
         backend.transport.write(head)
+
+    def keep(self) -> None:
+        """
+        The response is complete and the client connection stays open: keep
+        the application connection, if it can serve another request, for
+        this client's next one.
+        """
+        backend = self.backend
+        if backend is not None and backend.reusable and backend.connected_:
+            backend.reused = True
+            self._idle = True
+        else:
+            self.release(False)
+
+    def kept(self, port: int) -> BackendProtocol | None:
+        """
+        The application connection L{keep} kept, if it goes to C{port}.
+        """
+        backend = self.backend
+        if backend is not None and backend.port == port and backend.connected_:
+            return backend
+        return None
+
+    def client_gone(self) -> None:
+        """
+        The client connection closed: a kept application connection goes to
+        the pool, one in the middle of a request is closed.
+        """
+        if self._idle:
+            self.release(True)
+        else:
+            self.close()
 
     def write(self, data: bytes) -> None:
         """
@@ -98,10 +136,13 @@ class ApplicationSide:
         else closed.
         """
         backend, self.backend = self.backend, None
+        self._idle = False
+        if backend is None:
+            return
         client = self._client
         client.transport.unregisterProducer()
         client.valve.resume("consumer")
-        if backend is None or backend.transport is None:
+        if backend.transport is None:
             return
         backend.transport.unregisterProducer()
         if reusable and backend.reusable:
@@ -138,6 +179,11 @@ class ApplicationSide:
         if client.state_is_tunnel():
             client.transport.write(data)
             return
+        if self._idle:
+            # Bytes nobody asked for: this connection cannot be trusted.
+            backend.reusable = False
+            self.release(False)
+            return
         self._retry_head = None
         self._data(backend, data)
 
@@ -152,6 +198,7 @@ class ApplicationSide:
         if client.state_is_closed():
             return
         self.backend = None
+        self._idle = False
         client.transport.unregisterProducer()
         if client.state_is_tunnel():
             client.transport.loseConnection()
@@ -261,6 +308,13 @@ class ApplicationSide:
             backend.reusable = False
         self._framer = framer = BodyFramer.for_response(head, self._method)
         self._rechunk = False
+        if not head.hop and head.version == b"HTTP/1.1" and framer.mode != "close":
+            # Nothing to take out (the common case): the head as it came.
+            tail = b"\r\n" if self.keep_alive else b"connection: close\r\n\r\n"
+            client.transport.write(raw[:-2] + tail)
+            self.head_pending = False
+            client.count(head.status)
+            return True
         out = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
         for name, value in end_to_end(head):
             out += [name, b": ", value, b"\r\n"]

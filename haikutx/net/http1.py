@@ -43,8 +43,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
-
-from attrs import frozen
+from typing import NamedTuple
 
 #: The largest C{Content-Length} accepted (larger: 400).
 MAX_CONTENT_LENGTH = 2**62
@@ -87,6 +86,7 @@ _CHUNK_SIZE = re.compile(
 )
 _DIGITS = re.compile(rb"[0-9]{1,19}")
 _REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 def reason(status: int) -> bytes:
@@ -114,10 +114,10 @@ class BadMessage(ValueError):
         self.status = status
 
 
-@frozen
-class Head:
+class Head(NamedTuple):
     """
-    A parsed request or response head.
+    A parsed request or response head (an immutable value; a named tuple
+    rather than an attrs class because the gate builds two per request).
 
     @ivar version: C{b"HTTP/1.0"} or C{b"HTTP/1.1"}.
     @ivar headers: the fields in order, names lower-cased, values without
@@ -125,6 +125,9 @@ class Head:
     @ivar content_length: the C{Content-Length}, or C{None}.
     @ivar chunked: whether the body is chunked.
     @ivar connection: the lower-cased tokens of C{Connection}.
+    @ivar hop: whether a field other than C{Transfer-Encoding} is
+        hop-by-hop (L{HOP_BY_HOP} or named by C{Connection}), so that a
+        forwarder cannot pass the fields on as they are.
     @ivar method: a request's method (C{b""} for a response).
     @ivar target: a request's target (C{b""} for a response).
     @ivar status: a response's status (0 for a request).
@@ -136,6 +139,7 @@ class Head:
     content_length: int | None
     chunked: bool
     connection: frozenset[bytes]
+    hop: bool = False
     method: bytes = b""
     target: bytes = b""
     status: int = 0
@@ -207,10 +211,11 @@ def _tokens(values: Iterable[bytes]) -> frozenset[bytes]:
 
 def _framing(
     fields: list[tuple[bytes, bytes]], version: bytes, request: bool
-) -> tuple[int | None, bool, frozenset[bytes]]:
+) -> tuple[int | None, bool, frozenset[bytes], bool]:
     length: int | None = None
     codings: list[bytes] | None = None
     connection = []
+    hop = False
     for name, value in fields:
         if name == b"content-length":
             if length is not None:
@@ -222,8 +227,11 @@ def _framing(
             if codings is not None:
                 raise BadMessage("more than one Transfer-Encoding")
             codings = [c.strip(b" \t").lower() for c in value.split(b",")]
-        elif name == b"connection":
-            connection.append(value)
+        elif name in HOP_BY_HOP:
+            hop = True
+            if name == b"connection":
+                connection.append(value)
+    tokens = _tokens(connection) if connection else _NO_TOKENS
     chunked = False
     if codings is not None:
         if length is not None:
@@ -239,9 +247,10 @@ def _framing(
                 )
             if codings[-1] != b"chunked":
                 # A response without chunked last is read until close.
-                return None, False, _tokens(connection)
+                return None, False, tokens, True
+            hop = True
         chunked = True
-    return length, chunked, _tokens(connection)
+    return length, chunked, tokens, hop
 
 
 def _lines(head: bytes | bytearray) -> list[bytes]:
@@ -275,12 +284,12 @@ def parse_request_head(head: bytes | bytearray, require_host: bool = True) -> He
     method, target, minor = first.groups()
     version = b"HTTP/1.1" if minor == b"1" else b"HTTP/1.0"
     fields = _fields(lines[1:])
-    length, chunked, connection = _framing(fields, version, True)
+    length, chunked, connection, hop = _framing(fields, version, True)
     hosts = sum(1 for name, _ in fields if name == b"host")
     if hosts > 1 or (hosts == 0 and require_host and version == b"HTTP/1.1"):
         raise BadMessage("an HTTP/1.1 request needs exactly one Host")
     return Head(
-        version, tuple(fields), length, chunked, connection, method=method, target=target
+        version, tuple(fields), length, chunked, connection, hop, method=method, target=target
     )
 
 
@@ -297,9 +306,9 @@ def parse_response_head(head: bytes | bytearray) -> Head:
     minor, status, phrase = first.groups()
     version = b"HTTP/1.1" if minor == b"1" else b"HTTP/1.0"
     fields = _fields(lines[1:])
-    length, chunked, connection = _framing(fields, version, False)
+    length, chunked, connection, hop = _framing(fields, version, False)
     return Head(
-        version, tuple(fields), length, chunked, connection, status=int(status),
+        version, tuple(fields), length, chunked, connection, hop, status=int(status),
         reason=phrase or b"",
     )
 
@@ -309,7 +318,7 @@ def end_to_end(head: Head) -> list[tuple[bytes, bytes]]:
     The fields of C{head} a forwarder passes on: all but L{HOP_BY_HOP} and
     those the C{Connection} header names.
     """
-    drop = HOP_BY_HOP | head.connection
+    drop = HOP_BY_HOP | head.connection if head.connection else HOP_BY_HOP
     return [(name, value) for name, value in head.headers if name not in drop]
 
 
