@@ -1402,3 +1402,24 @@ class BackendPoolTests(SynchronousTestCase):
         b.connectionLost(None)
         self.assertEqual(len(pool), 0)
         self.assertIsNone(pool.take(1))
+
+
+class QuietTests(_Integration):
+    """
+    The gate's outgoing connections log nothing per connection.
+    """
+
+    async def test_no_factory_lines(self) -> None:
+        """
+        Forwarding requests (new application connections included) logs no
+        "Starting factory" lines.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        backend = self.backend()
+        _, gate = self.gate()
+        for _ in range(2):
+            status, _, _ = await self.get(gate, b"/%d/" % backend,
+                                          headers=[(b"connection", b"close")])
+            self.assertEqual(status, 200)
+        noisy = [e for e in events if "factory" in str(e.get("log_format", "")).lower()]
+        self.assertEqual(noisy, [])
