@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+from pathlib import Path
 from typing import Any
 
 from attrs import define, field
@@ -276,3 +277,17 @@ class Application:
             d.callback(None)
 
 
+
+
+def void_page(entry: NamesEntry) -> bytes | None:
+    """
+    The C{void} file in an application's directory (at most 1 MiB): the
+    answer when the application cannot be reached, or C{None}.
+    """
+    if not entry.dir:
+        return None
+    try:
+        with (Path(entry.dir) / "void").open("rb") as f:
+            return f.read(1 << 20)
+    except OSError:
+        return None

@@ -16,8 +16,6 @@ place they change, and it refuses a transition L{TRANSITIONS} does not list.
 
 from __future__ import annotations
 
-import enum
-from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -26,13 +24,13 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from haikutx import metrics
-from haikutx.gate.apps import Application
+from haikutx.gate.apps import Application, void_page
 from haikutx.gate.backends import BackendPool, BackendProtocol, Valve
 from haikutx.gate.dial import Dialer
-from haikutx.gate.request import forwarded_head
+from haikutx.gate.request import RequestBody, forwarded_head
 from haikutx.gate.response import ApplicationSide
-from haikutx.gate.routing import Route, route
+from haikutx.gate.routing import Route, count_request, route_request
+from haikutx.gate.states import State, check_transition
 from haikutx.net.http1 import (
     BadMessage,
     BodyFramer,
@@ -48,52 +46,6 @@ MAX_HEAD = 16384
 #: Client bytes buffered while a request waits for its response (pipelining)
 #: before reading from the client pauses.
 MAX_PENDING = 65536
-class State(enum.Enum):
-    """
-    Where a gate connection is in its current request.
-    """
-
-    #: Reading a request head.
-    HEAD = "head"
-    #: The request is routed; connecting to (or starting) its application.
-    ROUTING = "routing"
-    #: Forwarding the request body.
-    BODY = "body"
-    #: The request is forwarded; the response is not finished.
-    WAITING = "waiting"
-    #: After a C{101}: bytes pass both ways unread.
-    TUNNEL = "tunnel"
-    #: The client connection is closing or closed.
-    CLOSED = "closed"
-
-
-#: The transitions L{GateProtocol._move} allows.
-TRANSITIONS: dict[State, frozenset[State]] = {
-    State.HEAD: frozenset({State.ROUTING, State.BODY, State.WAITING, State.CLOSED}),
-    State.ROUTING: frozenset({State.BODY, State.WAITING, State.CLOSED}),
-    State.BODY: frozenset({State.WAITING, State.TUNNEL, State.CLOSED}),
-    # WAITING -> ROUTING: a reused application connection closed before
-    # answering; the request goes again on a new one.
-    State.WAITING: frozenset({State.HEAD, State.ROUTING, State.TUNNEL, State.CLOSED}),
-    State.TUNNEL: frozenset({State.CLOSED}),
-    State.CLOSED: frozenset({State.CLOSED}),
-}
-
-
-_counters: dict[tuple[str, int], Any] = {}
-
-
-def count(app: str, status: int) -> None:
-    """
-    Count one request the gate forwarded or answered, in
-    L{metrics.GATE_REQUESTS}.
-    """
-    child = _counters.get((app, status))
-    if child is None:
-        child = _counters[app, status] = metrics.GATE_REQUESTS.labels(app=app, status=status)
-    child.inc()
-
-
 class GateProtocol(Protocol):
     """
     One client connection of the gate: parses each request head, routes it,
@@ -108,11 +60,10 @@ class GateProtocol(Protocol):
         self.factory = factory
         self._reactor = factory.reactor
         self._buffer = bytearray()
-        self._checked = 0
         self.state = State.HEAD
         self._pool: BackendPool = factory.pool
         self._dialing: Deferred[BackendProtocol] | None = None
-        self._request_framer = BodyFramer("none")
+        self._body = RequestBody(BodyFramer("none"))
         self._side = ApplicationSide(self, factory.pool)
         self._keep_alive = True
         self._http10 = False
@@ -133,8 +84,7 @@ class GateProtocol(Protocol):
 
         @raise AssertionError: for a transition L{TRANSITIONS} does not list.
         """
-        if to not in TRANSITIONS[self.state]:
-            raise AssertionError(f"gate connection cannot go from {self.state} to {to}")
+        check_transition(self.state, to)
         self.state = to
 
     # connection
@@ -227,7 +177,7 @@ class GateProtocol(Protocol):
         malformed chunk is refused before anything is forwarded.
         """
         try:
-            self._checked = self._request_framer.consume(self._buffer, self._checked)
+            self._body.check(self._buffer)
         except BadMessage as e:
             self._bad_request(e)
             return False
@@ -260,26 +210,19 @@ class GateProtocol(Protocol):
         method = head.method
         self._http10 = head.version == b"HTTP/1.0"
         self._keep_alive = head.keep_alive
-        if method.decode("ascii") not in self.factory.methods:
-            self._refuse(
-                405, f"method {method.decode('ascii')} is not forwarded",
-                [(b"Allow", ", ".join(self.factory.methods).encode())],
-            )
-            return False
-        where = route(head.target, self.factory.gate.names, self.factory.gate.target)
-        self._where = where
+        gate = self.factory.gate
+        self._where = where = route_request(head, gate.methods, gate.names, gate.target)
         if where.status:
             if where.status >= 400:
                 self.log.warn("{method} {target} refused: {status} {reason}",
                               method=method.decode("ascii"),
                               target=head.target.decode("ascii"),
                               status=where.status, reason=where.message)
-            extra = [(b"Location", where.location.encode())] if where.location else []
-            self._refuse(where.status, where.message, extra)
+            self._refuse(where.status, where.message, list(where.headers))
             return False
         self._upgrade = b"upgrade" in head.connection and head.get(b"upgrade") is not None
-        self._request_framer = BodyFramer.for_request(head)
-        self._side.start(method, self._http10, self._keep_alive, self._upgrade)
+        self._body = RequestBody(BodyFramer.for_request(head))
+        self._side.response.start(method, self._http10, self._keep_alive, self._upgrade)
         out = forwarded_head(
             head, where.target, where.port, self._peer, self._https, self._address,
             self._upgrade,
@@ -289,7 +232,6 @@ class GateProtocol(Protocol):
             self._start_request(backend, where, out)
             return True
         self._move(State.ROUTING)
-        self._checked = 0
         if not self._check_body():
             return False
         self.valve.pause("routing")
@@ -316,51 +258,37 @@ class GateProtocol(Protocol):
         app = where.app.name if where.app else None
         self.log.error("{app} port {port} unreachable: {reason}", app=app,
                        port=where.port, reason=failure.getErrorMessage())
-        if where.app is not None and where.app.dir:
-            try:
-                with (Path(where.app.dir) / "void").open("rb") as f:
-                    body = f.read(1 << 20)
-            except OSError:
-                pass
-            else:
-                self._respond(503, body, b"text/html")
-                return
+        body = void_page(where.app) if where.app is not None else None
+        if body is not None:
+            self._respond(503, body, b"text/html")
+            return
         self._refuse(502, f"port {where.port} is unreachable")
 
     def _start_request(self, backend: BackendProtocol, where: Route, head: bytes) -> None:
         if where.app is not None:
             self._app = self.factory.gate.application(where.app)
             self._app.request_started()
-        checked, self._checked = self._checked, 0
-        if checked:
-            head += bytes(self._buffer[:checked])
-            del self._buffer[:checked]
-        done = self._request_framer.done
+        head += self._body.take_checked(self._buffer)
+        done = self._body.done
         self._side.attach(backend, head, retry=done)
         self._move(State.WAITING if done else State.BODY)
 
     def _forward_body(self) -> None:
-        buffer = self._buffer
         try:
-            end = self._request_framer.consume(buffer)
+            chunk = self._body.take(self._buffer)
         except BadMessage as e:
             # What came before was forwarded; the bad line is not.
             self.log.warn("bad request body from {peer}: {reason}",
                           peer=self._peer.decode(), reason=e.reason, status=e.status)
             self._side.abort()
-            if self._side.head_pending:
+            if self._side.response.head_pending:
                 self._refuse(e.status, e.reason)
             else:
                 self.transport.abortConnection()
             return
-        if end:
-            if end == len(buffer):
-                chunk, self._buffer = bytes(buffer), bytearray()
-            else:
-                chunk = bytes(buffer[:end])
-                del buffer[:end]
+        if chunk:
             self._side.write(chunk)
-        if self._request_framer.done:
+        if self._body.done:
             self._move(State.WAITING)
 
     # application side (L{ApplicationSide} reports here)
@@ -370,24 +298,6 @@ class GateProtocol(Protocol):
         Note traffic (the idle timeout).
         """
         self._last_activity = self._reactor.seconds()
-
-    def state_is_closed(self) -> bool:
-        """
-        Whether the client connection is closing or closed.
-        """
-        return self.state is State.CLOSED
-
-    def state_is_tunnel(self) -> bool:
-        """
-        Whether the connection has become a tunnel.
-        """
-        return self.state is State.TUNNEL
-
-    def state_is_forwarding(self) -> bool:
-        """
-        Whether a request is forwarded and its response not finished.
-        """
-        return self.state in (State.BODY, State.WAITING)
 
     def enter_tunnel(self) -> None:
         """
@@ -403,17 +313,9 @@ class GateProtocol(Protocol):
 
     def count(self, status: int, answered_by_application: bool = True) -> None:
         """
-        Count the current request, answered with C{status}: by its names
-        entry, or by its port when an application on it answered (so the
-        labels stay as few as the applications that answer), else C{-}.
+        Count the current request, answered with C{status}.
         """
-        where = self._where
-        if where is not None and where.app is not None:
-            count(where.app.name, status)
-        elif where is not None and where.port and answered_by_application:
-            count(str(where.port), status)
-        else:
-            count("-", status)
+        count_request(self._where, status, answered_by_application)
 
     def retry(self, head: bytes) -> None:
         """
@@ -443,7 +345,7 @@ class GateProtocol(Protocol):
         # An application that answered before reading the whole request
         # leaves the rest of it unread: neither connection can go on.
         complete = self.state is State.WAITING
-        if not (self._side.keep_alive and complete):
+        if not (self._side.response.keep_alive and complete):
             self._side.release(complete)
             self._move(State.CLOSED)
             self.transport.loseConnection()
@@ -471,7 +373,7 @@ class GateProtocol(Protocol):
         self.log.error("port {port}: {reason}", port=backend.port if backend else None,
                        reason=why)
         side.abort()
-        if side.head_pending:
+        if side.response.head_pending:
             self._refuse(502, why)
         else:
             self.transport.loseConnection()

@@ -1,12 +1,12 @@
 # -*- test-case-name: haikutx.test.test_gate -*-
 """
 What the gate sends an application for a client's request: the rewritten
-head.
+head, then the body, checked as it passes.
 """
 
 from __future__ import annotations
 
-from haikutx.net.http1 import Head, end_to_end
+from haikutx.net.http1 import BodyFramer, Head, end_to_end
 
 #: Request headers that say who the client is: the gate drops what a client
 #: sent and sets the C{X-Forwarded-*} ones itself.
@@ -67,3 +67,52 @@ def forwarded_head(
         b"\r\nx-forwarded-host: ", host, b"\r\n\r\n",
     ]
     return b"".join(out)
+
+
+class RequestBody:
+    """
+    The body of the request being forwarded: what of the client's bytes is
+    body, checked before it is passed on.
+
+    @ivar done: the body is complete.
+    """
+
+    __slots__ = ("_framer", "_checked")
+
+    def __init__(self, framer: BodyFramer) -> None:
+        self._framer = framer
+        self._checked = 0
+
+    @property
+    def done(self) -> bool:
+        return self._framer.done
+
+    def check(self, buffer: bytearray) -> None:
+        """
+        Check body bytes in C{buffer} without taking them (while the
+        application connection is being opened).
+
+        @raise BadMessage: for a malformed chunked body.
+        """
+        self._checked = self._framer.consume(buffer, self._checked)
+
+    def take_checked(self, buffer: bytearray) -> bytes:
+        """
+        Remove and return from C{buffer} what L{check} checked.
+        """
+        checked, self._checked = self._checked, 0
+        data = bytes(buffer[:checked])
+        del buffer[:checked]
+        return data
+
+    def take(self, buffer: bytearray) -> bytes:
+        """
+        Remove and return from C{buffer} the body bytes it holds (whole,
+        checked chunk lines only).
+
+        @raise BadMessage: for a malformed chunked body.
+        """
+        end = self._framer.consume(buffer)
+        data = bytes(buffer[:end])
+        del buffer[:end]
+        return data

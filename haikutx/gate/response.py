@@ -16,6 +16,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from haikutx.gate.backends import BackendPool, BackendProtocol
+from haikutx.gate.states import State
 from haikutx.net.http1 import (
     BadMessage,
     BodyFramer,
@@ -35,9 +36,6 @@ class ApplicationSide:
     L{BackendProtocol} in use reports to it.
 
     @ivar backend: the application connection in use, or C{None}.
-    @ivar head_pending: no response head has been read yet.
-    @ivar keep_alive: whether the client connection stays open after this
-        response.
     """
 
     log = Logger()
@@ -48,27 +46,8 @@ class ApplicationSide:
         self.backend: BackendProtocol | None = None
         self._idle = False
         self._retry_head: bytes | None = None
-        self._buffer = bytearray()
-        self._rest = b""
-        self._framer = BodyFramer("none")
-        self._rechunk = False
-        self._method = b""
-        self._http10 = False
-        self._upgrade = False
-        self.head_pending = True
-        self.keep_alive = True
-
-    def start(self, method: bytes, http10: bool, keep_alive: bool, upgrade: bool) -> None:
-        """
-        Expect the response to a new request.
-        """
-        self._buffer = bytearray()
-        self._rest = b""
-        self._method = method
-        self._http10 = http10
-        self._upgrade = upgrade
-        self.keep_alive = keep_alive
-        self.head_pending = True
+        #: The response being read.
+        self.response = ResponseReader(client, self)
 
     def attach(self, backend: BackendProtocol, head: bytes, retry: bool) -> None:
         """
@@ -173,10 +152,10 @@ class ApplicationSide:
         """
         client = self._client
         client.touch()
-        if backend is not self.backend or client.state_is_closed():
+        if backend is not self.backend or client.state is State.CLOSED:
             backend.transport.loseConnection()
             return
-        if client.state_is_tunnel():
+        if client.state is State.TUNNEL:
             client.transport.write(data)
             return
         if self._idle:
@@ -185,7 +164,7 @@ class ApplicationSide:
             self.release(False)
             return
         self._retry_head = None
-        self._data(backend, data)
+        self.response.data(backend, data)
 
     def backend_lost(self, backend: BackendProtocol) -> None:
         """
@@ -195,25 +174,63 @@ class ApplicationSide:
             return
         client = self._client
         client.valve.resume("consumer")
-        if client.state_is_closed():
+        if client.state is State.CLOSED:
             return
         self.backend = None
         self._idle = False
         client.transport.unregisterProducer()
-        if client.state_is_tunnel():
+        if client.state is State.TUNNEL:
             client.transport.loseConnection()
-        elif client.state_is_forwarding():
-            if self.received_nothing and self._retry_head is not None:
+        elif client.state in (State.BODY, State.WAITING):
+            response = self.response
+            if response.received_nothing and self._retry_head is not None:
                 head, self._retry_head = self._retry_head, None
                 client.retry(head)
-            elif self.head_pending:
+            elif response.head_pending:
                 client.backend_failed("closed before answering")
-            elif self.close_delimited:
-                if self._rechunk:
-                    client.transport.write(b"0\r\n\r\n")
+            elif response.close_delimited:
+                response.end_of_close()
                 client.response_done()
             else:
                 client.cut()
+
+
+class ResponseReader:
+    """
+    Reads one response at a time from the application connection and
+    passes it on to the client connection (C{client}).
+
+    @ivar head_pending: no response head has been read yet.
+    @ivar keep_alive: whether the client connection stays open after this
+        response.
+    """
+
+    log = Logger()
+
+    def __init__(self, client: Any, side: ApplicationSide) -> None:
+        self._client = client
+        self._side = side
+        self._buffer = bytearray()
+        self._rest = b""
+        self._framer = BodyFramer("none")
+        self._rechunk = False
+        self._method = b""
+        self._http10 = False
+        self._upgrade = False
+        self.head_pending = True
+        self.keep_alive = True
+
+    def start(self, method: bytes, http10: bool, keep_alive: bool, upgrade: bool) -> None:
+        """
+        Expect the response to a new request.
+        """
+        self._buffer = bytearray()
+        self._rest = b""
+        self._method = method
+        self._http10 = http10
+        self._upgrade = upgrade
+        self.keep_alive = keep_alive
+        self.head_pending = True
 
     @property
     def received_nothing(self) -> bool:
@@ -236,14 +253,24 @@ class ApplicationSide:
         """
         return len(self._buffer) + len(self._rest)
 
-    def _data(self, backend: BackendProtocol, data: bytes) -> None:
+    def end_of_close(self) -> None:
+        """
+        The application closed a close-delimited body: end it for the client.
+        """
+        if self._rechunk:
+            self._client.transport.write(b"0\r\n\r\n")
+
+    def data(self, backend: BackendProtocol, data: bytes) -> None:
+        """
+        Bytes of the response from C{backend}.
+        """
         client = self._client
         if self.head_pending:
             self._buffer += data
             if not self._read_head(backend):
                 return
             data, self._buffer = bytes(self._buffer), bytearray()
-            if client.state_is_tunnel():
+            if client.state is State.TUNNEL:
                 if data:
                     client.transport.write(data)
                 client.tunnel_started()
@@ -260,7 +287,7 @@ class ApplicationSide:
         except BadMessage as e:
             self.log.error("port {port}: bad response body: {reason}", port=backend.port,
                            reason=e.reason)
-            self.abort()
+            self._side.abort()
             client.transport.abortConnection()
             return
         if end < len(data) and not framer.done:

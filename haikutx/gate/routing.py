@@ -6,9 +6,13 @@ port, C{/<name>/<rest>} to a names-file application (httpGate's rules).
 
 from __future__ import annotations
 
+from typing import Any
+
 from attrs import frozen
 
+from haikutx import metrics
 from haikutx.gate.names import NamesEntry, NamesFile
+from haikutx.net.http1 import Head
 
 
 @frozen
@@ -22,6 +26,7 @@ class Route:
     @ivar status: for a request the gate answers itself, its status.
     @ivar message: the body of that answer.
     @ivar location: for a redirect, the URL.
+    @ivar headers: extra header fields of the gate's own answer.
     """
 
     port: int = 0
@@ -30,6 +35,7 @@ class Route:
     status: int = 0
     message: str = ""
     location: str | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 def route(target: bytes, names: NamesFile, single_port: int | None = None) -> Route:
@@ -60,8 +66,44 @@ def route(target: bytes, names: NamesFile, single_port: int | None = None) -> Ro
         if entry is None:
             return Route(status=404, message="no such port or application")
     if entry.redirect is not None:
-        return Route(status=301, app=entry, location=entry.redirect,
-                     message="moved")
+        return Route(status=301, app=entry, location=entry.redirect, message="moved",
+                     headers=((b"Location", entry.redirect.encode()),))
     return Route(port=entry.port, target=forwarded, app=entry)
 
 
+
+
+def route_request(
+    head: Head, methods: tuple[str, ...], names: NamesFile, single_port: int | None = None
+) -> Route:
+    """
+    Route one parsed request: a method the gate does not forward is 405
+    (with C{Allow}), else L{route} decides.
+    """
+    method = head.method.decode("ascii")
+    if method not in methods:
+        return Route(status=405, message=f"method {method} is not forwarded",
+                     headers=((b"Allow", ", ".join(methods).encode()),))
+    return route(head.target, names, single_port)
+
+
+_counters: dict[tuple[str, int], Any] = {}
+
+
+def count_request(where: Route | None, status: int, answered_by_application: bool) -> None:
+    """
+    Count one request the gate forwarded or answered, in
+    L{metrics.GATE_REQUESTS}: by its names entry, or by its port when an
+    application on it answered (so the labels stay as few as the
+    applications that answer), else as C{-}.
+    """
+    if where is not None and where.app is not None:
+        app = where.app.name
+    elif where is not None and where.port and answered_by_application:
+        app = str(where.port)
+    else:
+        app = "-"
+    child = _counters.get((app, status))
+    if child is None:
+        child = _counters[app, status] = metrics.GATE_REQUESTS.labels(app=app, status=status)
+    child.inc()

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import h11
-import twisted
 from twisted.application.service import IServiceCollection
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
@@ -24,21 +23,21 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
-from twisted.internet.testing import EventLoggingObserver
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
-from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
+import twisted
 from haikutx.config import Config
 from haikutx.gate.apps import Application
+from haikutx.gate.names import NamesEntry, NamesFile
 from haikutx.gate.routing import route
 from haikutx.gate.service import GateService
-from haikutx.gate.names import NamesEntry, NamesFile
 from haikutx.service import build_service
 from haikutx.tap import Options
 
@@ -690,7 +689,7 @@ def _buffered(gate: GateService) -> int:
     """
     total = 0
     for connection in gate.factory.connections:
-        total += len(connection._buffer) + connection._side.buffered
+        total += len(connection._buffer) + connection._side.response.buffered
         for transport in (connection.transport,
                           connection._side.backend.transport if connection._side.backend else None):
             if transport is not None:
