@@ -126,6 +126,12 @@ class ParseTests(SynchronousTestCase):
             (b"GET http://u:p@example.test/ HTTP/1.1", "credentials"),
             (b"CONNECT example.test:1 HTTP/2.0", "malformed request line"),
             (b"CONNECT example.test:1 HTTP/1.1\r\nno colon", "malformed header"),
+            (b"GET http://example.test/ HTTP/1.1\r\nX: a\nY: b", "bare CR or LF"),
+            (b"GET http://example.test/ HTTP/1.1\r\nX: a\r\n folded", "obs-fold"),
+            (b"POST http://example.test/ HTTP/1.1\r\nContent-Length: 1\r\n"
+             b"Transfer-Encoding: chunked", "both Transfer-Encoding and Content-Length"),
+            (b"POST http://example.test/ HTTP/1.1\r\nContent-Length: 1\r\n"
+             b"Content-Length: 1", "more than one Content-Length"),
         ]:
             with self.subTest(head=head):
                 error = self.assertRaises(BadRequest, parse_head, head)
