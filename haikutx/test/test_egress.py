@@ -96,6 +96,21 @@ class ParseTests(SynchronousTestCase):
             b"connection: close\r\n\r\n",
         )
 
+    def test_chunked_kept(self) -> None:
+        """
+        A chunked request body goes upstream chunked: the coding is said
+        again although Transfer-Encoding is hop-by-hop.
+        """
+        _, _, _, head = parse_head(
+            b"POST http://example.test/u HTTP/1.1\r\nHost: example.test\r\n"
+            b"Transfer-Encoding: chunked\r\nTE: trailers"
+        )
+        self.assertEqual(
+            head,
+            b"POST /u HTTP/1.1\r\nhost: example.test\r\ntransfer-encoding: chunked\r\n"
+            b"connection: close\r\n\r\n",
+        )
+
     def test_default_port_and_host_header(self) -> None:
         """
         Port 80 is the default, and a missing C{Host} header is added.
