@@ -195,7 +195,8 @@ def _fields(lines: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
             if b"\r" in line or b"\n" in line:
                 raise BadMessage("bare CR or LF in the head")
             raise BadMessage(f"malformed header line {line[:60]!r}")
-        fields.append((found.group(1).lower(), found.group(2)))
+        name, value = found.groups()
+        fields.append((name.lower(), value))
     return fields
 
 

@@ -1423,3 +1423,35 @@ class QuietTests(_Integration):
         noisy = [e for e in events if "factory" in str(e.get("log_format", "")).lower()
                  and type(e.get("factory")).__module__.startswith("haikutx")]
         self.assertEqual(noisy, [])
+
+
+class StateTests(SynchronousTestCase):
+    """
+    A gate connection moves only along L{TRANSITIONS}.
+    """
+
+    def test_table(self) -> None:
+        """
+        Every state can close; a closed connection goes nowhere else; an
+        unlisted move raises.
+        """
+        from haikutx.gate.states import TRANSITIONS, State, check_transition
+
+        for state in State:
+            self.assertIn(State.CLOSED, TRANSITIONS[state])
+        self.assertEqual(TRANSITIONS[State.CLOSED], frozenset({State.CLOSED}))
+        self.assertRaises(AssertionError, check_transition, State.CLOSED, State.HEAD)
+        self.assertRaises(AssertionError, check_transition, State.TUNNEL, State.HEAD)
+        check_transition(State.WAITING, State.HEAD)
+
+    def test_protocol_refuses(self) -> None:
+        """
+        L{GateProtocol._move} refuses a move the table does not list.
+        """
+        from haikutx.gate.states import State
+
+        gate = GateService(Clock(), install_sighup=False)
+        protocol = gate.factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        self.assertRaises(AssertionError, protocol._move, State.TUNNEL)
+        self.assertIs(protocol.state, State.HEAD)
