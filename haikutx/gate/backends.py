@@ -137,6 +137,7 @@ class BackendPool:
         self._total = total
         self._idle: dict[int, list[BackendProtocol]] = {}
         self._count = 0
+        self._closed = False
 
     def __len__(self) -> int:
         return self._count
@@ -161,7 +162,8 @@ class BackendPool:
         """
         idle = self._idle.setdefault(backend.port, [])
         if (
-            not backend.connected_
+            self._closed
+            or not backend.connected_
             or not backend.reusable
             or len(idle) >= self._per_port
             or self._count >= self._total
@@ -197,10 +199,11 @@ class BackendPool:
 
     def close(self) -> list[Deferred[None]]:
         """
-        Close every idle connection.
+        Close every idle connection, and those given back from now on.
 
         @return: Deferreds that fire once they are closed.
         """
+        self._closed = True
         closing = []
         for idle in self._idle.values():
             for backend in list(idle):

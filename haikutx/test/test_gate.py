@@ -1455,3 +1455,28 @@ class StateTests(SynchronousTestCase):
         protocol.makeConnection(StringTransport())
         self.assertRaises(AssertionError, protocol._move, State.TUNNEL)
         self.assertIs(protocol.state, State.HEAD)
+
+
+class StopTests(_Integration):
+    """
+    Stopping the gate closes every application connection.
+    """
+
+    async def test_kept_connection_closed(self) -> None:
+        """
+        An application connection kept by an open keep-alive client
+        connection is closed when the gate stops, not put in the pool.
+        """
+        backend = _CountingConnections()
+        port = self.listen(backend)
+        gate_service, gate = self.gate()
+        client = await self.client(gate)
+        client.request(b"GET", b"/%d/" % port)
+        status, _, _ = await client.response()
+        self.assertEqual(status, 200)
+        await gate_service.stopService()
+        for _ in range(200):
+            if not gate_service.factory.connections:
+                break
+            await deferLater(reactor, 0.01)
+        self.assertEqual(len(gate_service.factory.pool), 0)
