@@ -38,7 +38,7 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 run() { # name url [wrk options]: prints "name req/s [us-of-gate-cpu/req]"
     name=$1 url=$2; shift 2
     t0=$(ticks "$GATEPID")
-    wrk -t2 -c"$CONN" -d"${DUR}s" "$@" "$url" > /tmp/gate_bench_$name.txt
+    wrk -t1 -c"$CONN" -d"${DUR}s" "$@" "$url" > /tmp/gate_bench_$name.txt
     t1=$(ticks "$GATEPID")
     rps=$(awk '/Requests\/sec/ {print $2}' /tmp/gate_bench_$name.txt)
     n=$(awk '/requests in/ {print $1}' /tmp/gate_bench_$name.txt)
@@ -68,7 +68,7 @@ echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 r=0
 while [ $r -lt "$ROUNDS" ]; do
     r=$((r + 1))
-    echo "round $r: wrk -t2 -c$CONN -d${DUR}s, keep-alive, GET /$BACK/ through the gates"
+    echo "round $r: wrk -t1 -c$CONN -d${DUR}s, keep-alive, GET /$BACK/ through the gates"
     D=$(run direct "http://127.0.0.1:$BACK/")
     G=$(run haikutx "http://127.0.0.1:$GATE/$BACK/")
     P=$(run httpGate "http://127.0.0.1:$PIL/$BACK/")
