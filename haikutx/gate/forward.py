@@ -43,6 +43,8 @@ from haikutx.tls import OffersHTTP11
 
 #: Largest request head accepted, in bytes (larger: 431).
 MAX_HEAD = 16384
+#: Methods whose request (without a body) may be sent twice (RFC 9110 9.2.2).
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 #: Client bytes buffered while a request waits for its response (pipelining)
 #: before reading from the client pauses.
 MAX_PENDING = 65536
@@ -66,6 +68,7 @@ class GateProtocol(Protocol):
         self._body = RequestBody(BodyFramer("none"))
         self._side = ApplicationSide(self, factory.pool)
         self._keep_alive = True
+        self._method = b""
         self._http10 = False
         self._upgrade = False
         self._where: Route | None = None
@@ -208,7 +211,7 @@ class GateProtocol(Protocol):
             self._bad_request(e)
             return False
         del buffer[:end]
-        method = head.method
+        self._method = method = head.method
         self._http10 = head.version == b"HTTP/1.0"
         self._keep_alive = head.keep_alive
         gate = self.factory.gate
@@ -271,7 +274,9 @@ class GateProtocol(Protocol):
             self._app.request_started()
         head += self._body.take_checked(self._buffer)
         done = self._body.done
-        self._side.attach(backend, head, retry=done)
+        # Sent again on a new connection if a reused one closes unanswered:
+        # only a request without a body whose method is idempotent.
+        self._side.attach(backend, head, retry=done and self._method in IDEMPOTENT)
         self._move(State.WAITING if done else State.BODY)
 
     def _forward_body(self) -> None:

@@ -55,7 +55,8 @@ class ApplicationSide:
 
         @param backend: a new connection, one from the pool, or the one
             L{kept}.
-        @param retry: the request has no body, so it may be sent again on a
+        @param retry: the request has no body and an idempotent method, so
+            it may be sent again on a
             new connection if a reused C{backend} closes unanswered.
         """
         if backend is not self.backend:

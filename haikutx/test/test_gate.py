@@ -1339,6 +1339,23 @@ class PoolTests(_Integration):
             self.assertEqual(_status(answer), 200, answer)
             self.assertTrue(answer.endswith(b"conn %d" % (n + 1)), answer)
 
+    async def test_no_retry_for_post(self) -> None:
+        """
+        A bodiless POST is not sent twice: when its reused connection closes
+        unanswered, the client gets 502.
+        """
+        backend = _CountingConnections(answers=1)
+        port = self.listen(backend)
+        _, gate = self.gate(methods=("GET", "POST"))
+        first = await _exchange(
+            gate, b"GET /%d/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n" % port)
+        self.assertEqual(_status(first), 200)
+        answer = await _exchange(
+            gate, b"POST /%d/ HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n"
+            b"Connection: close\r\n\r\n" % port)
+        self.assertEqual(_status(answer), 502)
+        self.assertEqual(backend.connections, 1)
+
     async def test_no_reuse_after_early_answer(self) -> None:
         """
         An application that answers before reading the whole request body
