@@ -9,23 +9,24 @@ from __future__ import annotations
 import enum
 
 
-class State(enum.Enum):
+class State(enum.IntEnum):
     """
-    Where a gate connection is in its current request.
+    Where a gate connection is in its current request (an C{IntEnum} for
+    its C-level hash: the table is looked up twice per request).
     """
 
     #: Reading a request head.
-    HEAD = "head"
+    HEAD = 1
     #: The request is routed; connecting to (or starting) its application.
-    ROUTING = "routing"
+    ROUTING = 2
     #: Forwarding the request body.
-    BODY = "body"
+    BODY = 3
     #: The request is forwarded; the response is not finished.
-    WAITING = "waiting"
+    WAITING = 4
     #: After a C{101}: bytes pass both ways unread.
-    TUNNEL = "tunnel"
+    TUNNEL = 5
     #: The client connection is closing or closed.
-    CLOSED = "closed"
+    CLOSED = 6
 
 
 #: The transitions L{GateProtocol._move} allows.

@@ -286,8 +286,8 @@ def parse_request_head(head: bytes | bytearray, require_host: bool = True) -> He
     version = b"HTTP/1.1" if minor == b"1" else b"HTTP/1.0"
     fields = _fields(lines[1:])
     length, chunked, connection, hop = _framing(fields, version, True)
-    hosts = sum(1 for name, _ in fields if name == b"host")
-    if hosts > 1 or (hosts == 0 and require_host and version == b"HTTP/1.1"):
+    hosts = [name for name, _ in fields if name == b"host"]
+    if len(hosts) > 1 or (not hosts and require_host and version == b"HTTP/1.1"):
         raise BadMessage("an HTTP/1.1 request needs exactly one Host")
     return Head(
         version, tuple(fields), length, chunked, connection, hop, method=method, target=target
