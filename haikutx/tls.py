@@ -16,9 +16,28 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 log = Logger()
+
+
+@implementer(IProtocolNegotiationFactory)
+class OffersHTTP11:
+    """
+    A mixin for a protocol factory served over TLS that speaks HTTP/1.1: it
+    offers ALPN C{http/1.1}. A factory that offers nothing on an C{ssl:}
+    endpoint makes Twisted answer a client's ALPN with an internal-error
+    alert (curl and every browser send ALPN); L{twisted.web.server.Site}
+    already offers it, so the runtime and the job runner need no mixin.
+    """
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        The protocols offered over ALPN.
+        """
+        return [b"http/1.1"]
 
 
 def fingerprint(cert_pem: bytes) -> str:

@@ -38,6 +38,7 @@ from twisted.web.client import (
     ProxyAgent,
     ResponseDone,
     ResponseFailed,
+    _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -370,6 +371,14 @@ async def _discard(response: IResponse, max_size: int) -> None:
         pass
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """
+    The pool's connection factory, without a log line per connection.
+    """
+
+    noisy = False
+
+
 class _Pool(HTTPConnectionPool):
     """
     A connection pool that takes no connection back once closed: a response
@@ -377,6 +386,7 @@ class _Pool(HTTPConnectionPool):
     abandoned mid-packet) is closed instead of waiting in the pool.
     """
 
+    _factory = _QuietClientFactory
     closed = False
 
     def _putConnection(self, key: Any, connection: Any) -> None:

@@ -25,6 +25,7 @@ from haikutx.net.urls import redact_url
 from haikutx.runtime.loader import HandlerLoadError, HandlerSource
 from haikutx.runtime.pool import PoolBusy, WorkerPool
 from haikutx.runtime.worker import WorkerProtocol, handler_kind
+from haikutx.net.http1 import HOP_BY_HOP
 
 HANDLER = "x-haiku-handler"
 CONSOLE = "x-haiku-console"
@@ -36,7 +37,7 @@ NO_HANDLER = (
 )
 
 #: Response headers a handler may not set: the runtime frames the response.
-_HOP_BY_HOP = {b"connection", b"transfer-encoding", b"keep-alive", b"upgrade"}
+_HOP_BY_HOP = HOP_BY_HOP
 
 #: Set on a request for which L{HandlerResource} emits its own event.
 _LOGGED_HERE = "haiku_logged"
