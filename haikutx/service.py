@@ -88,6 +88,7 @@ def zygote_options(config: Config) -> dict[str, Any]:
         "user": config.user,
         "base_uid": SLOT_BASE_UID if config.user is None else None,
         "max_threads": MAX_HANDLER_THREADS,
+        "max_procs": config.limits.max_procs,
     }
 
 

@@ -346,6 +346,9 @@ class Worker:
         self.confine: Callable[[str], None] | None = None
         self.confined_for: str | None = None
         self.exec_sandbox: Callable[[], None] | None = None
+        #: Set by the zygote for stdio handlers: the cgroup
+        #: (L{haikutx.sandbox.cgroup.RunGroup}) their processes run in.
+        self.run_group: Any = None
         self._stdout, self._stderr = sys.stdout, sys.stderr
 
     def send(self, frame: bytes) -> None:

@@ -32,6 +32,8 @@ from haikutx.child import wire
 from haikutx.child import runner
 from haikutx.sandbox._libc import PR_SET_PDEATHSIG, close_fds_except, libc
 
+PR_SET_CHILD_SUBREAPER = 36
+
 #: A child's exit status when the server closed fd 3: the zygote stops.
 EXIT_SERVER_GONE = 3
 
@@ -68,18 +70,63 @@ def _prepare(options: dict[str, Any]) -> Any:
     python = prepare(policy)
     stdio = None
     if options.get("exec_paths"):
+        # RLIMIT_NPROC counts every task of the uid, and another server on
+        # this machine has the same per-slot uids: with a pids cgroup, that
+        # bounds a run exactly, and RLIMIT_NPROC only backs it up.
+        max_procs = int(options.get("max_procs", 32))
+        if "pids" in ((options.get("cgroup") or {}).get("directories") or {}):
+            max_procs = max(max_procs, int(options.get("max_threads") or 0))
         stdio = prepare(
             SandboxPolicy(
                 limits=limits,
                 identity=identity,
                 connect_ports=policy.connect_ports,
-                max_threads=policy.max_threads,
+                max_threads=max_procs if options.get("base_uid") is not None else None,
                 allow_exec=True,
+                allow_processes=True,
                 exec_paths=tuple(options["exec_paths"]),
                 extra_read_paths=tuple(options.get("exec_read_paths", ())),
+                write_paths=("/dev/null",),
             )
         )
     return python, stdio
+
+
+def _run_group(options: dict[str, Any]) -> tuple[Any, str]:
+    """
+    Make this slot's cgroup (L{haikutx.sandbox.cgroup.RunGroup}), which
+    holds every process a stdio handler starts: at most C{max_procs}
+    tasks, C{max_memory} together.
+
+    @return: the group (or C{None}) and how that layer stands, for the
+        start-up report.
+    """
+    from haikutx.sandbox.cgroup import CONTROLLERS, RunGroup
+
+    settings = options.get("cgroup") or {}
+    parents = settings.get("directories") or {}
+    missing = dict(settings.get("missing") or {})
+    if not parents:
+        reasons = "; ".join(missing.values()) or "cgroups are not set up by the server"
+        return None, (
+            f"unavailable: {reasons}: processes a stdio handler starts are bounded by "
+            "RLIMIT_NPROC and RLIMIT_AS each, and those that leave its process group "
+            "may outlive its run"
+        )
+    max_procs = int(options.get("max_procs", 32))
+    max_memory = int(options.get("max_memory", 256 << 20))
+    try:
+        group = RunGroup.create(parents, f"slot{options.get('slot', 0)}", max_procs, max_memory)
+    except OSError as e:
+        return None, f"unavailable: cannot create this slot's cgroup: {e}"
+    have = [c for c in CONTROLLERS if c in group.directories]
+    text = (
+        f"active: cgroup v1 {' and '.join(have)}: at most {max_procs} tasks and "
+        f"{max_memory >> 20} MiB together per run; every process ends with its run"
+    )
+    if missing:
+        text = "partial: " + text[len("active: "):] + "; missing: " + "; ".join(missing.values())
+    return group, text
 
 
 def _enter_egress(options: dict[str, Any], zygote: int) -> str:
@@ -119,7 +166,7 @@ def _enter_egress(options: dict[str, Any], zygote: int) -> str:
     return f"active: {kind} namespace, egress through the server's proxy"
 
 
-def _confiner(sandboxes: Any, worker: runner.Worker) -> Any:
+def _confiner(sandboxes: Any, worker: runner.Worker, group: Any = None) -> Any:
     """
     The function a child calls when it learns what it will run: it applies
     the Python sandbox to itself, or arranges for each stdio interpreter
@@ -134,6 +181,7 @@ def _confiner(sandboxes: Any, worker: runner.Worker) -> Any:
                 python.apply(keep_fds=keep, parent_death_signal=signal.SIGKILL)
             elif stdio is not None:
                 worker.exec_sandbox = lambda: stdio.apply((0, 1, 2), signal.SIGKILL)
+                worker.run_group = group
             else:
                 worker.exec_sandbox = lambda: python.apply((0, 1, 2), signal.SIGKILL)
         except Exception as e:
@@ -143,7 +191,7 @@ def _confiner(sandboxes: Any, worker: runner.Worker) -> Any:
     return confine
 
 
-def _child(sandboxes: Any, max_requests: int, zygote: int) -> None:
+def _child(sandboxes: Any, max_requests: int, zygote: int, group: Any = None) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != zygote:
         # The zygote died before the parent-death signal was set.
@@ -155,7 +203,7 @@ def _child(sandboxes: Any, max_requests: int, zygote: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     worker = runner.Worker(max_requests)
     if sandboxes is not None:
-        worker.confine = _confiner(sandboxes, worker)
+        worker.confine = _confiner(sandboxes, worker, group)
     worker.run()
     sys.stdout.flush()
     os._exit(EXIT_SERVER_GONE if worker.server_gone else 0)
@@ -211,21 +259,32 @@ def main(argv: list[str]) -> None:
     sandbox = _prepare(options)
     network = _enter_egress(options, zygote) if sandbox is not None else "disabled"
     report = sandbox[0].describe() if sandbox is not None else {"layers": {"all": "disabled"}}
+    group = None
     if sandbox is not None:
         report["stdio"] = sandbox[1].describe()["layers"] if sandbox[1] else "no interpreters"
+        if sandbox[1] is not None:
+            group, report["stdio"]["processes"] = _run_group(options)
+            # Processes a handler left are reparented here, not to init,
+            # and reaped below.
+            libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     report.setdefault("layers", {})["network"] = network
     os.write(runner.CONTROL_OUT, wire.encode_json(wire.SANDBOX, report))
     _warm_up()
     while True:
         pid = os.fork()
         if pid == 0:
-            _child(sandbox, max_requests, zygote)
+            _child(sandbox, max_requests, zygote, group)
         while True:
             try:
-                _, status = os.waitpid(pid, 0)
-                break
+                ended, status = os.waitpid(-1, 0)
             except InterruptedError:
                 continue
+            except ChildProcessError:
+                os._exit(EXIT_SERVER_GONE)
+            if ended == pid:
+                break
+        if group is not None:
+            group.kill(wait=0.05)
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
             continue
         _end_like(status)

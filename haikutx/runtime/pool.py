@@ -52,6 +52,9 @@ class PythonWorkerSpawner:
         C{max_memory} (bytes), C{cpu_seconds}, C{user}, C{base_uid},
         C{max_threads}; each worker adds its C{slot}.
     @param executable: the Python interpreter.
+    @param run_groups: put each slot's stdio handler processes in a cgroup
+        of its own (L{haikutx.sandbox.cgroup}), made when the first worker
+        starts and removed by L{close}.
     """
 
     def __init__(
@@ -60,9 +63,12 @@ class PythonWorkerSpawner:
         options: dict[str, Any] | None = None,
         executable: str = sys.executable,
         egress: Any = None,
+        run_groups: bool = True,
     ) -> None:
         self._reactor = reactor
         self._egress = egress
+        self._run_groups = run_groups
+        self._cgroups: Any = None
         self._executable = executable
         self._options = dict(options or {})
         package_root = str(Path(__file__).resolve().parents[2])
@@ -85,6 +91,8 @@ class PythonWorkerSpawner:
             child_fds[EGRESS_FD] = channel.fileno()
             options["egress"] = {"fd": EGRESS_FD, "port": EGRESS_PORT}
             protocol.ended.addBoth(lambda result: stop().addCallback(lambda _: result))
+        if self._run_groups and options.get("sandbox", True):
+            self._add_run_group(protocol, options)
         try:
             self._reactor.spawnProcess(
                 protocol,
@@ -98,6 +106,33 @@ class PythonWorkerSpawner:
         finally:
             if channel is not None:
                 channel.close()
+
+    def _add_run_group(self, protocol: WorkerProtocol, options: dict[str, Any]) -> None:
+        """
+        Tell the zygote where its slot's cgroup goes; when the worker ends
+        (killed at the time limit, say), kill what its handlers left.
+        """
+        from haikutx.sandbox.cgroup import CgroupTree
+
+        if self._cgroups is None:
+            self._cgroups = CgroupTree.create()
+        tree = self._cgroups
+        options["cgroup"] = {"directories": tree.directories, "missing": tree.missing}
+        group = tree.slot(protocol.slot)
+
+        def kill_left(result: Any) -> Any:
+            group.kill()
+            return result
+
+        protocol.ended.addBoth(kill_left)
+
+    def close(self) -> None:
+        """
+        Remove the cgroups, once every worker has ended.
+        """
+        tree, self._cgroups = self._cgroups, None
+        if tree is not None:
+            tree.remove()
 
 
 class WorkerPool(Service):
@@ -154,7 +189,11 @@ class WorkerPool(Service):
             worker.terminate()
             timer = self._reactor.callLater(self._kill_time, worker.kill, "did not stop in time")
             worker.ended.addBoth(_cancel_timer, timer)
-        return DeferredList(ended, consumeErrors=True)
+        stopped = DeferredList(ended, consumeErrors=True)
+        close = getattr(self._spawner, "close", None)
+        if close is not None:
+            stopped.addCallback(lambda result: (close(), result)[1])
+        return stopped
 
     # Workers
 
@@ -181,7 +220,9 @@ class WorkerPool(Service):
         if worker.sandbox is not None and self.sandbox is None:
             self.sandbox = worker.sandbox
             self.log.info(
-                "handler sandbox layers: {layers}", layers=worker.sandbox.get("layers")
+                "handler sandbox layers: {layers}; stdio handlers: {stdio}",
+                layers=worker.sandbox.get("layers"),
+                stdio=worker.sandbox.get("stdio"),
             )
         self._hand_out(worker)
 

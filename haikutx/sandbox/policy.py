@@ -174,6 +174,9 @@ class SandboxPolicy:
     @ivar allow_exec: keep C{execve} (stdio interpreters): Landlock then
         allows executing only beneath C{exec_paths}.
     @ivar exec_paths: what may be executed when C{allow_exec}.
+    @ivar allow_processes: keep C{fork}/C{clone} of new processes (stdio
+        handlers' programs); C{max_threads} and a cgroup bound them.
+    @ivar write_paths: files that may be written (C{/dev/null}).
     @ivar read_paths: what may be read; by default the interpreter's paths
         (L{interpreter_read_paths}).
     @ivar extra_read_paths: added to C{read_paths}.
@@ -191,6 +194,8 @@ class SandboxPolicy:
     identity: Identity | None = None
     allow_exec: bool = False
     exec_paths: tuple[str, ...] = ()
+    allow_processes: bool = False
+    write_paths: tuple[str, ...] = ()
     read_paths: tuple[str, ...] | None = None
     extra_read_paths: tuple[str, ...] = ()
     connect_ports: tuple[int, ...] | None = None
@@ -282,6 +287,7 @@ class PreparedSandbox:
             out["read_paths"] = list(self.ruleset.read_paths)
             out["exec_paths"] = list(self.ruleset.exec_paths)
         out["exec_allowed"] = self.policy.allow_exec
+        out["processes_allowed"] = self.policy.allow_processes
         return out
 
 
@@ -342,7 +348,8 @@ def prepare(policy: SandboxPolicy) -> PreparedSandbox:
             exec_paths += tuple(p for p in loaders if p)
         try:
             ruleset_fd, summary = landlock.build_ruleset(
-                found.landlock_abi, read, exec_paths, policy.connect_ports
+                found.landlock_abi, read, exec_paths, policy.connect_ports,
+                write_paths=policy.write_paths,
             )
         except OSError as e:
             raise SandboxError(f"Landlock: {e}") from e
@@ -371,7 +378,9 @@ def prepare(policy: SandboxPolicy) -> PreparedSandbox:
 
     program = None
     if found.seccomp:
-        program = seccomp.build_filter(policy.allow_exec, MACHINE)
+        program = seccomp.build_filter(
+            policy.allow_exec, MACHINE, allow_processes=policy.allow_processes
+        )
         layers["seccomp"] = "active"
     else:
         layers["seccomp"] = found.reasons["seccomp"]

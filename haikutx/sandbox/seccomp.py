@@ -8,7 +8,9 @@ C{EPERM} (C{ENOSYS} for C{clone3}, so that the C library falls back to
 C{clone}, whose flags the filter can read):
 
   - new processes: C{fork}, C{vfork}, and C{clone} without C{CLONE_THREAD}
-    or with any C{CLONE_NEW*} flag (threads keep working);
+    (threads keep working), unless the policy allows processes (stdio
+    handlers, whose processes a cgroup and C{RLIMIT_NPROC} bound); C{clone}
+    with any C{CLONE_NEW*} flag always;
   - C{execve}/C{execveat}, unless the policy allows exec (stdio
     interpreters; Landlock then decides what may be executed);
   - tracing and other processes' memory: C{ptrace}, C{process_vm_*},
@@ -106,6 +108,8 @@ DENIED = (
     "iopl", "ioperm", "uselib", "vhangup",
 )
 EXEC = ("execve", "execveat")
+#: Denied unless the policy allows processes.
+FORK = ("fork", "vfork")
 
 CLONE_THREAD = 0x00010000
 CLONE_NEW_ANY = (
@@ -189,12 +193,16 @@ class _Assembler:
         return out
 
 
-def build_program(machine: str, allow_exec: bool) -> list[tuple[int, int, int, int]]:
+def build_program(
+    machine: str, allow_exec: bool, allow_processes: bool = False
+) -> list[tuple[int, int, int, int]]:
     """
     Assemble the filter for an architecture.
 
     @param machine: C{platform.machine()}, C{"x86_64"} or C{"aarch64"}.
     @param allow_exec: whether C{execve}/C{execveat} stay allowed.
+    @param allow_processes: whether C{fork}, C{vfork} and C{clone} of a
+        new process (without C{CLONE_NEW*} flags) stay allowed.
     @return: the instructions as C{(code, jt, jf, k)} tuples.
     @raise KeyError: for an architecture without a table.
     """
@@ -206,7 +214,7 @@ def build_program(machine: str, allow_exec: bool) -> list[tuple[int, int, int, i
     a.op(_LD_W_ABS, _OFF_NR)
     if machine == "x86_64":
         a.op(_JGE_K, 0x40000000, "kill", 0)  # the x32 ABI
-    denied = [n for n in DENIED if n in table]
+    denied = [n for n in DENIED if n in table and not (allow_processes and n in FORK)]
     if not allow_exec:
         denied += EXEC
     for name in denied:
@@ -219,8 +227,11 @@ def build_program(machine: str, allow_exec: bool) -> list[tuple[int, int, int, i
 
     a.label("clone")
     a.op(_LD_W_ABS, _arg_low(0))
-    a.op(_JSET_K, CLONE_NEW_ANY, "deny", 0)
-    a.op(_JSET_K, CLONE_THREAD, "allow", "deny")
+    if allow_processes:
+        a.op(_JSET_K, CLONE_NEW_ANY, "deny", "allow")
+    else:
+        a.op(_JSET_K, CLONE_NEW_ANY, "deny", 0)
+        a.op(_JSET_K, CLONE_THREAD, "allow", "deny")
 
     a.label("socket")
     a.op(_LD_W_ABS, _arg_low(0))
@@ -254,6 +265,7 @@ class Filter:
     @ivar machine: the architecture it was built for.
     @ivar allow_exec: whether exec is allowed.
     @ivar length: the number of instructions.
+    @ivar allow_processes: whether new processes are allowed.
     """
 
     machine: str
@@ -261,21 +273,25 @@ class Filter:
     length: int
     _buffer: ctypes.Array
     _prog: _SockFprog
+    allow_processes: bool = False
 
 
-def build_filter(allow_exec: bool = False, machine: str = MACHINE) -> Filter:
+def build_filter(
+    allow_exec: bool = False, machine: str = MACHINE, allow_processes: bool = False
+) -> Filter:
     """
     Build the filter once (in the zygote).
 
     @param allow_exec: keep C{execve} allowed (stdio interpreters).
     @param machine: the architecture (default: this one).
+    @param allow_processes: keep C{fork}/C{clone} of processes allowed.
     @return: a L{Filter} for L{install}.
     @raise KeyError: for an architecture without a table.
     """
-    program = build_program(machine, allow_exec)
+    program = build_program(machine, allow_exec, allow_processes)
     buffer = (_SockFilter * len(program))(*[_SockFilter(c, t, f, k) for c, t, f, k in program])
     prog = _SockFprog(len(program), ctypes.cast(buffer, ctypes.POINTER(_SockFilter)))
-    return Filter(machine, allow_exec, len(program), buffer, prog)
+    return Filter(machine, allow_exec, len(program), buffer, prog, allow_processes)
 
 
 def install(program: Filter) -> None:
