@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from haikutx.child.params import BadRequestBody, merge_params
-from haikutx.child.runner import HandlerRun
+from haikutx.child.run import HandlerRun
 
 if TYPE_CHECKING:
-    from haikutx.child.runner import Worker
+    from haikutx.child.run import RunHost as Worker
 
 #: The environment every interpreter gets besides the request's variables.
 BASE_ENV = {
@@ -187,12 +187,11 @@ class StdioRun(HandlerRun):
     One request answered by an interpreter process.  Console modes, the
     response head and the body go through L{HandlerRun}'s sink.
 
-    The interpreter and every process it starts run in the worker's
-    C{run_group} (L{haikutx.sandbox.cgroup.RunGroup}) when it has one: when
-    the interpreter exits, whatever it left running is killed before the
-    response ends, and a run whose processes together exceed their memory
-    limit is killed whole.  Without a group, the interpreter leads a
-    process group of its own, killed the same way.
+    The run ends when the interpreter exits: whatever it left running is
+    killed then (L{end_processes}), before the response ends.  The server
+    keeps the worker and all its processes in a cgroup of the slot's
+    (L{haikutx.sandbox.cgroup}), which bounds them together and empties it
+    when the worker ends.
     """
 
     def __init__(self, worker: Worker, head: dict[str, Any], body: bytes) -> None:
@@ -204,9 +203,6 @@ class StdioRun(HandlerRun):
         self._process: asyncio.subprocess.Process | None = None
         self._stderr_tail = b""
         self._output = False
-        self._oom_before = 0
-        self._oom_events: int | None = None
-        self._out_of_memory = False
 
     def start(self, codes: Any) -> None:
         """
@@ -224,7 +220,6 @@ class StdioRun(HandlerRun):
         if not self._argv:
             self.fail(500, f"Handler {self.url}: no interpreter for {self._language!r}")
             return
-        self._watch_memory()
         exited: asyncio.Future[None] = self._loop.create_future()
         try:
             transport, protocol = await self._loop.subprocess_exec(
@@ -239,7 +234,6 @@ class StdioRun(HandlerRun):
                 start_new_session=True,
             )
         except (OSError, subprocess.SubprocessError) as e:
-            self._stop_watching()
             cause = getattr(e, "strerror", None) or e
             self.fail(
                 500,
@@ -264,83 +258,37 @@ class StdioRun(HandlerRun):
             await reading
         finally:
             feeding.cancel()
-            self._stop_watching()
         self._exited(code)
-
-    @property
-    def _group(self) -> Any:
-        # The zygote sets it when it confines the worker for stdio
-        # handlers, after this run was made.
-        return getattr(self._worker, "run_group", None)
 
     def _before_exec(self) -> None:
         """
         In the forked interpreter process, before exec: die with the worker,
-        join the run's cgroup (as root still), then apply the worker's
-        C{exec_sandbox} (for instance
-        C{lambda: prepared.apply((0, 1, 2), signal.SIGKILL)}).
+        then apply the worker's C{exec_sandbox} (the interpreter's own
+        seccomp filter, which lets it start processes but no namespace).
         """
         _die_with_parent()
-        if self._group is not None:
-            self._group.join()
         sandbox = getattr(self._worker, "exec_sandbox", None)
         if sandbox is not None:
             sandbox()
 
-    # Processes and memory
-
-    def _watch_memory(self) -> None:
-        """
-        Be told at once when the run's processes together reach their
-        memory limit (the cgroup's OOM notification), to end the run.
-        """
-        group = self._group
-        if group is None:
-            return
-        self._oom_before = group.oom_kills()
-        try:
-            self._oom_events = group.oom_notifier()
-        except OSError:
-            return
-        if self._oom_events is not None:
-            self._loop.add_reader(self._oom_events, self._memory_exceeded)
-
-    def _stop_watching(self) -> None:
-        events, self._oom_events = self._oom_events, None
-        if events is not None:
-            self._loop.remove_reader(events)
-            os.close(events)
-
-    def _memory_exceeded(self) -> None:
-        try:
-            os.read(self._oom_events, 8)  # type: ignore[arg-type]
-        except OSError:
-            pass
-        self._out_of_memory = True
-        self.end_processes()
-
     def end_processes(self) -> None:
         """
-        Kill every process of this run that is still running.
+        Kill every process of this run that is still running: all of them
+        with the worker's C{end_run_processes} (set by the zygote when the
+        worker has a uid of its slot's own and scoped signals), or else the
+        interpreter's process group (which misses those that left it: the
+        server's cgroup catches them when the worker ends).
         """
+        ender = getattr(self._worker, "end_run_processes", None)
+        if ender is not None:
+            ender()
+            return
         process = self._process
-        if self._group is not None:
-            self._group.kill(wait=KILL_WAIT)
-        elif process is not None:
+        if process is not None:
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except OSError:
                 pass
-
-    def _memory_cause(self) -> str | None:
-        group = self._group
-        if group is None:
-            return None
-        if not self._out_of_memory and group.oom_kills() <= self._oom_before:
-            return None
-        limit = group.memory_limit()
-        size = f" of {limit >> 20} MiB" if limit else ""
-        return f"was killed: its processes together exceeded the memory limit{size}"
 
     # Input and output
 
@@ -437,12 +385,10 @@ class StdioRun(HandlerRun):
         """
         if self.done:
             return
-        cause = self._memory_cause()
-        if cause is None and code == 0:
+        if code == 0:
             self.response.end()
             return
-        if cause is None:
-            cause = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        cause = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
         message = f"Handler {self.url} {cause}"
         if not self._output and not self.response.headers_sent:
             tail = self._stderr_tail.decode("utf-8", "replace").strip()

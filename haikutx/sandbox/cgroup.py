@@ -13,10 +13,12 @@ whatever limits the server's own cgroup has still hold)::
     <hierarchy>/<own cgroup>/haikutx-<server pid>/slot<N>
 
 The server makes the top directory (L{CgroupTree}); each worker slot's
-zygote makes and limits its slot's group (L{RunGroup}); an interpreter
-process joins its slot's group between fork and exec, before it drops
-root.  Processes never leave a group by themselves: the group's files are
-root's, and the sandbox writes no files.
+zygote makes and limits its slot's group (L{RunGroup}) before it enters
+its sandbox; the server puts each child the zygote forks in its slot's
+group before the child's first request (so everything the child starts is
+born in it), kills what is left in it when the child ends, and watches its
+memory.  Processes never leave a group by themselves: the group's files
+are root's, and the sandbox writes no files.
 
 Standard library only: the zygote and the worker import this.
 """
@@ -32,6 +34,10 @@ from dataclasses import dataclass, field
 
 #: The controllers a run group needs.
 CONTROLLERS = ("pids", "memory")
+
+#: Tasks of a worker's own in its slot's group, beyond C{--maxprocs}: its
+#: main thread and asyncio's child watcher thread.
+WORKER_TASKS = 2
 
 #: Rounds of listing and killing before L{RunGroup.kill} gives up (each
 #: round kills every task listed; a task killed cannot fork any more).
@@ -128,7 +134,7 @@ class RunGroup:
 
     @classmethod
     def create(
-        cls, parents: dict[str, str], name: str, max_tasks: int, max_memory: int | None
+        cls, parents: dict[str, str], name: str, max_tasks: int | None, max_memory: int | None
     ) -> RunGroup:
         """
         Make (or take over) the group C{name} beneath C{parents} and set its
@@ -136,7 +142,7 @@ class RunGroup:
 
         @param parents: a directory for each controller.
         @param name: the group's name, for instance C{slot0}.
-        @param max_tasks: C{pids.max}: tasks at once.
+        @param max_tasks: C{pids.max}: tasks at once, or C{None} for none.
         @param max_memory: C{memory.limit_in_bytes} (and the memory+swap
             limit where swap is accounted), or C{None} for none.
         @raise OSError: if a directory or a limit cannot be written.
@@ -151,7 +157,7 @@ class RunGroup:
             directories[controller] = directory
         group = cls(directories)
         group.kill()
-        if "pids" in directories:
+        if "pids" in directories and max_tasks is not None:
             _write(os.path.join(directories["pids"], "pids.max"), str(max_tasks))
         if "memory" in directories and max_memory is not None:
             memory = directories["memory"]
@@ -177,7 +183,7 @@ class RunGroup:
     def join(self, pid: int = 0) -> None:
         """
         Move a process into the group (C{0}: the calling process); its
-        children are born in it.  Called between fork and exec, as root.
+        children are born in it.  Called as root.
 
         @raise OSError: if the kernel refuses (for instance C{EAGAIN} when
             the group is full).
@@ -306,8 +312,18 @@ class RunGroup:
 
     def remove(self) -> None:
         """
-        Kill what is left and remove the group's directories.
+        Kill what is left and remove the group's directories, and the
+        groups beneath it first.
         """
+        for controller, directory in self.directories.items():
+            try:
+                names = os.listdir(directory)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                path = os.path.join(directory, name)
+                if os.path.isdir(path):
+                    RunGroup({controller: path}).remove()
         self.kill(wait=0.5)
         for directory in self.directories.values():
             _rmdir(directory)
@@ -418,6 +434,9 @@ def _sweep(parent: str) -> None:
             for slot in os.listdir(top):
                 path = os.path.join(top, slot)
                 if os.path.isdir(path):
+                    for name in os.listdir(path):
+                        if os.path.isdir(os.path.join(path, name)):
+                            os.rmdir(os.path.join(path, name))
                     os.rmdir(path)
             os.rmdir(top)
         except OSError:

@@ -488,8 +488,9 @@ class SandboxedStdioTests(SynchronousTestCase):
             raise SkipTest("Landlock and seccomp are needed for this test")
         exec_paths, read_paths = sandbox_paths(BUILTIN)
         self.prepared = prepare(
-            SandboxPolicy(allow_exec=True, allow_processes=True, exec_paths=exec_paths,
-                          extra_read_paths=read_paths, write_paths=("/dev/null",))
+            SandboxPolicy(allow_exec=True, exec_paths=exec_paths,
+                          extra_read_paths=read_paths, write_paths=("/dev/null",)),
+            allow_fork=True,
         )
         self.addCleanup(self.prepared.close)
 
@@ -659,11 +660,11 @@ class StdioProcessTests(TestCase):
             "haikutx.config", fromlist=["Limits"]).Limits(max_procs=12))
         await ready(self.pool)
         r = await http(port, "/_haiku/status")
-        stdio = json.loads(r.body)["pool"]["sandbox"]["stdio"]
-        self.assertTrue(stdio["processes"].startswith("active: cgroup v1 pids and memory"),
-                        stdio)
-        self.assertIn("at most 12 tasks", stdio["processes"])
-        self.assertEqual(stdio["seccomp"], "active")
+        layers = json.loads(r.body)["pool"]["sandbox"]["layers"]
+        self.assertTrue(layers["processes"].startswith("active: cgroup v1 pids and memory"),
+                        layers)
+        self.assertIn("at most 12 tasks", layers["processes"])
+        self.assertEqual(layers["seccomp"], "active")
 
     async def test_curl_egress(self) -> None:
         """
@@ -773,8 +774,8 @@ class StdioProcessTests(TestCase):
         r = await http(port, "/?x-haiku-handler=grow.sh")
         self.assertEqual(r.status, 500, r.body)
         self.assertIn(
-            "Handler grow.sh was killed: its processes together exceeded the memory limit "
-            "of 128 MiB", r.text,
+            "Handler grow.sh did not complete: the worker process was killed: its processes "
+            "together exceeded the memory limit of 128 MiB", r.text,
         )
         self.assertLess(reactor_seconds() - started, 10)
 
