@@ -52,11 +52,13 @@ class _Readable:
 class SlotGroup:
     """
     One slot's cgroup, driven by its L{haikutx.runtime.worker.WorkerProtocol}:
-    each child gets a group of its own beneath the slot's
-    (C{slot<N>/child<pid>}), so that killing what one child left can never
-    touch the next child, which the zygote forks at once.
+    each child runs in a group of its own beneath the slot's
+    (C{slot<N>/g<M>}), so that killing what one child left can never touch
+    the next child, which the zygote forks at once.  Groups are reused
+    once their child has ended and been emptied (making a memory cgroup
+    costs about 0.5 ms; joining one 0.2 ms).
 
-    @param reactor: the reactor that watches the memory notification.
+    @param reactor: the reactor that watches the memory notifications.
     @param group: the slot's group (made by its zygote).
     @param max_tasks: tasks a child's group may hold at once.
     @param max_memory: memory a child's group may use, in bytes.
@@ -71,9 +73,28 @@ class SlotGroup:
         self.group = group
         self._max_tasks = max_tasks
         self._max_memory = max_memory
-        self._children: dict[int, tuple[RunGroup, _Readable | None]] = {}
-        self._retries: dict[tuple[str, ...], tuple[RunGroup, Any]] = {}
+        self._free: list[int] = []
+        self._groups: list[RunGroup] = []
+        self._watches: list[_Readable] = []
+        self._owners: dict[int, tuple[Any, Any]] = {}
+        self._by_pid: dict[int, int] = {}
         self._broken = False
+
+    def _new_group(self) -> int:
+        number = len(self._groups)
+        group = RunGroup.create(
+            self.group.directories, f"g{number}", self._max_tasks, self._max_memory
+        )
+        self._groups.append(group)
+        try:
+            events = group.oom_notifier()
+        except OSError:
+            events = None
+        if events is not None:
+            watch = _Readable(events, lambda: self._out_of_memory(number))
+            self._watches.append(watch)
+            self._reactor.addReader(watch)
+        return number
 
     def admit(self, worker: Any, child: Any) -> None:
         """
@@ -82,10 +103,8 @@ class SlotGroup:
         if self._broken:
             return
         try:
-            group = RunGroup.create(
-                self.group.directories, f"child{child.pid}", self._max_tasks, self._max_memory
-            )
-            group.join(child.pid)
+            number = self._free.pop() if self._free else self._new_group()
+            self._groups[number].join(child.pid)
         except OSError as e:
             self._broken = True
             self.log.warn(
@@ -95,60 +114,40 @@ class SlotGroup:
                 reason=str(e),
             )
             return
-        watch = None
-        try:
-            events = group.oom_notifier()
-        except OSError:
-            events = None
-        if events is not None:
-            watch = _Readable(events, lambda: self._out_of_memory(worker, child, group))
-            self._reactor.addReader(watch)
-        self._children[child.pid] = (group, watch)
+        self._owners[number] = (worker, child)
+        self._by_pid[child.pid] = number
 
     def child_ended(self, pid: int) -> None:
         """
-        A child has ended: kill what its handlers left, remove its group.
+        A child has ended: kill what its handlers left; its group is free.
         """
-        entry = self._children.pop(pid, None)
-        if entry is None:
+        number = self._by_pid.pop(pid, None)
+        if number is None:
             return
-        group, watch = entry
-        if watch is not None:
-            self._reactor.removeReader(watch)
-            os.close(watch.fileno())
-        group.kill()
-        self._remove(group, 20)
+        self._owners.pop(number, None)
+        self._groups[number].kill()
+        self._free.append(number)
 
-    def _remove(self, group: RunGroup, tries: int) -> None:
-        self._retries.pop(tuple(group.directories.values()), None)
-        try:
-            for directory in group.directories.values():
-                if os.path.isdir(directory):
-                    os.rmdir(directory)
-        except OSError:
-            # Its last processes are still exiting: try again shortly.
-            group.kill()
-            if tries > 0:
-                self._retries[tuple(group.directories.values())] = (
-                    group, self._reactor.callLater(0.05, self._remove, group, tries - 1)
-                )
-
-    def _out_of_memory(self, worker: Any, child: Any, group: RunGroup) -> None:
-        limit = group.memory_limit()
-        size = f" of {limit >> 20} MiB" if limit else ""
-        worker.kill_child(
-            child, f"was killed: its processes together exceeded the memory limit{size}"
-        )
+    def _out_of_memory(self, number: int) -> None:
+        group = self._groups[number]
+        owner = self._owners.get(number)
+        if owner is not None:
+            limit = group.memory_limit()
+            size = f" of {limit >> 20} MiB" if limit else ""
+            worker, child = owner
+            worker.kill_child(
+                child, f"was killed: its processes together exceeded the memory limit{size}"
+            )
         group.kill()
 
     def stop(self) -> None:
         """
-        The slot's zygote has ended: end every child's group.
+        The slot's zygote has ended: stop watching, kill what is left.
         """
-        for pid in list(self._children):
-            self.child_ended(pid)
-        for group, call in list(self._retries.values()):
-            call.cancel()
-            group.remove()
-        self._retries.clear()
+        for watch in self._watches:
+            self._reactor.removeReader(watch)
+            os.close(watch.fileno())
+        self._watches = []
+        for group in self._groups:
+            group.kill()
         self.group.kill()
