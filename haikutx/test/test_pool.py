@@ -237,6 +237,24 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(len(recycled), 1)
         self.assertEqual(recycled[0]["reason"], "served its quota of 1 requests")
         self.assertEqual(recycled[0]["worker_pid"], worker.pid)
+        # With --maxrequests 1 the quota recycle follows every request: debug.
+        self.assertEqual(recycled[0]["log_level"].name, "debug")
+
+    def test_other_recycles_logged_at_info(self) -> None:
+        """
+        A quota recycle with C{--maxrequests} above 1 is logged at info.
+        """
+        from twisted.logger import capturedLogs
+
+        pool = self.make_pool(size=1, max_requests=2)
+        self.ready(0)
+        worker = self.successResultOf(pool.acquire(5))
+        self.serve(pool, worker)
+        worker = self.successResultOf(pool.acquire(5))
+        with capturedLogs() as events:
+            self.serve(pool, worker)
+        recycled = [e for e in events if "recycling" in e["log_format"]]
+        self.assertEqual([e["log_level"].name for e in recycled], ["info"])
 
     def test_released_worker_goes_to_a_waiter_it_suits(self) -> None:
         """
