@@ -820,6 +820,42 @@ class StdioProcessTests(TestCase):
         pid = int(r.text.split()[1])
         await until(lambda: _gone([pid]), 5.0, lambda: f"process {pid} outlived its run")
 
+    async def test_client_gone_ends_every_process(self) -> None:
+        """
+        When the client of a running stdio handler goes away, the run ends,
+        every process it started with it, and the slot serves again.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.protocol import ClientFactory, Protocol
+
+        from haikutx.test.support import until
+
+        port = self._start({
+            "hang.sh": "setsid sleep 107 &\necho \"pid $!\"\nsleep 100\n",
+            "ok.sh": "echo ok\n",
+        })
+        await ready(self.pool)
+        seen: list[bytes] = []
+        got_pid: Deferred[None] = Deferred()
+
+        class Leaving(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(b"GET /?x-haiku-handler=hang.sh HTTP/1.1\r\nHost: x\r\n\r\n")
+
+            def dataReceived(self, data: bytes) -> None:
+                seen.append(data)
+                if b"pid " in b"".join(seen) and not got_pid.called:
+                    got_pid.callback(None)
+                    self.transport.abortConnection()
+
+        reactor.connectTCP("127.0.0.1", port, ClientFactory.forProtocol(Leaving))
+        await got_pid
+        text = b"".join(seen).split(b"pid ", 1)[1]
+        pid = int(text.split(b"\r\n", 1)[0].split(b"\n", 1)[0])
+        await until(lambda: _gone([pid]), 5.0, lambda: f"process {pid} outlived its run")
+        r = await http(port, "/?x-haiku-handler=ok.sh")
+        self.assertEqual((r.status, r.text), (200, "ok\n"))
+
     async def test_no_exec_from_writable_places(self) -> None:
         """
         A handler cannot run a program from a place that can be written
