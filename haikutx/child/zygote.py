@@ -507,9 +507,13 @@ def main(argv: list[str]) -> None:
         report = {"layers": {"all": "disabled"}}
     report.setdefault("layers", {})["network"] = network
     if sandbox is not None:
-        report["layers"]["processes"] = (
-            _run_group(options) if options.get("exec_paths") else "no stdio interpreters"
-        )
+        if "processes" in options.get("off", ()):
+            processes = "turned off by name: a run's processes are bounded one by one"
+        elif not options.get("exec_paths"):
+            processes = "no stdio interpreters"
+        else:
+            processes = _run_group(options)
+        report["layers"]["processes"] = processes
     _warm_up()
     if sandbox is not None:
         try:

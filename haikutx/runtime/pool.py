@@ -103,7 +103,7 @@ class PythonWorkerSpawner:
     @param egress: the L{haikutx.net.addresses.EgressRules} of the egress
         proxy; C{None} for the default rules.
     @param off: names of layers to turn off (C{"network"}, C{"landlock"},
-        C{"seccomp"}, C{"uid"}, C{"ipc"}).
+        C{"seccomp"}, C{"uid"}, C{"ipc"}, C{"processes"}: the cgroups).
     @param run_groups: put each slot's processes in a cgroup of its own
         (L{haikutx.sandbox.cgroup}), made when the first worker starts and
         removed by L{close}.
@@ -164,7 +164,11 @@ class PythonWorkerSpawner:
             child_fds[EGRESS_FD] = channel.fileno()
             options["egress"] = {"fd": EGRESS_FD, "port": EGRESS_PORT}
             protocol.ended.addBoth(lambda result: stop().addCallback(lambda _: result))
-        if self._run_groups and options.get("sandbox", True):
+        if (
+            self._run_groups
+            and options.get("sandbox", True)
+            and "processes" not in options["off"]
+        ):
             self._add_run_group(protocol, options)
         try:
             self._reactor.spawnProcess(
@@ -192,7 +196,7 @@ class PythonWorkerSpawner:
         the server's side of it (L{haikutx.runtime.rungroup.SlotGroup}).
         """
         from haikutx.runtime.rungroup import SlotGroup
-        from haikutx.sandbox.cgroup import CgroupTree
+        from haikutx.sandbox.cgroup import WORKER_TASKS, CgroupTree
 
         if self._cgroups is None:
             self._cgroups = CgroupTree.create()
@@ -200,8 +204,6 @@ class PythonWorkerSpawner:
         options["cgroup"] = {"directories": tree.directories, "missing": tree.missing}
         if not tree.directories:
             return
-        from haikutx.sandbox.cgroup import WORKER_TASKS
-
         slot = SlotGroup(
             self._reactor,
             tree.slot(protocol.slot),
@@ -311,9 +313,7 @@ class WorkerPool(Service):
         if worker.sandbox is not None and self.sandbox is None:
             self.sandbox = worker.sandbox
             self.log.info(
-                "handler sandbox layers: {layers}; stdio handlers: {stdio}",
-                layers=worker.sandbox.get("layers"),
-                stdio=worker.sandbox.get("stdio"),
+                "handler sandbox layers: {layers}", layers=worker.sandbox.get("layers")
             )
         self._hand_out(worker)
 

@@ -38,7 +38,7 @@ from ._libc import CLONE_NEWIPC, PR_SET_PDEATHSIG, close_fds_except, prctl, unsh
 from .policy import PreparedSandbox, SandboxError, SandboxPolicy, prepare
 
 #: The layers that can be turned off by name (besides all of them).
-LAYERS = ("landlock", "seccomp", "uid", "ipc", "network")
+LAYERS = ("landlock", "seccomp", "uid", "ipc", "network", "processes")
 
 
 @dataclass
