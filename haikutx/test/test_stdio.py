@@ -856,6 +856,28 @@ class StdioProcessTests(TestCase):
         r = await http(port, "/?x-haiku-handler=ok.sh")
         self.assertEqual((r.status, r.text), (200, "ok\n"))
 
+    async def test_cannot_leave_its_group(self) -> None:
+        """
+        A handler cannot move itself out of its cgroup, lift its limits,
+        or signal anything outside its run (init, the server).
+        """
+        import os
+
+        from haikutx.sandbox.cgroup import hierarchies
+
+        found, _ = hierarchies()
+        targets = [f"{d}/cgroup.procs" for d in found.values()]
+        targets += [f"{found['pids']}/haikutx-{os.getpid()}/slot0/g0/pids.max"]
+        script = "".join(f'echo $$ > {t} 2>/dev/null; echo "{t}:$?"\n' for t in targets)
+        script += f'kill -0 1 2>/dev/null; echo "init:$?"\nkill -0 {os.getpid()} 2>/dev/null; ' \
+                  'echo "server:$?"\n'
+        port = self._start({"escape.sh": script})
+        r = await http(port, "/?x-haiku-handler=escape.sh")
+        self.assertEqual(r.status, 200, r.body)
+        for line in r.text.splitlines():
+            self.assertTrue(line.endswith(":1"), r.text)
+        self.assertEqual(len(r.text.splitlines()), len(targets) + 2)
+
     async def test_no_exec_from_writable_places(self) -> None:
         """
         A handler cannot run a program from a place that can be written
