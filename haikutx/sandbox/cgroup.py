@@ -10,7 +10,9 @@ so that all of them end with the run.
 The layout, beneath this process's own cgroup in each hierarchy (so that
 whatever limits the server's own cgroup has still hold)::
 
-    <hierarchy>/<own cgroup>/haikutx-<server pid>/slot<N>
+    <hierarchy>/<own cgroup>/haikutx-<server pid>-<n>/slot<N>/g<M>
+
+(C{n} counts the pools of one server process, which may run several.)
 
 The server makes the top directory (L{CgroupTree}); each worker slot's
 zygote makes and limits its slot's group (L{RunGroup}) before it enters
@@ -26,6 +28,7 @@ Standard library only: the zygote and the worker import this.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import signal
 import time
@@ -44,6 +47,9 @@ WORKER_TASKS = 2
 KILL_ROUNDS = 50
 
 _PREFIX = "haikutx-"
+
+#: Numbers the trees made by this process (a process may run several pools).
+_TREES = itertools.count()
 
 
 def hierarchies(
@@ -364,8 +370,9 @@ class CgroupTree:
         found: tuple[dict[str, str], dict[str, str]] | None = None,
     ) -> CgroupTree:
         """
-        Make the top group C{haikutx-<pid>} in each usable hierarchy,
-        removing first the empty top groups of servers that are gone.
+        Make a top group C{haikutx-<pid>-<n>} of its own in each usable
+        hierarchy, removing first the empty top groups of servers that are
+        gone.
 
         @param pid: the server's pid (default: this process's).
         @param found: from L{hierarchies} (default: look now).
@@ -373,9 +380,10 @@ class CgroupTree:
         pid = os.getpid() if pid is None else pid
         available, missing = hierarchies() if found is None else found
         directories = {}
+        name = f"{_PREFIX}{pid}-{next(_TREES)}"
         for controller, parent in available.items():
             _sweep(parent)
-            directory = os.path.join(parent, f"{_PREFIX}{pid}")
+            directory = os.path.join(parent, name)
             try:
                 os.mkdir(directory, 0o755)
             except FileExistsError:
@@ -424,9 +432,10 @@ def _sweep(parent: str) -> None:
     except OSError:
         return
     for name in names:
-        if not name.startswith(_PREFIX) or not name[len(_PREFIX):].isdigit():
+        owner = name[len(_PREFIX):].split("-", 1)[0]
+        if not name.startswith(_PREFIX) or not owner.isdigit():
             continue
-        pid = int(name[len(_PREFIX):])
+        pid = int(owner)
         if os.path.exists(f"/proc/{pid}"):
             continue
         top = os.path.join(parent, name)

@@ -866,13 +866,16 @@ class StdioProcessTests(TestCase):
         from haikutx.sandbox.cgroup import hierarchies
 
         found, _ = hierarchies()
+        port = self._start({"escape.sh": "eval \"$HAIKU_PARAM_script\"\n"})
         targets = [f"{d}/cgroup.procs" for d in found.values()]
-        targets += [f"{found['pids']}/haikutx-{os.getpid()}/slot0/g0/pids.max"]
+        targets += [f"{d}/slot0/g0/pids.max" for d in
+                    self.pool._spawner._cgroups.directories.values()]
         script = "".join(f'echo $$ > {t} 2>/dev/null; echo "{t}:$?"\n' for t in targets)
         script += f'kill -0 1 2>/dev/null; echo "init:$?"\nkill -0 {os.getpid()} 2>/dev/null; ' \
                   'echo "server:$?"\n'
-        port = self._start({"escape.sh": script})
-        r = await http(port, "/?x-haiku-handler=escape.sh")
+        from urllib.parse import quote
+
+        r = await http(port, "/?x-haiku-handler=escape.sh&script=" + quote(script))
         self.assertEqual(r.status, 200, r.body)
         for line in r.text.splitlines():
             self.assertTrue(line.endswith(":1"), r.text)
