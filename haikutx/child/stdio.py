@@ -60,8 +60,10 @@ _UNPASSED_HEADERS = ("content-type", "content-length", "proxy")
 #: The content type of output without one of its own: never HTML by accident.
 DEFAULT_CONTENT_TYPE = "text/plain"
 
-#: Seconds the worker waits, at most, for a run's processes to be gone.
-KILL_WAIT = 0.5
+#: Seconds the output of a run is still read once its interpreter has
+#: exited and its processes were killed; a process that escaped the kill
+#: (without the slot's own uid, say) cannot hold the response open.
+DRAIN_WAIT = 0.5
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*\Z")
@@ -255,7 +257,10 @@ class StdioRun(HandlerRun):
             # (in the background, in a new session, forked twice) ends too,
             # and then its output pipes reach their end.
             self.end_processes()
-            await reading
+            try:
+                await asyncio.wait_for(reading, DRAIN_WAIT)
+            except asyncio.TimeoutError:
+                pass
         finally:
             feeding.cancel()
         self._exited(code)

@@ -184,3 +184,25 @@ class RunGroupTests(SynchronousTestCase):
         self.tree.remove()
         for directory in self.tree.directories.values():
             self.assertFalse(os.path.exists(directory))
+
+
+class ReportTests(SynchronousTestCase):
+    """
+    The zygote says how a stdio handler's processes are bounded, and why
+    not when it cannot.
+    """
+
+    def test_missing_controllers(self) -> None:
+        """
+        Without cgroups from the server, the layer is unavailable, and the
+        report says why and what still holds.
+        """
+        from haikutx.child.zygote import _run_group
+
+        text = _run_group({"cgroup": {"directories": {}, "missing": {
+            "pids": "no cgroup v1 pids hierarchy is mounted"}}})
+        self.assertTrue(
+            text.startswith("unavailable: no cgroup v1 pids hierarchy is mounted: "), text
+        )
+        self.assertIn("RLIMIT_NPROC", text)
+        self.assertTrue(_run_group({}).startswith("unavailable: no cgroups were set up"))

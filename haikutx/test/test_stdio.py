@@ -803,6 +803,27 @@ class StdioProcessTests(TestCase):
         self.assertTrue(_gone(pids), [Path(f"/proc/{p}/cmdline").read_bytes()
                                       for p in pids if not _gone([p])])
 
+    async def test_nothing_left_behind_shared_uid(self) -> None:
+        """
+        With a uid shared by every slot (C{--user}), the worker cannot kill
+        all it may signal; a process that left the interpreter's process
+        group does not hold the response open, and the cgroup ends it with
+        its worker's process.
+        """
+        from haikutx.test.support import until
+
+        port = self._start(
+            {"left.sh": "setsid sleep 108 &\necho \"setsid $!\"\necho done\n"},
+            user="nobody",
+        )
+        started = reactor_seconds()
+        r = await http(port, "/?x-haiku-handler=left.sh")
+        self.assertEqual(r.status, 200, r.body)
+        self.assertLess(reactor_seconds() - started, 5)
+        pid = int(r.text.split()[1])
+        self.assertTrue(r.text.endswith("done\n"))
+        await until(lambda: _gone([pid]), 5.0, lambda: f"process {pid} outlived its run")
+
     async def test_time_limit_ends_every_process(self) -> None:
         """
         When the time limit kills a run, the processes it started die too.
