@@ -259,7 +259,7 @@ class StdioRun(HandlerRun):
             self.end_processes()
             try:
                 await asyncio.wait_for(reading, DRAIN_WAIT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         finally:
             feeding.cancel()
