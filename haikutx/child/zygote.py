@@ -42,10 +42,13 @@ import signal
 import socket
 import struct
 import sys
+import time
 from typing import Any
 
 from haikutx.child import runner, wire
 from haikutx.sandbox._libc import PR_SET_PDEATHSIG, close_fds_except, libc
+
+PR_SET_CHILD_SUBREAPER = 36
 
 #: The zygote's channel to the server.
 CONTROL = 3
@@ -185,6 +188,9 @@ def _confiner(sandbox: Any, worker: runner.Worker) -> Any:
                 sandbox.confine_stdio()
                 worker.exec_sandbox = sandbox.confine_interpreter
                 if _signals_stay_in_slot(sandbox):
+                    # What a handler leaves is reparented to this child,
+                    # which reaps it (a zombie counts against --maxprocs).
+                    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
                     worker.end_run_processes = _kill_all_i_may
         except Exception as e:
             os.write(2, f"sandbox could not be applied: {e}\n".encode())
@@ -207,15 +213,28 @@ def _signals_stay_in_slot(sandbox: Any) -> bool:
     return _OWN_UID and sandbox.landlock_abi >= 6 and os.getuid() != 0
 
 
-def _kill_all_i_may() -> None:
+def _kill_all_i_may(wait: float = 0.5) -> None:
     """
     Kill every process this stdio child may signal (see
-    L{_signals_stay_in_slot}): what its handlers left running.
+    L{_signals_stay_in_slot}): what its handlers left running; then reap
+    them (this child is their subreaper), waiting at most C{wait} seconds.
     """
     try:
         os.kill(-1, signal.SIGKILL)
     except OSError:
         pass
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+        if pid == 0:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.001)
 
 
 def _child(sandbox: Any, channel: int, output: int, zygote: int) -> None:

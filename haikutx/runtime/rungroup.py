@@ -55,7 +55,7 @@ class SlotGroup:
     each child runs in a group of its own beneath the slot's
     (C{slot<N>/g<M>}), so that killing what one child left can never touch
     the next child, which the zygote forks at once.  Groups are reused
-    once their child has ended and been emptied (making a memory cgroup
+    once their child has ended and they are empty (making a memory cgroup
     costs about 0.5 ms; joining one 0.2 ms).
 
     @param reactor: the reactor that watches the memory notifications.
@@ -96,6 +96,19 @@ class SlotGroup:
             self._reactor.addReader(watch)
         return number
 
+    def _empty_group(self) -> int:
+        """
+        A free group that its former processes have all left (killed ones
+        count against its task limit until they are reaped), or a new one.
+        """
+        for number in list(self._free):
+            group = self._groups[number]
+            group.kill()
+            if not group.pids() and not group.tasks():
+                self._free.remove(number)
+                return number
+        return self._new_group()
+
     def admit(self, worker: Any, child: Any) -> None:
         """
         Put a new child in a group of its own, before its first request.
@@ -103,7 +116,7 @@ class SlotGroup:
         if self._broken:
             return
         try:
-            number = self._free.pop() if self._free else self._new_group()
+            number = self._empty_group()
             self._groups[number].join(child.pid)
         except OSError as e:
             self._broken = True

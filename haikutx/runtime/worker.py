@@ -564,6 +564,9 @@ class WorkerProtocol(ProcessProtocol):
         child.close()
         child.kill_process()
         child.release_pidfd()
+        if self.run_group is not None:
+            # Its end is not reported: what its handlers left ends now.
+            self.run_group.child_ended(child.pid)
         self._tell_zygote_to_end(child, report=False)
 
     def _tell_zygote_to_end(self, child: ChildProtocol, report: bool) -> None:

@@ -211,6 +211,19 @@ class RunGroup:
                 raise
         return set()
 
+    def tasks(self) -> int | None:
+        """
+        The tasks the group is charged for now (C{pids.current}), exited
+        ones not yet reaped included; C{None} without a C{pids} controller.
+        """
+        directory = self.directories.get("pids")
+        if directory is None:
+            return None
+        try:
+            return int(_read(os.path.join(directory, "pids.current")))
+        except (OSError, ValueError):
+            return None
+
     def kill(self, keep: Iterable[int] = (), wait: float = 0.0) -> bool:
         """
         Kill every process in the group (with C{SIGKILL}) but C{keep}.
