@@ -69,6 +69,7 @@ def run(count: int, options: dict) -> tuple[float, float]:
             continue
         pid = json.loads(payload)["pid"]
         child = socket.socket(fileno=fds.pop(0))
+        os.close(fds.pop(0))  # the child's pidfd
         if start is None:
             start = time.perf_counter()
         child.sendall(request)

@@ -412,14 +412,16 @@ class WorkerProtocol(ProcessProtocol):
             )
 
     def _child_started(self, child: ChildProtocol) -> None:
-        if self.state == "dead":
+        if self.state == "dead" or self.child is not None:
+            self._children.pop(child.pid, None)
             child.close()
+            child.kill_process()
+            child.release_pidfd()
+            if self.state != "dead":
+                self.kill_zygote("started a second child while one was current")
             return
         if self.run_group is not None:
             self.run_group.admit(self, child)
-        if self.child is not None:
-            self.kill_zygote("started a second child while one was current")
-            return
         self.child = child
         self.children_started += 1
         self.served = 0

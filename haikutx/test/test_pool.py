@@ -403,6 +403,17 @@ class WorkerProtocolTests(SynchronousTestCase):
             self.assertIsNone(self.worker.child)
             self.assertEqual(list(self.transport.children), [7])
 
+    def test_second_child_kills_zygote(self) -> None:
+        """
+        A zygote that reports a second child while one is current is killed
+        (a zygote forks the next child only once the last is retired or
+        ended), and the extra child is not handed out.
+        """
+        self.transport.start_child(8)
+        self.assertEqual(self.transport.signals, ["KILL"])
+        self.assertEqual(self.worker.child_pid, 7)
+        self.assertTrue(self.transport.children[8].closed)
+
     def test_zygote_malformed_frame(self) -> None:
         """
         A malformed frame from the zygote kills the zygote.
