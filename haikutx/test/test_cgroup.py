@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from haikutx.sandbox.cgroup import CgroupTree, RunGroup, hierarchies
 
@@ -206,3 +206,26 @@ class ReportTests(SynchronousTestCase):
         )
         self.assertIn("RLIMIT_NPROC", text)
         self.assertTrue(_run_group({}).startswith("unavailable: no cgroups were set up"))
+
+
+class TurnedOffTests(TestCase):
+    """
+    A pool built with C{off=("processes",)} makes no cgroups, and says so.
+    """
+
+    async def test_turned_off_by_name(self) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("the sandbox layers need root")
+        from twisted.internet import reactor
+
+        from haikutx.runtime.pool import PythonWorkerSpawner, WorkerPool
+        from haikutx.test.support import ready
+
+        spawner = PythonWorkerSpawner(reactor, off=("processes",))
+        pool = WorkerPool(reactor, size=1, max_requests=1, spawner=spawner)
+        pool.startService()
+        self.addCleanup(pool.stopService)
+        await ready(pool)
+        layers = pool.status()["sandbox"]["layers"]
+        self.assertTrue(layers["processes"].startswith("turned off by name"), layers)
+        self.assertIsNone(spawner._cgroups)
