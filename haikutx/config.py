@@ -49,8 +49,8 @@ class Limits:
     @ivar max_console: console bytes kept per request; 0 keeps all.
     @ivar max_memory: address-space limit of a handler process, in bytes,
         and the limit of a stdio handler's processes together.
-    @ivar max_procs: processes and threads a stdio handler's run may have
-        at once.
+    @ivar max_procs: processes and threads a handler's run may have at
+        once (a Python handler's threads; a stdio handler's processes).
     """
 
     max_size: int = 16384

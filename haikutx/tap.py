@@ -178,8 +178,8 @@ class Options(usage.Options):
         ["maxconsole", "l", "4096", "Console bytes kept per request; 0 = unlimited."],
         ["maxmemory", None, "256", "Memory limit of a handler run in MiB (the address "
          "space of each process; a stdio handler's processes also together)."],
-        ["maxprocs", None, "32", "Processes and threads a stdio handler's run may have "
-         "at once."],
+        ["maxprocs", None, "32", "Processes and threads a handler's run may have at "
+         "once (Python handlers start no processes)."],
         ["handlers", None, None, "Directory of local handlers named by a relative "
          "x-haiku-handler [default: the bundled samples]."],
         ["cache-ttl", None, "5", "Seconds a fetched handler without caching headers, "

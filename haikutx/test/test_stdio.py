@@ -678,7 +678,6 @@ class StdioProcessTests(TestCase):
         from twisted.internet import reactor
         from twisted.web.resource import Resource
         from twisted.web.server import Site
-        from twisted.web.static import Data
 
         hits: list[str] = []
 
@@ -693,7 +692,6 @@ class StdioProcessTests(TestCase):
                 hits.append(self.name)
                 return f"hello from {self.name}".encode()
 
-        del Data
         allowed = reactor.listenTCP(0, Site(Counted("allowed")), interface="127.0.0.1")
         self.addCleanup(allowed.stopListening)
         denied = reactor.listenTCP(0, Site(Counted("denied")), interface="127.0.0.1")
