@@ -181,7 +181,10 @@ class Options(usage.Options):
         ["keepalive-timeout", "a", "5000", "ms a worker has to answer a heartbeat."],
         ["keepalive-interval", "v", "5000", "ms between heartbeat challenges."],
         ["maxconsole", "l", "4096", "Console bytes kept per request; 0 = unlimited."],
-        ["maxmemory", None, "256", "Address-space limit of a handler process in MiB."],
+        ["maxmemory", None, "256", "Memory limit of a handler run in MiB (the address "
+         "space of each process; a stdio handler's processes also together)."],
+        ["maxprocs", None, "32", "Processes and threads a handler's run may have at "
+         "once (Python handlers start no processes)."],
         ["handlers", None, None, "Directory of local handlers named by a relative "
          "x-haiku-handler [default: the bundled samples]."],
         ["cache-ttl", None, "5", "Seconds a fetched handler without caching headers, "
@@ -399,6 +402,7 @@ class Options(usage.Options):
                 max_time=_int("maxtime", self["maxtime"], 1) / 1000.0,
                 max_console=_int("maxconsole", self["maxconsole"], 0),
                 max_memory=_int("maxmemory", self["maxmemory"], 16) * 1024 * 1024,
+                max_procs=_int("maxprocs", self["maxprocs"], 1, 65536),
             ),
             max_requests=_int("maxrequests", self["maxrequests"], 0),
             keepalive_timeout=_int("keepalive-timeout", self["keepalive-timeout"], 1)

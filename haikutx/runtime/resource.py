@@ -128,6 +128,15 @@ class Exchange:
 
     def _disconnected(self, reason: Any) -> None:
         self._client_gone = True
+        if self._timer is None or self.done.called or self._worker.kind != "stdio":
+            return
+        # A stdio run whose client has gone ends now, and every process it
+        # started with it (its child is killed; its cgroup emptied).
+        self._timer.cancel()
+        self._timer = None
+        self._worker.detach(self)
+        self.done.callback(None)  # type: ignore[arg-type]
+        self._worker.kill("its client went away")
 
     # IExchange
 

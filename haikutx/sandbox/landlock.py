@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from ._libc import check, libc, syscall_number
 
@@ -163,6 +163,7 @@ def build_ruleset(
     read_paths: Iterable[str],
     exec_paths: Iterable[str] = (),
     connect_ports: Iterable[int] | None = None,
+    write_paths: Iterable[str] = (),
 ) -> tuple[int, RulesetSummary]:
     """
     Create a Landlock ruleset that grants read access beneath C{read_paths},
@@ -177,6 +178,8 @@ def build_ruleset(
     @param connect_ports: when not C{None} (and ABI 4+), the only TCP ports
         that may be connected to; when C{None}, TCP connect is not
         restricted by Landlock.
+    @param write_paths: files (not directories) that may be read and
+        written, such as C{/dev/null}.
     @return: the ruleset file descriptor (inheritable, so that a forked
         child can use it) and a summary.
     @raise OSError: if the kernel refuses.
@@ -217,6 +220,13 @@ def build_ruleset(
         for path in dict.fromkeys(exec_paths):
             rights = read_rights | ACCESS_FS_EXECUTE
             (granted_exec if _add_path_rule(fd, path, rights) else skipped).append(path)
+        for path in dict.fromkeys(write_paths):
+            if os.path.isdir(path):
+                continue
+            rights = (ACCESS_FS_READ_FILE | ACCESS_FS_WRITE_FILE) | (
+                ACCESS_FS_TRUNCATE if abi >= 3 else 0
+            )
+            (granted_read if _add_path_rule(fd, path, rights) else skipped).append(path)
         if connect_ports is not None and abi >= 4:
             for port in connect_ports:
                 net = _NetPortAttr(allowed_access=ACCESS_NET_CONNECT_TCP, port=port)
@@ -261,3 +271,40 @@ def restrict_self(ruleset_fd: int) -> None:
         ),
         "landlock_restrict_self",
     )
+
+
+def enter_own_domain(abi: int, deny_exec: bool) -> bool:
+    """
+    Stack a Landlock layer of the calling process's own, made and dropped
+    here: its ruleset descriptor is closed before this returns, so no
+    handler ever holds one.  The layer scopes signals and abstract unix
+    sockets to this process and its children (ABI 6+), so that it cannot
+    signal its zygote or a sibling, and with C{deny_exec} forbids
+    executing any file.
+
+    @param abi: the Landlock ABI (from L{abi_version}).
+    @param deny_exec: also deny C{execve} of every file.
+    @return: whether a layer was added (C{False} when the ABI has nothing
+        to add).
+    @raise OSError: if the kernel refuses.
+    """
+    handled_fs = ACCESS_FS_EXECUTE if deny_exec and abi >= 1 else 0
+    scopes = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0
+    if not handled_fs and not scopes:
+        return False
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+    attr = _RulesetAttr(handled_access_fs=handled_fs, handled_access_net=0, scoped=scopes)
+    fd = check(
+        libc.syscall(
+            syscall_number("landlock_create_ruleset"),
+            ctypes.byref(attr),
+            ctypes.c_size_t(size),
+            ctypes.c_uint32(0),
+        ),
+        "landlock_create_ruleset",
+    )
+    try:
+        restrict_self(fd)
+    finally:
+        os.close(fd)
+    return True

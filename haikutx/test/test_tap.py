@@ -125,6 +125,17 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertEqual(config.max_requests, 0)
 
+    def test_maxprocs(self) -> None:
+        """
+        C{--maxprocs} bounds a stdio handler's processes (default 32); it
+        must be at least 1.
+        """
+        self.assertEqual(parse().limits.max_procs, 32)
+        self.assertEqual(parse("--maxprocs", "8").limits.max_procs, 8)
+        with self.assertRaises(UsageError) as caught:
+            parse("--maxprocs", "0")
+        self.assertIn("--maxprocs", str(caught.exception))
+
     def test_jobs_bare_port_is_loopback(self) -> None:
         """
         A bare C{--jobs} port listens on 127.0.0.1 only.
