@@ -178,7 +178,8 @@ class Options(usage.Options):
         ["maxconsole", "l", "4096", "Console bytes kept per request; 0 = unlimited."],
         ["maxmemory", None, "256", "Address-space limit of a handler process in MiB."],
         ["handlers", None, None, "Directory of local handlers named by a relative "
-         "x-haiku-handler [default: the bundled samples]."],
+         "x-haiku-handler, read from inside it only (symlinks that lead out are "
+         "refused) [default: the bundled samples]."],
         ["cache-ttl", None, "5", "Seconds a fetched handler without caching headers, "
          "or a local one, stays fresh in memory."],
         ["cafile", None, None, "Extra CA certificates (PEM) for https handler origins."],
