@@ -48,12 +48,14 @@ class Limits:
     @ivar max_time: wall-clock limit of one handler run, in seconds.
     @ivar max_console: console bytes kept per request; 0 keeps all.
     @ivar max_memory: address-space limit of a handler process, in bytes.
+    @ivar max_body: largest request body accepted, in bytes.
     """
 
     max_size: int = 16384
     max_time: float = 5.0
     max_console: int = 4096
     max_memory: int = 256 * 1024 * 1024
+    max_body: int = 10 * 1024 * 1024
 
 
 @frozen

@@ -202,7 +202,10 @@ def build_service(reactor: Any, config: Config) -> MultiService:
     runtime = MultiService()
     runtime.setName("runtime")
     runtime.setServiceParent(top)
-    site = RuntimeSite(root, reactor=reactor)
+    site = RuntimeSite(
+        root, reactor=reactor, max_body=config.limits.max_body,
+        handler_name=str(config.serve) if config.serve else None,
+    )
     site.displayTracebacks = False
     if config.https is not None and config.generate_tls:
         from haikutx.tls import ensure_self_signed

@@ -177,6 +177,8 @@ class Options(usage.Options):
         ["keepalive-interval", "v", "5000", "ms between heartbeat challenges."],
         ["maxconsole", "l", "4096", "Console bytes kept per request; 0 = unlimited."],
         ["maxmemory", None, "256", "Address-space limit of a handler process in MiB."],
+        ["maxbody", None, "10485760", "Largest request body accepted, in bytes: 413 "
+         "beyond it, refused from Content-Length before the body is read."],
         ["handlers", None, None, "Directory of local handlers named by a relative "
          "x-haiku-handler, read from inside it only (symlinks that lead out are "
          "refused) [default: the bundled samples]."],
@@ -353,6 +355,7 @@ class Options(usage.Options):
                 max_time=_int("maxtime", self["maxtime"], 1) / 1000.0,
                 max_console=_int("maxconsole", self["maxconsole"], 0),
                 max_memory=_int("maxmemory", self["maxmemory"], 16) * 1024 * 1024,
+                max_body=_int("maxbody", self["maxbody"], 0),
             ),
             max_requests=_int("maxrequests", self["maxrequests"], 0),
             keepalive_timeout=_int("keepalive-timeout", self["keepalive-timeout"], 1)

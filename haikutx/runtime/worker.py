@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from haikutx.child import wire
+from haikutx.runtime.body import BodyFeed, RequestBody
 
 #: File descriptor numbers in the worker.
 TO_WORKER = 3
@@ -91,6 +92,7 @@ class WorkerProtocol(ProcessProtocol):
         self._challenge: bytes | None = None
         self._heartbeat: IDelayedCall | None = None
         self._exchange: Any = None
+        self._feed: BodyFeed | None = None
         self.state = "starting"
         self.pid: int | None = None
         self.child_pid: int | None = None
@@ -134,6 +136,7 @@ class WorkerProtocol(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         cause = self.kill_reason or describe_exit(reason)
         self.state = "dead"
+        self._end_body()
         self._stop_heartbeat()
         self._cancel_deadline()
         self.log.info(
@@ -181,31 +184,32 @@ class WorkerProtocol(ProcessProtocol):
             self._exchange.data(payload)
         elif kind == wire.FINISH:
             exchange, self._exchange = self._exchange, None
+            self._end_body()
             exchange.finish(json.loads(payload)["trailers"])
         elif kind == wire.FAIL:
             failure = json.loads(payload)
             exchange, self._exchange = self._exchange, None
+            self._end_body()
             exchange.fail(int(failure["status"]), failure["message"])
 
     # Requests
 
-    def run(self, exchange: Any, head: dict[str, Any], body: bytes) -> None:
+    def run(self, exchange: Any, head: dict[str, Any], body: RequestBody | bytes) -> None:
         """
         Send one request to this worker; its response goes to C{exchange}.
 
         @param exchange: an L{IExchange}.
         @param head: the request head (L{haikutx.child.wire.REQUEST}).
-        @param body: the whole request body, sent in chunks.
+        @param body: the request body, sent in chunks as the pipe takes
+            them (L{BodyFeed}).
         """
         assert self.state == "idle", self.state
         self.state = "busy"
         self.kind = handler_kind(head.get("language", "python"))
         self._exchange = exchange
-        frames = [wire.encode_json(wire.REQUEST, head)]
-        for start in range(0, len(body), wire.CHUNK):
-            frames.append(wire.encode(wire.BODY, body[start : start + wire.CHUNK]))
-        frames.append(wire.encode(wire.BODY_END))
-        self.transport.writeToChild(TO_WORKER, b"".join(frames))
+        pipe = getattr(self.transport, "pipes", {}).get(TO_WORKER)
+        self._feed = BodyFeed(lambda data: self.transport.writeToChild(TO_WORKER, data), pipe)
+        self._feed.start(wire.encode_json(wire.REQUEST, head), body)
 
     def retire(self) -> None:
         """
@@ -220,6 +224,20 @@ class WorkerProtocol(ProcessProtocol):
         """
         if self._exchange is exchange:
             self._exchange = None
+            self._end_body()
+
+    def _end_body(self) -> None:
+        """
+        Stop sending the request body (its response is over): the worker is
+        sent the body's end before it can be given another request.
+        """
+        feed, self._feed = self._feed, None
+        if feed is None:
+            return
+        if self.state == "dead":
+            feed.stopProducing()
+        else:
+            feed.stop()
 
     # Heartbeat and stopping
 
