@@ -15,9 +15,11 @@ class IWorkerSpawner(Interface):
         """
         Start one worker process connected to C{protocol}.
 
-        @param protocol: a L{haikutx.runtime.worker.WorkerProtocol}.
-        @param max_requests: requests the worker serves before it exits;
-            0 means never.
+        @param protocol: a L{haikutx.runtime.worker.WorkerProtocol}; the
+            spawner connects it to the zygote's process and channel
+            (C{protocol.zygote_connected}).
+        @param max_requests: requests a child serves; the pool enforces it
+            (a child is never trusted to), so a spawner may ignore it.
         """
 
 

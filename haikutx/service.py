@@ -20,7 +20,12 @@ from haikutx.net.addresses import EgressRules
 from haikutx.config import Config
 from haikutx.runtime.fetch import HandlerFetcher
 from haikutx.runtime.loader import HandlerLoader, ServeLoader
-from haikutx.runtime.pool import PythonWorkerSpawner, WorkerPool
+from haikutx.runtime.pool import (
+    MAX_HANDLER_THREADS,
+    SLOT_BASE_UID,
+    PythonWorkerSpawner,
+    WorkerPool,
+)
 from haikutx.runtime.resource import HandlerResource, RuntimeSite
 from haikutx.runtime.status import StatusResource
 
@@ -59,12 +64,6 @@ class FetcherService(Service):
         return self.fetcher.close()
 
 
-#: First uid of the per-slot handler uids used as root without --user:
-#: each worker slot gets a uid of its own so RLIMIT_NPROC counts it alone.
-SLOT_BASE_UID = 2_000_000_000
-
-#: Tasks (threads) a handler process may have, with a per-slot uid.
-MAX_HANDLER_THREADS = 64
 
 
 def zygote_options(config: Config) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """
-Entry point of a worker slot: C{python -m haikutx.child MAX_REQUESTS OPTIONS},
-a zygote that forks a sandboxed child per process lifetime.
+Entry point of a worker slot: C{python -m haikutx.child OPTIONS}, a zygote
+that forks a sandboxed child at a time (L{haikutx.child.zygote}).
 """
 
 import sys

@@ -1,7 +1,12 @@
 # -*- test-case-name: haikutx.test.test_runtime -*-
 """
-The worker process: it reads requests from fd 3, runs each Python handler
-on an asyncio loop and writes the response to fd 4 (L{haikutx.child.wire}).
+A child process's main loop: it reads requests from its own channel (fd 3,
+L{haikutx.child.wire}), runs each Python handler on an asyncio loop
+(L{PythonRun}) or hands it to an interpreter (L{haikutx.child.stdio}), and
+writes the response back on the same channel.
+
+The child decides nothing about its own lifecycle: it serves until the
+server closes its channel, and its zygote, told by the server, kills it.
 
 Heartbeat challenges are answered from the same loop that runs handler
 code, so a handler that blocks the loop stops the answers and is caught.
@@ -16,33 +21,26 @@ import asyncio
 import builtins
 import hashlib
 import inspect
+import json
 import linecache
 import os
 import sys
 import traceback
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from haikutx.child import wire
-from haikutx.child.api import Console, Request, Response, ResponseSink
-from haikutx.child.console import CONSOLE_HEADER, ConsoleBuffer, encode_console
-from haikutx.child.params import BadRequestBody, parses_body
+from haikutx.child.api import Console
+from haikutx.child.params import parses_body
+from haikutx.child.run import HandlerFailed, HandlerRun, one_line
 
-CONTROL_IN = 3
-CONTROL_OUT = 4
+#: The child's end of its channel to the server.
+CHANNEL = 3
+
+__all__ = ["CHANNEL", "CodeCache", "HandlerFailed", "HandlerRun", "PythonRun", "Worker"]
 
 _COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
-
-
-class HandlerFailed(Exception):
-    """
-    The runtime answers for the handler: C{status} and a plain-text message.
-    """
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class CodeCache:
@@ -69,8 +67,8 @@ class CodeCache:
             except (SyntaxError, ValueError) as e:
                 detail = "".join(traceback.format_exception_only(type(e), e)).rstrip()
                 raise HandlerFailed(
-                    500, f"Handler {url} could not be compiled: {_one_line(e)}\n{detail}"
-                )
+                    500, f"Handler {url} could not be compiled: {one_line(e)}\n{detail}"
+                ) from e
             self._codes[key] = code
             if len(self._codes) > self._size:
                 self._codes.popitem(last=False)
@@ -96,11 +94,6 @@ def _streams_body(head: dict[str, Any]) -> bool:
     return not parses_body(content_type)
 
 
-def _one_line(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    return text.replace("\r", " ").replace("\n", " ")
-
-
 class _ConsoleStream:
     """
     A text stream that writes to the current run's console (C{print} and
@@ -122,7 +115,9 @@ class _ConsoleStream:
 
 
 class _Interval:
-    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float, call: Callable[[], None]) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, seconds: float, call: Callable[[], None]
+    ) -> None:
         self._loop = loop
         self._seconds = seconds
         self._call = call
@@ -143,34 +138,15 @@ class _Interval:
             self._handle.cancel()
 
 
-class HandlerRun(ResponseSink):
+class PythonRun(HandlerRun):
     """
-    One request: the handler's globals, its console and its response.
+    One request answered by a Python handler run in this process: the
+    handler's globals, its timers, its tasks.
     """
 
-    def __init__(self, worker: "Worker", head: dict[str, Any], body: bytes) -> None:
-        self._worker = worker
-        self._loop = worker.loop
-        self.url: str = head["handler_url"]
+    def __init__(self, worker: Worker, head: dict[str, Any], body: bytes) -> None:
+        super().__init__(worker, head, body)
         self._source: bytes = head["source"].encode("utf-8", "surrogateescape")
-        self._mode: str = head.get("console", "none")
-        self._debug: bool = bool(head.get("debug"))
-        self.console = ConsoleBuffer(int(head.get("max_console", 4096)))
-        self.request = Request(head, body)
-        self.response = Response(self)
-        self.done = False
-        self._timers: set[Any] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    # Console
-
-    def console_write(self, text: str) -> None:
-        if self.done:
-            return
-        if self._mode != "none":
-            self.console.append(text)
-        if self._debug and text:
-            self._worker.send(wire.encode(wire.CONSOLE, text.encode("utf-8", "replace")))
 
     # Globals
 
@@ -220,18 +196,6 @@ class HandlerRun(ResponseSink):
         except BaseException as e:
             self.fail_with(e)
 
-    def _track(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            return
-        error = task.exception()
-        if error is not None:
-            self.fail_with(error)
-
     # Running
 
     def start(self, codes: CodeCache) -> None:
@@ -251,104 +215,24 @@ class HandlerRun(ResponseSink):
         if inspect.iscoroutine(result):
             self._track(self._loop.create_task(result))
 
-    def fail_with(self, error: BaseException) -> None:
-        """
-        Answer a handler's exception: 400 for a malformed body it did not
-        catch, 500 with its traceback otherwise.
-        """
-        if self.done:
-            return
-        if isinstance(error, BadRequestBody):
-            self.fail(400, f"Bad request body: {error}")
-            return
-        summary = traceback.TracebackException.from_exception(error)
-        summary.stack = traceback.StackSummary.from_list(
-            [frame for frame in summary.stack if frame.filename == self.url]
-        )
-        trace = "".join(summary.format()).rstrip()
-        self.fail(
-            500,
-            f"Handler {self.url} generated an exception at runtime: "
-            f"{_one_line(error)}\n{trace}",
-        )
-
-    def fail(self, status: int, message: str) -> None:
-        """
-        Let the runtime answer with C{status} and C{message}.
-        """
-        if self.done:
-            return
-        self._worker.send(wire.encode_json(wire.FAIL, {"status": status, "message": message}))
-        self._finish_run()
-
-    # ResponseSink
-
-    def head(self, response: Response) -> None:
-        if self._mode == "body":
-            return
-        if self._mode == "header":
-            response.set_header(CONSOLE_HEADER, encode_console(self.console.text()))
-        elif self._mode == "trailer":
-            response.remove_header("content-length")
-            response.set_header("Trailer", CONSOLE_HEADER)
-        self._send_head(response)
-
-    def _send_head(self, response: Response) -> None:
-        self._worker.send(
-            wire.encode_json(
-                wire.HEAD,
-                {"status": response.status_code, "headers": response.header_pairs()},
-            )
-        )
-
-    def body(self, data: bytes) -> None:
-        if self.done or self._mode == "body":
-            return
-        for start in range(0, len(data), wire.CHUNK):
-            self._worker.send(wire.encode(wire.DATA, data[start : start + wire.CHUNK]))
-
-    def end(self) -> None:
-        if self.done:
-            return
-        trailers: list[list[str]] = []
-        if self._mode == "body":
-            self.response.remove_header("content-length")
-            self._send_head(self.response)
-            self._mode = "none"
-            self.body(self.console.text().encode("utf-8"))
-        elif self._mode == "trailer":
-            trailers.append([CONSOLE_HEADER, encode_console(self.console.text())])
-        self._worker.send(wire.encode_json(wire.FINISH, {"trailers": trailers}))
-        self._finish_run()
-
-    def _finish_run(self) -> None:
-        self.done = True
-        for timer in list(self._timers):
-            timer.cancel()
-        self._timers.clear()
-        self._worker.run_finished(self)
-
-    def abandon(self) -> None:
-        """
-        Cancel what the handler left running after its response ended.
-        """
-        for task in list(self._tasks):
-            task.cancel()
-
 
 class Worker:
     """
-    The worker process's main loop.
+    The child process's main loop.
 
-    @ivar max_requests: requests served before the process exits; 0 never.
+    @ivar max_requests: requests served before the loop stops by itself; 0
+        (what the zygote passes) never: the server decides, by closing the
+        channel.
     """
 
-    def __init__(self, max_requests: int, control_in: int = CONTROL_IN, control_out: int = CONTROL_OUT) -> None:
+    def __init__(
+        self, max_requests: int = 0, control_in: int = CHANNEL, control_out: int | None = None
+    ) -> None:
         self.max_requests = max_requests
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(self._unhandled)
         self._in = control_in
-        self._out = control_out
+        self._out = control_in if control_out is None else control_out
         self._reader = wire.FrameReader()
         self._codes = CodeCache()
         self._served = 0
@@ -359,15 +243,18 @@ class Worker:
         self.current: HandlerRun | None = None
         self.server_gone = False
         #: Set by the zygote: called with C{"python"} or C{"stdio"} before
-        #: the first request runs, to apply the kernel sandbox.
+        #: the first request runs, to apply the kernel sandbox's last layer.
         self.confine: Callable[[str], None] | None = None
         self.confined_for: str | None = None
+        #: Set by the zygote for stdio children: called in each
+        #: interpreter's process before C{exec}.
         self.exec_sandbox: Callable[[], None] | None = None
         self._stdout, self._stderr = sys.stdout, sys.stderr
 
     def send(self, frame: bytes) -> None:
         """
-        Write one frame to the server (blocking: the pipe is the back-pressure).
+        Write one frame to the server (blocking: the channel is the
+        back-pressure).
         """
         view = memoryview(frame)
         while view:
@@ -376,11 +263,10 @@ class Worker:
 
     def run(self) -> None:
         """
-        Announce readiness and serve until the server closes fd 3 or the
-        request quota is reached.
+        Serve until the server closes the channel (or the request quota, if
+        one was given, is reached).
         """
         self.loop.add_reader(self._in, self._readable)
-        self.send(wire.encode_json(wire.READY, {"pid": os.getpid()}))
         try:
             self.loop.run_forever()
         finally:
@@ -391,6 +277,8 @@ class Worker:
             data = os.read(self._in, 1 << 16)
         except BlockingIOError:
             return
+        except OSError:
+            data = b""
         if not data:
             self.server_gone = True
             self.loop.stop()
@@ -401,11 +289,7 @@ class Worker:
     def _frame(self, kind: int, payload: bytes) -> None:
         if kind == wire.CHALLENGE:
             self.send(wire.encode(wire.ANSWER, payload))
-        elif kind == wire.RETIRE and self.current is None:
-            self.loop.stop()
         elif kind == wire.REQUEST:
-            import json
-
             self._head = json.loads(payload)
             self._body = []
             if _streams_body(self._head):
@@ -439,12 +323,11 @@ class Worker:
 
             run = StdioRun(self, head, body, streaming=streaming)
         else:
-            run = HandlerRun(self, head, body)
+            run = PythonRun(self, head, body)
         if self.confine is not None and self.confined_for != kind:
             if self.confined_for is not None:
-                # Confined for the other kind: answer, exit, and let the
-                # zygote fork a fresh process for the next request.
-                self.max_requests = self._served + 1
+                # Confined for the other kind (the server does not send
+                # such a request; this is a guard).
                 self.current = run
                 run.fail(503, f"Service unavailable: this worker process runs "
                               f"{self.confined_for} handlers; try again.")
@@ -459,8 +342,8 @@ class Worker:
 
     def run_finished(self, run: HandlerRun) -> None:
         """
-        Called when C{run} has answered: restore the streams, and exit when
-        the request quota is reached.
+        Called when C{run} has answered: restore the streams; stop at the
+        request quota, if one was given.
         """
         if self.current is run:
             self.current = None
@@ -475,5 +358,3 @@ class Worker:
         error = context.get("exception")
         if self.current is not None and error is not None:
             self.current.fail_with(error)
-
-

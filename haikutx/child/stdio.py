@@ -19,11 +19,11 @@ import signal
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from haikutx.child.runner import HandlerRun
 from haikutx.child.params import BadRequestBody, merge_params
+from haikutx.child.run import HandlerRun
 
 if TYPE_CHECKING:
-    from haikutx.child.runner import Worker
+    from haikutx.child.run import RunHost as Worker
 
 #: The environment every interpreter gets besides the request's variables.
 BASE_ENV = {

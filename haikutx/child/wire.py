@@ -1,12 +1,19 @@
 # -*- test-case-name: haikutx.test.test_wire -*-
 """
-The framing between the server and a worker process.
+The framing between the server, the zygotes and their children.
 
 A frame is a 4-byte big-endian length, then one byte naming its kind, then
-the payload (length counts the kind byte and the payload).  Control frames
-travel on their own file descriptors (the server writes the worker's fd 3
-and reads its fd 4), never on the handler's stdout or stderr, so nothing a
-handler prints can forge one.
+the payload (length counts the kind byte and the payload).
+
+Each zygote has a channel to the server (its fd 3, a unix socket), which no
+child keeps: on it the zygote reports its sandbox, each child it forks (the
+child's pid, with the server's end of a socketpair made for that child
+alone, passed with C{SCM_RIGHTS}), each child's end, and what children
+write to their stdout and stderr.  Each child has its own channel (its fd
+3), on which it gets requests and answers them.  The server trusts only the
+zygote, which runs no handler code, about which processes exist and whether
+they are fresh: a frame of the zygote's kinds on a child's channel is a
+protocol error, and nothing a handler prints can forge a frame.
 
 This module is imported by the worker process, which must stay lean: it uses
 the standard library only.
@@ -16,7 +23,8 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 _HEADER = struct.Struct(">IB")
 
@@ -26,22 +34,35 @@ MAX_FRAME = 16 * 1024 * 1024
 #: Body bytes carried by one data frame.
 CHUNK = 64 * 1024
 
-# Server to worker.
+# Server to child.
 REQUEST = ord("R")  #: JSON: the request head, the handler and its limits.
 BODY = ord("B")  #: bytes: a piece of the request body.
 BODY_END = ord("E")  #: empty: the request body is complete.
 CHALLENGE = ord("C")  #: bytes: a heartbeat challenge to echo.
-RETIRE = ord("Q")  #: empty: exit now, idle; the zygote forks a fresh process.
 
-# Worker to server.
-READY = ord("Y")  #: JSON: the worker is ready for a request ({"pid": ...}).
+# Child to server.
 HEAD = ord("H")  #: JSON: response status and headers.
 DATA = ord("D")  #: bytes: a piece of the response body.
 FINISH = ord("F")  #: JSON: the response is complete ({"trailers": [...]}).
 FAIL = ord("X")  #: JSON: the runtime answers instead ({"status", "message"}).
 ANSWER = ord("A")  #: bytes: the echoed heartbeat challenge.
 CONSOLE = ord("L")  #: text: a console line, sent only with --debug.
+
+#: The frames a child may send; any other is a protocol error.
+CHILD_SENDS = frozenset((HEAD, DATA, FINISH, FAIL, ANSWER, CONSOLE))
+
+# Zygote to server.
 SANDBOX = ord("S")  #: JSON: the zygote's sandbox layers, sent once at start.
+CHILD = ord("N")  #: JSON {"pid"}, with the server's end of the child's channel.
+ENDED = ord("Z")  #: JSON {"pid", "code", "signal"}: a child has ended (reaped).
+OUTPUT = ord("O")  #: 4-byte pid, then bytes a child wrote to its stdout or stderr.
+
+# Server to zygote.
+RETIRE = ord("Q")  #: JSON {"pid"}: kill that child now and fork the next.
+
+#: Kept for readers of old logs: a child used to announce itself; no frame
+#: of this kind is accepted from anyone now.
+READY = ord("Y")
 
 
 class FrameError(Exception):

@@ -1,14 +1,23 @@
-# -*- test-case-name: haikutx.test.test_runtime -*-
+# -*- test-case-name: haikutx.test.test_isolation -*-
 """
-The zygote: one per worker slot.  It prepares the kernel sandbox once,
-imports what handlers need, then forks a sandboxed child that serves
-requests on fds 3 and 4 (L{haikutx.child.runner.Worker}).  When that child
-exits after its last request, the zygote forks the next one at once, so a
-fresh process per request costs a fork, not an interpreter start.
+The zygote: one per worker slot, and the only party the server trusts about
+that slot's processes.  It runs no handler code.
 
-When a child dies abnormally (a signal, a crash), the zygote ends the same
-way, so the server sees the cause and starts a new zygote: a child that
-died in the middle of a frame never leaves the channel half-written.
+It prepares the kernel sandbox once, applies the layers common to all its
+children to itself (L{haikutx.sandbox.slot}), imports what handlers need,
+then forks one child at a time.  For each child it makes a socketpair: the
+child gets one end as its fd 3 and nothing else of the zygote's; the
+server gets the other end, passed over the zygote's own channel (its fd 3,
+which no child keeps) with C{SCM_RIGHTS}, with the child's pid.  The
+zygote reports each child's end (exit status or signal) and forwards what
+children write to their stdout and stderr (their fds 1 and 2, a pipe of
+their own).
+
+The server gives a child's channel at most C{--maxrequests} requests, then
+closes it and tells the zygote to retire the child: the zygote kills it
+(C{SIGKILL}: nothing is left to do in it) and forks the next.  A child
+never says it is fresh; a channel the zygote passed is fresh because the
+zygote made it for a process it had just forked.
 
 Standard library only (no Twisted): forking a small process is fast.
 Everything a child would otherwise do first, and slowly, in each fresh
@@ -24,35 +33,41 @@ import gc
 import json
 import linecache
 import os
+import select
 import signal
+import socket
+import struct
 import sys
 from typing import Any
 
-from haikutx.child import wire
-from haikutx.child import runner
+from haikutx.child import runner, wire
 from haikutx.sandbox._libc import PR_SET_PDEATHSIG, close_fds_except, libc
 
-#: A child's exit status when the server closed fd 3: the zygote stops.
+#: The zygote's channel to the server.
+CONTROL = 3
+
+#: A child's exit status when its zygote was gone before it started.
 EXIT_SERVER_GONE = 3
 
 #: A child's exit status when the sandbox could not be applied.
 EXIT_SANDBOX_FAILED = 70
 
-_KEEP_FDS = (0, 1, 2, runner.CONTROL_IN, runner.CONTROL_OUT)
+#: Output bytes forwarded per child; the rest is dropped (and said so).
+MAX_OUTPUT = 64 * 1024
+
+_PID = struct.Struct(">I")
 
 
 def _prepare(options: dict[str, Any]) -> Any:
     """
-    Prepare the sandboxes of this slot's children, or C{None} when disabled:
-    one for Python handlers (no exec) and, when stdio interpreters are
-    installed, one for the interpreter processes (exec of those alone).
-
-    @return: C{(python, stdio)} prepared sandboxes (C{stdio} may be C{None}).
+    Prepare this slot's sandbox (L{haikutx.sandbox.SlotSandbox}), or
+    C{None} when disabled.
     """
     if not options.get("sandbox", True):
         return None
-    from haikutx.sandbox import ResourceLimits, SandboxPolicy, identity_for, prepare
+    from haikutx.sandbox import ResourceLimits, SandboxPolicy, identity_for, prepare_slot
 
+    off = tuple(options.get("off", ()))
     identity = identity_for(options.get("user"), options.get("slot", 0), options.get("base_uid"))
     limits = ResourceLimits(
         address_space=int(options.get("max_memory", 256 << 20)),
@@ -65,21 +80,12 @@ def _prepare(options: dict[str, Any]) -> Any:
         connect_ports=(int(egress["port"]),) if egress else None,
         max_threads=options.get("max_threads") if options.get("base_uid") is not None else None,
     )
-    python = prepare(policy)
-    stdio = None
-    if options.get("exec_paths"):
-        stdio = prepare(
-            SandboxPolicy(
-                limits=limits,
-                identity=identity,
-                connect_ports=policy.connect_ports,
-                max_threads=policy.max_threads,
-                allow_exec=True,
-                exec_paths=tuple(options["exec_paths"]),
-                extra_read_paths=tuple(options.get("exec_read_paths", ())),
-            )
-        )
-    return python, stdio
+    return prepare_slot(
+        policy,
+        exec_paths=tuple(options.get("exec_paths", ())),
+        exec_read_paths=tuple(options.get("exec_read_paths", ())),
+        off=off,
+    )
 
 
 def _enter_egress(options: dict[str, Any], zygote: int) -> str:
@@ -92,10 +98,10 @@ def _enter_egress(options: dict[str, Any], zygote: int) -> str:
     @return: how the network layer stands, for the start-up report.
     """
     egress = options.get("egress")
+    if "network" in options.get("off", ()):
+        return "turned off by name: handlers reach what this machine reaches"
     if not egress:
         return "disabled"
-    import socket
-
     from haikutx.sandbox import EgressRelay, enter_network_namespace
 
     channel = socket.socket(fileno=int(egress["fd"]))
@@ -119,23 +125,20 @@ def _enter_egress(options: dict[str, Any], zygote: int) -> str:
     return f"active: {kind} namespace, egress through the server's proxy"
 
 
-def _confiner(sandboxes: Any, worker: runner.Worker) -> Any:
+def _confiner(sandbox: Any, worker: runner.Worker) -> Any:
     """
-    The function a child calls when it learns what it will run: it applies
-    the Python sandbox to itself, or arranges for each stdio interpreter
-    it starts to apply the exec sandbox before C{exec}.
+    The function a child calls when it learns what it will run: the last
+    layer for Python handlers, or for the stdio runner and its
+    interpreters.
     """
-    python, stdio = sandboxes
 
     def confine(kind: str) -> None:
         try:
             if kind == "python":
-                keep = tuple(int(fd) for fd in os.listdir("/proc/self/fd"))
-                python.apply(keep_fds=keep, parent_death_signal=signal.SIGKILL)
-            elif stdio is not None:
-                worker.exec_sandbox = lambda: stdio.apply((0, 1, 2), signal.SIGKILL)
+                sandbox.confine_python()
             else:
-                worker.exec_sandbox = lambda: python.apply((0, 1, 2), signal.SIGKILL)
+                sandbox.confine_stdio()
+                worker.exec_sandbox = sandbox.confine_interpreter
         except Exception as e:
             os.write(2, f"sandbox could not be applied: {e}\n".encode())
             os._exit(EXIT_SANDBOX_FAILED)
@@ -143,35 +146,251 @@ def _confiner(sandboxes: Any, worker: runner.Worker) -> Any:
     return confine
 
 
-def _child(sandboxes: Any, max_requests: int, zygote: int) -> None:
+def _child(sandbox: Any, channel: int, output: int, zygote: int) -> None:
+    """
+    In a freshly forked child, zygote code only: give it its own
+    descriptors (0 C{/dev/null}, 1 and 2 its output pipe, 3 its channel)
+    and nothing else, apply the per-child layers, then serve.
+    """
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != zygote:
         # The zygote died before the parent-death signal was set.
         os._exit(EXIT_SERVER_GONE)
-    keep = set(_KEEP_FDS)
-    if sandboxes is not None:
-        keep |= {s.ruleset_fd for s in sandboxes if s is not None and s.ruleset_fd >= 0}
-    close_fds_except(keep)
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    os.dup2(channel, runner.CHANNEL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    worker = runner.Worker(max_requests)
-    if sandboxes is not None:
-        worker.confine = _confiner(sandboxes, worker)
+    keep = (0, 1, 2, runner.CHANNEL)
+    if sandbox is None:
+        close_fds_except(keep)
+    else:
+        try:
+            sandbox.enter_child(keep, signal.SIGKILL)
+        except Exception as e:
+            os.write(2, f"sandbox could not be applied: {e}\n".encode())
+            os._exit(EXIT_SANDBOX_FAILED)
+    worker = runner.Worker(0, runner.CHANNEL)
+    if sandbox is not None:
+        worker.confine = _confiner(sandbox, worker)
     worker.run()
     sys.stdout.flush()
-    os._exit(EXIT_SERVER_GONE if worker.server_gone else 0)
+    os._exit(0)
+
+
+class _Child:
+    """
+    A child the zygote has forked and not yet reaped.
+    """
+
+    def __init__(self, pid: int, pidfd: int, output: int) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.output: int | None = output
+        self.forwarded = 0
+        self.retired = False
+
+
+class Zygote:
+    """
+    The zygote's loop: fork a child, pass its channel to the server, retire
+    children when the server says so, report their ends, forward their
+    output.  Blocking and single-threaded, on L{select.poll}.
+    """
+
+    def __init__(self, control: socket.socket, sandbox: Any) -> None:
+        self._control = control
+        self._sandbox = sandbox
+        self._zygote = os.getpid()
+        self._reader = wire.FrameReader()
+        self._poll = select.poll()
+        self._children: dict[int, _Child] = {}
+        self._by_fd: dict[int, tuple[str, _Child]] = {}
+        self._current: _Child | None = None
+
+    def serve(self) -> None:
+        """
+        Serve until the server closes the channel; then kill every child.
+        """
+        self._poll.register(self._control.fileno(), select.POLLIN)
+        self._fork()
+        while True:
+            try:
+                events = self._poll.poll()
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                if fd == self._control.fileno():
+                    if not self._commands():
+                        self._stop()
+                        return
+                    continue
+                entry = self._by_fd.get(fd)
+                if entry is None:
+                    continue
+                what, child = entry
+                if what == "output":
+                    self._forward(child)
+                else:
+                    self._reap(child)
+
+    def _send(self, frame: bytes, fds: list[int] | None = None) -> None:
+        if fds:
+            socket.send_fds(self._control, [frame], fds)
+        else:
+            self._control.sendall(frame)
+
+    def _fork(self) -> None:
+        """
+        Fork the next child, with a channel and an output pipe of its own.
+        """
+        server_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        read, write = os.pipe()
+        if self._sandbox is not None:
+            self._sandbox.new_ipc_namespace()
+        pid = os.fork()
+        if pid == 0:
+            # Detached, so that no socket object closes a number reused later.
+            self._control.detach()
+            server_end.detach()
+            _child(self._sandbox, child_end.detach(), write, self._zygote)
+            os._exit(0)
+        child_end.close()
+        os.close(write)
+        pidfd = os.pidfd_open(pid)
+        child = _Child(pid, pidfd, read)
+        self._children[pid] = child
+        self._by_fd[pidfd] = ("pid", child)
+        self._by_fd[read] = ("output", child)
+        self._poll.register(pidfd, select.POLLIN)
+        self._poll.register(read, select.POLLIN)
+        self._current = child
+        try:
+            self._send(wire.encode_json(wire.CHILD, {"pid": pid}), [server_end.fileno()])
+        finally:
+            server_end.close()
+
+    def _commands(self) -> bool:
+        """
+        Read the server's frames.
+
+        @return: C{False} once the server has closed the channel.
+        """
+        try:
+            data = self._control.recv(65536)
+        except (ConnectionResetError, InterruptedError):
+            data = b""
+        if not data:
+            return False
+        try:
+            for kind, payload in self._reader.feed(data):
+                if kind == wire.RETIRE:
+                    self._retire(int(json.loads(payload)["pid"]))
+        except (wire.FrameError, ValueError, KeyError, TypeError):
+            return False
+        return True
+
+    def _retire(self, pid: int) -> None:
+        """
+        Kill a child the server is done with, and fork the next if it was
+        the current one.
+        """
+        child = self._children.get(pid)
+        if child is None or child.retired:
+            return
+        child.retired = True
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if child is self._current:
+            self._current = None
+            self._fork()
+
+    def _forward(self, child: _Child, final: bool = False) -> None:
+        """
+        Forward what C{child} wrote to its stdout and stderr, up to
+        L{MAX_OUTPUT} bytes in all: one read when the pipe is readable, or
+        everything left (without waiting) when C{final}.
+        """
+        fd = child.output
+        if fd is None:
+            return
+        if final:
+            os.set_blocking(fd, False)
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._poll.unregister(fd)
+                del self._by_fd[fd]
+                os.close(fd)
+                child.output = None
+                return
+            room = MAX_OUTPUT - child.forwarded
+            child.forwarded += len(data)
+            if room > 0:
+                piece = data[:room]
+                if len(data) > room:
+                    piece += f"\n[output beyond {MAX_OUTPUT} bytes dropped]\n".encode()
+                self._send(wire.encode(wire.OUTPUT, _PID.pack(child.pid) + piece))
+            if not final:
+                return
+
+    def _reap(self, child: _Child) -> None:
+        """
+        A child has ended: reap it, report its end (after what it wrote),
+        and fork the next if the server had not retired it.
+        """
+        _, status = os.waitpid(child.pid, 0)
+        self._poll.unregister(child.pidfd)
+        del self._by_fd[child.pidfd]
+        os.close(child.pidfd)
+        self._forward(child, final=True)
+        if child.output is not None:
+            # A process the child started keeps the pipe open: stop reading.
+            self._poll.unregister(child.output)
+            del self._by_fd[child.output]
+            os.close(child.output)
+        del self._children[child.pid]
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        number = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        self._send(
+            wire.encode_json(
+                wire.ENDED,
+                {"pid": child.pid, "code": code, "signal": number, "retired": child.retired},
+            )
+        )
+        if child is self._current:
+            self._current = None
+            self._fork()
+
+    def _stop(self) -> None:
+        for child in list(self._children.values()):
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for child in list(self._children.values()):
+            try:
+                os.waitpid(child.pid, 0)
+            except ChildProcessError:
+                pass
 
 
 def _warm_up() -> None:
     """
     Do once, before the first fork, what every child would otherwise do
     for the first time: import what is imported lazily, make the first
-    calls through ctypes and asyncio, compile a handler.  Then collect the
-    garbage and freeze what is left (L{gc.freeze}), so that no child's
-    collection walks, and so copies, the pages it inherited.
+    calls through ctypes and asyncio, compile a handler.
 
     Measured on a 2-core VM: a child's first event loop costs 2.7 ms cold
-    and 0.2 ms warm; a full collection in a child 19 ms unfrozen, 0.3 ms
-    frozen.
+    and 0.2 ms warm.
     """
     # The zygote has no parent-death signal: setting none is a no-op call
     # that readies the ctypes function each child calls first.
@@ -180,55 +399,50 @@ def _warm_up() -> None:
     runner.CodeCache().compile("<warm-up>", b"res.end(req.method)\n")
     linecache.cache.pop("<warm-up>", None)
     json.loads(json.dumps({"warm": [1, 2.0, None, True]}))
+
+
+def _freeze() -> None:
+    """
+    Collect the garbage and freeze what is left (L{gc.freeze}), so that no
+    child's collection walks, and so copies, the pages it inherited: a full
+    collection in a child costs 19 ms unfrozen, 0.3 ms frozen.
+    """
     gc.collect()
     gc.freeze()
 
 
-def _end_like(status: int) -> None:
-    """
-    End this process the way the child with C{status} ended.
-    """
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        try:
-            signal.signal(number, signal.SIG_DFL)
-        except (OSError, ValueError):
-            pass  # SIGKILL and SIGSTOP cannot be caught: nothing to reset
-        os.kill(os.getpid(), number)
-        os._exit(128 + number)
-    os._exit(os.waitstatus_to_exitcode(status))
-
-
 def main(argv: list[str]) -> None:
     """
-    Run a zygote: C{python -m haikutx.child.zygote MAX_REQUESTS OPTIONS_JSON}.
+    Run a zygote: C{python -m haikutx.child.zygote OPTIONS_JSON}, with its
+    channel to the server (a unix socket) as fd 3.
     """
-    max_requests = int(argv[1]) if len(argv) > 1 else 1
-    options = json.loads(argv[2]) if len(argv) > 2 else {}
-    os.set_blocking(runner.CONTROL_OUT, True)
+    options = json.loads(argv[1]) if len(argv) > 1 else {}
+    control = socket.socket(fileno=CONTROL)
+    control.setblocking(True)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     zygote = os.getpid()
     sandbox = _prepare(options)
     network = _enter_egress(options, zygote) if sandbox is not None else "disabled"
-    report = sandbox[0].describe() if sandbox is not None else {"layers": {"all": "disabled"}}
     if sandbox is not None:
-        report["stdio"] = sandbox[1].describe()["layers"] if sandbox[1] else "no interpreters"
+        if "ipc" in options.get("off", ()):
+            sandbox.ipc = "turned off by name"
+        else:
+            sandbox.enter_ipc_namespace(per_child=options.get("ipc_per_child", True))
+        report = sandbox.describe()
+    else:
+        report = {"layers": {"all": "disabled"}}
     report.setdefault("layers", {})["network"] = network
-    os.write(runner.CONTROL_OUT, wire.encode_json(wire.SANDBOX, report))
     _warm_up()
-    while True:
-        pid = os.fork()
-        if pid == 0:
-            _child(sandbox, max_requests, zygote)
-        while True:
-            try:
-                _, status = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-            continue
-        _end_like(status)
+    if sandbox is not None:
+        try:
+            sandbox.enter_zygote()
+        except Exception as e:
+            os.write(2, f"sandbox could not be applied to the zygote: {e}\n".encode())
+            os._exit(EXIT_SANDBOX_FAILED)
+    control.sendall(wire.encode_json(wire.SANDBOX, report))
+    _freeze()
+    Zygote(control, sandbox).serve()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 # -*- test-case-name: haikutx.test.test_pool -*-
 """
-The pool of worker processes: it keeps C{size} workers started ahead of
-demand, hands an idle one to each request, replaces a worker that reached
-its request quota or died, and stops them all with the service.
+The pool of worker slots: it keeps C{size} slots (a zygote each, with one
+child at a time) started ahead of demand, hands an idle one to each
+request, retires a child that reached its request quota (its zygote forks
+the next), replaces a slot whose zygote died, and stops them all with the
+service.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from collections import deque
 from pathlib import Path
@@ -21,7 +24,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from haikutx.interfaces import IWorkerSpawner
-from haikutx.runtime.worker import CHILD_FDS, WorkerProtocol
+from haikutx.runtime.worker import (
+    CHILD_FDS,
+    ZYGOTE_FD,
+    ChildProtocol,
+    SingleProtocolFactory,
+    WorkerProtocol,
+    ZygoteChannel,
+)
 
 #: A request waiting for a worker, and the handler kind it will run.
 _Waiter = tuple[Deferred[WorkerProtocol], str | None]
@@ -39,19 +49,60 @@ EGRESS_FD = 5
 #: The port of the egress relay inside each zygote's network namespace.
 EGRESS_PORT = 3128
 
+#: First uid of the per-slot handler uids used as root without C{--user}:
+#: each worker slot gets a uid of its own so RLIMIT_NPROC counts it alone.
+SLOT_BASE_UID = 2_000_000_000
+
+#: Tasks (threads) a handler process may have, with a per-slot uid.
+MAX_HANDLER_THREADS = 64
+
+
+def default_options() -> dict[str, Any]:
+    """
+    The zygote options a pool gets when its builder names none: every
+    layer on, as C{twistd haiku} has them (a uid per slot as root, the
+    installed stdio interpreters executable, 256 MiB, 6 CPU seconds).
+    """
+    from haikutx.languages import find_languages
+    from haikutx.languages.builtin import sandbox_paths
+
+    exec_paths, exec_read_paths = sandbox_paths(find_languages())
+    return {
+        "sandbox": True,
+        "exec_paths": list(exec_paths),
+        "exec_read_paths": list(exec_read_paths),
+        "max_memory": 256 << 20,
+        "cpu_seconds": 6,
+        "user": None,
+        "base_uid": SLOT_BASE_UID,
+        "max_threads": MAX_HANDLER_THREADS,
+    }
+
 
 @implementer(IWorkerSpawner)
 class PythonWorkerSpawner:
     """
     Start worker slots as C{python -m haikutx.child}: a lean zygote (no
-    Twisted) that prepares the kernel sandbox once and forks a sandboxed
-    child per process lifetime (L{haikutx.child.zygote}).
+    Twisted) that prepares the kernel sandbox once and forks one sandboxed
+    child at a time (L{haikutx.child.zygote}).  Its channel is a unix
+    socket (its fd 3), adopted here as a L{ZygoteChannel}.
 
-    @param reactor: the reactor that spawns processes.
-    @param options: the zygote's options (JSON-able): C{sandbox} (bool),
-        C{max_memory} (bytes), C{cpu_seconds}, C{user}, C{base_uid},
-        C{max_threads}; each worker adds its C{slot}.
+    Secure by default: without C{options}, every layer is on (including the
+    network namespace whose only way out is the egress proxy, with the
+    default rules: public addresses only); C{off} turns layers off by name
+    (L{haikutx.sandbox.LAYERS}), and C{options={"sandbox": False}} all.
+
+    @param reactor: the reactor that spawns processes (an
+        L{IReactorProcess} and L{IReactorSocket}).
+    @param options: the zygote's options (JSON-able), over
+        L{default_options}: C{sandbox} (bool), C{max_memory} (bytes),
+        C{cpu_seconds}, C{user}, C{base_uid}, C{max_threads},
+        C{exec_paths}, C{exec_read_paths}; each worker adds its C{slot}.
     @param executable: the Python interpreter.
+    @param egress: the L{haikutx.net.addresses.EgressRules} of the egress
+        proxy; C{None} for the default rules.
+    @param off: names of layers to turn off (C{"network"}, C{"landlock"},
+        C{"seccomp"}, C{"uid"}, C{"ipc"}).
     """
 
     def __init__(
@@ -60,11 +111,22 @@ class PythonWorkerSpawner:
         options: dict[str, Any] | None = None,
         executable: str = sys.executable,
         egress: Any = None,
+        off: tuple[str, ...] = (),
     ) -> None:
+        from haikutx.sandbox.slot import LAYERS
+
+        unknown = set(off) - set(LAYERS)
+        if unknown:
+            raise ValueError(f"unknown sandbox layers: {', '.join(sorted(unknown))}")
+        if egress is None:
+            from haikutx.net.addresses import EgressRules
+
+            egress = EgressRules()
         self._reactor = reactor
         self._egress = egress
         self._executable = executable
-        self._options = dict(options or {})
+        self._options = {**default_options(), **(options or {})}
+        self._options["off"] = sorted(set(off) | set(self._options.get("off", ())))
         package_root = str(Path(__file__).resolve().parents[2])
         self._env = {
             "PATH": os.defpath,
@@ -74,11 +136,21 @@ class PythonWorkerSpawner:
             "PYTHONUNBUFFERED": "1",
         }
 
+    @property
+    def options(self) -> dict[str, Any]:
+        """
+        The zygote options in force (a copy).
+        """
+        return dict(self._options)
+
     def spawn(self, protocol: WorkerProtocol, max_requests: int) -> None:
         options = dict(self._options, slot=protocol.slot)
+        server_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child_fds: dict[int, Any] = dict(CHILD_FDS)
+        child_fds[ZYGOTE_FD] = zygote_end.fileno()
         channel = None
-        if self._egress is not None and options.get("sandbox", True):
+        sandboxed = options.get("sandbox", True) and "network" not in options["off"]
+        if self._egress is not None and sandboxed:
             from haikutx.runtime.egress import make_egress_channel
 
             channel, stop = make_egress_channel(self._reactor, self._egress)
@@ -89,13 +161,19 @@ class PythonWorkerSpawner:
             self._reactor.spawnProcess(
                 protocol,
                 self._executable,
-                [self._executable, "-m", "haikutx.child", str(max_requests),
-                 json.dumps(options)],
+                [self._executable, "-m", "haikutx.child", json.dumps(options)],
                 env=self._env,
                 path="/",
                 childFDs=child_fds,
             )
+            server_end.setblocking(False)
+            channel_protocol = ZygoteChannel(self._reactor, protocol)
+            self._reactor.adoptStreamConnection(  # type: ignore[attr-defined]
+                server_end.fileno(), socket.AF_UNIX, SingleProtocolFactory(channel_protocol)
+            )
         finally:
+            zygote_end.close()
+            server_end.close()
             if channel is not None:
                 channel.close()
 
@@ -170,6 +248,8 @@ class WorkerPool(Service):
             self._ended,
             keepalive_interval=self._keepalive[0],
             keepalive_timeout=self._keepalive[1],
+            on_child_ended=self._child_ended,
+            fresh_timeout=self._kill_time,
         )
         worker.slot = slot
         self.workers.add(worker)
@@ -177,7 +257,6 @@ class WorkerPool(Service):
         self._spawner.spawn(worker, self.max_requests)
 
     def _ready(self, worker: WorkerProtocol) -> None:
-        self._failures = 0
         if worker.sandbox is not None and self.sandbox is None:
             self.sandbox = worker.sandbox
             self.log.info(
@@ -210,16 +289,20 @@ class WorkerPool(Service):
         worker.state = "idle"
         self._idle.append(worker)
 
-    def _recycle(self, worker: WorkerProtocol, reason: str, retire: bool) -> None:
+    def _recycle(self, worker: WorkerProtocol, reason: str, retire: bool = True) -> None:
         """
-        Wait for C{worker}'s zygote to fork a fresh process; kill the worker
-        if none comes in time.
+        Retire C{worker}'s current child (its channel is closed and its
+        zygote kills it) and wait for the zygote's next one; kill the
+        zygote if none comes in time.
 
-        @param reason: why, for the log.
-        @param retire: ask the current (idle) process to exit; otherwise it
-            exits by itself, having reached its quota.
+        @param reason: why, for the log (at debug level for the routine
+            quota recycle of C{--maxrequests 1}, which happens after every
+            request).
+        @param retire: kept for callers of the earlier interface; the child
+            is always retired by the server, never trusted to leave.
         """
-        self.log.info(
+        routine = self.max_requests == 1 and reason == self._quota_reason()
+        (self.log.debug if routine else self.log.info)(
             "worker {worker_pid} recycling its process {child_pid}: {reason}",
             worker_pid=worker.pid,
             child_pid=worker.child_pid,
@@ -227,13 +310,34 @@ class WorkerPool(Service):
         )
         worker.state = "recycling"
         self.counters["recycled"] += 1
-        worker.deadline = self._reactor.callLater(
-            self._kill_time,
-            worker.kill,
-            "did not start a fresh process after its last request",
-        )
-        if retire:
-            worker.retire()
+        worker.retire()
+        worker.expect_child()
+
+    def _quota_reason(self) -> str:
+        return f"served its quota of {self.max_requests} requests"
+
+    def _child_ended(self, worker: WorkerProtocol, child: ChildProtocol, cause: str) -> None:
+        """
+        A child of C{worker} has ended: count it; a child that died before
+        it was sent any request (so ran no handler code) is a failure of
+        the slot, and the slot is restarted with back-off if they repeat.
+        """
+        if child.kill_reason is not None:
+            self.counters["killed"] += 1
+        if child.retired and child.kill_reason is None:
+            return  # the routine end
+        if child.kill_reason is None:
+            self.counters["died"] += 1
+            self.log.info(
+                "worker {worker_pid} process {child_pid} ended: {reason}",
+                worker_pid=worker.pid,
+                child_pid=child.pid,
+                reason=cause,
+            )
+        if not child.requested and child.kill_reason is None:
+            self._failures += 1
+            if self._failures > 2:
+                worker.kill_zygote(f"its processes keep dying before serving ({cause})")
 
     def _ended(self, worker: WorkerProtocol, reason: str) -> None:
         self.workers.discard(worker)
@@ -247,7 +351,7 @@ class WorkerPool(Service):
             self.counters["died"] += 1
         if not self.running:
             return
-        if worker.child_pid is None and worker.kill_reason is None:
+        if worker.children_started == 0 and worker.kill_reason is None:
             self._failures += 1
         replacements = self.size - len(self.workers)
         if replacements <= 0:
@@ -326,12 +430,11 @@ class WorkerPool(Service):
         when that one is ready.
         """
         worker.served += 1
+        self._failures = 0
         if worker.state != "busy":
             return
         if self.max_requests and worker.served >= self.max_requests:
-            self._recycle(
-                worker, f"served its quota of {self.max_requests} requests", retire=False
-            )
+            self._recycle(worker, self._quota_reason())
             return
         self._hand_out(worker)
 

@@ -1,8 +1,15 @@
 # -*- test-case-name: haikutx.test.test_pool -*-
 """
-The server's side of one worker process: a L{ProcessProtocol} that frames
-requests to the worker's fd 3, reads responses from its fd 4, logs what the
-worker prints, and sends heartbeat challenges.
+The server's side of one worker slot: a zygote process and, one at a time,
+the children it forks (L{haikutx.child.zygote}).
+
+Only the zygote, which runs no handler code, is believed about the slot's
+processes: its channel (L{ZygoteChannel}) brings each new child's pid with
+the server's end of a channel made for that child alone, and each child's
+end.  A child's channel (L{ChildProtocol}) carries its requests and
+responses and nothing else; it is given at most C{--maxrequests} requests,
+then closed, and the zygote is told to kill the child.  Nothing a handler
+can do in its process decides which process serves a later request.
 """
 
 from __future__ import annotations
@@ -10,23 +17,34 @@ from __future__ import annotations
 import json
 import os
 import signal
-from typing import Any, Callable
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.interfaces import IDelayedCall, IFileDescriptorReceiver, IReactorTime
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from haikutx.child import wire
 from haikutx.runtime.body import BodyFeed, RequestBody
 
-#: File descriptor numbers in the worker.
-TO_WORKER = 3
-FROM_WORKER = 4
+#: The zygote's end of its channel to the server, in the zygote.
+ZYGOTE_FD = 3
 
-CHILD_FDS = {0: "w", 1: "r", 2: "r", TO_WORKER: "w", FROM_WORKER: "r"}
+#: The zygote's other descriptors: stdin (closed at once), stdout, stderr.
+CHILD_FDS: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+
+#: Seconds a child whose channel closed is given for its end to be
+#: reported before it is killed.
+CHANNEL_GRACE = 1.0
+
+_PID = struct.Struct(">I")
 
 
 def handler_kind(language: str) -> str:
@@ -50,26 +68,162 @@ def describe_exit(reason: Failure) -> str:
     if isinstance(value, ProcessDone):
         return "exited with status 0"
     if isinstance(value, ProcessTerminated):
-        if value.signal is not None:
-            try:
-                name = signal.Signals(value.signal).name
-            except ValueError:
-                name = "unknown"
-            return f"was killed by signal {value.signal} ({name})"
-        return f"exited with status {value.exitCode}"
+        return describe_status(value.exitCode, value.signal)
     return str(value)
+
+
+def describe_status(code: int | None, number: int | None) -> str:
+    """
+    Name how a process ended from its exit status or signal.
+    """
+    if number is not None:
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "unknown"
+        return f"was killed by signal {number} ({name})"
+    return f"exited with status {code}"
+
+
+class ChildProtocol(Protocol):
+    """
+    The server's end of one child's channel.
+
+    @ivar pid: the child's pid, as its zygote reported it.
+    @ivar exchange: the L{IExchange} of the request it is running, if any.
+    @ivar requested: whether a request was ever sent to it.
+    @ivar kill_reason: why the server had it killed, if it did.
+    @ivar retired: whether the server retired it (its routine end).
+    @ivar closed: whether the channel is closed.
+    """
+
+    def __init__(self, slot: WorkerProtocol, pid: int) -> None:
+        self.slot = slot
+        self.pid = pid
+        self.exchange: Any = None
+        self.requested = False
+        self.kill_reason: str | None = None
+        self.retired = False
+        self.closed = False
+        self.challenge: bytes | None = None
+        self.grace: IDelayedCall | None = None
+        #: The L{BodyFeed} sending its request's body, while it does.
+        self.feed: BodyFeed | None = None
+        self._reader = wire.FrameReader()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            for kind, payload in self._reader.feed(data):
+                if self.closed:
+                    return
+                self.slot._child_frame(self, kind, payload)
+        except (wire.FrameError, ValueError, KeyError, TypeError) as e:
+            self.slot.kill_child(self, f"sent a malformed frame: {e}")
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if not self.closed:
+            self.closed = True
+            self.slot._child_channel_lost(self)
+
+    def send(self, data: bytes) -> None:
+        """
+        Write frames to the child, unless the channel is closed.
+        """
+        if not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        """
+        Close the channel: the child gets no more requests on it.
+        """
+        if not self.closed:
+            self.closed = True
+            feed, self.feed = self.feed, None
+            if feed is not None:
+                # A registered producer would keep the channel open.
+                feed.stopProducing()
+            self.transport.loseConnection()
+
+
+class SingleProtocolFactory(Factory):
+    """
+    A factory that hands out one protocol it was given (to adopt a
+    connected socket).
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self._protocol
+
+
+@implementer(IFileDescriptorReceiver)
+class ZygoteChannel(Protocol):
+    """
+    The server's end of a zygote's channel: frames to and from
+    L{WorkerProtocol}, and the descriptors passed with them.
+    """
+
+    def __init__(self, reactor: Any, slot: WorkerProtocol) -> None:
+        self._reactor = reactor
+        self._slot = slot
+        self._fds: deque[int] = deque()
+
+    def connectionMade(self) -> None:
+        self._slot.zygote_connected(self)
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:
+        self._fds.append(descriptor)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._slot.zygote_data(data, self._fds)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        while self._fds:
+            os.close(self._fds.popleft())
+        self._slot.zygote_lost()
+
+    def write(self, frame: bytes) -> None:
+        """
+        Send a frame to the zygote.
+        """
+        self.transport.write(frame)
+
+    def adopt(self, descriptor: int, protocol: Protocol) -> None:
+        """
+        Connect C{protocol} to a child's channel passed by the zygote (the
+        descriptor is closed here; the reactor works on a duplicate).
+        """
+        try:
+            os.set_blocking(descriptor, False)
+            self._reactor.adoptStreamConnection(
+                descriptor, socket.AF_UNIX, SingleProtocolFactory(protocol)
+            )
+        finally:
+            os.close(descriptor)
+
+    def close(self) -> None:
+        """
+        Close the channel (the zygote then kills its children and exits).
+        """
+        self.transport.loseConnection()
 
 
 class WorkerProtocol(ProcessProtocol):
     """
-    One worker process.
+    One worker slot: its zygote process and its current child.
 
     @ivar state: C{starting}, C{idle}, C{busy}, C{recycling} or C{dead}.
-    @ivar pid: the process id, once started.
-    @ivar served: requests this process has served.
-    @ivar kind: what the current process is confined for (L{handler_kind}),
+    @ivar pid: the zygote's process id, once started.
+    @ivar child: the current child's channel, or C{None} between children.
+    @ivar served: requests the current child has served.
+    @ivar kind: what the current child is confined for (L{handler_kind}),
         or C{None} while it has run nothing.
-    @ivar kill_reason: why the server killed it, if it did.
+    @ivar kill_reason: why the server killed the zygote, if it did.
+    @ivar children_started: children its zygote has started.
     """
 
     log = Logger()
@@ -77,49 +231,58 @@ class WorkerProtocol(ProcessProtocol):
     def __init__(
         self,
         reactor: IReactorTime,
-        on_ready: Callable[["WorkerProtocol"], None],
-        on_ended: Callable[["WorkerProtocol", str], None],
+        on_ready: Callable[[WorkerProtocol], None],
+        on_ended: Callable[[WorkerProtocol, str], None],
         keepalive_interval: float,
         keepalive_timeout: float,
+        on_child_ended: Callable[[WorkerProtocol, ChildProtocol, str], None] | None = None,
+        fresh_timeout: float = 5.0,
     ) -> None:
         self._reactor = reactor
         self._on_ready = on_ready
         self._on_ended = on_ended
+        self._on_child_ended = on_child_ended
         self._interval = keepalive_interval
         self._timeout = keepalive_timeout
+        self._fresh_timeout = fresh_timeout
         self._reader = wire.FrameReader()
         self._lines: dict[int, bytes] = {1: b"", 2: b""}
-        self._challenge: bytes | None = None
+        self._child_lines: dict[int, bytes] = {}
         self._heartbeat: IDelayedCall | None = None
-        self._exchange: Any = None
-        self._feed: BodyFeed | None = None
+        self._zygote: Any = None
+        self._zygote_grace: IDelayedCall | None = None
+        self._children: dict[int, ChildProtocol] = {}
         self.state = "starting"
         self.pid: int | None = None
-        self.child_pid: int | None = None
+        self.child: ChildProtocol | None = None
         self.slot = 0
         self.deadline: IDelayedCall | None = None
         self.sandbox: dict[str, Any] | None = None
         self.served = 0
+        self.children_started = 0
         self.kind: str | None = None
         self.kill_reason: str | None = None
         self.started = reactor.seconds()
         self.ended: Deferred[None] = Deferred()
 
-    # Process events
+    @property
+    def child_pid(self) -> int | None:
+        """
+        The current child's pid, or C{None} between children.
+        """
+        return self.child.pid if self.child is not None else None
+
+    # The zygote's process
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
         self.transport.closeStdin()
-        self.log.info("worker {worker_pid} started in slot {slot}", worker_pid=self.pid, slot=self.slot)
+        self.log.info(
+            "worker {worker_pid} started in slot {slot}", worker_pid=self.pid, slot=self.slot
+        )
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == FROM_WORKER:
-            try:
-                for kind, payload in self._reader.feed(data):
-                    self._frame(kind, payload)
-            except (wire.FrameError, ValueError) as e:
-                self.kill(f"sent a malformed frame: {e}")
-        elif childFD in self._lines:
+        if childFD in self._lines:
             self._log_output(childFD, data)
 
     def _log_output(self, fd: int, data: bytes) -> None:
@@ -136,105 +299,263 @@ class WorkerProtocol(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         cause = self.kill_reason or describe_exit(reason)
         self.state = "dead"
-        self._end_body()
         self._stop_heartbeat()
         self._cancel_deadline()
+        if self._zygote_grace is not None and self._zygote_grace.active():
+            self._zygote_grace.cancel()
         self.log.info(
             "worker {worker_pid} ended: {reason}", worker_pid=self.pid, reason=cause
         )
-        exchange, self._exchange = self._exchange, None
-        if exchange is not None:
-            exchange.lost(f"the worker process {cause}")
+        children, self._children = self._children, {}
+        self.child = None
+        for child in children.values():
+            self._cancel_grace(child)
+            exchange, child.exchange = child.exchange, None
+            child.close()
+            if exchange is not None:
+                exchange.lost(f"the worker process {cause}")
+        if self._zygote is not None:
+            self._zygote.close()
         self._on_ended(self, cause)
         self.ended.callback(None)
 
-    # Frames
+    # The zygote's channel
 
-    def _frame(self, kind: int, payload: bytes) -> None:
-        if kind == wire.ANSWER:
-            if payload == self._challenge:
-                self._challenge = None
-                self._schedule_heartbeat()
-            else:
-                self.kill("sent an incorrect heartbeat answer")
-        elif kind == wire.READY:
-            if self.state in ("starting", "recycling"):
-                self.child_pid = json.loads(payload).get("pid")
-                self.served = 0
-                self.kind = None
-                self._cancel_deadline()
-                if self.state == "starting":
-                    self._schedule_heartbeat()
-                self.state = "ready"
-                self._on_ready(self)
+    def zygote_connected(self, channel: Any) -> None:
+        """
+        The zygote's channel is up: C{channel} has C{write(frame)},
+        C{adopt(fd, protocol)} and C{close()} (L{ZygoteChannel}).
+        """
+        self._zygote = channel
+
+    def zygote_lost(self) -> None:
+        """
+        The zygote's channel closed.
+        """
+        self._zygote = None
+        if self.state != "dead":
+            # Usually the zygote has died and its end is on its way; if not,
+            # a zygote without a channel is of no use.
+            self._zygote_grace = self._reactor.callLater(
+                CHANNEL_GRACE, self.kill_zygote, "closed its channel"
+            )
+
+    def zygote_data(self, data: bytes, fds: deque[int]) -> None:
+        """
+        Bytes from the zygote, and the descriptors received so far.
+        """
+        try:
+            for kind, payload in self._reader.feed(data):
+                if self.state == "dead":
+                    return
+                self._zygote_frame(kind, payload, fds)
+        except (wire.FrameError, ValueError, KeyError, TypeError, IndexError) as e:
+            self.kill_zygote(f"sent a malformed frame: {e}")
+
+    def _zygote_frame(self, kind: int, payload: bytes, fds: deque[int]) -> None:
+        if kind == wire.CHILD:
+            pid = int(json.loads(payload)["pid"])
+            descriptor = fds.popleft()
+            child = ChildProtocol(self, pid)
+            self._zygote.adopt(descriptor, child)
+            self._children[pid] = child
+            self._child_started(child)
+        elif kind == wire.ENDED:
+            report = json.loads(payload)
+            self._child_ended(int(report["pid"]), report.get("code"), report.get("signal"))
+        elif kind == wire.OUTPUT:
+            (pid,) = _PID.unpack_from(payload)
+            self._log_child_output(pid, payload[_PID.size :])
         elif kind == wire.SANDBOX:
             self.sandbox = json.loads(payload)
-        elif kind == wire.CONSOLE:
+        else:
+            raise ValueError(f"unexpected frame kind {kind}")
+
+    def _log_child_output(self, pid: int, data: bytes) -> None:
+        lines = (self._child_lines.get(pid, b"") + data).split(b"\n")
+        rest = lines.pop()
+        if rest:
+            self._child_lines[pid] = rest
+        else:
+            self._child_lines.pop(pid, None)
+        for line in lines:
+            self.log.info(
+                "worker {worker_pid} process {child_pid} {stream}: {line}",
+                worker_pid=self.pid,
+                child_pid=pid,
+                stream="output",
+                line=line.decode("utf-8", "replace"),
+            )
+
+    def _child_started(self, child: ChildProtocol) -> None:
+        if self.state == "dead":
+            child.close()
+            return
+        if self.child is not None:
+            self.kill_zygote("started a second child while one was current")
+            return
+        self.child = child
+        self.children_started += 1
+        self.served = 0
+        self.kind = None
+        self._cancel_deadline()
+        self._schedule_heartbeat()
+        self.state = "ready"
+        self._on_ready(self)
+
+    def _child_ended(self, pid: int, code: int | None, number: int | None) -> None:
+        child = self._children.pop(pid, None)
+        if child is None:
+            return
+        self._cancel_grace(child)
+        rest = self._child_lines.pop(pid, b"")
+        if rest:
+            self._log_child_output(pid, rest + b"\n")
+        cause = child.kill_reason or describe_status(code, number)
+        exchange, child.exchange = child.exchange, None
+        child.close()
+        if child is self.child:
+            self._lose_child()
+        if exchange is not None:
+            exchange.lost(f"the worker process {cause}")
+        if self._on_child_ended is not None:
+            self._on_child_ended(self, child, cause)
+
+    def _lose_child(self) -> None:
+        """
+        The current child is gone: wait for the zygote's next one.
+        """
+        self.child = None
+        self._stop_heartbeat()
+        if self.state != "dead":
+            self.state = "recycling"
+            self.expect_child()
+
+    def expect_child(self) -> None:
+        """
+        Kill the zygote if its next child does not come in time.
+        """
+        self._cancel_deadline()
+        self.deadline = self._reactor.callLater(
+            self._fresh_timeout,
+            self.kill_zygote,
+            "did not start a fresh process after its last request",
+        )
+
+    # A child's channel
+
+    def _child_frame(self, child: ChildProtocol, kind: int, payload: bytes) -> None:
+        if kind not in wire.CHILD_SENDS:
+            self.kill_child(child, f"sent a frame it may not send (kind {kind})")
+            return
+        if kind == wire.ANSWER:
+            if child is self.child and child.challenge is not None and payload == child.challenge:
+                child.challenge = None
+                self._schedule_heartbeat()
+            else:
+                self.kill_child(child, "sent an incorrect heartbeat answer")
+            return
+        if kind == wire.CONSOLE:
             self.log.info(
                 "console of worker {worker_pid}: {console}",
                 worker_pid=self.pid,
                 console=payload.decode("utf-8", "replace").rstrip("\n"),
             )
-        elif self._exchange is None:
             return
-        elif kind == wire.HEAD:
+        exchange = child.exchange
+        if exchange is None:
+            return
+        if kind == wire.HEAD:
             head = json.loads(payload)
-            self._exchange.head(int(head["status"]), head["headers"])
+            exchange.head(int(head["status"]), head["headers"])
         elif kind == wire.DATA:
-            self._exchange.data(payload)
+            exchange.data(payload)
         elif kind == wire.FINISH:
-            exchange, self._exchange = self._exchange, None
-            self._end_body()
-            exchange.finish(json.loads(payload)["trailers"])
+            trailers = json.loads(payload)["trailers"]
+            child.exchange = None
+            self._end_body(child)
+            exchange.finish(trailers)
         elif kind == wire.FAIL:
             failure = json.loads(payload)
-            exchange, self._exchange = self._exchange, None
-            self._end_body()
+            child.exchange = None
+            self._end_body(child)
             exchange.fail(int(failure["status"]), failure["message"])
+
+    def _child_channel_lost(self, child: ChildProtocol) -> None:
+        """
+        A child closed its channel (or died): give its zygote a moment to
+        report its end, then kill it.
+        """
+        if child.pid in self._children and child.grace is None:
+            child.grace = self._reactor.callLater(
+                CHANNEL_GRACE, self.kill_child, child, "closed its channel"
+            )
+        if child is self.child:
+            self._lose_child()
+
+    def _cancel_grace(self, child: ChildProtocol) -> None:
+        if child.grace is not None and child.grace.active():
+            child.grace.cancel()
+        child.grace = None
 
     # Requests
 
     def run(self, exchange: Any, head: dict[str, Any], body: RequestBody | bytes) -> None:
         """
-        Send one request to this worker; its response goes to C{exchange}.
+        Send one request to this slot's current child; its response goes to
+        C{exchange}.
 
         @param exchange: an L{IExchange}.
         @param head: the request head (L{haikutx.child.wire.REQUEST}).
         @param body: the request body, sent in chunks as the pipe takes
             them (L{BodyFeed}).
         """
-        assert self.state == "idle", self.state
+        assert self.state == "idle" and self.child is not None, self.state
         self.state = "busy"
         self.kind = handler_kind(head.get("language", "python"))
-        self._exchange = exchange
-        pipe = getattr(self.transport, "pipes", {}).get(TO_WORKER)
-        self._feed = BodyFeed(lambda data: self.transport.writeToChild(TO_WORKER, data), pipe)
-        self._feed.start(wire.encode_json(wire.REQUEST, head), body)
+        child = self.child
+        child.exchange = exchange
+        child.requested = True
+        consumer = child.transport if hasattr(child.transport, "registerProducer") else None
+        child.feed = BodyFeed(child.send, consumer)
+        child.feed.start(wire.encode_json(wire.REQUEST, head), body)
 
     def retire(self) -> None:
         """
-        Ask the idle process to exit, so that its zygote forks a fresh one
-        (announced by a new READY).
+        Be done with the current child: close its channel and have its
+        zygote kill it and fork the next (which the zygote announces).
         """
-        self.transport.writeToChild(TO_WORKER, wire.encode(wire.RETIRE))
+        child = self.child
+        if child is None:
+            return
+        self._stop_heartbeat()
+        self.child = None
+        child.retired = True
+        child.close()
+        self._tell_zygote_to_end(child)
+
+    def _tell_zygote_to_end(self, child: ChildProtocol) -> None:
+        if self._zygote is not None:
+            self._zygote.write(wire.encode_json(wire.RETIRE, {"pid": child.pid}))
 
     def detach(self, exchange: Any) -> None:
         """
         Stop sending the response to C{exchange} (it has answered already).
         """
-        if self._exchange is exchange:
-            self._exchange = None
-            self._end_body()
+        for child in self._children.values():
+            if child.exchange is exchange:
+                child.exchange = None
+                self._end_body(child)
 
-    def _end_body(self) -> None:
+    def _end_body(self, child: ChildProtocol) -> None:
         """
-        Stop sending the request body (its response is over): the worker is
-        sent the body's end before it can be given another request.
+        Stop sending C{child} its request's body (the response is over): it
+        gets the body's end before it can be given another request.
         """
-        feed, self._feed = self._feed, None
+        feed, child.feed = child.feed, None
         if feed is None:
             return
-        if self.state == "dead":
+        if child.closed:
             feed.stopProducing()
         else:
             feed.stop()
@@ -243,18 +564,22 @@ class WorkerProtocol(ProcessProtocol):
 
     def _schedule_heartbeat(self) -> None:
         self._stop_heartbeat()
-        if self.state != "dead":
-            self._heartbeat = self._reactor.callLater(self._interval, self._challenge_worker)
+        if self.state != "dead" and self.child is not None:
+            self._heartbeat = self._reactor.callLater(self._interval, self._challenge_child)
 
-    def _challenge_worker(self) -> None:
-        self._challenge = os.urandom(8).hex().encode("ascii")
-        self.transport.writeToChild(TO_WORKER, wire.encode(wire.CHALLENGE, self._challenge))
-        self._heartbeat = self._reactor.callLater(self._timeout, self._missed_heartbeat)
+    def _challenge_child(self) -> None:
+        child = self.child
+        if child is None:
+            self._heartbeat = None
+            return
+        child.challenge = os.urandom(8).hex().encode("ascii")
+        child.send(wire.encode(wire.CHALLENGE, child.challenge))
+        self._heartbeat = self._reactor.callLater(self._timeout, self._missed_heartbeat, child)
 
-    def _missed_heartbeat(self) -> None:
+    def _missed_heartbeat(self, child: ChildProtocol) -> None:
         self._heartbeat = None
-        self.kill(
-            f"did not answer a heartbeat within {self._timeout * 1000:.0f} ms"
+        self.kill_child(
+            child, f"did not answer a heartbeat within {self._timeout * 1000:.0f} ms"
         )
 
     def _cancel_deadline(self) -> None:
@@ -269,18 +594,49 @@ class WorkerProtocol(ProcessProtocol):
 
     def kill(self, reason: str) -> None:
         """
-        Kill the process at once (SIGKILL), remembering why.
+        Kill the process running this slot's handlers: the current child
+        (through its zygote), or the zygote when there is none.
+        """
+        if self.child is not None:
+            self.kill_child(self.child, reason)
+        else:
+            self.kill_zygote(reason)
+
+    def kill_child(self, child: ChildProtocol, reason: str) -> None:
+        """
+        Have the zygote kill C{child} at once (C{SIGKILL}), remembering why.
+        """
+        if child.kill_reason is None and child.pid in self._children:
+            child.kill_reason = reason
+            self.log.warn(
+                "killing process {child_pid} of worker {worker_pid}: {reason}",
+                worker_pid=self.pid,
+                child_pid=child.pid,
+                reason=reason,
+            )
+        self._cancel_grace(child)
+        if child is self.child:
+            self._lose_child()
+        child.close()
+        self._tell_zygote_to_end(child)
+
+    def kill_zygote(self, reason: str) -> None:
+        """
+        Kill the zygote at once (SIGKILL), remembering why; its children
+        die with it.
         """
         if self.state == "dead":
             return
         if self.kill_reason is None:
             self.kill_reason = reason
-            self.log.warn("killing worker {worker_pid}: {reason}", worker_pid=self.pid, reason=reason)
+            self.log.warn(
+                "killing worker {worker_pid}: {reason}", worker_pid=self.pid, reason=reason
+            )
         self._signal("KILL")
 
     def terminate(self) -> None:
         """
-        Ask the process to stop (SIGTERM).
+        Ask the zygote to stop (SIGTERM); its children die with it.
         """
         self._signal("TERM")
 

@@ -85,6 +85,7 @@ SECCOMP_MODE_FILTER = 2
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
+CLONE_NEWIPC = 0x08000000
 
 
 def close_fds_except(keep_fds: tuple[int, ...] | set[int]) -> None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from ._libc import check, libc, syscall_number
 
@@ -261,3 +261,40 @@ def restrict_self(ruleset_fd: int) -> None:
         ),
         "landlock_restrict_self",
     )
+
+
+def enter_own_domain(abi: int, deny_exec: bool) -> bool:
+    """
+    Stack a Landlock layer of the calling process's own, made and dropped
+    here: its ruleset descriptor is closed before this returns, so no
+    handler ever holds one.  The layer scopes signals and abstract unix
+    sockets to this process and its children (ABI 6+), so that it cannot
+    signal its zygote or a sibling, and with C{deny_exec} forbids
+    executing any file.
+
+    @param abi: the Landlock ABI (from L{abi_version}).
+    @param deny_exec: also deny C{execve} of every file.
+    @return: whether a layer was added (C{False} when the ABI has nothing
+        to add).
+    @raise OSError: if the kernel refuses.
+    """
+    handled_fs = ACCESS_FS_EXECUTE if deny_exec and abi >= 1 else 0
+    scopes = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0
+    if not handled_fs and not scopes:
+        return False
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+    attr = _RulesetAttr(handled_access_fs=handled_fs, handled_access_net=0, scoped=scopes)
+    fd = check(
+        libc.syscall(
+            syscall_number("landlock_create_ruleset"),
+            ctypes.byref(attr),
+            ctypes.c_size_t(size),
+            ctypes.c_uint32(0),
+        ),
+        "landlock_create_ruleset",
+    )
+    try:
+        restrict_self(fd)
+    finally:
+        os.close(fd)
+    return True

@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 
 from . import landlock, privileges, seccomp
+from . import landlock as _landlock
 from ._libc import MACHINE, PR_SET_PDEATHSIG, close_fds_except, libc, prctl, syscall_number
 from .privileges import Identity, ResourceLimits
 
@@ -255,12 +256,34 @@ class PreparedSandbox:
         except OSError as e:
             raise SandboxError(f"sandbox: {e}") from e
 
+    def apply_to_zygote(self) -> None:
+        """
+        Apply C{no_new_privs}, the Landlock ruleset and the seccomp filter
+        to the calling process (a zygote, before its first fork), and close
+        the ruleset descriptor: its children inherit the domain and hold no
+        ruleset.  Limits and identity are left to each child.
+
+        @raise SandboxError: if a layer fails (the caller must exit).
+        """
+        try:
+            privileges.set_no_new_privs()
+            if self.ruleset_fd >= 0:
+                landlock.restrict_self(self.ruleset_fd)
+            if self.filter is not None:
+                seccomp.install(self.filter)
+        except OSError as e:
+            raise SandboxError(f"sandbox: {e}") from e
+        finally:
+            self.close()
+
     def close(self) -> None:
         """
-        Release the ruleset descriptor (in the zygote, when done).
+        Release the ruleset descriptor (in the zygote, when done); calling
+        it again does nothing.
         """
         if self.ruleset_fd >= 0:
             os.close(self.ruleset_fd)
+            object.__setattr__(self, "ruleset_fd", -1)
 
     def describe(self) -> dict[str, object]:
         """
@@ -285,12 +308,23 @@ class PreparedSandbox:
         return out
 
 
-def prepare(policy: SandboxPolicy) -> PreparedSandbox:
+def prepare(
+    policy: SandboxPolicy,
+    allow_fork: bool = False,
+    allow_ipc_namespace: bool = False,
+    landlock: bool = True,
+    seccomp_filter: bool = True,
+) -> PreparedSandbox:
     """
     Turn a policy into kernel objects, once, in the zygote. Layers the
     kernel lacks are skipped and say why in L{PreparedSandbox.layers}.
 
     @param policy: the policy.
+    @param allow_fork: the filter allows new processes (a zygote's common
+        filter; see L{seccomp.build_program}).
+    @param allow_ipc_namespace: the filter allows C{unshare(CLONE_NEWIPC)}.
+    @param landlock: build the Landlock ruleset (C{False}: turned off).
+    @param seccomp_filter: build the seccomp filter (C{False}: turned off).
     @return: the prepared sandbox.
     @raise SandboxError: for an identity switch asked of a non-root
         process, or a kernel that refuses a layer it claims to have.
@@ -332,7 +366,7 @@ def prepare(policy: SandboxPolicy) -> PreparedSandbox:
 
     ruleset_fd = -1
     summary = None
-    if found.landlock_abi >= 1:
+    if found.landlock_abi >= 1 and landlock:
         read = policy.read_paths if policy.read_paths is not None else interpreter_read_paths()
         read = tuple(read) + tuple(policy.extra_read_paths)
         exec_paths: tuple[str, ...] = ()
@@ -341,14 +375,14 @@ def prepare(policy: SandboxPolicy) -> PreparedSandbox:
             loaders = (elf_interpreter(p) for p in exec_paths if os.path.isfile(p))
             exec_paths += tuple(p for p in loaders if p)
         try:
-            ruleset_fd, summary = landlock.build_ruleset(
+            ruleset_fd, summary = _landlock.build_ruleset(
                 found.landlock_abi, read, exec_paths, policy.connect_ports
             )
         except OSError as e:
             raise SandboxError(f"Landlock: {e}") from e
         layers["landlock"] = "active"
     else:
-        layers["landlock"] = found.reasons["landlock"]
+        layers["landlock"] = found.reasons.get("landlock", "turned off by name")
 
     identity = policy.identity
     if (
@@ -370,11 +404,14 @@ def prepare(policy: SandboxPolicy) -> PreparedSandbox:
         )
 
     program = None
-    if found.seccomp:
-        program = seccomp.build_filter(policy.allow_exec, MACHINE)
+    if found.seccomp and seccomp_filter:
+        program = seccomp.build_filter(
+            policy.allow_exec, MACHINE, allow_fork=allow_fork,
+            allow_ipc_namespace=allow_ipc_namespace,
+        )
         layers["seccomp"] = "active"
     else:
-        layers["seccomp"] = found.reasons["seccomp"]
+        layers["seccomp"] = found.reasons.get("seccomp", "turned off by name")
     _warm_up()
     return PreparedSandbox(
         policy=policy,

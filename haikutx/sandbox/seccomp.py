@@ -8,7 +8,10 @@ C{EPERM} (C{ENOSYS} for C{clone3}, so that the C library falls back to
 C{clone}, whose flags the filter can read):
 
   - new processes: C{fork}, C{vfork}, and C{clone} without C{CLONE_THREAD}
-    or with any C{CLONE_NEW*} flag (threads keep working);
+    or with any C{CLONE_NEW*} flag (threads keep working), unless the
+    filter is a zygote's (C{allow_fork}); then a Python child stacks the
+    short filter of L{build_process_program}, which denies them again;
+  - System V IPC and POSIX message queues (L{IPC});
   - C{execve}/C{execveat}, unless the policy allows exec (stdio
     interpreters; Landlock then decides what may be executed);
   - tracing and other processes' memory: C{ptrace}, C{process_vm_*},
@@ -66,6 +69,11 @@ SYSCALLS: dict[str, dict[str, int]] = {
         "reboot": 169, "swapon": 167, "swapoff": 168, "acct": 163,
         "personality": 135, "quotactl": 179, "iopl": 172, "ioperm": 173,
         "uselib": 134, "vhangup": 153,
+        "shmget": 29, "shmat": 30, "shmctl": 31, "shmdt": 67,
+        "semget": 64, "semop": 65, "semctl": 66, "semtimedop": 220,
+        "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71,
+        "mq_open": 240, "mq_unlink": 241, "mq_timedsend": 242,
+        "mq_timedreceive": 243, "mq_notify": 244, "mq_getsetattr": 245,
     },
     "aarch64": {
         "clone": 220, "clone3": 435,
@@ -85,14 +93,33 @@ SYSCALLS: dict[str, dict[str, int]] = {
         "init_module": 105, "finit_module": 273, "delete_module": 106,
         "reboot": 142, "swapon": 224, "swapoff": 225, "acct": 89,
         "personality": 92, "quotactl": 60,
+        "mq_open": 180, "mq_unlink": 181, "mq_timedsend": 182,
+        "mq_timedreceive": 183, "mq_notify": 184, "mq_getsetattr": 185,
+        "msgget": 186, "msgctl": 187, "msgrcv": 188, "msgsnd": 189,
+        "semget": 190, "semctl": 191, "semtimedop": 192, "semop": 193,
+        "shmget": 194, "shmctl": 195, "shmat": 196, "shmdt": 197,
     },
 }
 
 AUDIT_ARCH = {"x86_64": AUDIT_ARCH_X86_64, "aarch64": AUDIT_ARCH_AARCH64}
 
+#: System V and POSIX message-queue IPC: objects that outlive a process and
+#: are shared by every process of an IPC namespace (SPEC: no IPC between
+#: handlers).  POSIX shared memory is a file in C{/dev/shm}, which Landlock
+#: keeps out of reach.
+IPC = (
+    "shmget", "shmat", "shmctl", "shmdt",
+    "semget", "semop", "semctl", "semtimedop",
+    "msgget", "msgsnd", "msgrcv", "msgctl",
+    "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify",
+    "mq_getsetattr",
+)
+
+#: New processes (only threads are left).
+FORK = ("fork", "vfork")
+
 #: Denied outright (C{EPERM}).
 DENIED = (
-    "fork", "vfork",
     "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd",
     "mount", "umount2", "pivot_root", "chroot", "open_tree", "move_mount",
     "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
@@ -118,6 +145,7 @@ CLONE_NEW_ANY = (
     | 0x20000000  # CLONE_NEWPID
     | 0x40000000  # CLONE_NEWNET
 )
+CLONE_NEWIPC = 0x08000000
 AF_UNIX = 1
 AF_INET = 2
 AF_INET6 = 10
@@ -177,7 +205,7 @@ class _Assembler:
     def assemble(self) -> list[tuple[int, int, int, int]]:
         out = []
         for index, (code, jt, jf, k) in enumerate(self.code):
-            def resolve(target: object) -> int:
+            def resolve(target: object, index: int = index) -> int:
                 if isinstance(target, int):
                     return target
                 offset = self.labels[str(target)] - index - 1
@@ -189,24 +217,35 @@ class _Assembler:
         return out
 
 
-def build_program(machine: str, allow_exec: bool) -> list[tuple[int, int, int, int]]:
+def build_program(
+    machine: str,
+    allow_exec: bool = False,
+    allow_fork: bool = False,
+    allow_ipc_namespace: bool = False,
+) -> list[tuple[int, int, int, int]]:
     """
     Assemble the filter for an architecture.
 
     @param machine: C{platform.machine()}, C{"x86_64"} or C{"aarch64"}.
     @param allow_exec: whether C{execve}/C{execveat} stay allowed.
+    @param allow_fork: whether new processes may be started (C{fork},
+        C{vfork}, C{clone} without C{CLONE_THREAD}; never with a
+        C{CLONE_NEW*} flag).  The filter of a zygote and of every child,
+        which a Python child narrows with L{build_process_program}.
+    @param allow_ipc_namespace: allow C{unshare(CLONE_NEWIPC)} and nothing
+        else of C{unshare} (the zygote gives each child an IPC namespace of
+        its own; children lack the capability it needs).
     @return: the instructions as C{(code, jt, jf, k)} tuples.
     @raise KeyError: for an architecture without a table.
     """
     table = SYSCALLS[machine]
     a = _Assembler()
-    eperm = RET_ERRNO | errno.EPERM
-    a.op(_LD_W_ABS, _OFF_ARCH)
-    a.op(_JEQ_K, AUDIT_ARCH[machine], 0, "kill")
-    a.op(_LD_W_ABS, _OFF_NR)
-    if machine == "x86_64":
-        a.op(_JGE_K, 0x40000000, "kill", 0)  # the x32 ABI
-    denied = [n for n in DENIED if n in table]
+    _check_arch(a, machine)
+    denied = [n for n in DENIED + IPC if n in table]
+    if allow_ipc_namespace:
+        denied.remove("unshare")
+    if not allow_fork:
+        denied += [n for n in FORK if n in table]
     if not allow_exec:
         denied += EXEC
     for name in denied:
@@ -215,12 +254,11 @@ def build_program(machine: str, allow_exec: bool) -> list[tuple[int, int, int, i
     a.op(_JEQ_K, table["clone"], "clone", 0)
     a.op(_JEQ_K, table["socket"], "socket", 0)
     a.op(_JEQ_K, table["socketpair"], "socketpair", 0)
+    if allow_ipc_namespace:
+        a.op(_JEQ_K, table["unshare"], "unshare", 0)
     a.op(_RET_K, RET_ALLOW)
 
-    a.label("clone")
-    a.op(_LD_W_ABS, _arg_low(0))
-    a.op(_JSET_K, CLONE_NEW_ANY, "deny", 0)
-    a.op(_JSET_K, CLONE_THREAD, "allow", "deny")
+    _clone_rule(a, allow_fork)
 
     a.label("socket")
     a.op(_LD_W_ABS, _arg_low(0))
@@ -234,15 +272,76 @@ def build_program(machine: str, allow_exec: bool) -> list[tuple[int, int, int, i
     a.op(_AND_K, SOCK_TYPE_MASK)
     a.op(_JEQ_K, SOCK_STREAM, "allow", "deny")
 
+    if allow_ipc_namespace:
+        a.label("unshare")
+        a.op(_LD_W_ABS, _arg_low(0))
+        a.op(_JEQ_K, CLONE_NEWIPC, "allow", "deny")
+    _returns(a)
+    return a.assemble()
+
+
+def build_process_program(
+    machine: str, allow_exec: bool = False, allow_fork: bool = False
+) -> list[tuple[int, int, int, int]]:
+    """
+    Assemble a short filter stacked on the one of L{build_program} when a
+    child learns what it runs: it denies what the common filter allowed for
+    the zygote's sake, new processes (unless C{allow_fork}), exec (unless
+    C{allow_exec}), and C{unshare}/C{setns} entirely.
+
+    @param machine: C{platform.machine()}.
+    @param allow_exec: whether C{execve}/C{execveat} stay allowed.
+    @param allow_fork: whether new processes may be started.
+    @return: the instructions.
+    @raise KeyError: for an architecture without a table.
+    """
+    table = SYSCALLS[machine]
+    a = _Assembler()
+    _check_arch(a, machine)
+    denied = ["unshare", "setns"]
+    if not allow_fork:
+        denied += [n for n in FORK if n in table]
+    if not allow_exec:
+        denied += EXEC
+    for name in denied:
+        a.op(_JEQ_K, table[name], "deny", 0)
+    if not allow_fork:
+        a.op(_JEQ_K, table["clone3"], "enosys", 0)
+        a.op(_JEQ_K, table["clone"], "clone", 0)
+    a.op(_RET_K, RET_ALLOW)
+    if not allow_fork:
+        _clone_rule(a, False)
+    _returns(a)
+    return a.assemble()
+
+
+def _check_arch(a: _Assembler, machine: str) -> None:
+    a.op(_LD_W_ABS, _OFF_ARCH)
+    a.op(_JEQ_K, AUDIT_ARCH[machine], 0, "kill")
+    a.op(_LD_W_ABS, _OFF_NR)
+    if machine == "x86_64":
+        a.op(_JGE_K, 0x40000000, "kill", 0)  # the x32 ABI
+
+
+def _clone_rule(a: _Assembler, allow_fork: bool) -> None:
+    a.label("clone")
+    a.op(_LD_W_ABS, _arg_low(0))
+    if allow_fork:
+        a.op(_JSET_K, CLONE_NEW_ANY, "deny", "allow")
+    else:
+        a.op(_JSET_K, CLONE_NEW_ANY, "deny", 0)
+        a.op(_JSET_K, CLONE_THREAD, "allow", "deny")
+
+
+def _returns(a: _Assembler) -> None:
     a.label("allow")
     a.op(_RET_K, RET_ALLOW)
     a.label("deny")
-    a.op(_RET_K, eperm)
+    a.op(_RET_K, RET_ERRNO | errno.EPERM)
     a.label("enosys")
     a.op(_RET_K, RET_ERRNO | errno.ENOSYS)
     a.label("kill")
     a.op(_RET_K, RET_KILL_PROCESS)
-    return a.assemble()
 
 
 @dataclass(frozen=True, eq=False)
@@ -263,16 +362,37 @@ class Filter:
     _prog: _SockFprog
 
 
-def build_filter(allow_exec: bool = False, machine: str = MACHINE) -> Filter:
+def build_filter(
+    allow_exec: bool = False,
+    machine: str = MACHINE,
+    allow_fork: bool = False,
+    allow_ipc_namespace: bool = False,
+) -> Filter:
     """
     Build the filter once (in the zygote).
 
     @param allow_exec: keep C{execve} allowed (stdio interpreters).
     @param machine: the architecture (default: this one).
+    @param allow_fork: see L{build_program}.
+    @param allow_ipc_namespace: see L{build_program}.
     @return: a L{Filter} for L{install}.
     @raise KeyError: for an architecture without a table.
     """
-    program = build_program(machine, allow_exec)
+    return _filter(
+        machine, allow_exec, build_program(machine, allow_exec, allow_fork, allow_ipc_namespace)
+    )
+
+
+def build_process_filter(
+    allow_exec: bool = False, machine: str = MACHINE, allow_fork: bool = False
+) -> Filter:
+    """
+    Build the short filter of L{build_process_program} once (in the zygote).
+    """
+    return _filter(machine, allow_exec, build_process_program(machine, allow_exec, allow_fork))
+
+
+def _filter(machine: str, allow_exec: bool, program: list[tuple[int, int, int, int]]) -> Filter:
     buffer = (_SockFilter * len(program))(*[_SockFilter(c, t, f, k) for c, t, f, k in program])
     prog = _SockFprog(len(program), ctypes.cast(buffer, ctypes.POINTER(_SockFilter)))
     return Filter(machine, allow_exec, len(program), buffer, prog)

@@ -129,7 +129,7 @@ class HostileHandlerTests(TestCase):
         import json
 
         layers = json.loads(response.body)["pool"]["sandbox"]["layers"]
-        for layer in ("rlimits", "no_new_privs", "landlock", "seccomp", "uid", "network"):
+        for layer in ("rlimits", "no_new_privs", "landlock", "seccomp", "uid", "network", "ipc"):
             self.assertTrue(layers[layer].startswith("active"), (layer, layers[layer]))
 
     async def test_read_files(self) -> None:

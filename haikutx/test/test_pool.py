@@ -73,8 +73,8 @@ class PoolTests(SynchronousTestCase):
         pool.startService()
         return pool
 
-    def ready(self, index: int) -> None:
-        self.spawner.started[index].send(wire.READY, b'{"pid": 1}')
+    def ready(self, index: int, pid: int | None = None) -> None:
+        self.spawner.started[index].start_child(pid)
 
     def serve(self, pool: WorkerPool, worker) -> None:
         worker.run(RecordingExchange(), {}, b"")
@@ -113,17 +113,21 @@ class PoolTests(SynchronousTestCase):
 
     def test_recycle(self) -> None:
         """
-        A worker released at its quota waits for its zygote's fresh process
-        (a new READY) and is then handed out again; no process is spawned.
+        A worker released at its quota closes its child's channel, tells
+        its zygote to retire that child, waits for the zygote's next child
+        and is then handed out again; no zygote is spawned.
         """
         pool = self.make_pool(size=1, max_requests=1)
-        self.ready(0)
+        self.ready(0, pid=1)
         worker = self.successResultOf(pool.acquire(5))
+        first = self.spawner.started[0].child
         self.serve(pool, worker)
         self.assertEqual(worker.state, "recycling")
+        self.assertTrue(first.closed)
+        self.assertEqual(self.spawner.started[0].zygote_frames(), [(wire.RETIRE, {"pid": 1})])
         waiting = pool.acquire(5)
         self.assertNoResult(waiting)
-        self.spawner.started[0].send(wire.READY, b'{"pid": 2}')
+        self.ready(0, pid=2)
         self.assertIs(self.successResultOf(waiting), worker)
         self.assertEqual(worker.child_pid, 2)
         self.assertEqual(len(self.spawner.started), 1)
@@ -209,8 +213,11 @@ class PoolTests(SynchronousTestCase):
         waiting = pool.acquire(5, "stdio")
         self.assertNoResult(waiting)
         self.assertEqual(worker.state, "recycling")
-        self.assertEqual(self.spawner.started[0].frames()[-1], (wire.RETIRE, b""))
-        self.spawner.started[0].send(wire.READY, b'{"pid": 3}')
+        retired = self.spawner.started[0].child.pid
+        self.assertEqual(
+            self.spawner.started[0].zygote_frames()[-1], (wire.RETIRE, {"pid": retired})
+        )
+        self.ready(0, pid=3)
         self.assertIs(self.successResultOf(waiting), worker)
         self.assertIsNone(worker.kind)
         self.assertEqual(len(self.spawner.started), 1)
@@ -230,6 +237,24 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(len(recycled), 1)
         self.assertEqual(recycled[0]["reason"], "served its quota of 1 requests")
         self.assertEqual(recycled[0]["worker_pid"], worker.pid)
+        # With --maxrequests 1 the quota recycle follows every request: debug.
+        self.assertEqual(recycled[0]["log_level"].name, "debug")
+
+    def test_other_recycles_logged_at_info(self) -> None:
+        """
+        A quota recycle with C{--maxrequests} above 1 is logged at info.
+        """
+        from twisted.logger import capturedLogs
+
+        pool = self.make_pool(size=1, max_requests=2)
+        self.ready(0)
+        worker = self.successResultOf(pool.acquire(5))
+        self.serve(pool, worker)
+        worker = self.successResultOf(pool.acquire(5))
+        with capturedLogs() as events:
+            self.serve(pool, worker)
+        recycled = [e for e in events if "recycling" in e["log_format"]]
+        self.assertEqual([e["log_level"].name for e in recycled], ["info"])
 
     def test_released_worker_goes_to_a_waiter_it_suits(self) -> None:
         """
@@ -246,7 +271,7 @@ class PoolTests(SynchronousTestCase):
         self.assertNoResult(stdio)
         self.serve_kind(pool, worker, "python")
         self.assertEqual(worker.state, "recycling")
-        self.spawner.started[0].send(wire.READY, b'{"pid": 4}')
+        self.ready(0, pid=4)
         self.assertIs(self.successResultOf(stdio), worker)
 
     def test_stop(self) -> None:
@@ -280,7 +305,7 @@ class WorkerProtocolTests(SynchronousTestCase):
         )
         self.pool.startService()
         self.transport = self.spawner.started[0]
-        self.transport.send(wire.READY, b"{}")
+        self.transport.start_child(7)
         self.worker = self.transport.protocol
 
     def test_request_frames(self) -> None:
@@ -315,44 +340,88 @@ class WorkerProtocolTests(SynchronousTestCase):
 
     def test_heartbeat_missed(self) -> None:
         """
-        A worker that does not answer within the timeout is killed, and the
-        request it held is answered with the reason.
+        A child that does not answer within the timeout is killed by its
+        zygote, and the request it held is answered with the reason; the
+        zygote lives on and its next child serves.
         """
         exchange = RecordingExchange()
         self.worker.run(exchange, {}, b"")
         self.clock.advance(5)
         self.clock.advance(2)
-        self.assertEqual(self.transport.signals, ["KILL"])
-        self.transport.exit(signal=9)
+        self.assertEqual(self.transport.zygote_frames(), [(wire.RETIRE, {"pid": 7})])
+        self.assertEqual(self.transport.signals, [])
+        self.transport.end_child(7, code=None, signal=9)
         self.assertEqual(
             exchange.events,
             [("lost", "the worker process did not answer a heartbeat within 2000 ms")],
         )
         self.assertEqual(self.pool.counters["killed"], 1)
-        self.assertEqual(len(self.spawner.started), 2)
+        self.transport.start_child(8)
+        self.assertEqual(self.worker.state, "idle")
+        self.assertEqual(len(self.spawner.started), 1)
 
     def test_heartbeat_wrong(self) -> None:
         """
-        A wrong answer kills the worker.
+        A wrong answer has the child killed.
         """
+        child = self.transport.child
         self.clock.advance(5)
         self.transport.send(wire.ANSWER, b"forged")
-        self.assertEqual(self.transport.signals, ["KILL"])
-        self.assertEqual(self.worker.kill_reason, "sent an incorrect heartbeat answer")
+        self.assertEqual(self.transport.zygote_frames(), [(wire.RETIRE, {"pid": 7})])
+        self.assertEqual(child.protocol.kill_reason, "sent an incorrect heartbeat answer")
+        self.assertTrue(child.closed)
 
     def test_malformed_frame(self) -> None:
         """
-        A malformed frame kills the worker.
+        A malformed frame has the child killed.
         """
-        self.worker.childDataReceived(4, b"\xff\xff\xff\xff\x00")
+        self.transport.child.protocol.dataReceived(b"\xff\xff\xff\xff\x00")
+        self.assertEqual(self.transport.zygote_frames(), [(wire.RETIRE, {"pid": 7})])
+
+    def test_zygote_frames_refused_from_a_child(self) -> None:
+        """
+        A child that sends a frame of the zygote's kinds (or an old READY)
+        is killed, and nothing it claimed is believed: no new child, no
+        idle slot.
+        """
+        for kind in (wire.CHILD, wire.ENDED, wire.SANDBOX, wire.OUTPUT, wire.READY,
+                     wire.RETIRE, wire.REQUEST):
+            self.setUp()
+            exchange = RecordingExchange()
+            self.worker.run(exchange, {}, b"")
+            self.transport.send(kind, b'{"pid": 99, "code": 0, "signal": null}')
+            self.assertEqual(self.transport.zygote_frames(), [(wire.RETIRE, {"pid": 7})], kind)
+            self.assertEqual(self.worker.state, "recycling")
+            self.assertIsNone(self.worker.child)
+            self.assertEqual(list(self.transport.children), [7])
+
+    def test_zygote_malformed_frame(self) -> None:
+        """
+        A malformed frame from the zygote kills the zygote.
+        """
+        self.worker.zygote_data(b"\xff\xff\xff\xff\x00", None)
         self.assertEqual(self.transport.signals, ["KILL"])
+
+    def test_child_output_logged(self) -> None:
+        """
+        What a child writes to its stdout or stderr, forwarded by its
+        zygote, is logged line by line with the child's pid.
+        """
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.transport.zygote(wire.OUTPUT, (7).to_bytes(4, "big") + b"one\ntw")
+        self.transport.zygote(wire.OUTPUT, (7).to_bytes(4, "big") + b"o\n")
+        lines = [(e["child_pid"], e["line"]) for e in events if e.get("stream") == "output"]
+        self.assertEqual(lines, [(7, "one"), (7, "two")])
 
     def test_output_logged(self) -> None:
         """
         What a worker prints is logged line by line with its stream.
         """
-        from twisted.logger import globalLogPublisher
         from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
 
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         self.worker.childDataReceived(2, b"one\ntw")

@@ -32,8 +32,8 @@ from haikutx.sandbox import (
     interpreter_read_paths,
     probe,
     receive_connection,
+    seccomp,
 )
-from haikutx.sandbox import seccomp
 from haikutx.sandbox.policy import elf_interpreter
 
 LAYERS = probe()
@@ -712,7 +712,10 @@ def _run_bpf(program, nr: int, arch: int, args: tuple[int, ...]) -> int:
         pc += 1
 
 
-def _expected(machine: str, allow_exec: bool, nr: int, args: tuple[int, ...]) -> int:
+def _expected(
+    machine: str, allow_exec: bool, nr: int, args: tuple[int, ...],
+    allow_fork: bool = False, allow_ipc_namespace: bool = False,
+) -> int:
     """
     The decision the filter should make, written plainly.
     """
@@ -722,13 +725,19 @@ def _expected(machine: str, allow_exec: bool, nr: int, args: tuple[int, ...]) ->
     eperm = seccomp.RET_ERRNO | errno.EPERM
     if machine == "x86_64" and nr >= 0x40000000:
         return seccomp.RET_KILL_PROCESS
-    if name in seccomp.DENIED or (name in seccomp.EXEC and not allow_exec):
-        return eperm
     low = [a & 0xFFFFFFFF for a in args]
+    if name == "unshare" and allow_ipc_namespace:
+        return seccomp.RET_ALLOW if low[0] == seccomp.CLONE_NEWIPC else eperm
+    if name in seccomp.DENIED or name in seccomp.IPC or (name in seccomp.EXEC and not allow_exec):
+        return eperm
+    if name in seccomp.FORK and not allow_fork:
+        return eperm
     if name == "clone3":
         return seccomp.RET_ERRNO | errno.ENOSYS
     if name == "clone":
-        ok = low[0] & seccomp.CLONE_THREAD and not low[0] & seccomp.CLONE_NEW_ANY
+        if low[0] & seccomp.CLONE_NEW_ANY:
+            return eperm
+        ok = allow_fork or low[0] & seccomp.CLONE_THREAD
         return seccomp.RET_ALLOW if ok else eperm
     if name == "socket":
         return seccomp.RET_ALLOW if low[0] in (2, 10) else eperm
@@ -737,6 +746,30 @@ def _expected(machine: str, allow_exec: bool, nr: int, args: tuple[int, ...]) ->
         return seccomp.RET_ALLOW if ok else eperm
     return seccomp.RET_ALLOW
 
+
+def _expected_process(
+    machine: str, allow_exec: bool, allow_fork: bool, nr: int, args: tuple[int, ...]
+) -> int:
+    """
+    The decision of the short per-kind filter, written plainly.
+    """
+    names = {v: n for n, v in seccomp.SYSCALLS[machine].items()}
+    name = names.get(nr)
+    eperm = seccomp.RET_ERRNO | errno.EPERM
+    if machine == "x86_64" and nr >= 0x40000000:
+        return seccomp.RET_KILL_PROCESS
+    low = args[0] & 0xFFFFFFFF
+    if name in ("unshare", "setns") or (name in seccomp.EXEC and not allow_exec):
+        return eperm
+    if not allow_fork:
+        if name in seccomp.FORK:
+            return eperm
+        if name == "clone3":
+            return seccomp.RET_ERRNO | errno.ENOSYS
+        if name == "clone":
+            ok = low & seccomp.CLONE_THREAD and not low & seccomp.CLONE_NEW_ANY
+            return seccomp.RET_ALLOW if ok else eperm
+    return seccomp.RET_ALLOW
 
 
 _machines = st.sampled_from(sorted(seccomp.SYSCALLS))
@@ -772,11 +805,35 @@ class FilterSemanticsTests(SynchronousTestCase):
         the plainly written policy returns.
         """
         machine, allow_exec, nr, args = call
-        program = seccomp.build_program(machine, allow_exec)
-        self.assertEqual(
-            _run_bpf(program, nr, seccomp.AUDIT_ARCH[machine], args),
-            _expected(machine, allow_exec, nr, args),
-        )
+        arch = seccomp.AUDIT_ARCH[machine]
+        for allow_fork, ipc_namespace in ((False, False), (True, True), (True, False)):
+            program = seccomp.build_program(machine, allow_exec, allow_fork, ipc_namespace)
+            self.assertEqual(
+                _run_bpf(program, nr, arch, args),
+                _expected(machine, allow_exec, nr, args, allow_fork, ipc_namespace),
+                (allow_fork, ipc_namespace),
+            )
+        for allow_fork in (False, True):
+            program = seccomp.build_process_program(machine, allow_exec, allow_fork)
+            self.assertEqual(
+                _run_bpf(program, nr, arch, args),
+                _expected_process(machine, allow_exec, allow_fork, nr, args),
+                allow_fork,
+            )
+
+    def test_ipc_denied(self):
+        """
+        Every System V and POSIX message-queue call is denied by every
+        filter a child runs under.
+        """
+        for machine, table in seccomp.SYSCALLS.items():
+            program = seccomp.build_program(machine, True, True, True)
+            for name in seccomp.IPC:
+                self.assertEqual(
+                    _run_bpf(program, table[name], seccomp.AUDIT_ARCH[machine], (0,) * 6),
+                    seccomp.RET_ERRNO | errno.EPERM,
+                    (machine, name),
+                )
 
     @given(_machines, st.integers(0, 2**32 - 1))
     def test_foreign_arch_killed(self, machine, arch):
