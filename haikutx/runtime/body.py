@@ -67,7 +67,7 @@ class LimitedRequest(Request):
             self.content = BytesIO()
             # allHeadersReceived answers "Expect: 100-continue" after us.
             self.requestHeaders.removeHeader(b"expect")
-            self._refuse_body()
+            self._refuse_body(length)
             return
         super().gotLength(length)
 
@@ -76,7 +76,7 @@ class LimitedRequest(Request):
             return
         self._body_received += len(data)
         if self._body_received > self._max_body():
-            self._refuse_body()
+            self._refuse_body(None)
             return
         super().handleContentChunk(data)
 
@@ -91,11 +91,15 @@ class LimitedRequest(Request):
         self._linger = None
         super().connectionLost(reason)
 
-    def _refuse_body(self) -> None:
+    def _refuse_body(self, remaining: int | None) -> None:
         """
         Answer 413 on the raw transport (the request has not been processed,
         so twisted.web's response machinery is not ready), log it, and close
-        the connection once the client has had the time to read the answer.
+        the connection once the client has had the time to read the answer,
+        or has sent all of its body.
+
+        @param remaining: the body bytes still to come (its
+            C{Content-Length}), or C{None} when unknown (chunked).
         """
         from haikutx.runtime.resource import HANDLER, request_parameter
 
@@ -123,8 +127,6 @@ class LimitedRequest(Request):
             b"Content-Length: %d\r\n"
             b"Connection: close\r\n\r\n" % len(body) + body
         )
-        # Discard whatever else the client sends, body or not.
-        channel._transferDecoder = _Discard()
         channel.persistent = False
         half_close = getattr(transport, "loseWriteConnection", None)
         if half_close is not None:
@@ -132,15 +134,28 @@ class LimitedRequest(Request):
             self._linger = channel.callLater(LINGER, transport.abortConnection)
         else:
             self._linger = channel.callLater(LINGER, transport.loseConnection)
+        # Discard whatever else the client sends; once all of the body it
+        # announced is in, the connection can close without a reset.
+        channel._transferDecoder = _Discard(remaining, transport.loseConnection)
 
 
 class _Discard:
     """
-    A transfer decoder that drops its input.
+    A transfer decoder that drops its input, and calls C{done} once
+    C{remaining} bytes (if known) have come.
     """
 
+    def __init__(self, remaining: int | None, done: Callable[[], None]) -> None:
+        self._remaining = remaining
+        self._done = done
+
     def dataReceived(self, data: bytes) -> None:
-        pass
+        if self._remaining is None:
+            return
+        self._remaining -= len(data)
+        if self._remaining <= 0:
+            self._remaining = None
+            self._done()
 
     def noMoreData(self) -> None:
         pass

@@ -75,7 +75,7 @@ class LimitedRequestTests(SynchronousTestCase):
         response = self.answer()
         self.assertEqual((response.status, response.text), (413, body_too_large(100) + "\n"))
         self.assertEqual(response.headers["connection"], "close")
-        self.channel.dataReceived(b"x" * 101)
+        self.channel.dataReceived(b"x" * 100)
         self.assertEqual(self.resource.bodies, [])
         self.assertEqual(self.transport.value(), raw)
         [event] = [e for e in self.events if e.get("status") == 413]
@@ -84,6 +84,22 @@ class LimitedRequestTests(SynchronousTestCase):
         self.assertFalse(self.transport.disconnecting)
         self.clock.advance(LINGER)
         self.assertTrue(self.transport.disconnecting)
+        self.channel.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_closed_once_body_in(self) -> None:
+        """
+        Once the client has sent all of the body it announced (discarded),
+        the connection closes without waiting.
+        """
+        self.channel.dataReceived(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 150\r\n\r\n" + b"x" * 100
+        )
+        self.assertEqual(self.answer().status, 413)
+        self.assertFalse(self.transport.disconnecting)
+        self.channel.dataReceived(b"x" * 50)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.resource.bodies, [])
         self.channel.connectionLost(None)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 

@@ -74,6 +74,8 @@ class OptionsTests(SynchronousTestCase):
             (["--allow", "ftp://x/"], "--allow"),
             (["--egress-allow", "nohost"], "--egress-allow"),
             (["--user", "no-such-user-xyz"], "--user"),
+            (["--maxbody", "-1"], "--maxbody"),
+            (["--maxbody", "10M"], "--maxbody"),
         ]
         for argv, option in cases:
             with self.assertRaises(UsageError, msg=argv) as caught:
@@ -91,6 +93,13 @@ class OptionsTests(SynchronousTestCase):
             Limits(max_size=100, max_time=0.25, max_console=0, max_memory=64 << 20),
         )
         self.assertEqual(config.max_requests, 0)
+
+    def test_maxbody(self) -> None:
+        """
+        C{--maxbody} is in bytes, 10 MiB by default.
+        """
+        self.assertEqual(parse().limits.max_body, 10485760)
+        self.assertEqual(parse("--maxbody", "4096").limits.max_body, 4096)
 
     def test_jobs_bare_port_is_loopback(self) -> None:
         """
