@@ -79,7 +79,7 @@ def request_environment(head: dict[str, Any], body: bytes) -> dict[str, str]:
             "PATH_INFO": parts.path,
             "QUERY_STRING": parts.query,
             "CONTENT_TYPE": headers.get("content-type", ""),
-            "CONTENT_LENGTH": _content_length(headers, body),
+            "CONTENT_LENGTH": _content_length(head, headers, body),
             "REMOTE_ADDR": head.get("remote_addr", ""),
             "SERVER_PROTOCOL": head.get("protocol", "HTTP/1.1"),
             "SERVER_NAME": headers.get("host", "").rsplit(":", 1)[0],
@@ -112,14 +112,16 @@ def request_environment(head: dict[str, Any], body: bytes) -> dict[str, str]:
     return {k: v.replace("\0", "") for k, v in env.items()}
 
 
-def _content_length(headers: dict[str, str], body: bytes) -> str:
+def _content_length(head: dict[str, Any], headers: dict[str, str], body: bytes) -> str:
     """
-    C{CONTENT_LENGTH}: the body's length, from C{Content-Length} when the
-    body is still arriving; empty for a chunked body still arriving (its
-    length is not known: stdin ends with it).
+    C{CONTENT_LENGTH}: the body's length, which the server tells when the
+    body is still arriving (else the client's C{Content-Length}; empty for a
+    chunked body of unknown length: stdin ends with it).
     """
     if body:
         return str(len(body))
+    if isinstance(head.get("body_length"), int):
+        return str(head["body_length"])
     if "content-length" in headers:
         return headers["content-length"].strip()
     if "transfer-encoding" in headers:

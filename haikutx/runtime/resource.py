@@ -376,6 +376,7 @@ class HandlerResource(Resource):
         head["language"] = language.name
         head["argv"] = argv
         body = _body(request)
+        head["body_length"] = body.size()
         acquiring = self._pool.acquire(self._limits.max_time, handler_kind(language.name))
         # A client that leaves while waiting gives up its place in the queue.
         request.notifyFinish().addErrback(lambda _: acquiring.cancel())

@@ -351,11 +351,21 @@ class MaxBodyTests(TestCase):
 
     async def test_stdio_stdin(self) -> None:
         """
-        A stdio handler reads a large body from stdin; one that answers
-        without reading it leaves the worker in step for the next request.
+        A stdio handler reads a large body from stdin, with its length in
+        C{CONTENT_LENGTH} (a chunked one's too); one that answers without
+        reading it leaves the worker in step for the next request.
         """
         body = os.urandom(2 << 20)
         response = await http(self.port, "/?x-haiku-handler=digest.py3", "POST", body=body)
+        self.assertEqual(
+            response.text, f"{len(body)} {hashlib.sha256(body).hexdigest()} {len(body)}\n"
+        )
+        chunked = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+        response = await _raw(
+            self.port,
+            b"POST /?x-haiku-handler=digest.py3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + chunked,
+        )
         self.assertEqual(
             response.text, f"{len(body)} {hashlib.sha256(body).hexdigest()} {len(body)}\n"
         )
