@@ -376,7 +376,6 @@ class HandlerResource(Resource):
         head["language"] = language.name
         head["argv"] = argv
         body = _body(request)
-        head["body_length"] = body.size()
         acquiring = self._pool.acquire(self._limits.max_time, handler_kind(language.name))
         # A client that leaves while waiting gives up its place in the queue.
         request.notifyFinish().addErrback(lambda _: acquiring.cancel())
@@ -447,6 +446,7 @@ class HandlerResource(Resource):
             "console": console_mode(request_parameter(request, CONSOLE)),
             "max_console": self._limits.max_console,
             "debug": self._debug,
+            "body_length": RequestBody.of(request).size(),
         }
 
     def _crashed(self, failure: Any, request: Request, name: str) -> None:
