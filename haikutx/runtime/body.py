@@ -135,8 +135,17 @@ class LimitedRequest(Request):
         else:
             self._linger = channel.callLater(LINGER, transport.loseConnection)
         # Discard whatever else the client sends; once all of the body it
-        # announced is in, the connection can close without a reset.
+        # announced is in, the connection can close without a reset.  The
+        # decoder at work (a chunked body) must not end the request either:
+        # the channel would then stop reading, and never see the client go.
+        current = channel._transferDecoder
+        if current is not None:
+            current.finishCallback = _ignore
         channel._transferDecoder = _Discard(remaining, transport.loseConnection)
+
+
+def _ignore(*args: Any) -> None:
+    pass
 
 
 class _Discard:

@@ -26,7 +26,7 @@ from haikutx.child import wire
 from haikutx.config import Limits
 from haikutx.runtime.body import LINGER, BodyFeed, RequestBody, body_too_large
 from haikutx.runtime.resource import RuntimeSite
-from haikutx.test.support import Response, _RawClient, http, start_runtime
+from haikutx.test.support import Response, _RawClient, http, start_runtime, until
 
 
 class _Recorder(Resource):
@@ -128,6 +128,11 @@ class LimitedRequestTests(SynchronousTestCase):
         response = self.answer()
         self.assertEqual((response.status, response.text), (413, body_too_large(100) + "\n"))
         self.channel.dataReceived(b"40\r\n" + b"c" * 64 + b"\r\n0\r\n\r\n")
+        self.assertEqual(self.resource.bodies, [])
+        # The channel still reads (to see the client go), and parses nothing.
+        self.assertFalse(self.channel._channel._handlingRequest)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual(self.resource.bodies, [])
         [event] = [e for e in self.events if e.get("status") == 413]
         self.assertEqual(event["handler_url"], "chunky.py")
@@ -280,6 +285,21 @@ async def _raw(port: int, data: bytes) -> Response:
     return Response(await done)
 
 
+async def _refused_connections_closed() -> None:
+    """
+    Wait (bounded) until the server has closed every connection whose body
+    it refused: the client may see the answer and go before the server has
+    read its going.
+    """
+    def lingering() -> list[Any]:
+        return [
+            call for call in reactor.getDelayedCalls()
+            if getattr(call.func, "__name__", "") in ("abortConnection", "loseConnection")
+        ]
+
+    await until(lambda: not lingering(), LINGER + 2, lambda: f"still open: {lingering()}")
+
+
 def _memory(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -313,6 +333,7 @@ class MaxBodyTests(TestCase):
         self.assertEqual(
             (response.status, response.text), (413, body_too_large(16 << 20) + "\n")
         )
+        await _refused_connections_closed()
 
     async def test_refused_with_body_sent(self) -> None:
         """
@@ -325,6 +346,7 @@ class MaxBodyTests(TestCase):
         )
         response = await _raw(self.port, head + b"q" * (1 << 20))
         self.assertEqual(response.status, 413)
+        await _refused_connections_closed()
 
     async def test_chunked_over_limit(self) -> None:
         """
@@ -337,6 +359,7 @@ class MaxBodyTests(TestCase):
             b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 17 + b"0\r\n\r\n",
         )
         self.assertEqual(response.status, 413)
+        await _refused_connections_closed()
 
     async def test_large_body_whole(self) -> None:
         """
