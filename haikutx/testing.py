@@ -122,7 +122,9 @@ class FakeWorkerTransport:
             self._next_pid += 1
             pid = self._next_pid
         self.pending_pid = pid
-        self.protocol.zygote_data(wire.encode_json(wire.CHILD, {"pid": pid}), deque([-1]))
+        self.protocol.zygote_data(
+            wire.encode_json(wire.CHILD, {"pid": pid}), deque([-1, -1])
+        )
         self.child = self.children[pid]
         return self.child
 

@@ -53,12 +53,14 @@ CHILD_SENDS = frozenset((HEAD, DATA, FINISH, FAIL, ANSWER, CONSOLE))
 
 # Zygote to server.
 SANDBOX = ord("S")  #: JSON: the zygote's sandbox layers, sent once at start.
-CHILD = ord("N")  #: JSON {"pid"}, with the server's end of the child's channel.
+CHILD = ord("N")  #: JSON {"pid"}, with the server's end of the child's channel
+#: and a pidfd of the child (two descriptors, in that order).
 ENDED = ord("Z")  #: JSON {"pid", "code", "signal"}: a child has ended (reaped).
 OUTPUT = ord("O")  #: 4-byte pid, then bytes a child wrote to its stdout or stderr.
 
 # Server to zygote.
-RETIRE = ord("Q")  #: JSON {"pid"}: kill that child now and fork the next.
+RETIRE = ord("Q")  #: JSON {"pid", "report"}: kill that child now, fork the next;
+#: report its end (L{ENDED}) only with C{"report": true}.
 
 #: Kept for readers of old logs: a child used to announce itself; no frame
 #: of this kind is accepted from anyone now.

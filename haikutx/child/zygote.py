@@ -8,14 +8,18 @@ children to itself (L{haikutx.sandbox.slot}), imports what handlers need,
 then forks one child at a time.  For each child it makes a socketpair: the
 child gets one end as its fd 3 and nothing else of the zygote's; the
 server gets the other end, passed over the zygote's own channel (its fd 3,
-which no child keeps) with C{SCM_RIGHTS}, with the child's pid.  The
+which no child keeps) with C{SCM_RIGHTS}, with the child's pid and a
+pidfd of it (so that the server can kill it itself, safe from pid reuse,
+even when the zygote is gone: a backstop to the parent-death signal).  The
 zygote reports each child's end (exit status or signal) and forwards what
 children write to their stdout and stderr (their fds 1 and 2, a pipe of
 their own).
 
 The server gives a child's channel at most C{--maxrequests} requests, then
 closes it and tells the zygote to retire the child: the zygote kills it
-(C{SIGKILL}: nothing is left to do in it) and forks the next.  A child
+(C{SIGKILL}: nothing is left to do in it) and forks the next.  The zygote
+reports the end of every child the server did not retire, and of those it
+killed with a request still to answer.  A child
 never says it is fresh; a channel the zygote passed is fresh because the
 zygote made it for a process it had just forked.
 
@@ -190,6 +194,7 @@ class _Child:
         self.output: int | None = output
         self.forwarded = 0
         self.retired = False
+        self.report = True
 
 
 class Zygote:
@@ -267,7 +272,9 @@ class Zygote:
         self._poll.register(read, select.POLLIN)
         self._current = child
         try:
-            self._send(wire.encode_json(wire.CHILD, {"pid": pid}), [server_end.fileno()])
+            self._send(
+                wire.encode_json(wire.CHILD, {"pid": pid}), [server_end.fileno(), pidfd]
+            )
         finally:
             server_end.close()
 
@@ -286,20 +293,25 @@ class Zygote:
         try:
             for kind, payload in self._reader.feed(data):
                 if kind == wire.RETIRE:
-                    self._retire(int(json.loads(payload)["pid"]))
+                    order = json.loads(payload)
+                    self._retire(int(order["pid"]), bool(order.get("report")))
         except (wire.FrameError, ValueError, KeyError, TypeError):
             return False
         return True
 
-    def _retire(self, pid: int) -> None:
+    def _retire(self, pid: int, report: bool) -> None:
         """
         Kill a child the server is done with, and fork the next if it was
         the current one.
+
+        @param report: report its end (the server killed it with a request
+            still to answer); a routine retirement is not reported.
         """
         child = self._children.get(pid)
         if child is None or child.retired:
             return
         child.retired = True
+        child.report = report
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -358,14 +370,16 @@ class Zygote:
             del self._by_fd[child.output]
             os.close(child.output)
         del self._children[child.pid]
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        number = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-        self._send(
-            wire.encode_json(
-                wire.ENDED,
-                {"pid": child.pid, "code": code, "signal": number, "retired": child.retired},
+        if child.report:
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+            number = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+            self._send(
+                wire.encode_json(
+                    wire.ENDED,
+                    {"pid": child.pid, "code": code, "signal": number,
+                     "retired": child.retired},
+                )
             )
-        )
         if child is self._current:
             self._current = None
             self._fork()

@@ -230,7 +230,9 @@ class WorkerPool(Service):
         for worker in list(self.workers):
             ended.append(worker.ended)
             worker.terminate()
-            timer = self._reactor.callLater(self._kill_time, worker.kill, "did not stop in time")
+            timer = self._reactor.callLater(
+                self._kill_time, worker.kill_zygote, "did not stop in time"
+            )
             worker.ended.addBoth(_cancel_timer, timer)
         return DeferredList(ended, consumeErrors=True)
 

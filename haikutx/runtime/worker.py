@@ -97,9 +97,10 @@ class ChildProtocol(Protocol):
     @ivar closed: whether the channel is closed.
     """
 
-    def __init__(self, slot: WorkerProtocol, pid: int) -> None:
+    def __init__(self, slot: WorkerProtocol, pid: int, pidfd: int = -1) -> None:
         self.slot = slot
         self.pid = pid
+        self.pidfd = pidfd
         self.exchange: Any = None
         self.requested = False
         self.kill_reason: str | None = None
@@ -143,6 +144,25 @@ class ChildProtocol(Protocol):
                 # A registered producer would keep the channel open.
                 feed.stopProducing()
             self.transport.loseConnection()
+
+    def kill_process(self) -> None:
+        """
+        Kill the child through its pidfd (safe from pid reuse; works when
+        its zygote is gone).
+        """
+        if self.pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def release_pidfd(self) -> None:
+        """
+        Close the pidfd (the child has ended or is being killed).
+        """
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 class SingleProtocolFactory(Factory):
@@ -310,6 +330,9 @@ class WorkerProtocol(ProcessProtocol):
         self.child = None
         for child in children.values():
             self._cancel_grace(child)
+            # Its zygote is gone: do not count on the parent-death signal.
+            child.kill_process()
+            child.release_pidfd()
             exchange, child.exchange = child.exchange, None
             child.close()
             if exchange is not None:
@@ -356,7 +379,8 @@ class WorkerProtocol(ProcessProtocol):
         if kind == wire.CHILD:
             pid = int(json.loads(payload)["pid"])
             descriptor = fds.popleft()
-            child = ChildProtocol(self, pid)
+            pidfd = fds.popleft()
+            child = ChildProtocol(self, pid, pidfd)
             self._zygote.adopt(descriptor, child)
             self._children[pid] = child
             self._child_started(child)
@@ -374,10 +398,13 @@ class WorkerProtocol(ProcessProtocol):
     def _log_child_output(self, pid: int, data: bytes) -> None:
         lines = (self._child_lines.get(pid, b"") + data).split(b"\n")
         rest = lines.pop()
-        if rest:
+        if rest and pid in self._children:
             self._child_lines[pid] = rest
         else:
+            # A retired child's end is not reported: keep no partial line.
             self._child_lines.pop(pid, None)
+            if rest:
+                lines.append(rest)
         for line in lines:
             self.log.info(
                 "worker {worker_pid} process {child_pid} {stream}: {line}",
@@ -388,11 +415,13 @@ class WorkerProtocol(ProcessProtocol):
             )
 
     def _child_started(self, child: ChildProtocol) -> None:
-        if self.state == "dead":
+        if self.state == "dead" or self.child is not None:
+            self._children.pop(child.pid, None)
             child.close()
-            return
-        if self.child is not None:
-            self.kill_zygote("started a second child while one was current")
+            child.kill_process()
+            child.release_pidfd()
+            if self.state != "dead":
+                self.kill_zygote("started a second child while one was current")
             return
         self.child = child
         self.children_started += 1
@@ -408,6 +437,7 @@ class WorkerProtocol(ProcessProtocol):
         if child is None:
             return
         self._cancel_grace(child)
+        child.release_pidfd()
         rest = self._child_lines.pop(pid, b"")
         if rest:
             self._log_child_output(pid, rest + b"\n")
@@ -531,12 +561,16 @@ class WorkerProtocol(ProcessProtocol):
         self._stop_heartbeat()
         self.child = None
         child.retired = True
+        self._children.pop(child.pid, None)
         child.close()
-        self._tell_zygote_to_end(child)
+        child.kill_process()
+        child.release_pidfd()
+        self._tell_zygote_to_end(child, report=False)
 
-    def _tell_zygote_to_end(self, child: ChildProtocol) -> None:
+    def _tell_zygote_to_end(self, child: ChildProtocol, report: bool) -> None:
         if self._zygote is not None:
-            self._zygote.write(wire.encode_json(wire.RETIRE, {"pid": child.pid}))
+            order = {"pid": child.pid, "report": True} if report else {"pid": child.pid}
+            self._zygote.write(wire.encode_json(wire.RETIRE, order))
 
     def detach(self, exchange: Any) -> None:
         """
@@ -618,7 +652,8 @@ class WorkerProtocol(ProcessProtocol):
         if child is self.child:
             self._lose_child()
         child.close()
-        self._tell_zygote_to_end(child)
+        child.kill_process()
+        self._tell_zygote_to_end(child, report=True)
 
     def kill_zygote(self, reason: str) -> None:
         """

@@ -131,9 +131,24 @@ class EgressRelay:
 
     def serve_forever(self) -> None:
         """
-        Relay connections until the channel breaks.
+        Relay connections until the channel breaks or the server closes its
+        end (the server never writes on the channel, so the channel turning
+        readable means it is closed).  Waiting in C{accept} alone, a relay
+        whose server had gone would never notice: relays of dead zygotes
+        were found left over by the hundred on this machine.
         """
+        import select
+
+        poll = select.poll()
+        poll.register(self.listener.fileno(), select.POLLIN)
+        poll.register(self.channel.fileno(), select.POLLIN)
         while True:
+            try:
+                ready = {fd for fd, _ in poll.poll()}
+            except InterruptedError:
+                continue
+            if self.channel.fileno() in ready:
+                return
             try:
                 self.relay_once()
             except (BrokenPipeError, ConnectionResetError):

@@ -314,6 +314,7 @@ def prepare(
     allow_ipc_namespace: bool = False,
     landlock: bool = True,
     seccomp_filter: bool = True,
+    deny_ipc: bool = True,
 ) -> PreparedSandbox:
     """
     Turn a policy into kernel objects, once, in the zygote. Layers the
@@ -325,6 +326,7 @@ def prepare(
     @param allow_ipc_namespace: the filter allows C{unshare(CLONE_NEWIPC)}.
     @param landlock: build the Landlock ruleset (C{False}: turned off).
     @param seccomp_filter: build the seccomp filter (C{False}: turned off).
+    @param deny_ipc: the filter denies System V and POSIX message-queue IPC.
     @return: the prepared sandbox.
     @raise SandboxError: for an identity switch asked of a non-root
         process, or a kernel that refuses a layer it claims to have.
@@ -407,7 +409,7 @@ def prepare(
     if found.seccomp and seccomp_filter:
         program = seccomp.build_filter(
             policy.allow_exec, MACHINE, allow_fork=allow_fork,
-            allow_ipc_namespace=allow_ipc_namespace,
+            allow_ipc_namespace=allow_ipc_namespace, deny_ipc=deny_ipc,
         )
         layers["seccomp"] = "active"
     else:

@@ -222,6 +222,7 @@ def build_program(
     allow_exec: bool = False,
     allow_fork: bool = False,
     allow_ipc_namespace: bool = False,
+    deny_ipc: bool = True,
 ) -> list[tuple[int, int, int, int]]:
     """
     Assemble the filter for an architecture.
@@ -235,13 +236,15 @@ def build_program(
     @param allow_ipc_namespace: allow C{unshare(CLONE_NEWIPC)} and nothing
         else of C{unshare} (the zygote gives each child an IPC namespace of
         its own; children lack the capability it needs).
+    @param deny_ipc: deny the L{IPC} calls (C{False}: the IPC layer is
+        turned off by name).
     @return: the instructions as C{(code, jt, jf, k)} tuples.
     @raise KeyError: for an architecture without a table.
     """
     table = SYSCALLS[machine]
     a = _Assembler()
     _check_arch(a, machine)
-    denied = [n for n in DENIED + IPC if n in table]
+    denied = [n for n in DENIED + (IPC if deny_ipc else ()) if n in table]
     if allow_ipc_namespace:
         denied.remove("unshare")
     if not allow_fork:
@@ -367,6 +370,7 @@ def build_filter(
     machine: str = MACHINE,
     allow_fork: bool = False,
     allow_ipc_namespace: bool = False,
+    deny_ipc: bool = True,
 ) -> Filter:
     """
     Build the filter once (in the zygote).
@@ -375,11 +379,14 @@ def build_filter(
     @param machine: the architecture (default: this one).
     @param allow_fork: see L{build_program}.
     @param allow_ipc_namespace: see L{build_program}.
+    @param deny_ipc: see L{build_program}.
     @return: a L{Filter} for L{install}.
     @raise KeyError: for an architecture without a table.
     """
     return _filter(
-        machine, allow_exec, build_program(machine, allow_exec, allow_fork, allow_ipc_namespace)
+        machine,
+        allow_exec,
+        build_program(machine, allow_exec, allow_fork, allow_ipc_namespace, deny_ipc),
     )
 
 

@@ -222,6 +222,7 @@ def prepare_slot(
         common_policy,
         allow_fork=True,
         allow_ipc_namespace="ipc" not in off,
+        deny_ipc="ipc" not in off,
         landlock="landlock" not in off,
         seccomp_filter="seccomp" not in off,
     )

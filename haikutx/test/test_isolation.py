@@ -84,6 +84,18 @@ res.end('forger %d' % me)
 forge()
 """
 
+#: Holds on: keeps its loop from stopping when its channel closes and waits.
+LINGER = r"""
+import asyncio, gc, os
+for o in gc.get_objects():
+    if type(o).__name__ == 'Worker' and hasattr(o, '_frame'):
+        o.loop.stop = lambda: None
+        o.loop.remove_reader(o._in)      # never notice the channel closing
+res.write_head(200, {'x-pid': str(os.getpid())})
+res.write('lingering')
+await asyncio.sleep(60)
+"""
+
 #: Another tenant: answers with its pid and what it was sent.
 VICTIM = r"""
 import os
@@ -268,6 +280,7 @@ class IsolationTests(TestCase):
             {
                 "keep.py": KEEP,
                 "forge.py": FORGE,
+                "linger.py": LINGER,
                 "victim.py": VICTIM,
                 "landlock.py": LANDLOCK,
                 "reader.py": READER,
@@ -319,6 +332,25 @@ class IsolationTests(TestCase):
             return False
 
         await until(gone, 5, lambda: f"the attacker's process {attacker} still runs")
+
+    async def test_nothing_outlives_its_zygote(self) -> None:
+        """
+        When a zygote dies (here: killed), its child dies too, even one that
+        stopped reading its channel, and so does its egress relay: no
+        process of the slot is left running.
+        """
+        pending = Deferred.fromCoroutine(http(self.port, "/?x-haiku-handler=linger.py"))
+        await until(lambda: self.pool.status()["workers"].get("busy") == 1, 10)
+        worker = next(iter(self.pool.workers))
+        zygote = worker.pid
+        await until(lambda: _answering(worker), 5, lambda: "the handler did not start")
+        mine = [pid for pid in _all_pids() if _parent(pid) == zygote]
+        self.assertEqual(len(mine), 2, mine)  # the child and the egress relay
+        os.kill(zygote, 9)
+        await pending
+
+        await until(lambda: not any(_alive(pid) for pid in mine), 10,
+                    lambda: f"left behind: {[p for p in mine if _alive(p)]}")
 
     async def test_forge_every_frame(self) -> None:
         """
@@ -541,6 +573,30 @@ def _same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
         ctypes.c_int(_KCMP_FILE), ctypes.c_ulong(fd1), ctypes.c_ulong(fd2),
     )
     return result == 0
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _answering(worker) -> bool:
+    """
+    Whether the worker's current child has sent its response's head.
+    """
+    child = worker.child
+    return child is not None and getattr(child.exchange, "status", None) == 200
 
 
 def _all_pids() -> list[int]:

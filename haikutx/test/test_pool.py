@@ -280,6 +280,8 @@ class PoolTests(SynchronousTestCase):
         and fires once all have ended.
         """
         pool = self.make_pool(size=2)
+        self.ready(0)
+        self.ready(1)
         stopped = pool.stopService()
         self.assertEqual([t.signals for t in self.spawner.started], [["TERM"], ["TERM"]])
         self.spawner.started[0].exit(0)
@@ -289,6 +291,10 @@ class PoolTests(SynchronousTestCase):
         self.spawner.started[1].exit(signal=9)
         self.successResultOf(stopped)
         self.assertEqual(len(self.spawner.started), 2)
+
+
+#: What the server tells a zygote about a child it had killed.
+KILLED = {"pid": 7, "report": True}
 
 
 class WorkerProtocolTests(SynchronousTestCase):
@@ -348,7 +354,7 @@ class WorkerProtocolTests(SynchronousTestCase):
         self.worker.run(exchange, {}, b"")
         self.clock.advance(5)
         self.clock.advance(2)
-        self.assertEqual(self.transport.zygote_frames(), [(wire.RETIRE, {"pid": 7})])
+        self.assertEqual(self.transport.zygote_frames(), [(wire.RETIRE, KILLED)])
         self.assertEqual(self.transport.signals, [])
         self.transport.end_child(7, code=None, signal=9)
         self.assertEqual(
@@ -367,7 +373,7 @@ class WorkerProtocolTests(SynchronousTestCase):
         child = self.transport.child
         self.clock.advance(5)
         self.transport.send(wire.ANSWER, b"forged")
-        self.assertEqual(self.transport.zygote_frames(), [(wire.RETIRE, {"pid": 7})])
+        self.assertEqual(self.transport.zygote_frames(), [(wire.RETIRE, KILLED)])
         self.assertEqual(child.protocol.kill_reason, "sent an incorrect heartbeat answer")
         self.assertTrue(child.closed)
 
@@ -376,7 +382,7 @@ class WorkerProtocolTests(SynchronousTestCase):
         A malformed frame has the child killed.
         """
         self.transport.child.protocol.dataReceived(b"\xff\xff\xff\xff\x00")
-        self.assertEqual(self.transport.zygote_frames(), [(wire.RETIRE, {"pid": 7})])
+        self.assertEqual(self.transport.zygote_frames(), [(wire.RETIRE, KILLED)])
 
     def test_zygote_frames_refused_from_a_child(self) -> None:
         """
@@ -390,10 +396,23 @@ class WorkerProtocolTests(SynchronousTestCase):
             exchange = RecordingExchange()
             self.worker.run(exchange, {}, b"")
             self.transport.send(kind, b'{"pid": 99, "code": 0, "signal": null}')
-            self.assertEqual(self.transport.zygote_frames(), [(wire.RETIRE, {"pid": 7})], kind)
+            self.assertEqual(
+                self.transport.zygote_frames(), [(wire.RETIRE, {"pid": 7, "report": True})], kind
+            )
             self.assertEqual(self.worker.state, "recycling")
             self.assertIsNone(self.worker.child)
             self.assertEqual(list(self.transport.children), [7])
+
+    def test_second_child_kills_zygote(self) -> None:
+        """
+        A zygote that reports a second child while one is current is killed
+        (a zygote forks the next child only once the last is retired or
+        ended), and the extra child is not handed out.
+        """
+        self.transport.start_child(8)
+        self.assertEqual(self.transport.signals, ["KILL"])
+        self.assertEqual(self.worker.child_pid, 7)
+        self.assertTrue(self.transport.children[8].closed)
 
     def test_zygote_malformed_frame(self) -> None:
         """

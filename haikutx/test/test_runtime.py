@@ -351,6 +351,9 @@ class TimeLimitTests(TestCase):
             "Handler pid-wait-silent.py did not complete: the worker process was "
             "killed by signal 9 (SIGKILL).\n",
         )
+        # A new zygote starts an interpreter: longer than this --maxtime
+        # allows a request to wait on a loaded machine.
+        await ready(self.pool)
         response = await http(self.port, "/?x-haiku-handler=hello.py")
         self.assertEqual(response.status, 200)
 
