@@ -424,3 +424,39 @@ class MaxBodyTests(TestCase):
         self.assertEqual(out.decode(), f"{len(body)} {hashlib.sha256(body).hexdigest()}")
         growth = _memory("VmHWM") - before
         self.assertLess(growth, 3 << 20, f"server peak grew by {growth} bytes")
+
+
+class PlainSiteTests(TestCase):
+    """
+    L{haikutx.runtime.resource.HandlerResource} mounted in a plain C{Site}
+    (as a library user may) still refuses a body over its limit, once
+    twisted.web has read it.
+    """
+
+    async def test_refused_after_reading(self) -> None:
+        """
+        A body over C{Limits.max_body} gets 413 with the runtime's message,
+        and nothing runs; one within it is served.
+        """
+        from pathlib import Path
+
+        from twisted.web.server import Site
+
+        from haikutx.config import Config
+        from haikutx.service import build_runtime
+        from haikutx.test.support import write_handlers
+
+        handlers = write_handlers(Path(self.mktemp()), HANDLERS)
+        config = Config(http=None, https=None, workers=1, handlers=handlers,
+                        limits=Limits(max_body=1000))
+        pool, root, fetcher = build_runtime(reactor, config)
+        pool.startService()
+        self.addCleanup(pool.stopService)
+        self.addCleanup(fetcher.close)
+        port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port
+        response = await http(number, "/?x-haiku-handler=digest.py", "POST", body=b"b" * 1001)
+        self.assertEqual((response.status, response.text), (413, body_too_large(1000) + "\n"))
+        response = await http(number, "/?x-haiku-handler=digest.py", "POST", body=b"b" * 1000)
+        self.assertEqual(response.text, f"1000 {hashlib.sha256(b'b' * 1000).hexdigest()}")
