@@ -309,7 +309,10 @@ def _runtime_services(reactor: Any, config: Config) -> list[Service]:
         {"http": "--serve" if config.port_search else "--port", "https": "--sslport"}
     )
     runtime.setName("runtime")
-    site = RuntimeSite(root, reactor=reactor)
+    site = RuntimeSite(
+        root, reactor=reactor, max_body=config.limits.max_body,
+        handler_name=str(config.serve) if config.serve else None,
+    )
     site.displayTracebacks = False
     site.noisy = False
     if config.https is not None and config.generate_tls:

@@ -185,8 +185,11 @@ class Options(usage.Options):
          "space of each process; a stdio handler's processes also together)."],
         ["maxprocs", None, "32", "Processes and threads a handler's run may have at "
          "once (Python handlers start no processes)."],
+        ["maxbody", None, "10485760", "Largest request body accepted, in bytes: 413 "
+         "beyond it, refused from Content-Length before the body is read."],
         ["handlers", None, None, "Directory of local handlers named by a relative "
-         "x-haiku-handler [default: the bundled samples]."],
+         "x-haiku-handler, read from inside it only (symlinks that lead out are "
+         "refused) [default: the bundled samples]."],
         ["cache-ttl", None, "5", "Seconds a fetched handler without caching headers, "
          "or a local one, stays fresh in memory."],
         ["cafile", None, None, "Extra CA certificates (PEM) for https handler origins."],
@@ -403,6 +406,7 @@ class Options(usage.Options):
                 max_console=_int("maxconsole", self["maxconsole"], 0),
                 max_memory=_int("maxmemory", self["maxmemory"], 16) * 1024 * 1024,
                 max_procs=_int("maxprocs", self["maxprocs"], 1, 65536),
+                max_body=_int("maxbody", self["maxbody"], 0),
             ),
             max_requests=_int("maxrequests", self["maxrequests"], 0),
             keepalive_timeout=_int("keepalive-timeout", self["keepalive-timeout"], 1)

@@ -101,7 +101,7 @@ def request_environment(
             "PATH_INFO": parts.path,
             "QUERY_STRING": parts.query,
             "CONTENT_TYPE": headers.get("content-type", ""),
-            "CONTENT_LENGTH": str(len(body)),
+            "CONTENT_LENGTH": _content_length(head, headers, body),
             "REMOTE_ADDR": head.get("remote_addr", ""),
             "SERVER_PROTOCOL": head.get("protocol", "HTTP/1.1"),
             "SERVER_NAME": headers.get("host", "").rsplit(":", 1)[0],
@@ -136,6 +136,23 @@ def request_environment(
     if omitted:
         env["HAIKU_OMITTED"] = " ".join(omitted)
     return {k: v.replace("\0", "") for k, v in env.items()}
+
+
+def _content_length(head: dict[str, Any], headers: dict[str, str], body: bytes) -> str:
+    """
+    C{CONTENT_LENGTH}: the body's length, which the server tells when the
+    body is still arriving (else the client's C{Content-Length}; empty for a
+    chunked body of unknown length: stdin ends with it).
+    """
+    if body:
+        return str(len(body))
+    if isinstance(head.get("body_length"), int):
+        return str(head["body_length"])
+    if "content-length" in headers:
+        return headers["content-length"].strip()
+    if "transfer-encoding" in headers:
+        return ""
+    return "0"
 
 
 def parse_cgi_headers(block: bytes) -> tuple[int, list[tuple[str, str]]] | None:
@@ -196,10 +213,16 @@ class StdioRun(HandlerRun):
     when the worker ends.
     """
 
-    def __init__(self, worker: Worker, head: dict[str, Any], body: bytes) -> None:
+    def __init__(
+        self, worker: Worker, head: dict[str, Any], body: bytes, streaming: bool = False
+    ) -> None:
         super().__init__(worker, head, body)
         self._head_data = head
         self._body_data = body
+        #: Body pieces that arrived before stdin was open (streaming only).
+        self._pending: list[bytes] = [body] if body else []
+        self._body_complete = not streaming
+        self._stdin: asyncio.StreamWriter | None = None
         self._argv: list[str] = list(head.get("argv") or [])
         self._language: str = head.get("language", "")
         self._process: asyncio.subprocess.Process | None = None
@@ -298,13 +321,38 @@ class StdioRun(HandlerRun):
     # Input and output
 
     async def _feed(self, stdin: asyncio.StreamWriter) -> None:
-        try:
-            if self._body_data:
-                stdin.write(self._body_data)
-                await stdin.drain()
+        pending, self._pending = self._pending, []
+        self._stdin = stdin
+        for data in pending:
+            self.body_received(data)
+        if self._body_complete:
+            self.body_ended()
+
+    def body_received(self, data: bytes) -> None:
+        """
+        A piece of the request body arrived: on to the interpreter's stdin
+        (kept until stdin is open).
+        """
+        if self.done:
+            return
+        stdin = self._stdin
+        if stdin is None:
+            self._pending.append(data)
+        elif not stdin.is_closing():
+            try:
+                stdin.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    def body_ended(self) -> None:
+        """
+        The request body is complete: close the interpreter's stdin.
+        """
+        self._body_complete = True
+        self._body_data = b""
+        stdin = self._stdin
+        if stdin is not None and not stdin.is_closing():
             stdin.close()
-        except (BrokenPipeError, ConnectionResetError):
-            pass
 
     async def _read_stderr(self, stderr: asyncio.StreamReader) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")

@@ -22,6 +22,7 @@ from haikutx.config import Limits
 from haikutx.child.console import console_mode
 from haikutx.interfaces import IExchange
 from haikutx.net.urls import redact_url
+from haikutx.runtime.body import DEFAULT_MAX_BODY, LimitedRequest, RequestBody, body_too_large
 from haikutx.runtime.loader import HandlerLoadError, HandlerSource
 from haikutx.runtime.pool import PoolBusy, WorkerPool
 from haikutx.runtime.worker import WorkerProtocol, handler_kind
@@ -49,7 +50,24 @@ class RuntimeSite(Site):
     answers: for each of those the runtime emits one structured event of
     its own (SPEC §7: client, method, handler, status, duration, worker),
     so that every request costs one log line, not two.
+
+    Its requests are L{LimitedRequest}s: a body over C{max_body} bytes is
+    refused with 413 before it is read.
+
+    @ivar max_body: the largest request body accepted, in bytes.
+    @ivar handler_name: the fixed handler the site runs, if any (named in
+        the log of a refused body).
     """
+
+    requestFactory = LimitedRequest
+
+    def __init__(
+        self, resource: Any, *args: Any, max_body: int = DEFAULT_MAX_BODY,
+        handler_name: str | None = None, **kwargs: Any,
+    ) -> None:
+        super().__init__(resource, *args, **kwargs)
+        self.max_body = max_body
+        self.handler_name = handler_name
 
     def log(self, request: Request) -> None:
         if not getattr(request, _LOGGED_HERE, False):
@@ -119,7 +137,7 @@ class Exchange:
         self._timer: IDelayedCall | None = None
         request.notifyFinish().addErrback(self._disconnected)
 
-    def start(self, head: dict[str, Any], body: bytes) -> None:
+    def start(self, head: dict[str, Any], body: RequestBody) -> None:
         """
         Send the request to the worker and start the clock.
         """
@@ -307,6 +325,10 @@ class HandlerResource(Resource):
                 return b""
             self._refuse(request, 400, NO_HANDLER, None)
             return NOT_DONE_YET
+        if RequestBody.of(request).size() > self._limits.max_body:
+            # Served by a Site whose requests do not refuse it before reading.
+            self._refuse(request, 413, body_too_large(self._limits.max_body), name)
+            return NOT_DONE_YET
         served = Deferred.fromCoroutine(self._serve(request, name))
         served.addErrback(self._crashed, request, name)
         return NOT_DONE_YET
@@ -435,6 +457,7 @@ class HandlerResource(Resource):
             "console": console_mode(request_parameter(request, CONSOLE)),
             "max_console": self._limits.max_console,
             "debug": self._debug,
+            "body_length": RequestBody.of(request).size(),
         }
 
     def _crashed(self, failure: Any, request: Request, name: str) -> None:
@@ -457,9 +480,5 @@ def _client(request: Request) -> str:
     return getattr(request.getClientAddress(), "host", "-")
 
 
-def _body(request: Request) -> bytes:
-    content = request.content
-    if content is None:
-        return b""
-    content.seek(0)
-    return content.read()
+def _body(request: Request) -> RequestBody:
+    return RequestBody.of(request)

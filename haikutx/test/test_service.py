@@ -142,6 +142,38 @@ class TwistdTests(TestCase):
         self.assertEqual((response.status, response.text), (200, "Hello, world!\n"))
         self.assertIn(fingerprint(cert_pem).encode(), collector.output)
 
+    async def test_maxbody(self) -> None:
+        """
+        C{--maxbody} reaches the listeners: a body over it gets 413 over
+        HTTP and over HTTPS (whose transport cannot half-close), and the
+        refusal is logged with the handler; a body within it is served.
+        """
+        state = Path(self.mktemp()).absolute()
+        http_port, https_port = free_port(), free_port()
+        collector = await start_twistd(
+            self,
+            "--port", f"tcp:{http_port}:interface=127.0.0.1",
+            "--sslport", f"ssl:{https_port}:interface=127.0.0.1",
+            "--state", str(state),
+            "--workers", "1",
+            "--maxbody", "1000",
+        )
+        await wait_for_port(http_port, collector)
+        await wait_for_port(https_port, collector)
+        expected = "The request body is larger than the limit of 1000 bytes.\n"
+        response = await http(http_port, "/?x-haiku-handler=hello.py", "POST", body=b"x" * 1001)
+        self.assertEqual((response.status, response.text), (413, expected))
+        trust = Certificate.loadPEM((state / "tls" / "cert.pem").read_bytes())
+        endpoint = wrapClientTLS(
+            optionsForClientTLS("localhost", trustRoot=trust),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", https_port),
+        )
+        response = await http(endpoint, "/?x-haiku-handler=hello.py", "POST", body=b"x" * 5000)
+        self.assertEqual((response.status, response.text), (413, expected))
+        response = await http(http_port, "/?x-haiku-handler=hello.py", "POST", body=b"x" * 1000)
+        self.assertEqual((response.status, response.text), (200, "Hello, world!\n"))
+        self.assertIn(b"POST hello.py -> 413", collector.output)
+
     async def test_bad_option_stops_startup(self) -> None:
         """
         A bad value stops start-up with a line naming the option, and

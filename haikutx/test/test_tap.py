@@ -107,6 +107,8 @@ class OptionsTests(SynchronousTestCase):
             (["--user", "no-such-user-xyz"], "--user"),
             (["--port", "none", "--sslport", "none"], "nothing to serve"),
             (["--gate-target", "8080"], "nothing to serve"),
+            (["--maxbody", "-1"], "--maxbody"),
+            (["--maxbody", "10M"], "--maxbody"),
         ]
         for argv, option in cases:
             with self.assertRaises(UsageError, msg=argv) as caught:
@@ -135,6 +137,12 @@ class OptionsTests(SynchronousTestCase):
         with self.assertRaises(UsageError) as caught:
             parse("--maxprocs", "0")
         self.assertIn("--maxprocs", str(caught.exception))
+    def test_maxbody(self) -> None:
+        """
+        C{--maxbody} is in bytes, 10 MiB by default.
+        """
+        self.assertEqual(parse().limits.max_body, 10485760)
+        self.assertEqual(parse("--maxbody", "4096").limits.max_body, 4096)
 
     def test_jobs_bare_port_is_loopback(self) -> None:
         """
