@@ -1,14 +1,19 @@
 #!/bin/sh
 # Requests/s: directly to a Twisted hello backend, through the haikutx gate,
-# and through PicoLisp's httpGate, on loopback with wrk (keep-alive).
+# and through PicoLisp's httpGate, on loopback with wrk, with keep-alive and
+# with a new connection per request (Connection: close), all in one run.
+# For the haikutx gate it also prints the CPU time the gate process spent
+# per request (from /proc, so it means something on a shared machine too).
 #
-#   sh bench/gate_bench.sh [seconds] [connections]
+#   sh bench/gate_bench.sh [seconds] [connections] [rounds]
 #
-# Needs: apt-get install -y wrk picolisp; the project installed in .venv.
+# Needs: wrk, picolisp (Debian's, for bin/httpGate); PY and TWISTD name the
+# Python and twistd of an environment with haikutx's dependencies.
 set -eu
 cd "$(dirname "$0")/.."
 DUR=${1:-10}
 CONN=${2:-16}
+ROUNDS=${3:-1}
 PY=${PY:-.venv/bin/python}
 BACK=18181 GATE=18180 PIL=18182
 HTTPGATE=$(dpkg -L picolisp | grep '/bin/httpGate$')
@@ -28,33 +33,49 @@ wait_port() {
     done
 }
 
-run() { # name url [wrk options]
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+run() { # name url [wrk options]: prints "name req/s [us-of-gate-cpu/req]"
     name=$1 url=$2; shift 2
-    wrk -t2 -c"$CONN" -d"${DUR}s" "$@" "$url" | tee /tmp/gate_bench_$name.txt \
-        | awk -v n="$name" '/Requests\/sec/ {print n, $2}'
+    t0=$(ticks "$GATEPID")
+    wrk -t1 -c"$CONN" -d"${DUR}s" "$@" "$url" > /tmp/gate_bench_$name.txt
+    t1=$(ticks "$GATEPID")
+    rps=$(awk '/Requests\/sec/ {print $2}' /tmp/gate_bench_$name.txt)
+    n=$(awk '/requests in/ {print $1}' /tmp/gate_bench_$name.txt)
+    if [ "$name" = haikutx ]; then
+        "$PY" -c "print('$name', $rps, f'{($t1 - $t0) * 1e6 / $(getconf CLK_TCK) / $n:.0f}us/req')"
+    else
+        echo "$name $rps"
+    fi
+}
+
+ratios() { # direct haikutx httpGate lines
+    d=$(echo "$1" | cut -d' ' -f2); g=$(echo "$2" | cut -d' ' -f2); p=$(echo "$3" | cut -d' ' -f2)
+    "$PY" -c "print(f'haikutx/direct {$g/$d:.0%}  httpGate/direct {$p/$d:.0%}  haikutx/httpGate {$g/$p:.2f}x')"
 }
 
 "$PY" bench/hello_backend.py $BACK & PIDS="$PIDS $!"
 PYTHONPATH=. "${TWISTD:-.venv/bin/twistd}" -n --pidfile= --logfile=/dev/null haiku \
-    --port none --sslport none --gate "tcp:$GATE:interface=127.0.0.1" & PIDS="$PIDS $!"
+    --port none --sslport none --gate "tcp:$GATE:interface=127.0.0.1" & GATEPID=$!
+PIDS="$PIDS $GATEPID"
 LANG=C.UTF-8 "$HTTPGATE" $PIL $BACK
 wait_port $BACK; wait_port $GATE; wait_port $PIL
 # httpGate daemonizes: find its listening process to stop it afterwards.
 PILPID=$(ss -Hltnp "sport = :$PIL" | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -1)
 PIDS="$PIDS $PILPID"
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -sr)"
-echo "wrk -t2 -c$CONN -d${DUR}s, keep-alive, GET /$BACK/ through the gates"
-D=$(run direct "http://127.0.0.1:$BACK/")
-G=$(run haikutx "http://127.0.0.1:$GATE/$BACK/")
-P=$(run httpGate "http://127.0.0.1:$PIL/$BACK/")
-echo "$D"; echo "$G"; echo "$P"
-d=$(echo "$D" | cut -d' ' -f2); g=$(echo "$G" | cut -d' ' -f2); p=$(echo "$P" | cut -d' ' -f2)
-"$PY" -c "print(f'haikutx/direct {$g/$d:.0%}  httpGate/direct {$p/$d:.0%}  haikutx/httpGate {$g/$p:.0%}')"
-echo "new connection per request (-H 'Connection: close')"
-D=$(run direct "http://127.0.0.1:$BACK/" -H "Connection: close")
-G=$(run haikutx "http://127.0.0.1:$GATE/$BACK/" -H "Connection: close")
-P=$(run httpGate "http://127.0.0.1:$PIL/$BACK/" -H "Connection: close")
-echo "$D"; echo "$G"; echo "$P"
-d=$(echo "$D" | cut -d' ' -f2); g=$(echo "$G" | cut -d' ' -f2); p=$(echo "$P" | cut -d' ' -f2)
-"$PY" -c "print(f'haikutx/direct {$g/$d:.0%}  httpGate/direct {$p/$d:.0%}  haikutx/httpGate {$g/$p:.0%}')"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -sr), load $(cut -d' ' -f1-3 /proc/loadavg)"
+r=0
+while [ $r -lt "$ROUNDS" ]; do
+    r=$((r + 1))
+    echo "round $r: wrk -t1 -c$CONN -d${DUR}s, keep-alive, GET /$BACK/ through the gates"
+    D=$(run direct "http://127.0.0.1:$BACK/")
+    G=$(run haikutx "http://127.0.0.1:$GATE/$BACK/")
+    P=$(run httpGate "http://127.0.0.1:$PIL/$BACK/")
+    echo "$D"; echo "$G"; echo "$P"; ratios "$D" "$G" "$P"
+    echo "round $r: new connection per request (-H 'Connection: close')"
+    D=$(run direct "http://127.0.0.1:$BACK/" -H "Connection: close")
+    G=$(run haikutx "http://127.0.0.1:$GATE/$BACK/" -H "Connection: close")
+    P=$(run httpGate "http://127.0.0.1:$PIL/$BACK/" -H "Connection: close")
+    echo "$D"; echo "$G"; echo "$P"; ratios "$D" "$G" "$P"
+done

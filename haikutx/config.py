@@ -47,13 +47,20 @@ class Limits:
     @ivar max_size: largest handler source accepted, in bytes.
     @ivar max_time: wall-clock limit of one handler run, in seconds.
     @ivar max_console: console bytes kept per request; 0 keeps all.
+    @ivar max_memory: address-space limit of a handler process, in bytes,
+        and the limit of a stdio handler's processes together.
+    @ivar max_procs: processes and threads a handler's run may have at
+        once (a Python handler's threads; a stdio handler's processes).
     @ivar max_memory: address-space limit of a handler process, in bytes.
+    @ivar max_body: largest request body accepted, in bytes.
     """
 
     max_size: int = 16384
     max_time: float = 5.0
     max_console: int = 4096
     max_memory: int = 256 * 1024 * 1024
+    max_procs: int = 32
+    max_body: int = 10 * 1024 * 1024
 
 
 @frozen

@@ -16,9 +16,9 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from haikutx.net.addresses import EgressRules
 from haikutx.config import Config
 from haikutx.metrics import MetricsResource, show_workers
+from haikutx.net.addresses import EgressRules
 from haikutx.runtime.fetch import HandlerFetcher
 from haikutx.runtime.loader import HandlerLoader, ServeLoader
 from haikutx.runtime.pool import (
@@ -94,7 +94,84 @@ def zygote_options(config: Config) -> dict[str, Any]:
         "user": config.user,
         "base_uid": SLOT_BASE_UID if config.user is None else None,
         "max_threads": MAX_HANDLER_THREADS,
+        "max_procs": config.limits.max_procs,
     }
+
+
+class ListenFailed(Exception):
+    """
+    A listener could not listen (the port is in use, no permission): start-up
+    stops with one line naming the listener's option and the cause.
+
+    @ivar option: the command-line option of the listener, as C{--port}.
+    @ivar where: what it tried to listen on, as C{port 80} or
+        C{127.0.0.1:9000}.
+    @ivar reason: why it could not, as C{Address already in use}.
+    """
+
+    def __init__(self, option: str, where: str, reason: str) -> None:
+        super().__init__(option, where, reason)
+        self.option = option
+        self.where = where
+        self.reason = reason
+
+    @classmethod
+    def from_error(cls, option: str, error: Exception) -> ListenFailed:
+        """
+        Describe C{error}, raised by listening for C{option}.
+
+        @param option: the listener's command-line option.
+        @param error: a L{CannotListenError} or an L{OSError}.
+        """
+        if isinstance(error, CannotListenError):
+            port = error.port
+            where = f"{error.interface}:{port}" if error.interface else f"port {port}"
+            cause = error.socketError
+        else:
+            where, cause = "its address", error
+        if isinstance(cause, OSError) and cause.strerror:
+            reason = cause.strerror
+        else:
+            reason = str(cause)
+        return cls(option, where, reason)
+
+    def __str__(self) -> str:
+        return f"{self.option}: cannot listen on {self.where}: {self.reason}"
+
+
+class ListeningServices(MultiService):
+    """
+    A L{MultiService} whose named children listen for command-line options:
+    a child that cannot listen raises L{ListenFailed} naming its option
+    instead of the bare L{CannotListenError}.
+
+    @param options: the option of each listening child, by child name.
+    """
+
+    def __init__(self, options: dict[str, str]) -> None:
+        super().__init__()
+        self._options = options
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        for child in self:
+            self._start(child, child.privilegedStartService)
+
+    def startService(self) -> None:
+        Service.startService(self)
+        for child in self:
+            self._start(child, child.startService)
+
+    def _start(self, child: Any, start: Any) -> None:
+        try:
+            start()
+        except ListenFailed:
+            raise
+        except (CannotListenError, OSError) as e:
+            option = self._options.get(child.name)
+            if option is None:
+                raise
+            raise ListenFailed.from_error(option, e) from e
 
 
 class FirstFreePort(Service):
@@ -117,8 +194,10 @@ class FirstFreePort(Service):
         self._listening: Any = None
         self.port: int | None = None
 
-    def startService(self) -> None:
-        super().startService()
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self._listening is not None:
+            return
         for port in range(self._first, min(self._first + self.tries, 65536)):
             try:
                 self._listening = self._reactor.listenTCP(port, self._factory)
@@ -134,6 +213,10 @@ class FirstFreePort(Service):
         raise CannotListenError(
             "", self._first, f"no free port from {self._first} to {port}"
         )
+
+    def startService(self) -> None:
+        super().startService()
+        self.privilegedStartService()
 
     def stopService(self) -> Any:
         super().stopService()
@@ -200,33 +283,21 @@ def build_service(reactor: Any, config: Config) -> MultiService:
     """
     Compose the services C{config} asks for.
 
+    The runtime (its worker pool and listeners) is composed only when it
+    has a listener, so a job runner or a gate alone starts no worker
+    process.
+
     @param reactor: the reactor every service uses.
     @param config: the validated configuration.
-    @return: a L{MultiService} whose children are named C{pool}, C{runtime},
-        and, when configured, C{jobs} and C{gate}.
+    @return: a L{MultiService} whose children are named C{pool} and
+        C{runtime} (when the runtime listens), C{jobs} and C{gate} (when
+        configured). Starting it raises L{ListenFailed} when a listener
+        cannot listen.
     """
-    top = MultiService()
-    pool, root, fetcher = build_runtime(reactor, config)
-    pool.setServiceParent(top)
-    FetcherService(fetcher).setServiceParent(top)
-    runtime = MultiService()
-    runtime.setName("runtime")
-    runtime.setServiceParent(top)
-    site = RuntimeSite(root, reactor=reactor)
-    site.displayTracebacks = False
-    if config.https is not None and config.generate_tls:
-        from haikutx.tls import ensure_self_signed
-
-        assert config.cert is not None and config.key is not None
-        ensure_self_signed(config.cert, config.key)
-    for description in (config.http, config.https):
-        if description is None:
-            continue
-        if config.port_search and description == config.http:
-            listener: Service = FirstFreePort(reactor, site, description, config.serve)
-        else:
-            listener = strports.service(description, site, reactor=reactor)
-        listener.setServiceParent(runtime)
+    top = ListeningServices({"jobs": "--jobs", "gate": "--gate"})
+    if config.http is not None or config.https is not None:
+        for service in _runtime_services(reactor, config):
+            service.setServiceParent(top)
     if config.jobs is not None:
         from haikutx.jobs.runner import build_jobs_service
 
@@ -236,3 +307,37 @@ def build_service(reactor: Any, config: Config) -> MultiService:
 
         GateService.from_config(reactor, config).setServiceParent(top)
     return top
+
+
+def _runtime_services(reactor: Any, config: Config) -> list[Service]:
+    """
+    The runtime's services: the worker pool (C{pool}), the fetcher's
+    connections and the listeners (C{runtime}, whose children are named
+    C{http} and C{https}).
+    """
+    pool, root, fetcher = build_runtime(reactor, config)
+    runtime = ListeningServices(
+        {"http": "--serve" if config.port_search else "--port", "https": "--sslport"}
+    )
+    runtime.setName("runtime")
+    site = RuntimeSite(
+        root, reactor=reactor, max_body=config.limits.max_body,
+        handler_name=str(config.serve) if config.serve else None,
+    )
+    site.displayTracebacks = False
+    site.noisy = False
+    if config.https is not None and config.generate_tls:
+        from haikutx.tls import ensure_self_signed
+
+        assert config.cert is not None and config.key is not None
+        ensure_self_signed(config.cert, config.key)
+    for name, description in (("http", config.http), ("https", config.https)):
+        if description is None:
+            continue
+        if config.port_search and name == "http":
+            listener: Service = FirstFreePort(reactor, site, description, config.serve)
+        else:
+            listener = strports.service(description, site, reactor=reactor)
+        listener.setName(name)
+        listener.setServiceParent(runtime)
+    return [pool, FetcherService(fetcher), runtime]

@@ -7,8 +7,9 @@ it into a L{Config}; L{makeService} composes the named services.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from twisted.python import usage
@@ -26,7 +27,7 @@ def _int(option: str, value: Any, minimum: int = 0, maximum: int | None = None) 
     try:
         number = int(value)
     except (TypeError, ValueError):
-        raise usage.UsageError(f"--{option}: {value!r} is not a whole number")
+        raise usage.UsageError(f"--{option}: {value!r} is not a whole number") from None
     if number < minimum or (maximum is not None and number > maximum):
         bounds = f"at least {minimum}" if maximum is None else f"{minimum}-{maximum}"
         raise usage.UsageError(f"--{option}: {number} is out of range ({bounds})")
@@ -37,7 +38,7 @@ def _number(option: str, value: Any, minimum: float = 0.0) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise usage.UsageError(f"--{option}: {value!r} is not a number")
+        raise usage.UsageError(f"--{option}: {value!r} is not a number") from None
     if number < minimum:
         raise usage.UsageError(f"--{option}: {value} is below {minimum}")
     return number
@@ -52,7 +53,7 @@ def _existing(option: str, value: str, directory: bool = False) -> Path:
             with path.open("rb"):
                 pass
         except OSError as e:
-            raise usage.UsageError(f"--{option}: cannot read {value}: {e.strerror}")
+            raise usage.UsageError(f"--{option}: cannot read {value}: {e.strerror}") from None
     return path
 
 
@@ -99,9 +100,9 @@ def _check_endpoint(option: str, description: str) -> None:
     try:
         serverFromString(reactor, description)
     except (ValueError, OSError, TypeError, KeyError) as e:
-        raise usage.UsageError(f"--{option}: {description!r}: {e}")
+        raise usage.UsageError(f"--{option}: {description!r}: {e}") from None
     except Exception as e:  # pyOpenSSL errors for bad PEM files
-        raise usage.UsageError(f"--{option}: {description!r}: {e!r}")
+        raise usage.UsageError(f"--{option}: {description!r}: {e!r}") from None
 
 
 def proxy_from_environ(environ: dict[str, str]) -> str | None:
@@ -135,7 +136,7 @@ def _proxy_address(option: str, value: str) -> str:
     try:
         port = parsed.port or 80
     except ValueError:
-        raise usage.UsageError(f"--{option}: {value!r} has a bad port")
+        raise usage.UsageError(f"--{option}: {value!r} has a bad port") from None
     if not parsed.hostname:
         raise usage.UsageError(f"--{option}: {value!r} names no host")
     host = parsed.hostname
@@ -152,9 +153,14 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Runs handlers fetched by URL in sandboxed worker processes: "
-        "http://host/?x-haiku-handler=<URL or name>. Listening options take a "
-        "port number, a Twisted endpoint string or 'none'. Durations are in "
-        "milliseconds unless stated."
+        "http://host/?x-haiku-handler=<URL or name>; also a job runner (--jobs) "
+        "and a gate (--gate). The runtime starts unless --jobs, --gate or "
+        "--gate-target is given without --port, --sslport or --serve. Listening "
+        "options take a port number, a Twisted endpoint string or 'none'. "
+        "Durations are in milliseconds unless stated. 'haiku ARGS' is "
+        "'twistd -n --pidfile= haiku ARGS'; JSON logs: "
+        "'twistd -n --logger haikutx.logs.json haiku ...'. The full reference "
+        "is doc/options.md."
     )
 
     optFlags = [
@@ -163,7 +169,6 @@ class Options(usage.Options):
     ]
 
     optParameters = [
-        ["sslport", "s", "443", "HTTPS listener of the runtime (port, endpoint or none)."],
         ["cert", "c", None, "PEM server certificate (default: a generated self-signed one)."],
         ["key", "k", None, "PEM private key of --cert."],
         ["workers", "w", None, "Number of sandbox workers [default: 4 x CPUs]."],
@@ -176,21 +181,28 @@ class Options(usage.Options):
         ["keepalive-timeout", "a", "5000", "ms a worker has to answer a heartbeat."],
         ["keepalive-interval", "v", "5000", "ms between heartbeat challenges."],
         ["maxconsole", "l", "4096", "Console bytes kept per request; 0 = unlimited."],
-        ["maxmemory", None, "256", "Address-space limit of a handler process in MiB."],
+        ["maxmemory", None, "256", "Memory limit of a handler run in MiB (the address "
+         "space of each process; a stdio handler's processes also together)."],
+        ["maxprocs", None, "32", "Processes and threads a handler's run may have at "
+         "once (Python handlers start no processes)."],
+        ["maxbody", None, "10485760", "Largest request body accepted, in bytes: 413 "
+         "beyond it, refused from Content-Length before the body is read."],
         ["maxconcurrency", None, None, "Requests of one handler running at once "
          "[default: --workers - 1, at least 1: one worker is always left for the "
          "other handlers]."],
         ["maxqueue", None, None, "Requests of one handler waiting for a worker; "
          "beyond them, 429 at once [default: 2 x --workers]."],
         ["handlers", None, None, "Directory of local handlers named by a relative "
-         "x-haiku-handler [default: the bundled samples]."],
+         "x-haiku-handler, read from inside it only (symlinks that lead out are "
+         "refused) [default: the bundled samples]."],
         ["cache-ttl", None, "5", "Seconds a fetched handler without caching headers, "
          "or a local one, stays fresh in memory."],
         ["cafile", None, None, "Extra CA certificates (PEM) for https handler origins."],
         ["user", None, None, "Unprivileged user for handler processes and jobs "
          "[default as root: a uid of its own per worker slot for handlers, "
          "nobody for jobs]."],
-        ["serve", None, None, "Serve this one local handler file for every request."],
+        ["serve", None, None, "Serve this one local handler file for every request "
+         "(without --port: the first free port from 3000)."],
         ["state", None, None, "State directory [default: ~/.haikutx, or "
          "/var/lib/haikutx for root]."],
         ["jobs", None, None, "Listener of the job runner (a bare port listens on "
@@ -216,11 +228,12 @@ class Options(usage.Options):
         self["egress-allow"] = []
         self["gate"] = []
         self["port"] = "80"
+        self["sslport"] = "443"
         self._given: set[str] = set()
 
     def opt_allow(self, prefix: str) -> None:
         """
-        Allow handler URLs starting with this prefix (repeatable); private and loopback addresses are refused unless a prefix allows them.
+        URL prefix of allowed handlers (repeatable); private and loopback hosts need one.
         """
         self["allow"].append(prefix)
 
@@ -245,12 +258,45 @@ class Options(usage.Options):
 
     opt_p = opt_port
 
+    def opt_sslport(self, value: str) -> None:
+        """
+        HTTPS listener of the runtime (port, endpoint or none) [default: 443].
+        """
+        self._given.add("sslport")
+        self["sslport"] = value
+
+    opt_s = opt_sslport
+
+    def opt_version(self) -> NoReturn:
+        """
+        Print haikutx's version (and Twisted's and Python's) and exit.
+        """
+        import platform
+
+        import twisted
+        from haikutx import __version__
+
+        print(
+            f"haikutx {__version__} (Twisted {twisted.__version__}, "
+            f"Python {platform.python_version()})"
+        )
+        raise SystemExit(0)
+
+    def _runtime_wanted(self) -> bool:
+        """
+        Whether the runtime runs: unless the job runner or the gate is asked
+        for without a runtime listener (C{--port}, C{--sslport}, C{--serve}).
+        """
+        others = self["jobs"] or self["gate"] or self["gate-target"] is not None
+        return not others or bool(self._given & {"port", "sslport"}) or bool(self["serve"])
+
     def postOptions(self) -> None:
         """
         Validate every option and freeze the result into C{self.config}.
         """
         if self["languages"]:
             return
+        runtime = self._runtime_wanted()
         http, http_port = _listener("port", self["port"], "tcp:{port}")
         https, https_port = None, None
         cert = key = None
@@ -304,8 +350,10 @@ class Options(usage.Options):
             if "port" not in self._given:
                 http = "tcp:3000"
                 port_search = True
-            if self["sslport"] == "443":
+            if "sslport" not in self._given:
                 https, generate_tls = None, False
+        if not runtime:
+            http, https, generate_tls = None, None, False
 
         jobs = None
         if self["jobs"]:
@@ -315,6 +363,11 @@ class Options(usage.Options):
             description, _ = _listener("gate", gate, "tcp:{port}")
             if description is not None:
                 gates.append(description)
+        if http is None and https is None and jobs is None and not gates:
+            raise usage.UsageError(
+                "nothing to serve: every listener (--port, --sslport, --jobs, "
+                "--gate) is off"
+            )
 
         proxy = (
             _proxy_address("proxy", self["proxy"])
@@ -330,7 +383,7 @@ class Options(usage.Options):
             try:
                 pwd.getpwnam(self["user"])
             except KeyError:
-                raise usage.UsageError(f"--user: there is no user {self['user']!r}")
+                raise usage.UsageError(f"--user: there is no user {self['user']!r}") from None
         for allowed in self["egress-allow"]:
             _host_port("egress-allow", allowed)
         for prefix in self["allow"]:
@@ -357,6 +410,8 @@ class Options(usage.Options):
                 max_time=_int("maxtime", self["maxtime"], 1) / 1000.0,
                 max_console=_int("maxconsole", self["maxconsole"], 0),
                 max_memory=_int("maxmemory", self["maxmemory"], 16) * 1024 * 1024,
+                max_procs=_int("maxprocs", self["maxprocs"], 1, 65536),
+                max_body=_int("maxbody", self["maxbody"], 0),
             ),
             max_requests=_int("maxrequests", self["maxrequests"], 0),
             max_concurrency=(
@@ -433,9 +488,9 @@ def _names_file(value: str) -> Path:
     try:
         NamesFile.parse(path.read_text())
     except UnicodeDecodeError as e:
-        raise usage.UsageError(f"--names: {value} is not UTF-8 text: {e}")
+        raise usage.UsageError(f"--names: {value} is not UTF-8 text: {e}") from None
     except NamesFileError as e:
-        raise usage.UsageError(f"--names: {value}: {e}")
+        raise usage.UsageError(f"--names: {value}: {e}") from None
     return path
 
 
@@ -455,7 +510,28 @@ def _check_pem_pair(cert: Path, key: Path) -> None:
         raise usage.UsageError(
             f"--cert/--key: {cert} and {key} are not a matching PEM "
             f"certificate and key: {e!r}"
-        )
+        ) from None
+
+
+def _report_listen_failures_in_one_line() -> None:
+    """
+    Have a L{haikutx.service.ListenFailed} that ends C{twistd} print one
+    line on standard error instead of a traceback; twistd has removed its
+    pidfile by then, and the exit status is 1.
+    """
+    from haikutx.service import ListenFailed
+
+    previous = sys.excepthook
+
+    def excepthook(kind: Any, value: BaseException, traceback: Any) -> None:
+        if isinstance(value, ListenFailed):
+            stream = sys.__stderr__ or sys.stderr
+            stream.write(f"{value}\n")
+            stream.flush()
+        else:
+            previous(kind, value, traceback)
+
+    sys.excepthook = excepthook
 
 
 def makeService(options: Options):
@@ -463,8 +539,8 @@ def makeService(options: Options):
     Compose the services C{options} asks for.
 
     @param options: parsed L{Options}.
-    @return: a L{MultiService} with children named C{pool}, C{runtime}
-        and, when asked for, C{jobs} and C{gate}.
+    @return: a L{MultiService} with children named C{pool} and C{runtime}
+        (when the runtime runs), C{jobs} and C{gate} (when asked for).
     """
     from twisted.internet import reactor
 
@@ -475,4 +551,5 @@ def makeService(options: Options):
 
         print_languages()
         raise SystemExit(0)
+    _report_listen_failures_in_one_line()
     return build_service(reactor, options.config)

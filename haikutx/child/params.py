@@ -100,6 +100,18 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
     return params
 
 
+def parses_body(content_type: str) -> bool:
+    """
+    Whether a body of C{content_type} makes parameters (a form, multipart
+    or JSON body): only then must the whole body be in before the params
+    are known.
+    """
+    media = _media_type(content_type)
+    return media in (
+        "application/x-www-form-urlencoded", "multipart/form-data", "application/json"
+    ) or media.endswith("+json")
+
+
 def merge_params(query: str, content_type: str, body: bytes) -> dict[str, Any]:
     """
     The query string's parameters merged with the body's (the body wins).

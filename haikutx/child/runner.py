@@ -32,6 +32,7 @@ from typing import Any
 
 from haikutx.child import wire
 from haikutx.child.api import Console
+from haikutx.child.params import parses_body
 from haikutx.child.run import HandlerFailed, HandlerRun, one_line
 
 #: The child's end of its channel to the server.
@@ -76,6 +77,21 @@ class CodeCache:
         text = source.decode("utf-8", "replace")
         linecache.cache[url] = (len(text), None, text.splitlines(True), url)
         return code
+
+
+def _streams_body(head: dict[str, Any]) -> bool:
+    """
+    Whether a request's run starts before its body is in: a stdio handler
+    gets the body on stdin as it arrives, unless the body makes params
+    (C{HAIKU_PARAMS} is set before the interpreter starts).
+    """
+    if head.get("language", "python") == "python":
+        return False
+    content_type = ""
+    for name, value in head.get("headers", ()):
+        if name.lower() == "content-type":
+            content_type = value
+    return not parses_body(content_type)
 
 
 class _ConsoleStream:
@@ -222,6 +238,8 @@ class Worker:
         self._served = 0
         self._head: dict[str, Any] | None = None
         self._body: list[bytes] = []
+        #: The stdio run whose body is still arriving.
+        self._streaming: Any = None
         self.current: HandlerRun | None = None
         self.server_gone = False
         #: Set by the zygote: called with C{"python"} or C{"stdio"} before
@@ -231,6 +249,10 @@ class Worker:
         #: Set by the zygote for stdio children: called in each
         #: interpreter's process before C{exec}.
         self.exec_sandbox: Callable[[], None] | None = None
+        #: Set by the zygote for stdio children when it is safe: kills
+        #: every process of this child's runs (C{kill(-1)} as the slot's
+        #: own uid, its signals scoped to its Landlock domain).
+        self.end_run_processes: Callable[[], None] | None = None
         self._stdout, self._stderr = sys.stdout, sys.stderr
 
     def send(self, frame: bytes) -> None:
@@ -274,20 +296,36 @@ class Worker:
         elif kind == wire.REQUEST:
             self._head = json.loads(payload)
             self._body = []
+            if _streams_body(self._head):
+                head, self._head = self._head, None
+                self._streaming = self._start(head, b"", streaming=True)
         elif kind == wire.BODY:
-            self._body.append(payload)
-        elif kind == wire.BODY_END and self._head is not None:
-            head, body = self._head, b"".join(self._body)
-            self._head, self._body = None, []
-            self._start(head, body)
+            if self._streaming is not None:
+                self._streaming.body_received(payload)
+            else:
+                self._body.append(payload)
+        elif kind == wire.BODY_END:
+            if self._streaming is not None:
+                run, self._streaming = self._streaming, None
+                run.body_ended()
+            elif self._head is not None:
+                head, body = self._head, b"".join(self._body)
+                self._head, self._body = None, []
+                self._start(head, body)
 
-    def _start(self, head: dict[str, Any], body: bytes) -> None:
+    def _start(self, head: dict[str, Any], body: bytes, streaming: bool = False) -> Any:
+        """
+        Start the run of one request and return it.
+
+        @param streaming: the body is still to come (a stdio run, fed as
+            L{wire.BODY} frames arrive); else C{body} is all of it.
+        """
         run: HandlerRun
         kind = "python" if head.get("language", "python") == "python" else "stdio"
         if kind == "stdio":
             from haikutx.child.stdio import StdioRun
 
-            run = StdioRun(self, head, body)
+            run = StdioRun(self, head, body, streaming=streaming)
         else:
             run = PythonRun(self, head, body)
         if self.confine is not None and self.confined_for != kind:
@@ -297,13 +335,14 @@ class Worker:
                 self.current = run
                 run.fail(503, f"Service unavailable: this worker process runs "
                               f"{self.confined_for} handlers; try again.")
-                return
+                return run
             self.confine(kind)
             self.confined_for = kind
         self.current = run
         stream = _ConsoleStream(run.console_write)
         sys.stdout = sys.stderr = stream  # type: ignore[assignment]
         run.start(self._codes)
+        return run
 
     def run_finished(self, run: HandlerRun) -> None:
         """

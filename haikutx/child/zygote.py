@@ -42,10 +42,13 @@ import signal
 import socket
 import struct
 import sys
+import time
 from typing import Any
 
 from haikutx.child import runner, wire
 from haikutx.sandbox._libc import PR_SET_PDEATHSIG, close_fds_except, libc
+
+PR_SET_CHILD_SUBREAPER = 36
 
 #: The zygote's channel to the server.
 CONTROL = 3
@@ -83,6 +86,8 @@ def _prepare(options: dict[str, Any]) -> Any:
         identity=identity,
         connect_ports=(int(egress["port"]),) if egress else None,
         max_threads=options.get("max_threads") if options.get("base_uid") is not None else None,
+        # Shell handlers send what they do not want to /dev/null.
+        write_paths=("/dev/null",) if options.get("exec_paths") else (),
     )
     return prepare_slot(
         policy,
@@ -90,6 +95,45 @@ def _prepare(options: dict[str, Any]) -> Any:
         exec_read_paths=tuple(options.get("exec_read_paths", ())),
         off=off,
     )
+
+
+def _run_group(options: dict[str, Any]) -> str:
+    """
+    Make (or empty) this slot's cgroup (L{haikutx.sandbox.cgroup.RunGroup}),
+    as root, before the zygote enters its sandbox: the server puts each
+    child in a group of its own beneath it, before the child's first
+    request, so every process a handler starts is in it, at most
+    C{max_procs} tasks (besides the child's own) and C{max_memory}
+    together, and killed with the run.
+
+    @return: how that layer stands, for the start-up report.
+    """
+    from haikutx.sandbox.cgroup import CONTROLLERS, RunGroup
+
+    settings = options.get("cgroup") or {}
+    parents = settings.get("directories") or {}
+    missing = dict(settings.get("missing") or {})
+    if not parents:
+        reasons = "; ".join(missing.values()) or "no cgroups were set up by the server"
+        return (
+            f"unavailable: {reasons}: the processes of a stdio handler are bounded one "
+            "by one (RLIMIT_NPROC, RLIMIT_AS), and one that leaves the run's process "
+            "group may outlive its run"
+        )
+    max_procs = int(options.get("max_procs", 32))
+    max_memory = int(options.get("max_memory", 256 << 20))
+    try:
+        group = RunGroup.create(parents, f"slot{options.get('slot', 0)}", None, None)
+    except OSError as e:
+        return f"unavailable: cannot create this slot's cgroup: {e}"
+    have = [c for c in CONTROLLERS if c in group.directories]
+    text = (
+        f"active: cgroup v1 {' and '.join(have)}: at most {max_procs} tasks and "
+        f"{max_memory >> 20} MiB together per run; every process ends with its run"
+    )
+    if missing:
+        text = "partial: " + text[len("active: "):] + "; missing: " + "; ".join(missing.values())
+    return text
 
 
 def _enter_egress(options: dict[str, Any], zygote: int) -> str:
@@ -143,11 +187,54 @@ def _confiner(sandbox: Any, worker: runner.Worker) -> Any:
             else:
                 sandbox.confine_stdio()
                 worker.exec_sandbox = sandbox.confine_interpreter
+                if _signals_stay_in_slot(sandbox):
+                    # What a handler leaves is reparented to this child,
+                    # which reaps it (a zombie counts against --maxprocs).
+                    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+                    worker.end_run_processes = _kill_all_i_may
         except Exception as e:
             os.write(2, f"sandbox could not be applied: {e}\n".encode())
             os._exit(EXIT_SANDBOX_FAILED)
 
     return confine
+
+
+#: Whether each child runs as a uid of its slot's own (set by L{main}).
+_OWN_UID = False
+
+
+def _signals_stay_in_slot(sandbox: Any) -> bool:
+    """
+    Whether a stdio child may end its run's processes with C{kill(-1)}:
+    it runs as its slot's own uid (not root, not a shared C{--user}), and
+    Landlock scopes its signals to its own domain (ABI 6+), which its
+    interpreters share: then C{kill(-1)} reaches those and nothing else.
+    """
+    return _OWN_UID and sandbox.landlock_abi >= 6 and os.getuid() != 0
+
+
+def _kill_all_i_may(wait: float = 0.5) -> None:
+    """
+    Kill every process this stdio child may signal (see
+    L{_signals_stay_in_slot}): what its handlers left running; then reap
+    them (this child is their subreaper), waiting at most C{wait} seconds.
+    """
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except OSError:
+        pass
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+        if pid == 0:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.001)
 
 
 def _child(sandbox: Any, channel: int, output: int, zygote: int) -> None:
@@ -435,6 +522,12 @@ def main(argv: list[str]) -> None:
     control.setblocking(True)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     zygote = os.getpid()
+    global _OWN_UID
+    _OWN_UID = (
+        os.geteuid() == 0
+        and options.get("base_uid") is not None
+        and not {"uid", "landlock"} & set(options.get("off", ()))
+    )
     sandbox = _prepare(options)
     network = _enter_egress(options, zygote) if sandbox is not None else "disabled"
     if sandbox is not None:
@@ -446,6 +539,14 @@ def main(argv: list[str]) -> None:
     else:
         report = {"layers": {"all": "disabled"}}
     report.setdefault("layers", {})["network"] = network
+    if sandbox is not None:
+        if "processes" in options.get("off", ()):
+            processes = "turned off by name: a run's processes are bounded one by one"
+        elif not options.get("exec_paths"):
+            processes = "no stdio interpreters"
+        else:
+            processes = _run_group(options)
+        report["layers"]["processes"] = processes
     _warm_up()
     if sandbox is not None:
         try:

@@ -132,7 +132,7 @@ class NamesFile:
         object.__setattr__(self, "_by_name", {e.name: e for e in self.entries})
 
     @classmethod
-    def parse(cls, text: str) -> "NamesFile":
+    def parse(cls, text: str) -> NamesFile:
         """
         Parse the text of a names file.
 

@@ -23,6 +23,23 @@ SEARCH_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 _TCL_BOOT = str(Path(__file__).with_name("boot.tcl"))
 
+#: Where the system's installed programs live: a stdio handler may run the
+#: programs beneath these (those that are owned by root and writable by no
+#: one else, see L{program_paths}), and nothing it could have written.
+PROGRAM_PATHS = (
+    "/usr/local/bin",
+    "/usr/bin",
+    "/bin",
+    "/usr/local/sbin",
+    "/usr/sbin",
+    "/sbin",
+    "/usr/libexec",
+    "/usr/lib",
+    "/lib",
+    "/usr/lib64",
+    "/lib64",
+)
+
 
 @implementer(IPlugin, ILanguage)
 @frozen
@@ -171,10 +188,50 @@ BUILTIN: tuple[PythonLanguage | StdioLanguage, ...] = (
 )
 
 
+def _only_root_can_write(path: str) -> bool:
+    """
+    Whether C{path} and every directory above it are owned by root and
+    writable by no other user or group.
+    """
+    import os
+    import stat
+
+    current = path
+    while True:
+        try:
+            info = os.stat(current)
+        except OSError:
+            return False
+        if info.st_uid != 0 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return False
+        if current == "/":
+            return True
+        current = os.path.dirname(current)
+
+
+def program_paths(candidates: tuple[str, ...] = PROGRAM_PATHS) -> tuple[str, ...]:
+    """
+    The real paths of the system program directories that a stdio handler
+    may execute from: those of C{candidates} that exist and that only root
+    can write (so a handler never runs a file that someone, itself
+    included, could have put there).
+    """
+    import os
+
+    found: dict[str, None] = {}
+    for path in candidates:
+        real = os.path.realpath(path)
+        if os.path.isdir(real) and _only_root_can_write(real):
+            found[real] = None
+    return tuple(found)
+
+
 def sandbox_paths(languages: tuple[object, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """
     What a sandbox running stdio handlers must grant: the real paths of the
-    available interpreters (to execute) and their existing read paths.
+    available interpreters and of the system program directories
+    (L{program_paths}) to execute, and the interpreters' existing read
+    paths.
 
     @return: C{(exec_paths, read_paths)} for
         L{haikutx.sandbox.SandboxPolicy}'s C{exec_paths} and
@@ -191,4 +248,7 @@ def sandbox_paths(languages: tuple[object, ...]) -> tuple[tuple[str, ...], tuple
         for path in getattr(language, "read_paths", ()):
             if os.path.exists(path):
                 readable[os.path.realpath(path)] = None
+    if executable:
+        for path in program_paths():
+            executable[path] = None
     return tuple(executable), tuple(readable)

@@ -48,38 +48,20 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from haikutx.net.addresses import EgressRules, ip_from_host
+from haikutx.net.http1 import (
+    BadMessage,
+    end_to_end,
+    head_end,
+    parse_request_head,
+    simple_response,
+)
 from haikutx.net.outbound import AddressRefused, CheckedEndpoint
 
 #: The largest request head (request line and headers) accepted, in bytes.
 MAX_HEAD = 16384
 
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_VERSION = re.compile(rb"^HTTP/1\.[01]$")
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+)$")
 _PORT = re.compile(r"^[0-9]{1,5}$")
-
-#: Headers meant for the proxy or for one hop, not passed upstream.
-_HOP_HEADERS = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-        b"te",
-        b"upgrade",
-    }
-)
-
-_REASONS = {
-    400: "Bad Request",
-    403: "Forbidden",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    502: "Bad Gateway",
-    504: "Gateway Timeout",
-}
 
 
 class BadRequest(ValueError):
@@ -114,19 +96,10 @@ def parse_authority(authority: str) -> tuple[str, int]:
     return host, number
 
 
-def _check_header_lines(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
-    headers = []
-    for line in lines:
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name):
-            raise BadRequest(f"malformed header line {line[:60]!r}")
-        headers.append((name, value.strip()))
-    return headers
-
-
 def parse_head(head: bytes) -> tuple[str, str, int, bytes | None]:
     """
-    Parse a proxy request's head (without the blank line that ends it).
+    Parse a proxy request's head (without the blank line that ends it),
+    strictly (L{haikutx.net.http1}).
 
     @return: C{(method, host, port, upstream_head)} where C{upstream_head}
         is the head to send upstream for plain HTTP (origin-form target,
@@ -134,17 +107,12 @@ def parse_head(head: bytes) -> tuple[str, str, int, bytes | None]:
         C{CONNECT}.
     @raise BadRequest: for a request the proxy cannot serve.
     """
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not _VERSION.match(parts[2]):
-        raise BadRequest(f"malformed request line {lines[0][:100]!r}")
-    method_bytes, target_bytes, version = parts
-    headers = _check_header_lines(lines[1:])
-    method = method_bytes.decode("ascii")
     try:
-        target = target_bytes.decode("ascii")
-    except UnicodeDecodeError:
-        raise BadRequest("request target is not ASCII") from None
+        request = parse_request_head(head, require_host=False)
+    except BadMessage as e:
+        raise BadRequest(e.reason, e.status) from None
+    method = request.method.decode("ascii")
+    target = request.target.decode("ascii")
     if method == "CONNECT":
         host, port = parse_authority(target)
         return method, host, port, None
@@ -166,17 +134,15 @@ def parse_head(head: bytes) -> tuple[str, str, int, bytes | None]:
     origin = url.path or "/"
     if url.query:
         origin += "?" + url.query
-    out = [b"%s %s %s" % (method_bytes, origin.encode("ascii"), version)]
-    has_host = False
-    for name, value in headers:
-        lower = name.lower()
-        if lower in _HOP_HEADERS:
-            continue
-        has_host = has_host or lower == b"host"
+    out = [b"%s %s %s" % (request.method, origin.encode("ascii"), request.version)]
+    fields = end_to_end(request)
+    for name, value in fields:
         out.append(name + b": " + value)
-    if not has_host:
-        out.append(b"Host: " + url.netloc.encode("ascii"))
-    out.append(b"Connection: close")
+    if request.get(b"host") is None:
+        out.append(b"host: " + url.netloc.encode("ascii"))
+    if request.chunked:
+        out.append(b"transfer-encoding: chunked")
+    out.append(b"connection: close")
     return method, host, port, b"\r\n".join(out) + b"\r\n\r\n"
 
 
@@ -246,15 +212,19 @@ class EgressProxy(Protocol):
         self._buffer += data
         if self._state != "head":
             return
-        end = self._buffer.find(b"\r\n\r\n")
+        try:
+            end = head_end(self._buffer)
+        except BadMessage as e:
+            self._refuse(e.status, e.reason, None)
+            return
         if end < 0:
             if len(self._buffer) > self._factory.max_head:
                 self._refuse(431, "the request head is too large", None)
             return
-        if end > self._factory.max_head:
+        if end - 4 > self._factory.max_head:
             self._refuse(431, "the request head is too large", None)
             return
-        head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
+        head, self._buffer = self._buffer[: end - 4], self._buffer[end:]
         try:
             _, host, port, upstream_head = parse_head(head)
         except BadRequest as e:
@@ -315,9 +285,9 @@ class EgressProxy(Protocol):
             lambda address: rules.check(host, port, address),
             self._factory.timeout,
         )
-        upstream: _Upstream = await endpoint.connect(
-            Factory.forProtocol(lambda: _Upstream(self))
-        )
+        factory = Factory.forProtocol(lambda: _Upstream(self))
+        factory.noisy = False
+        upstream: _Upstream = await endpoint.connect(factory)
         return upstream
 
     def _splice(self, upstream: _Upstream, upstream_head: bytes | None) -> None:
@@ -449,13 +419,7 @@ class EgressProxy(Protocol):
         self._state = "closed"
         self._buffer = b""
         body = (reason.replace("\r", " ").replace("\n", " ") + "\n").encode("utf-8")
-        self.transport.write(
-            b"HTTP/1.1 %d %s\r\n"
-            b"Content-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s"
-            % (status, _REASONS[status].encode("ascii"), len(body), body)
-        )
+        self.transport.write(simple_response(status, body))
         self.transport.loseConnection()
 
 

@@ -38,6 +38,7 @@ from twisted.web.client import (
     ProxyAgent,
     ResponseDone,
     ResponseFailed,
+    _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -53,6 +54,7 @@ from haikutx.net.outbound import (
     TunnelEndpoint,
     resolve_checked,
 )
+from haikutx.net.urls import redact_url
 
 UNSUPPORTED_PROTOCOL = (
     "The x-haiku-handler parameter specifies unsupported protocol. "
@@ -94,12 +96,27 @@ class HandlerFetchError(Exception):
 
 
 def _refused(url: str, reason: str) -> HandlerFetchError:
-    return HandlerFetchError(403, f"The handler URL {url} is not allowed: {reason}")
+    return HandlerFetchError(
+        403, f"The handler URL {redact_url(url)} is not allowed: {reason}"
+    )
 
 
 def _unable(url: str, error: str) -> HandlerFetchError:
     return HandlerFetchError(
-        502, f"Unable to obtain HTTP handler code from {url}: {error}"
+        502, f"Unable to obtain HTTP handler code from {redact_url(url)}: {error}"
+    )
+
+
+def _with_allow_hint(reason: str, target: _Target) -> str:
+    """
+    The reason a handler URL's address was refused, with the C{--allow}
+    prefix that would allow it (the operator's choice, for handlers served
+    from this machine or a private network).
+    """
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    return (
+        f"{reason}; the server allows it when started with "
+        f"--allow {target.scheme}://{host}:{target.port}/"
     )
 
 
@@ -128,7 +145,7 @@ def _parse(url: str) -> _Target:
         port = parts.port
     except ValueError:
         raise HandlerFetchError(
-            400, f"The handler URL {url} is not a valid URL."
+            400, f"The handler URL {redact_url(url)} is not a valid URL."
         ) from None
     if parts.scheme not in ("http", "https"):
         raise HandlerFetchError(400, UNSUPPORTED_PROTOCOL)
@@ -138,7 +155,7 @@ def _parse(url: str) -> _Target:
         or any(c.isspace() or c == "\\" for c in url)
         or not url.isascii()
     ):
-        raise HandlerFetchError(400, f"The handler URL {url} is not a valid URL.")
+        raise HandlerFetchError(400, f"The handler URL {redact_url(url)} is not a valid URL.")
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
@@ -354,6 +371,14 @@ async def _discard(response: IResponse, max_size: int) -> None:
         pass
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """
+    The pool's connection factory, without a log line per connection.
+    """
+
+    noisy = False
+
+
 class _Pool(HTTPConnectionPool):
     """
     A connection pool that takes no connection back once closed: a response
@@ -361,6 +386,7 @@ class _Pool(HTTPConnectionPool):
     abandoned mid-packet) is closed instead of waiting in the pool.
     """
 
+    _factory = _QuietClientFactory
     closed = False
 
     def _putConnection(self, key: Any, connection: Any) -> None:
@@ -519,7 +545,9 @@ class HandlerFetcher:
             self._counters["errors"] += 1
             if expired or not result.check(HandlerFetchError):
                 if not expired:
-                    self.log.failure("fetching {handler_url}", result, handler_url=url)
+                    self.log.failure(
+                        "fetching {handler_url}", result, handler_url=redact_url(url)
+                    )
                     result = Failure(_unable(url, _describe(result.value)))
                 else:
                     result = Failure(
@@ -531,14 +559,14 @@ class HandlerFetcher:
             error = result.value
             self.log.info(
                 "fetching {handler_url} failed: {status} {reason}",
-                handler_url=url,
+                handler_url=redact_url(url),
                 status=error.status,
                 reason=error.message,
             )
         else:
             self.log.info(
                 "fetched {handler_url} ({cache}, {size} bytes from {final_url})",
-                handler_url=url,
+                handler_url=redact_url(url),
                 cache=result.cache,
                 size=len(result.source),
                 final_url=result.url,
@@ -587,7 +615,7 @@ class HandlerFetcher:
             try:
                 response = await self._request(target, headers)
             except AddressRefused as e:
-                raise _refused(current, e.reason) from None
+                raise _refused(current, _with_allow_hint(e.reason, target)) from None
             except (HandlerFetchError, CancelledError):
                 raise
             except Exception as e:
@@ -609,7 +637,8 @@ class HandlerFetcher:
                 await _discard(response, self._max_size)
                 raise HandlerFetchError(
                     502,
-                    f"HTTP error when obtaining handler code from {current}: {code}",
+                    f"HTTP error when obtaining handler code from {redact_url(current)}: "
+                    f"{code}",
                 )
             length = response.length
             if isinstance(length, int) and length > self._max_size:

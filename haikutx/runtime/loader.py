@@ -19,8 +19,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.filepath import FilePath, InsecurePath
 from zope.interface import implementer
 
-from haikutx.runtime.fetch import HandlerFetchError
 from haikutx.interfaces import IHandlerLoader
+from haikutx.net.urls import redact_url
+from haikutx.runtime.beneath import OutsideDirectory, open_beneath, read_regular
+from haikutx.runtime.fetch import HandlerFetchError
 
 UNSUPPORTED_PROTOCOL = (
     "The x-haiku-handler parameter specifies unsupported protocol. "
@@ -81,7 +83,7 @@ def classify(name: str) -> str:
     try:
         parts = urlsplit(name)
     except ValueError:
-        raise HandlerLoadError(400, INVALID_NAME)
+        raise HandlerLoadError(400, INVALID_NAME) from None
     if parts.scheme in ("http", "https"):
         if not parts.hostname:
             raise HandlerLoadError(400, INVALID_NAME)
@@ -154,31 +156,47 @@ class HandlerLoader:
     async def _load(self, name: str) -> HandlerSource:
         if classify(name) == "url":
             if self._fetcher is None:
-                raise HandlerLoadError(403, f"The handler URL {name} is not allowed: "
-                                       "this runtime serves local handlers only")
+                raise HandlerLoadError(403, f"The handler URL {redact_url(name)} is not "
+                                       "allowed: this runtime serves local handlers only")
             try:
                 fetched = await self._fetcher.fetch(name)
             except HandlerFetchError as e:
-                raise HandlerLoadError(e.status, e.message)
+                raise HandlerLoadError(e.status, e.message) from None
             return HandlerSource(url=fetched.url, source=fetched.source, cache=fetched.cache)
         handler = await self._read_local(name)
         self._remember(name, handler)
         return handler
 
-    def _local_path(self, name: str) -> FilePath[str]:
+    def _local_name(self, name: str) -> str:
+        """
+        The file name a local handler name stands for (its query string and
+        fragment removed), checked to be a relative name that stays inside
+        the handlers directory as written; symlinks are checked when it is
+        opened (L{open_beneath}).
+
+        @raise HandlerLoadError: 400 for an absolute name or one that climbs
+            out with C{..}.
+        """
         relative = name.split("?", 1)[0].split("#", 1)[0]
         if relative.startswith("/") or "\\" in relative:
             raise HandlerLoadError(400, INVALID_NAME)
         try:
-            return self._handlers.preauthChild(relative)
+            path = self._handlers.preauthChild(relative)
         except InsecurePath:
-            raise HandlerLoadError(400, INVALID_NAME)
+            raise HandlerLoadError(400, INVALID_NAME) from None
+        return os.path.relpath(path.path, self._handlers.path)
 
     async def _read_local(self, name: str) -> HandlerSource:
-        path = self._local_path(name)
-        source = await deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), _read_capped, path.path, self._max_size
-        )
+        relative = self._local_name(name)
+        try:
+            source = await deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(), _read_beneath,
+                self._handlers.path, relative, self._max_size,
+            )
+        except OutsideDirectory:
+            raise HandlerLoadError(
+                403, f"The handler {name} leads outside the handlers directory."
+            ) from None
         if source is None:
             raise HandlerLoadError(
                 404, f"The handler {name} was not found in the handlers directory."
@@ -188,18 +206,30 @@ class HandlerLoader:
         return HandlerSource(url=name, source=source)
 
 
+def _read_beneath(directory: str, name: str, max_size: int) -> bytes | None:
+    """
+    Read at most C{max_size + 1} bytes of the regular file C{name} beneath
+    C{directory} (C{None} if there is no such file).
+
+    @raise OutsideDirectory: when C{name} leads outside C{directory}.
+    """
+    try:
+        fd = open_beneath(directory, name)
+    except OSError:
+        return None
+    return read_regular(fd, max_size + 1)
+
+
 def _read_capped(path: str, max_size: int) -> bytes | None:
     """
     Read at most C{max_size + 1} bytes of a regular file (C{None} if there
     is no such file).
     """
     try:
-        with open(path, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                return None
-            return f.read(max_size + 1)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
         return None
+    return read_regular(fd, max_size + 1)
 
 
 @implementer(IHandlerLoader)
@@ -250,9 +280,6 @@ def _read_if_changed(
     """
     The file's stamp, and its content when the stamp differs from C{stamp}.
     """
-    import os
-    import stat
-
     try:
         info = os.stat(path)
     except OSError:

@@ -76,6 +76,7 @@ def default_options() -> dict[str, Any]:
         "user": None,
         "base_uid": SLOT_BASE_UID,
         "max_threads": MAX_HANDLER_THREADS,
+        "max_procs": 32,
     }
 
 
@@ -102,7 +103,10 @@ class PythonWorkerSpawner:
     @param egress: the L{haikutx.net.addresses.EgressRules} of the egress
         proxy; C{None} for the default rules.
     @param off: names of layers to turn off (C{"network"}, C{"landlock"},
-        C{"seccomp"}, C{"uid"}, C{"ipc"}).
+        C{"seccomp"}, C{"uid"}, C{"ipc"}, C{"processes"}: the cgroups).
+    @param run_groups: put each slot's processes in a cgroup of its own
+        (L{haikutx.sandbox.cgroup}), made when the first worker starts and
+        removed by L{close}.
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class PythonWorkerSpawner:
         executable: str = sys.executable,
         egress: Any = None,
         off: tuple[str, ...] = (),
+        run_groups: bool = True,
     ) -> None:
         from haikutx.sandbox.slot import LAYERS
 
@@ -124,6 +129,8 @@ class PythonWorkerSpawner:
             egress = EgressRules()
         self._reactor = reactor
         self._egress = egress
+        self._run_groups = run_groups
+        self._cgroups: Any = None
         self._executable = executable
         self._options = {**default_options(), **(options or {})}
         self._options["off"] = sorted(set(off) | set(self._options.get("off", ())))
@@ -157,6 +164,12 @@ class PythonWorkerSpawner:
             child_fds[EGRESS_FD] = channel.fileno()
             options["egress"] = {"fd": EGRESS_FD, "port": EGRESS_PORT}
             protocol.ended.addBoth(lambda result: stop().addCallback(lambda _: result))
+        if (
+            self._run_groups
+            and options.get("sandbox", True)
+            and "processes" not in options["off"]
+        ):
+            self._add_run_group(protocol, options)
         try:
             self._reactor.spawnProcess(
                 protocol,
@@ -176,6 +189,42 @@ class PythonWorkerSpawner:
             server_end.close()
             if channel is not None:
                 channel.close()
+
+    def _add_run_group(self, protocol: WorkerProtocol, options: dict[str, Any]) -> None:
+        """
+        Tell the zygote where its slot's cgroup goes, and give the worker
+        the server's side of it (L{haikutx.runtime.rungroup.SlotGroup}).
+        """
+        from haikutx.runtime.rungroup import SlotGroup
+        from haikutx.sandbox.cgroup import WORKER_TASKS, CgroupTree
+
+        if self._cgroups is None:
+            self._cgroups = CgroupTree.create()
+        tree = self._cgroups
+        options["cgroup"] = {"directories": tree.directories, "missing": tree.missing}
+        if not tree.directories:
+            return
+        slot = SlotGroup(
+            self._reactor,
+            tree.slot(protocol.slot),
+            int(options.get("max_procs", 32)) + WORKER_TASKS,
+            int(options.get("max_memory", 256 << 20)),
+        )
+        protocol.run_group = slot
+
+        def stop(result: Any) -> Any:
+            slot.stop()
+            return result
+
+        protocol.ended.addBoth(stop)
+
+    def close(self) -> None:
+        """
+        Remove the cgroups, once every worker has ended.
+        """
+        tree, self._cgroups = self._cgroups, None
+        if tree is not None:
+            tree.remove()
 
 
 class WorkerPool(Service):
@@ -234,7 +283,11 @@ class WorkerPool(Service):
                 self._kill_time, worker.kill_zygote, "did not stop in time"
             )
             worker.ended.addBoth(_cancel_timer, timer)
-        return DeferredList(ended, consumeErrors=True)
+        stopped = DeferredList(ended, consumeErrors=True)
+        close = getattr(self._spawner, "close", None)
+        if close is not None:
+            stopped.addCallback(lambda result: (close(), result)[1])
+        return stopped
 
     # Workers
 

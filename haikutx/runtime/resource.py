@@ -21,11 +21,14 @@ from zope.interface import implementer
 from haikutx.config import Limits
 from haikutx.child.console import console_mode
 from haikutx.interfaces import IExchange
+from haikutx.net.urls import redact_url
+from haikutx.runtime.body import DEFAULT_MAX_BODY, LimitedRequest, RequestBody, body_too_large
 from haikutx.runtime.loader import HandlerLoadError, HandlerSource
 from haikutx.runtime.pool import PoolBusy, WorkerPool
 from haikutx.runtime.scheduler import Overloaded, Scheduler
 from haikutx.runtime.tenants import handler_identity
 from haikutx.runtime.worker import WorkerProtocol, handler_kind
+from haikutx.net.http1 import HOP_BY_HOP
 
 HANDLER = "x-haiku-handler"
 CONSOLE = "x-haiku-console"
@@ -37,7 +40,7 @@ NO_HANDLER = (
 )
 
 #: Response headers a handler may not set: the runtime frames the response.
-_HOP_BY_HOP = {b"connection", b"transfer-encoding", b"keep-alive", b"upgrade"}
+_HOP_BY_HOP = HOP_BY_HOP
 
 #: Set on a request for which L{HandlerResource} emits its own event.
 _LOGGED_HERE = "haiku_logged"
@@ -57,7 +60,24 @@ class RuntimeSite(Site):
     answers: for each of those the runtime emits one structured event of
     its own (SPEC §7: client, method, handler, status, duration, worker),
     so that every request costs one log line, not two.
+
+    Its requests are L{LimitedRequest}s: a body over C{max_body} bytes is
+    refused with 413 before it is read.
+
+    @ivar max_body: the largest request body accepted, in bytes.
+    @ivar handler_name: the fixed handler the site runs, if any (named in
+        the log of a refused body).
     """
+
+    requestFactory = LimitedRequest
+
+    def __init__(
+        self, resource: Any, *args: Any, max_body: int = DEFAULT_MAX_BODY,
+        handler_name: str | None = None, **kwargs: Any,
+    ) -> None:
+        super().__init__(resource, *args, **kwargs)
+        self.max_body = max_body
+        self.handler_name = handler_name
 
     def log(self, request: Request) -> None:
         if not getattr(request, _LOGGED_HERE, False):
@@ -127,7 +147,7 @@ class Exchange:
         self._timer: IDelayedCall | None = None
         request.notifyFinish().addErrback(self._disconnected)
 
-    def start(self, head: dict[str, Any], body: bytes) -> None:
+    def start(self, head: dict[str, Any], body: RequestBody) -> None:
         """
         Send the request to the worker and start the clock.
         """
@@ -136,6 +156,15 @@ class Exchange:
 
     def _disconnected(self, reason: Any) -> None:
         self._client_gone = True
+        if self._timer is None or self.done.called or self._worker.kind != "stdio":
+            return
+        # A stdio run whose client has gone ends now, and every process it
+        # started with it (its child is killed; its cgroup emptied).
+        self._timer.cancel()
+        self._timer = None
+        self._worker.detach(self)
+        self.done.callback(None)  # type: ignore[arg-type]
+        self._worker.kill("its client went away")
 
     # IExchange
 
@@ -312,6 +341,10 @@ class HandlerResource(Resource):
                 return b""
             self._refuse(request, 400, NO_HANDLER, None)
             return NOT_DONE_YET
+        if RequestBody.of(request).size() > self._limits.max_body:
+            # Served by a Site whose requests do not refuse it before reading.
+            self._refuse(request, 413, body_too_large(self._limits.max_body), name)
+            return NOT_DONE_YET
         served = Deferred.fromCoroutine(self._serve(request, name))
         served.addErrback(self._crashed, request, name)
         return NOT_DONE_YET
@@ -340,7 +373,7 @@ class HandlerResource(Resource):
             "{client} {method} {handler_url} -> {status}: {reason}",
             client=_client(request),
             method=request.method.decode("latin-1"),
-            handler_url=name,
+            handler_url=_shown(name),
             status=status,
             reason=message,
         )
@@ -359,7 +392,7 @@ class HandlerResource(Resource):
             "{client} {method} {handler_url} -> {answer} in {duration:.3f}s",
             client=_client(request),
             method=request.method.decode("latin-1"),
-            handler_url=name,
+            handler_url=_shown(name),
             status=status,
             answer=status if status is not None else "client went away",
             duration=self._reactor.seconds() - started,
@@ -482,21 +515,28 @@ class HandlerResource(Resource):
             "console": console_mode(request_parameter(request, CONSOLE)),
             "max_console": self._limits.max_console,
             "debug": self._debug,
+            "body_length": RequestBody.of(request).size(),
         }
 
     def _crashed(self, failure: Any, request: Request, name: str) -> None:
-        self.log.failure("serving {handler_url} failed", failure, handler_url=name)
+        self.log.failure("serving {handler_url} failed", failure, handler_url=_shown(name))
         if not request.startedWriting and not request._disconnected:
-            send_error(request, 500, f"Handler {name} could not be run: internal error")
+            send_error(
+                request, 500, f"Handler {_shown(name)} could not be run: internal error"
+            )
+
+
+def _shown(name: str | None) -> str:
+    """
+    A handler's name as logs and answers show it: credentials redacted,
+    C{-} when the request named none.
+    """
+    return "-" if name is None else redact_url(name)
 
 
 def _client(request: Request) -> str:
     return getattr(request.getClientAddress(), "host", "-")
 
 
-def _body(request: Request) -> bytes:
-    content = request.content
-    if content is None:
-        return b""
-    content.seek(0)
-    return content.read()
+def _body(request: Request) -> RequestBody:
+    return RequestBody.of(request)

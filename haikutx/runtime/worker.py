@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from haikutx.child import wire
+from haikutx.runtime.body import BodyFeed, RequestBody
 
 #: The zygote's end of its channel to the server, in the zygote.
 ZYGOTE_FD = 3
@@ -107,6 +108,8 @@ class ChildProtocol(Protocol):
         self.closed = False
         self.challenge: bytes | None = None
         self.grace: IDelayedCall | None = None
+        #: The L{BodyFeed} sending its request's body, while it does.
+        self.feed: BodyFeed | None = None
         self._reader = wire.FrameReader()
 
     def dataReceived(self, data: bytes) -> None:
@@ -136,6 +139,10 @@ class ChildProtocol(Protocol):
         """
         if not self.closed:
             self.closed = True
+            feed, self.feed = self.feed, None
+            if feed is not None:
+                # A registered producer would keep the channel open.
+                feed.stopProducing()
             self.transport.loseConnection()
 
     def kill_process(self) -> None:
@@ -277,6 +284,10 @@ class WorkerProtocol(ProcessProtocol):
         self.kill_reason: str | None = None
         self.started = reactor.seconds()
         self.ended: Deferred[None] = Deferred()
+        #: The slot's cgroup (L{haikutx.runtime.rungroup.SlotGroup}), set
+        #: by the spawner: each child joins it before its first request,
+        #: and what is left in it is killed when the child ends.
+        self.run_group: Any = None
 
     @property
     def child_pid(self) -> int | None:
@@ -416,6 +427,8 @@ class WorkerProtocol(ProcessProtocol):
             if self.state != "dead":
                 self.kill_zygote("started a second child while one was current")
             return
+        if self.run_group is not None:
+            self.run_group.admit(self, child)
         self.child = child
         self.children_started += 1
         self.served = 0
@@ -426,6 +439,9 @@ class WorkerProtocol(ProcessProtocol):
         self._on_ready(self)
 
     def _child_ended(self, pid: int, code: int | None, number: int | None) -> None:
+        if self.run_group is not None:
+            # What the child's handlers left running ends with it.
+            self.run_group.child_ended(pid)
         child = self._children.pop(pid, None)
         if child is None:
             return
@@ -496,10 +512,12 @@ class WorkerProtocol(ProcessProtocol):
         elif kind == wire.FINISH:
             trailers = json.loads(payload)["trailers"]
             child.exchange = None
+            self._end_body(child)
             exchange.finish(trailers)
         elif kind == wire.FAIL:
             failure = json.loads(payload)
             child.exchange = None
+            self._end_body(child)
             exchange.fail(int(failure["status"]), failure["message"])
 
     def _child_channel_lost(self, child: ChildProtocol) -> None:
@@ -521,14 +539,15 @@ class WorkerProtocol(ProcessProtocol):
 
     # Requests
 
-    def run(self, exchange: Any, head: dict[str, Any], body: bytes) -> None:
+    def run(self, exchange: Any, head: dict[str, Any], body: RequestBody | bytes) -> None:
         """
         Send one request to this slot's current child; its response goes to
         C{exchange}.
 
         @param exchange: an L{IExchange}.
         @param head: the request head (L{haikutx.child.wire.REQUEST}).
-        @param body: the whole request body, sent in chunks.
+        @param body: the request body, sent in chunks as the pipe takes
+            them (L{BodyFeed}).
         """
         assert self.state == "idle" and self.child is not None, self.state
         self.state = "busy"
@@ -536,11 +555,9 @@ class WorkerProtocol(ProcessProtocol):
         child = self.child
         child.exchange = exchange
         child.requested = True
-        frames = [wire.encode_json(wire.REQUEST, head)]
-        for start in range(0, len(body), wire.CHUNK):
-            frames.append(wire.encode(wire.BODY, body[start : start + wire.CHUNK]))
-        frames.append(wire.encode(wire.BODY_END))
-        child.send(b"".join(frames))
+        consumer = child.transport if hasattr(child.transport, "registerProducer") else None
+        child.feed = BodyFeed(child.send, consumer)
+        child.feed.start(wire.encode_json(wire.REQUEST, head), body)
 
     def retire(self) -> None:
         """
@@ -557,6 +574,9 @@ class WorkerProtocol(ProcessProtocol):
         child.close()
         child.kill_process()
         child.release_pidfd()
+        if self.run_group is not None:
+            # Its end is not reported: what its handlers left ends now.
+            self.run_group.child_ended(child.pid)
         self._tell_zygote_to_end(child, report=False)
 
     def _tell_zygote_to_end(self, child: ChildProtocol, report: bool) -> None:
@@ -571,6 +591,20 @@ class WorkerProtocol(ProcessProtocol):
         for child in self._children.values():
             if child.exchange is exchange:
                 child.exchange = None
+                self._end_body(child)
+
+    def _end_body(self, child: ChildProtocol) -> None:
+        """
+        Stop sending C{child} its request's body (the response is over): it
+        gets the body's end before it can be given another request.
+        """
+        feed, child.feed = child.feed, None
+        if feed is None:
+            return
+        if child.closed:
+            feed.stopProducing()
+        else:
+            feed.stop()
 
     # Heartbeat and stopping
 

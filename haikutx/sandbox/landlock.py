@@ -163,6 +163,7 @@ def build_ruleset(
     read_paths: Iterable[str],
     exec_paths: Iterable[str] = (),
     connect_ports: Iterable[int] | None = None,
+    write_paths: Iterable[str] = (),
 ) -> tuple[int, RulesetSummary]:
     """
     Create a Landlock ruleset that grants read access beneath C{read_paths},
@@ -177,6 +178,8 @@ def build_ruleset(
     @param connect_ports: when not C{None} (and ABI 4+), the only TCP ports
         that may be connected to; when C{None}, TCP connect is not
         restricted by Landlock.
+    @param write_paths: files (not directories) that may be read and
+        written, such as C{/dev/null}.
     @return: the ruleset file descriptor (inheritable, so that a forked
         child can use it) and a summary.
     @raise OSError: if the kernel refuses.
@@ -217,6 +220,13 @@ def build_ruleset(
         for path in dict.fromkeys(exec_paths):
             rights = read_rights | ACCESS_FS_EXECUTE
             (granted_exec if _add_path_rule(fd, path, rights) else skipped).append(path)
+        for path in dict.fromkeys(write_paths):
+            if os.path.isdir(path):
+                continue
+            rights = (ACCESS_FS_READ_FILE | ACCESS_FS_WRITE_FILE) | (
+                ACCESS_FS_TRUNCATE if abi >= 3 else 0
+            )
+            (granted_read if _add_path_rule(fd, path, rights) else skipped).append(path)
         if connect_ports is not None and abi >= 4:
             for port in connect_ports:
                 net = _NetPortAttr(allowed_access=ACCESS_NET_CONNECT_TCP, port=port)

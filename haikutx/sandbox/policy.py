@@ -175,6 +175,7 @@ class SandboxPolicy:
     @ivar allow_exec: keep C{execve} (stdio interpreters): Landlock then
         allows executing only beneath C{exec_paths}.
     @ivar exec_paths: what may be executed when C{allow_exec}.
+    @ivar write_paths: files that may be written (C{/dev/null}).
     @ivar read_paths: what may be read; by default the interpreter's paths
         (L{interpreter_read_paths}).
     @ivar extra_read_paths: added to C{read_paths}.
@@ -192,6 +193,7 @@ class SandboxPolicy:
     identity: Identity | None = None
     allow_exec: bool = False
     exec_paths: tuple[str, ...] = ()
+    write_paths: tuple[str, ...] = ()
     read_paths: tuple[str, ...] | None = None
     extra_read_paths: tuple[str, ...] = ()
     connect_ports: tuple[int, ...] | None = None
@@ -378,7 +380,8 @@ def prepare(
             exec_paths += tuple(p for p in loaders if p)
         try:
             ruleset_fd, summary = _landlock.build_ruleset(
-                found.landlock_abi, read, exec_paths, policy.connect_ports
+                found.landlock_abi, read, exec_paths, policy.connect_ports,
+                write_paths=policy.write_paths,
             )
         except OSError as e:
             raise SandboxError(f"Landlock: {e}") from e

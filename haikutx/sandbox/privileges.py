@@ -127,7 +127,24 @@ class PreparedIdentity:
         self._header_ref = ctypes.byref(self._header)
 
 
-def switch_identity(prepared: PreparedIdentity) -> None:
+def drop_bounding_set(prepared: PreparedIdentity) -> None:
+    """
+    Empty the capability bounding set but for what the identity keeps
+    (C{PR_CAPBSET_DROP}, one call per capability).  Forked children inherit
+    the bounding set, so a zygote calls this once for all its children,
+    which then skip it in L{switch_identity}: the zygote's own effective
+    capabilities are untouched (the bounding set only limits what C{execve}
+    grants, and a zygote never executes anything).
+
+    @raise OSError: if a drop fails (the caller must exit).
+    """
+    _prctl = libc.prctl
+    for cap in prepared.drop:
+        if _prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0:
+            check(-1, "PR_CAPBSET_DROP")
+
+
+def switch_identity(prepared: PreparedIdentity, bounding_set_dropped: bool = False) -> None:
     """
     Become the prepared identity for good (real, effective and saved ids;
     no supplementary groups), keeping at most C{CAP_DAC_READ_SEARCH} (in
@@ -135,14 +152,14 @@ def switch_identity(prepared: PreparedIdentity) -> None:
     C{execve} of an interpreter). Must be called as root.
 
     @param prepared: from L{PreparedIdentity}, made in the zygote.
+    @param bounding_set_dropped: the zygote already emptied the bounding
+        set (L{drop_bounding_set}), which this process inherited.
     @raise OSError: if a step fails (the caller must then exit).
     """
     identity = prepared.identity
     keep = identity.keep_read_capability
-    _prctl = libc.prctl
-    for cap in prepared.drop:
-        if _prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0:
-            check(-1, "PR_CAPBSET_DROP")
+    if not bounding_set_dropped:
+        drop_bounding_set(prepared)
     if keep:
         prctl(PR_SET_KEEPCAPS, 1)
     os.setgroups([])

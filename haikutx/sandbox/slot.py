@@ -38,7 +38,7 @@ from ._libc import CLONE_NEWIPC, PR_SET_PDEATHSIG, close_fds_except, prctl, unsh
 from .policy import PreparedSandbox, SandboxError, SandboxPolicy, prepare
 
 #: The layers that can be turned off by name (besides all of them).
-LAYERS = ("landlock", "seccomp", "uid", "ipc", "network")
+LAYERS = ("landlock", "seccomp", "uid", "ipc", "network", "processes")
 
 
 @dataclass
@@ -92,12 +92,18 @@ class SlotSandbox:
     def enter_zygote(self) -> None:
         """
         Apply the layers common to all children to the zygote itself, once:
-        C{no_new_privs}, the Landlock domain, the seccomp filter.  The
-        ruleset descriptor is closed here.
+        C{no_new_privs}, the Landlock domain, the seccomp filter, and the
+        emptied capability bounding set (children then only switch their
+        ids).  The ruleset descriptor is closed here.
 
         @raise SandboxError: if a layer fails to apply (the zygote must exit).
         """
         self.common.apply_to_zygote()
+        if self.common._identity is not None:
+            try:
+                privileges.drop_bounding_set(self.common._identity)
+            except OSError as e:
+                raise SandboxError(f"sandbox: {e}") from e
         self._zygote_entered = True
 
     def new_ipc_namespace(self) -> None:
@@ -126,7 +132,7 @@ class SlotSandbox:
             close_fds_except(keep_fds)
             privileges.apply_limits(common._limits)
             if common._identity is not None:
-                privileges.switch_identity(common._identity)
+                privileges.switch_identity(common._identity, bounding_set_dropped=True)
             prctl(PR_SET_PDEATHSIG, parent_death_signal)
         except OSError as e:
             raise SandboxError(f"sandbox: {e}") from e
@@ -233,6 +239,10 @@ def prepare_slot(
     return SlotSandbox(
         common=common,
         python_filter=seccomp.build_process_filter(False) if use_seccomp else None,
-        interpreter_filter=seccomp.build_process_filter(True) if use_seccomp else None,
+        # A stdio interpreter may start processes (a shell script is made of
+        # commands); the server's cgroup bounds them (haikutx.sandbox.cgroup).
+        interpreter_filter=(
+            seccomp.build_process_filter(True, allow_fork=True) if use_seccomp else None
+        ),
         landlock_abi=common.ruleset.abi if common.ruleset is not None else 0,
     )

@@ -13,9 +13,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.trial.unittest import TestCase
-from twisted.web.server import Site
 
 from haikutx.config import Config, Limits
+from haikutx.runtime.resource import RuntimeSite
 from haikutx.service import build_runtime
 
 
@@ -57,7 +57,7 @@ def start_runtime(
     pool, root, fetcher = build_runtime(reactor, cfg)
     pool.startService()
     case.addCleanup(fetcher.close)
-    site = Site(root, reactor=reactor)
+    site = RuntimeSite(root, reactor=reactor, max_body=limits.max_body)
     site.displayTracebacks = False
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     case.addCleanup(pool.stopService)

@@ -92,8 +92,23 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual((method, host, port), ("POST", "example.test", 8080))
         self.assertEqual(
             head,
-            b"POST /a/b?c=d HTTP/1.1\r\nHost: example.test:8080\r\nX-Kept: 1\r\n"
-            b"Connection: close\r\n\r\n",
+            b"POST /a/b?c=d HTTP/1.1\r\nhost: example.test:8080\r\nx-kept: 1\r\n"
+            b"connection: close\r\n\r\n",
+        )
+
+    def test_chunked_kept(self) -> None:
+        """
+        A chunked request body goes upstream chunked: the coding is said
+        again although Transfer-Encoding is hop-by-hop.
+        """
+        _, _, _, head = parse_head(
+            b"POST http://example.test/u HTTP/1.1\r\nHost: example.test\r\n"
+            b"Transfer-Encoding: chunked\r\nTE: trailers"
+        )
+        self.assertEqual(
+            head,
+            b"POST /u HTTP/1.1\r\nhost: example.test\r\ntransfer-encoding: chunked\r\n"
+            b"connection: close\r\n\r\n",
         )
 
     def test_default_port_and_host_header(self) -> None:
@@ -106,7 +121,7 @@ class ParseTests(SynchronousTestCase):
                 "GET",
                 "example.test",
                 80,
-                b"GET / HTTP/1.0\r\nHost: example.test\r\nConnection: close\r\n\r\n",
+                b"GET / HTTP/1.0\r\nhost: example.test\r\nconnection: close\r\n\r\n",
             ),
         )
 
@@ -126,6 +141,12 @@ class ParseTests(SynchronousTestCase):
             (b"GET http://u:p@example.test/ HTTP/1.1", "credentials"),
             (b"CONNECT example.test:1 HTTP/2.0", "malformed request line"),
             (b"CONNECT example.test:1 HTTP/1.1\r\nno colon", "malformed header"),
+            (b"GET http://example.test/ HTTP/1.1\r\nX: a\nY: b", "bare CR or LF"),
+            (b"GET http://example.test/ HTTP/1.1\r\nX: a\r\n folded", "obs-fold"),
+            (b"POST http://example.test/ HTTP/1.1\r\nContent-Length: 1\r\n"
+             b"Transfer-Encoding: chunked", "both Transfer-Encoding and Content-Length"),
+            (b"POST http://example.test/ HTTP/1.1\r\nContent-Length: 1\r\n"
+             b"Content-Length: 1", "more than one Content-Length"),
         ]:
             with self.subTest(head=head):
                 error = self.assertRaises(BadRequest, parse_head, head)

@@ -715,7 +715,8 @@ class SafetyTests(FetcherTestsMixin, TestCase):
             f"http://rebind.test:{port}/h.py",
             403,
             f"The handler URL http://rebind.test:{port}/h.py is not allowed: "
-            "rebind.test resolves to a loopback address (127.0.0.1)",
+            "rebind.test resolves to a loopback address (127.0.0.1); the server "
+            f"allows it when started with --allow http://rebind.test:{port}/",
         )
         self.assertEqual(resolver.calls, ["rebind.test"])
         self.assertEqual(origin.counts, {})

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import h11
-import twisted
 from twisted.application.service import IServiceCollection
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
@@ -24,19 +23,21 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
-from twisted.internet.testing import EventLoggingObserver
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
-from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
+import twisted
 from haikutx.config import Config
-from haikutx.gate.service import Application, GateService, _Framer, route
+from haikutx.gate.apps import Application
 from haikutx.gate.names import NamesEntry, NamesFile
+from haikutx.gate.routing import route
+from haikutx.gate.service import GateService
 from haikutx.service import build_service
 from haikutx.tap import Options
 
@@ -379,36 +380,6 @@ class RouteTests(SynchronousTestCase):
         self.assertEqual(route(b"http://x/", NamesFile()).status, 400)
 
 
-class FramerTests(SynchronousTestCase):
-    """
-    L{_Framer} finds the end of a body without keeping it.
-    """
-
-    def test_chunked_split_anywhere(self) -> None:
-        """
-        A chunked body is found complete however it is split, and bytes after
-        it are not counted.
-        """
-        body = b"5;ext=1\r\nhello\r\n10\r\n" + b"x" * 16 + b"\r\n0\r\nT: v\r\n\r\n"
-        for cut in range(len(body)):
-            framer = _Framer("chunked")
-            first = framer.consume(body[:cut])
-            self.assertEqual(first, cut)
-            self.assertFalse(framer.done)
-            rest = body[cut:] + b"NEXT"
-            self.assertEqual(framer.consume(rest), len(rest) - 4)
-            self.assertTrue(framer.done)
-
-    def test_length(self) -> None:
-        """
-        A Content-Length body ends after that many bytes.
-        """
-        framer = _Framer("length", 5)
-        self.assertEqual(framer.consume(b"abc"), 3)
-        self.assertEqual(framer.consume(b"deXY"), 2)
-        self.assertTrue(framer.done)
-
-
 class IdleTests(SynchronousTestCase):
     """
     A gate connection idle for C{idle} seconds is closed.
@@ -718,9 +689,9 @@ def _buffered(gate: GateService) -> int:
     """
     total = 0
     for connection in gate.factory.connections:
-        total += len(connection._buffer) + len(connection._response_buffer)
+        total += len(connection._buffer) + connection._side.response.buffered
         for transport in (connection.transport,
-                          connection._backend.transport if connection._backend else None):
+                          connection._side.backend.transport if connection._side.backend else None):
             if transport is not None:
                 total += len(transport.dataBuffer) + transport._tempDataLen
     return total
@@ -839,7 +810,7 @@ class NamesTests(_Integration):
         Concurrent first requests for a stopped application start its
         command once, in its directory, output appended to its log; a crash
         is logged and the next request starts it again; stopping the gate
-        stops it.
+        stops it. The readiness probe leaves no traceback in the log.
         """
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         directory = Path(self.mktemp()).absolute()
@@ -879,6 +850,10 @@ class NamesTests(_Integration):
         await gate_service.stopService()
         self.assertFalse(app.running)
         self.assertIsNotNone(second.status)
+        # The readiness probe closes cleanly: no reset for the application
+        # to log as a traceback.
+        self.assertNotIn("Traceback", log.read_text())
+        self.assertNotIn("ConnectionResetError", log.read_text())
 
     async def test_start_timeout(self) -> None:
         """
@@ -990,3 +965,535 @@ class WiringTests(_Integration):
         self.assertTrue(message.startswith("--names: "))
         self.assertIn("line 2", message)
         self.assertNotIn("\n", message)
+
+
+# --- strict HTTP/1.1, client identity, TLS, loopback-only pages ---------------
+
+
+class RecordingBackend(Protocol):
+    """
+    Records every byte it receives in C{factory.received} and never answers.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        self.factory.received.append(b"")
+        self.index = len(self.factory.received) - 1
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.received[self.index] += data
+
+    def connectionLost(self, reason=None) -> None:
+        self.factory.lost += 1
+
+
+class _Recorder(Factory):
+    protocol = RecordingBackend
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.lost = 0
+        self.received: list[bytes] = []
+
+
+class _Collect(Protocol):
+    """
+    Writes C{data}, collects every byte until the connection closes.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.got = b""
+        self.done: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.data)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got += data
+
+    def connectionLost(self, reason=None) -> None:
+        self.done.callback(self.got)
+
+
+async def _exchange(port: int, data: bytes) -> bytes:
+    """
+    Send C{data} on a new connection and return all that comes back.
+    """
+    protocol = _Collect(data)
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+        Factory.forProtocol(lambda: protocol)
+    )
+    return await protocol.done
+
+
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
+class StrictTests(_Integration):
+    """
+    What RFC 9112 does not allow is answered 400 and never forwarded.
+    """
+
+    def recorder(self) -> tuple[_Recorder, int]:
+        factory = _Recorder()
+        return factory, self.listen(factory)
+
+    async def test_bad_heads(self) -> None:
+        """
+        Each malformed head (bare CR or LF, obs-fold, repeated or conflicting
+        Content-Length, Transfer-Encoding with Content-Length, ...) is
+        answered 400 (501 for an unknown coding) and the application gets
+        no connection.
+        """
+        from haikutx.test.test_http1 import BAD_REQUESTS
+
+        recorder, port = self.recorder()
+        _, gate = self.gate()
+        cases = dict(BAD_REQUESTS)
+        cases["unknown coding"] = (
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n"
+        )
+        for name, raw in cases.items():
+            raw = raw.replace(b" /", b" /%d/" % port, 1)
+            answer = await _exchange(gate, raw)
+            expected = 501 if name == "unknown coding" else 400
+            self.assertEqual(_status(answer), expected, (name, answer[:200]))
+        self.assertEqual((recorder.connections, recorder.received), (0, []))
+
+    async def test_bad_chunks(self) -> None:
+        """
+        A malformed chunked body that comes with its head (C{0x5}, signs,
+        spaces, overflow, bare LF, bad trailers) is answered 400 before the
+        application is connected to.
+        """
+        from haikutx.test.test_http1 import BAD_CHUNKS
+
+        recorder, port = self.recorder()
+        _, gate = self.gate(methods=("POST",))
+        head = b"POST /%d/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" % port
+        for name, body in BAD_CHUNKS.items():
+            answer = await _exchange(gate, head + body)
+            self.assertEqual(_status(answer), 400, (name, answer[:200]))
+        self.assertEqual((recorder.connections, recorder.received), (0, []))
+
+    async def test_bad_chunk_later(self) -> None:
+        """
+        A malformed chunk that comes after the request was forwarded is not
+        forwarded: the application's connection is aborted and the client
+        gets 400.
+        """
+        recorder, port = self.recorder()
+        _, gate = self.gate(methods=("POST",))
+        protocol = _Collect(
+            b"POST /%d/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n" % port
+        )
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", gate).connect(
+            Factory.forProtocol(lambda: protocol)
+        )
+        for _ in range(500):
+            if recorder.received and recorder.received[0].endswith(b"hello\r\n"):
+                break
+            await deferLater(reactor, 0.01)
+        protocol.transport.write(b"0x5\r\nworld\r\n0\r\n\r\n")
+        answer = await protocol.done
+        self.assertEqual(_status(answer), 400)
+        for _ in range(500):
+            if recorder.lost:
+                break
+            await deferLater(reactor, 0.01)
+        self.assertEqual(recorder.lost, 1)
+        self.assertTrue(recorder.received[0].endswith(b"\r\n\r\n5\r\nhello\r\n"))
+
+
+class IdentityTests(_Integration):
+    """
+    The gate says who the client is; the client cannot.
+    """
+
+    async def test_client_claims_replaced(self) -> None:
+        """
+        A client's Forwarded and X-Real-IP are dropped and its
+        X-Forwarded-For, -Proto and -Host replaced.
+        """
+        backend = self.backend()
+        _, gate = self.gate()
+        _, _, body = await self.get(gate, b"/%d/" % backend, headers=[
+            (b"forwarded", b"for=6.6.6.6;proto=https"),
+            (b"x-real-ip", b"6.6.6.6"),
+            (b"x-forwarded-for", b"6.6.6.6"),
+            (b"x-forwarded-proto", b"https"),
+            (b"x-forwarded-host", b"evil.example"),
+        ])
+        headers = json.loads(body)["headers"]
+        self.assertNotIn("forwarded", headers)
+        self.assertNotIn("x-real-ip", headers)
+        self.assertEqual(
+            (headers["x-forwarded-for"], headers["x-forwarded-proto"],
+             headers["x-forwarded-host"]),
+            ("127.0.0.1", "http", "gate.example"),
+        )
+
+    async def test_http10_without_host(self) -> None:
+        """
+        An HTTP/1.0 request without Host still gets X-Forwarded-Host: the
+        gate's own address.
+        """
+        backend = self.backend()
+        _, gate = self.gate()
+        answer = await _exchange(gate, b"GET /%d/ HTTP/1.0\r\n\r\n" % backend)
+        headers = json.loads(answer.partition(b"\r\n\r\n")[2])["headers"]
+        self.assertEqual(headers["x-forwarded-host"], f"127.0.0.1:{gate}")
+        self.assertEqual(headers["x-forwarded-for"], "127.0.0.1")
+
+    async def test_counted(self) -> None:
+        """
+        Forwarded and refused requests are counted in
+        C{haiku_gate_requests_total} by application and status; a port
+        counts as an application only once one answered on it.
+        """
+        from haikutx.metrics import REGISTRY
+
+        def value(app: str, status: str) -> float:
+            return REGISTRY.get_sample_value(
+                "haiku_gate_requests_total", {"app": app, "status": status}) or 0.0
+
+        backend = self.backend()
+        _, gate = self.gate()
+        closed = _free_port()
+        before = value(str(backend), "200"), value("-", "404"), value("-", "502")
+        await self.get(gate, b"/%d/" % backend)
+        await self.get(gate, b"/nosuchapp/")
+        await self.get(gate, b"/%d/" % closed)
+        self.assertEqual(
+            (value(str(backend), "200"), value("-", "404"), value("-", "502")),
+            (before[0] + 1, before[1] + 1, before[2] + 1),
+        )
+        # A port nothing answered on gets no label of its own.
+        self.assertEqual(value(str(closed), "502"), 0.0)
+
+
+class LoopbackOnlyTests(_Integration):
+    """
+    Pages shown to loopback clients only are not shown through the gate.
+    """
+
+    async def test_status_and_metrics_refused(self) -> None:
+        """
+        C{/<runtime port>/_haiku/status} and a metrics page through the gate
+        are refused with 403, though the gate connects from 127.0.0.1; the
+        same pages asked directly answer 200.
+        """
+        from haikutx.metrics import MetricsResource
+        from haikutx.runtime.resource import RuntimeSite
+        from haikutx.service import build_runtime
+
+        pool, root, fetcher = build_runtime(
+            reactor, Config(http=None, https=None, workers=1, handlers=Path(self.mktemp()))
+        )
+        self.addCleanup(fetcher.close)
+        runtime = self.listen(RuntimeSite(root, reactor=reactor))
+        metrics_root = Resource()
+        metrics_root.putChild(b"metrics", MetricsResource())
+        metrics = self.listen(Site(metrics_root))
+        _, gate = self.gate()
+        for port, path in ((runtime, b"/_haiku/status"), (metrics, b"/metrics")):
+            direct, _, _ = await self.get(port, path)
+            self.assertEqual(direct, 200)
+            status, _, body = await self.get(gate, b"/%d%s" % (port, path))
+            self.assertEqual(status, 403, body)
+
+
+async def _curl(*args: str) -> tuple[bytes, int]:
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    out, err, code = await getProcessOutputAndValue(
+        "curl", ["-sSk", "--http1.1", "--max-time", "20", *args], env=os.environ
+    )
+    return out + err, code
+
+
+class TLSTests(_Integration):
+    """
+    Every TLS listener of the plugin offers ALPN http/1.1, so clients that
+    send ALPN (curl, browsers) connect.
+    """
+
+    def setUp(self) -> None:
+        import shutil
+
+        if shutil.which("curl") is None:
+            raise SkipTest("needs curl")
+
+    async def test_gate_alpn(self) -> None:
+        """
+        curl, which sends ALPN, gets an answer through a TLS gate, and
+        negotiates http/1.1.
+        """
+        backend = self.backend()
+        gate = GateService(
+            reactor, listeners=(f"ssl:0:interface=127.0.0.1:privateKey={SERVER_PEM}",),
+            install_sighup=False,
+        )
+        gate.startService()
+        self.addCleanup(gate.stopService)
+        port = (await list(gate)[0]._waitingForPort).getHost().port
+        out, code = await _curl("-v", f"https://127.0.0.1:{port}/{backend}/alpn")
+        self.assertEqual(code, 0, out)
+        self.assertIn(b"ALPN: server accepted http/1.1", out)
+        self.assertIn(b'"uri": "/alpn"', out)
+
+    async def test_runtime_alpn(self) -> None:
+        """
+        The runtime's TLS listener (C{--sslport}) answers curl too.
+        """
+        from twisted.application import strports
+
+        from haikutx.runtime.resource import RuntimeSite
+        from haikutx.service import build_runtime
+
+        pool, root, fetcher = build_runtime(
+            reactor, Config(http=None, https=None, workers=1, handlers=Path(self.mktemp()))
+        )
+        self.addCleanup(fetcher.close)
+        service = strports.service(
+            f"ssl:0:interface=127.0.0.1:privateKey={SERVER_PEM}",
+            RuntimeSite(root, reactor=reactor), reactor=reactor,
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = (await service._waitingForPort).getHost().port
+        out, code = await _curl("-v", f"https://127.0.0.1:{port}/_haiku/status")
+        self.assertEqual(code, 0, out)
+        self.assertIn(b"ALPN: server accepted http/1.1", out)
+
+
+class _CountingConnections(Factory):
+    """
+    A raw keep-alive backend: counts connections; the C{n}th request on a
+    connection with C{n > answers} is answered by closing it unanswered (an
+    application whose keep-alive timeout races the gate's next request).
+    """
+
+    def __init__(self, answers: int = 1000) -> None:
+        self.connections = 0
+        self.answers = answers
+
+    def buildProtocol(self, addr):
+        factory = self
+
+        class One(Protocol):
+            def connectionMade(self) -> None:
+                factory.connections += 1
+                self.seen = b""
+                self.answered = 0
+
+            def dataReceived(self, data: bytes) -> None:
+                self.seen += data
+                while b"\r\n\r\n" in self.seen:
+                    _, _, self.seen = self.seen.partition(b"\r\n\r\n")
+                    if self.answered >= factory.answers:
+                        self.transport.loseConnection()
+                        return
+                    self.answered += 1
+                    body = b"conn %d" % factory.connections
+                    self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                                         % (len(body), body))
+
+        return One()
+
+
+class PoolTests(_Integration):
+    """
+    Application connections are reused across client connections.
+    """
+
+    async def test_close_clients_share_a_connection(self) -> None:
+        """
+        Clients that each open a new connection per request
+        (C{Connection: close}) are served over one application connection.
+        """
+        backend = _CountingConnections()
+        port = self.listen(backend)
+        _, gate = self.gate()
+        for _ in range(5):
+            answer = await _exchange(
+                gate, b"GET /%d/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n" % port)
+            self.assertEqual(_status(answer), 200)
+            self.assertIn(b"connection: close", answer.lower())
+        self.assertEqual(backend.connections, 1)
+
+    async def test_retry_on_closed_connection(self) -> None:
+        """
+        A GET sent on a reused application connection that the application
+        closes unanswered is sent again on a new connection.
+        """
+        backend = _CountingConnections(answers=1)
+        port = self.listen(backend)
+        _, gate = self.gate()
+        for n in range(3):
+            answer = await _exchange(
+                gate, b"GET /%d/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n" % port)
+            self.assertEqual(_status(answer), 200, answer)
+            self.assertTrue(answer.endswith(b"conn %d" % (n + 1)), answer)
+
+    async def test_no_retry_for_post(self) -> None:
+        """
+        A bodiless POST is not sent twice: when its reused connection closes
+        unanswered, the client gets 502.
+        """
+        backend = _CountingConnections(answers=1)
+        port = self.listen(backend)
+        _, gate = self.gate(methods=("GET", "POST"))
+        first = await _exchange(
+            gate, b"GET /%d/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n" % port)
+        self.assertEqual(_status(first), 200)
+        answer = await _exchange(
+            gate, b"POST /%d/ HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n"
+            b"Connection: close\r\n\r\n" % port)
+        self.assertEqual(_status(answer), 502)
+        self.assertEqual(backend.connections, 1)
+
+    async def test_no_reuse_after_early_answer(self) -> None:
+        """
+        An application that answers before reading the whole request body
+        does not get another request on that connection.
+        """
+        backend = _CountingConnections()
+        port = self.listen(backend)
+        gate_service, gate = self.gate(methods=("POST",))
+        answer = await _exchange(
+            gate, b"POST /%d/ HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\nabc" % port)
+        self.assertEqual(_status(answer), 200)
+        self.assertEqual(len(gate_service.factory.pool), 0)
+
+
+class BackendPoolTests(SynchronousTestCase):
+    """
+    L{BackendPool} keeps a bounded number of idle connections.
+    """
+
+    def backend(self, port: int):
+        from haikutx.gate.backends import BackendProtocol
+
+        backend = BackendProtocol(None, port, lambda b: None)
+        backend.makeConnection(StringTransport())
+        return backend
+
+    def test_bounds(self) -> None:
+        """
+        Beyond the bound per port and in all, connections are closed, not
+        kept; what is kept is taken most recent first.
+        """
+        from haikutx.gate.backends import BackendPool
+
+        pool = BackendPool(per_port=2, total=3)
+        a, b, c = self.backend(1), self.backend(1), self.backend(1)
+        for backend in (a, b, c):
+            pool.give(backend)
+        self.assertEqual(len(pool), 2)
+        self.assertTrue(c.transport.disconnecting)
+        d, e = self.backend(2), self.backend(2)
+        pool.give(d)
+        pool.give(e)
+        self.assertTrue(e.transport.disconnecting)
+        self.assertIs(pool.take(1), b)
+        self.assertTrue(b.reused)
+        self.assertIsNone(pool.take(3))
+
+    def test_lost_and_unasked_bytes(self) -> None:
+        """
+        An idle connection that closes or sends unasked bytes leaves the pool.
+        """
+        from haikutx.gate.backends import BackendPool
+
+        pool = BackendPool()
+        a, b = self.backend(1), self.backend(1)
+        pool.give(a)
+        pool.give(b)
+        a.dataReceived(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+        self.assertTrue(a.transport.disconnecting)
+        b.connectionLost(None)
+        self.assertEqual(len(pool), 0)
+        self.assertIsNone(pool.take(1))
+
+
+class QuietTests(_Integration):
+    """
+    The gate's outgoing connections log nothing per connection.
+    """
+
+    async def test_no_factory_lines(self) -> None:
+        """
+        Forwarding requests (new application connections included) logs no
+        "Starting factory" lines.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        backend = self.backend()
+        _, gate = self.gate()
+        for _ in range(2):
+            status, _, _ = await self.get(gate, b"/%d/" % backend,
+                                          headers=[(b"connection", b"close")])
+            self.assertEqual(status, 200)
+        noisy = [e for e in events if "factory" in str(e.get("log_format", "")).lower()
+                 and type(e.get("factory")).__module__.startswith("haikutx")]
+        self.assertEqual(noisy, [])
+
+
+class StateTests(SynchronousTestCase):
+    """
+    A gate connection moves only along L{TRANSITIONS}.
+    """
+
+    def test_table(self) -> None:
+        """
+        Every state can close; a closed connection goes nowhere else; an
+        unlisted move raises.
+        """
+        from haikutx.gate.states import TRANSITIONS, State, check_transition
+
+        for state in State:
+            self.assertIn(State.CLOSED, TRANSITIONS[state])
+        self.assertEqual(TRANSITIONS[State.CLOSED], frozenset({State.CLOSED}))
+        self.assertRaises(AssertionError, check_transition, State.CLOSED, State.HEAD)
+        self.assertRaises(AssertionError, check_transition, State.TUNNEL, State.HEAD)
+        check_transition(State.WAITING, State.HEAD)
+
+    def test_protocol_refuses(self) -> None:
+        """
+        L{GateProtocol._move} refuses a move the table does not list.
+        """
+        from haikutx.gate.states import State
+
+        gate = GateService(Clock(), install_sighup=False)
+        protocol = gate.factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        self.assertRaises(AssertionError, protocol._move, State.TUNNEL)
+        self.assertIs(protocol.state, State.HEAD)
+
+
+class StopTests(_Integration):
+    """
+    Stopping the gate closes every application connection.
+    """
+
+    async def test_kept_connection_closed(self) -> None:
+        """
+        An application connection kept by an open keep-alive client
+        connection is closed when the gate stops, not put in the pool.
+        """
+        backend = _CountingConnections()
+        port = self.listen(backend)
+        gate_service, gate = self.gate()
+        client = await self.client(gate)
+        client.request(b"GET", b"/%d/" % port)
+        status, _, _ = await client.response()
+        self.assertEqual(status, 200)
+        await gate_service.stopService()
+        for _ in range(200):
+            if not gate_service.factory.connections:
+                break
+            await deferLater(reactor, 0.01)
+        self.assertEqual(len(gate_service.factory.pool), 0)

@@ -413,6 +413,11 @@ class IsolationTests(TestCase):
         await until(lambda: _fd_targets(child).get(3, "").startswith("socket:"), 5,
                     lambda: f"child {child} fds: {_fd_targets(child)}")
         held = _fd_targets(child)
+        # Capabilities: at most CAP_DAC_READ_SEARCH (bit 2) anywhere, the
+        # bounding set included (emptied once, in the zygote).
+        caps = _capabilities(child)
+        for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            self.assertEqual(caps[name] & ~0x4, 0, (name, hex(caps[name])))
         self.assertEqual(held[0], "/dev/null")
         self.assertTrue(held[1].startswith("pipe:"), held)
         self.assertEqual(held[1], held[2])
@@ -573,6 +578,15 @@ def _same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
         ctypes.c_int(_KCMP_FILE), ctypes.c_ulong(fd1), ctypes.c_ulong(fd2),
     )
     return result == 0
+
+
+def _capabilities(pid: int) -> dict[str, int]:
+    with open(f"/proc/{pid}/status") as f:
+        return {
+            line.split(":")[0]: int(line.split()[1], 16)
+            for line in f
+            if line.startswith("Cap")
+        }
 
 
 def _parent(pid: int) -> int:

@@ -198,3 +198,27 @@ class DetectionTests(SynchronousTestCase):
         self.assertEqual(shebang_program(b"#! /bin/sh -e\n"), "sh")
         self.assertIsNone(shebang_program(b"# not a shebang"))
         self.assertIsNone(shebang_program(b"#!/usr/bin/env\n"))
+
+
+class ProgramPathsTests(SynchronousTestCase):
+    """
+    L{program_paths}: the directories a stdio handler may execute from.
+    """
+
+    def test_only_root_writable(self) -> None:
+        """
+        A directory that another user or group could write, or beneath
+        one, is left out; the real path of a system directory is kept.
+        """
+        import os
+
+        from haikutx.languages.builtin import program_paths
+
+        open_dir = Path(self.mktemp()).absolute()
+        (open_dir / "bin").mkdir(parents=True)
+        open_dir.chmod(0o777)
+        self.addCleanup(open_dir.chmod, 0o755)
+        found = program_paths((str(open_dir / "bin"), "/usr/bin", "/no/such/dir"))
+        self.assertEqual(found, (os.path.realpath("/usr/bin"),)
+                         if os.stat("/usr/bin").st_uid == 0 else ())
+        self.assertEqual(program_paths(("/tmp",)), ())

@@ -6,6 +6,7 @@ freshness given (time from a L{Clock}).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,124 @@ class LocalCacheTests(TestCase):
         self.write("b.py", "B" * 20)
         self.assertEqual((await loader.load("b.py")).source, b"b" * 20)
         self.assertEqual((await loader.load("a.py")).source, b"A" * 20)
+
+
+class BeneathTests(TestCase):
+    """
+    Local handler names resolve inside the handlers directory only, symlinks
+    included: the server (often root) never reads a file outside it.
+    """
+
+    #: What the outside file holds: it must never reach an answer.
+    SECRET = "SECRET-OUTSIDE-HANDLERS"
+
+    def setUp(self) -> None:
+        base = Path(self.mktemp()).absolute()
+        self.outside = base / "outside"
+        self.outside.mkdir(parents=True)
+        (self.outside / "shadow").write_text(self.SECRET + " = 1\n")
+        self.directory = base / "handlers"
+        (self.directory / "sub").mkdir(parents=True)
+        (self.directory / "hello.py").write_text("res.end('hello')\n")
+        (self.directory / "sub" / "inner.py").write_text("res.end('inner')\n")
+        (self.directory / "outdir").symlink_to(self.outside)
+        (self.directory / "outfile.py").symlink_to(self.outside / "shadow")
+        (self.directory / "relout.py").symlink_to("../outside/shadow")
+        (self.directory / "etcdir").symlink_to("/etc")
+        (self.directory / "alias.py").symlink_to("sub/inner.py")
+        (self.directory / "sub" / "up.py").symlink_to("../hello.py")
+        (self.directory / "subdir").symlink_to("sub")
+        (self.directory / "selfabs.py").symlink_to(self.directory / "hello.py")
+        (self.directory / "proc").symlink_to("/proc/self/root")
+
+    def loader(self) -> HandlerLoader:
+        return HandlerLoader(reactor, self.directory, 16384)
+
+    async def refused(self, name: str, status: int) -> HandlerLoadError:
+        try:
+            handler = await self.loader().load(name)
+        except HandlerLoadError as e:
+            self.assertEqual(e.status, status, (name, e.message))
+            self.assertNotIn(self.SECRET, e.message)
+            self.assertNotIn("root:", e.message)
+            return e
+        self.fail(f"{name} was read: {handler.source[:40]!r}")
+
+    async def test_symlinked_directory_out(self) -> None:
+        """
+        A link to a directory outside (C{etcdir -> /etc}, C{outdir -> …})
+        does not serve the files in it: 403, nothing read.
+        """
+        for name in ("outdir/shadow", "etcdir/passwd", "etcdir/shadow", "proc/etc/passwd"):
+            error = await self.refused(name, 403)
+            self.assertEqual(
+                error.message, f"The handler {name} leads outside the handlers directory."
+            )
+
+    async def test_symlinked_file_out(self) -> None:
+        """
+        A link to a file outside, absolute or relative, is refused (403).
+        """
+        for name in ("outfile.py", "relout.py"):
+            await self.refused(name, 403)
+
+    async def test_dot_dot(self) -> None:
+        """
+        A name that climbs out with C{..} is a bad name (400).
+        """
+        for name in ("../outside/shadow", "sub/../../outside/shadow", "..", "sub/../.."):
+            await self.refused(name, 400)
+
+    async def test_absolute(self) -> None:
+        """
+        An absolute name is a bad name (400), even when it names a file
+        inside the handlers directory.
+        """
+        for name in ("/etc/passwd", str(self.outside / "shadow"), str(self.directory / "hello.py")):
+            await self.refused(name, 400)
+
+    async def test_links_inside_allowed(self) -> None:
+        """
+        Relative links that stay inside the directory are followed: to a
+        file, to a directory, and up from a subdirectory.
+        """
+        loader = self.loader()
+        self.assertEqual((await loader.load("alias.py")).source, b"res.end('inner')\n")
+        self.assertEqual((await loader.load("subdir/inner.py")).source, b"res.end('inner')\n")
+        self.assertEqual((await loader.load("sub/up.py")).source, b"res.end('hello')\n")
+        self.assertEqual((await loader.load("sub/../hello.py")).source, b"res.end('hello')\n")
+
+    async def test_absolute_link_refused(self) -> None:
+        """
+        An absolute link is refused even when it points inside: the name is
+        resolved beneath the directory, where an absolute path cannot lead.
+        """
+        await self.refused("selfabs.py", 403)
+
+    async def test_not_regular(self) -> None:
+        """
+        A directory or a FIFO is not a handler (404), and opening a FIFO
+        does not hang the loader's thread.
+        """
+        os.mkfifo(self.directory / "fifo.py")
+        for name in ("sub", "fifo.py", "missing.py", "hello.py/x"):
+            await self.refused(name, 404)
+
+
+class BeneathFallbackTests(BeneathTests):
+    """
+    The same, where the kernel has no C{openat2}: real paths are compared.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        from haikutx.runtime import beneath
+
+        self.patch(beneath, "_openat2", None)
+
+    async def test_absolute_link_refused(self) -> None:
+        """
+        Without C{openat2} an absolute link that points inside is allowed:
+        what counts is where it resolves.
+        """
+        self.assertEqual((await self.loader().load("selfabs.py")).source, b"res.end('hello')\n")

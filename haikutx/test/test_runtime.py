@@ -242,6 +242,53 @@ class ErrorTests(TestCase):
         self.assertIn("JSON body does not parse", response.text)
 
 
+class LocalNameTests(TestCase):
+    """
+    Local handler names resolve inside --handlers only, symlinks included:
+    a link out of it serves nothing, and no answer carries the content of
+    the file it points to.
+    """
+
+    def setUp(self) -> None:
+        from pathlib import Path
+
+        base = Path(self.mktemp()).absolute()
+        outside = base / "outside"
+        outside.mkdir(parents=True)
+        # Not Python: before the fix its first line came back in the 500
+        # "could not be compiled" answer.
+        (outside / "shadow").write_text("root-secret:$6$hash:19000:0:99999:7:::\n")
+        handlers = base / "handlers"
+        (handlers / "lib").mkdir(parents=True)
+        (handlers / "lib" / "real.py").write_text("res.end('inside')\n")
+        (handlers / "link.py").symlink_to("lib/real.py")
+        (handlers / "etcdir").symlink_to("/etc")
+        (handlers / "outdir").symlink_to(outside)
+        (handlers / "outfile.py").symlink_to(outside / "shadow")
+        self.port, self.pool = start_runtime(self, handlers)
+
+    async def test_links_out_refused(self) -> None:
+        """
+        C{etcdir/shadow} through C{etcdir -> /etc}, a linked directory and a
+        linked file outside all get 403, and nothing of their targets.
+        """
+        for name in ("etcdir/shadow", "etcdir/passwd", "outdir/shadow", "outfile.py"):
+            response = await http(self.port, f"/?x-haiku-handler={name}")
+            self.assertEqual(
+                (response.status, response.text),
+                (403, f"The handler {name} leads outside the handlers directory.\n"),
+            )
+            self.assertNotIn("secret", response.text)
+            self.assertNotIn("root:", response.text)
+
+    async def test_link_inside_served(self) -> None:
+        """
+        A link that stays inside the directory is served.
+        """
+        response = await http(self.port, "/?x-haiku-handler=link.py")
+        self.assertEqual((response.status, response.text), (200, "inside"))
+
+
 class TimeLimitTests(TestCase):
     """
     --maxtime and dead workers: every request is answered, never hung.
@@ -304,6 +351,9 @@ class TimeLimitTests(TestCase):
             "Handler pid-wait-silent.py did not complete: the worker process was "
             "killed by signal 9 (SIGKILL).\n",
         )
+        # A new zygote starts an interpreter: longer than this --maxtime
+        # allows a request to wait on a loaded machine.
+        await ready(self.pool)
         response = await http(self.port, "/?x-haiku-handler=hello.py")
         self.assertEqual(response.status, 200)
 

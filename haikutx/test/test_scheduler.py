@@ -567,7 +567,7 @@ class OptionTests(SynchronousTestCase):
 
         def parse(*argv: str) -> Any:
             options = Options()
-            options.parseOptions(["--port", "none", "--sslport", "none", *argv])
+            options.parseOptions(["--port", "0", "--sslport", "none", *argv])
             return options.config
 
         config = parse("-w", "6")

@@ -1,0 +1,74 @@
+"""
+Tests for L{haikutx.logs}: JSON log lines for twistd's C{--logger}.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from twisted.logger import Logger, eventFromJSON, formatEvent
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from haikutx.logs import json
+from haikutx.test.support import free_port, http, until
+from haikutx.test.test_service import start_twistd, twistd_argv, wait_for_port
+
+
+class JSONObserverTests(SynchronousTestCase):
+    """
+    L{json} writes each event as one line of twisted.logger's JSON.
+    """
+
+    def test_one_line_per_event(self) -> None:
+        """
+        Each event is one line, loaded back by C{eventFromJSON} with its
+        fields, even with a newline in a field and a value JSON cannot hold.
+        """
+        out = io.StringIO()
+        log = Logger(observer=json(out), namespace="test")
+        log.info("{handler_url} -> {status}", handler_url="a\nb.py", status=200)
+        log.warn("odd {thing}", thing=object())
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        first = eventFromJSON(lines[0])
+        self.assertEqual((first["handler_url"], first["status"]), ("a\nb.py", 200))
+        self.assertEqual(formatEvent(first), "a\nb.py -> 200")
+        self.assertEqual(eventFromJSON(lines[1])["log_namespace"], "test")
+
+
+class TwistdJSONLogTests(TestCase):
+    """
+    C{twistd -n --logger haikutx.logs.json haiku} logs JSON lines only.
+    """
+
+    timeout = 120
+
+    async def test_every_line_is_an_event(self) -> None:
+        """
+        Every line twistd writes on standard output is a JSON event, among
+        them the request event with its fields.
+        """
+        port = free_port()
+        collector = await start_twistd(
+            self,
+            command=twistd_argv(
+                "--port", f"tcp:{port}:interface=127.0.0.1", "--sslport", "none",
+                "--workers", "1", "--state", str(Path(self.mktemp()).absolute()),
+                twistd=("--pidfile=", "--logger", "haikutx.logs.json"),
+            ),
+        )
+        await wait_for_port(port, collector)
+        response = await http(port, "/?x-haiku-handler=hello.py")
+        self.assertEqual(response.status, 200)
+
+        await until(lambda: b'"handler_url": "hello.py"' in collector.streams[1])
+        collector.transport.signalProcess("TERM")
+        await collector.ended
+        lines = collector.streams[1].splitlines()
+        self.assertGreater(len(lines), 3)
+        events = [eventFromJSON(line.decode("utf-8")) for line in lines]
+        served = [e for e in events if e.get("handler_url") == "hello.py"]
+        self.assertEqual(served[0]["status"], 200)
+        self.assertIsInstance(served[0]["duration"], float)
+        self.assertTrue(all("log_time" in e for e in events))
