@@ -417,12 +417,6 @@ class HandlerResource(Resource):
             return
         if self._debug:
             request.responseHeaders.setRawHeaders(b"x-haiku-cache", [handler.cache.encode()])
-        # Everything the worker needs is taken from the request now: when
-        # the client goes away, twisted.web closes the request's content.
-        head = self._request_head(request, handler)
-        head["language"] = language.name
-        head["argv"] = argv
-        body = _body(request)
         scheduler = self.scheduler
         tenant = scheduler.tenants.lookup(getattr(request, _IDENTITY))
         setattr(request, _TENANT, tenant)
@@ -457,6 +451,14 @@ class HandlerResource(Resource):
             return
         worker = turn.worker
         try:
+            # Everything the worker needs is taken from the request now, once
+            # it has a worker (a refused request costs none of it): when the
+            # client goes away, twisted.web closes the request's content, and
+            # a client that left while waiting cancelled the wait above.
+            head = self._request_head(request, handler)
+            head["language"] = language.name
+            head["argv"] = argv
+            body = _body(request)
             exchange = Exchange(
                 self._reactor, request, worker, self._pool, handler, self._limits.max_time
             )
