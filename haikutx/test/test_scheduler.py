@@ -582,3 +582,48 @@ class OptionTests(SynchronousTestCase):
         pool, root, fetcher = build_runtime(reactor, parse("-w", "6"))
         scheduler = root._handlers.scheduler
         self.assertEqual((scheduler.max_concurrency, scheduler.max_queue), (5, 12))
+
+
+class ResourceTurnTests(SynchronousTestCase):
+    """
+    L{HandlerResource} gives back every turn it takes, whatever happens to
+    the request (real twisted.web requests on a L{DummyChannel}; the pool's
+    worker is a fake that fails).
+    """
+
+    def test_turn_released_when_run_fails(self) -> None:
+        """
+        When sending the request to the worker raises, the request is
+        answered 500 and its turn is given back.
+        """
+        import io
+
+        from twisted.web.server import Request
+        from twisted.web.test.requesthelper import DummyChannel
+
+        from haikutx.runtime.loader import HandlerSource
+        from haikutx.runtime.resource import HandlerResource
+
+        class BrokenWorker:
+            pid = 1
+
+            def run(self, exchange: Any, head: Any, body: Any) -> None:
+                raise RuntimeError("the worker's pipe is gone")
+
+        class Loader:
+            def load(self, name: str) -> Deferred[HandlerSource]:
+                return succeed(HandlerSource(url=name, source=b"res.end('x')\n"))
+
+        pool = FakePool(2)
+        pool.acquire = lambda timeout, kind=None: succeed(BrokenWorker())  # type: ignore
+        clock = Clock()
+        scheduler = Scheduler(clock, pool, tenants=_tenants())
+        resource = HandlerResource(clock, pool, Loader(), scheduler=scheduler)
+        request = Request(DummyChannel(), False)
+        request.method, request.clientproto = b"GET", b"HTTP/1.1"
+        request.uri = b"/?x-haiku-handler=a.py"
+        request.content = io.BytesIO(b"")
+        resource.render(request)
+        self.assertEqual(request.code, 500)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual((scheduler.granted, scheduler.tenants.lookup("a.py").running), (0, 0))
