@@ -425,9 +425,10 @@ class WorkerProtocol(ProcessProtocol):
         child.retired = True
         self._children.pop(child.pid, None)
         child.close()
+        # The zygote hears first, so that it takes the death for a retirement.
+        self._tell_zygote_to_end(child, report=False)
         child.kill_process()
         child.release_pidfd()
-        self._tell_zygote_to_end(child, report=False)
 
     def _tell_zygote_to_end(self, child: ChildProtocol, report: bool) -> None:
         if self._zygote is not None:
@@ -500,8 +501,8 @@ class WorkerProtocol(ProcessProtocol):
         if child is self.child:
             self._lose_child()
         child.close()
-        child.kill_process()
         self._tell_zygote_to_end(child, report=True)
+        child.kill_process()
 
     def kill_zygote(self, reason: str) -> None:
         """
