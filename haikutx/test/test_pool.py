@@ -403,6 +403,39 @@ class WorkerProtocolTests(SynchronousTestCase):
             self.assertIsNone(self.worker.child)
             self.assertEqual(list(self.transport.children), [7])
 
+    def test_child_closes_its_channel(self) -> None:
+        """
+        A child that closes its channel mid-request is given a moment for
+        its end to be reported, then killed; its request is answered with
+        the reason, and the slot waits for the zygote's next child.
+        """
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        exchange = RecordingExchange()
+        self.worker.run(exchange, {}, b"")
+        self.transport.child.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.worker.state, "recycling")
+        self.assertEqual(self.transport.zygote_frames(), [])
+        self.clock.advance(1)
+        self.assertEqual(self.transport.zygote_frames(), [(wire.RETIRE, KILLED)])
+        self.transport.end_child(7, code=None, signal=9)
+        self.assertEqual(exchange.events, [("lost", "the worker process closed its channel")])
+        self.transport.start_child(8)
+        self.assertEqual(self.worker.state, "idle")
+
+    def test_child_dies_on_its_own(self) -> None:
+        """
+        A child that dies mid-request (its end reported by the zygote) has
+        its request answered with the cause and is counted as died.
+        """
+        exchange = RecordingExchange()
+        self.worker.run(exchange, {}, b"")
+        self.transport.end_child(7, code=3)
+        self.assertEqual(exchange.events, [("lost", "the worker process exited with status 3")])
+        self.assertEqual(self.pool.counters["died"], 1)
+        self.assertEqual(self.worker.state, "recycling")
+
     def test_second_child_kills_zygote(self) -> None:
         """
         A zygote that reports a second child while one is current is killed
