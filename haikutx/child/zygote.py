@@ -312,6 +312,10 @@ class Zygote:
                 events = self._poll.poll()
             except InterruptedError:
                 continue
+            # The server's orders first: a retirement must be known before
+            # the retired child's death is seen.
+            control = self._control.fileno()
+            events.sort(key=lambda event: event[0] != control)
             for fd, _ in events:
                 if fd == self._control.fileno():
                     if not self._commands():
@@ -350,6 +354,9 @@ class Zygote:
             os._exit(0)
         child_end.close()
         os.close(write)
+        # Never block on a child's pipe: an event of a batch may name a
+        # descriptor number closed and reused since.
+        os.set_blocking(read, False)
         pidfd = os.pidfd_open(pid)
         child = _Child(pid, pidfd, read)
         self._children[pid] = child
@@ -416,8 +423,6 @@ class Zygote:
         fd = child.output
         if fd is None:
             return
-        if final:
-            os.set_blocking(fd, False)
         while True:
             try:
                 data = os.read(fd, 65536)
@@ -446,7 +451,9 @@ class Zygote:
         A child has ended: reap it, report its end (after what it wrote),
         and fork the next if the server had not retired it.
         """
-        _, status = os.waitpid(child.pid, 0)
+        reaped, status = os.waitpid(child.pid, os.WNOHANG)
+        if reaped == 0:
+            return  # a stale event for a reused descriptor number
         self._poll.unregister(child.pidfd)
         del self._by_fd[child.pidfd]
         os.close(child.pidfd)

@@ -24,11 +24,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from haikutx.interfaces import IWorkerSpawner
+from haikutx.runtime.channels import ChannelTransport
 from haikutx.runtime.worker import (
     CHILD_FDS,
     ZYGOTE_FD,
     ChildProtocol,
-    SingleProtocolFactory,
     WorkerProtocol,
     ZygoteChannel,
 )
@@ -94,7 +94,7 @@ class PythonWorkerSpawner:
     (L{haikutx.sandbox.LAYERS}), and C{options={"sandbox": False}} all.
 
     @param reactor: the reactor that spawns processes (an
-        L{IReactorProcess} and L{IReactorSocket}).
+        L{IReactorProcess} and L{IReactorFDSet}).
     @param options: the zygote's options (JSON-able), over
         L{default_options}: C{sandbox} (bool), C{max_memory} (bytes),
         C{cpu_seconds}, C{user}, C{base_uid}, C{max_threads},
@@ -179,10 +179,11 @@ class PythonWorkerSpawner:
                 path="/",
                 childFDs=child_fds,
             )
-            server_end.setblocking(False)
             channel_protocol = ZygoteChannel(self._reactor, protocol)
-            self._reactor.adoptStreamConnection(  # type: ignore[attr-defined]
-                server_end.fileno(), socket.AF_UNIX, SingleProtocolFactory(channel_protocol)
+            channel_protocol.makeConnection(
+                ChannelTransport(
+                    self._reactor, server_end.detach(), channel_protocol, receive_fds=True
+                )
             )
         finally:
             zygote_end.close()

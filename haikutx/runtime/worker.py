@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -25,14 +24,26 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall, IFileDescriptorReceiver, IReactorTime
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from haikutx.child import wire
 from haikutx.runtime.body import BodyFeed, RequestBody
+from haikutx.runtime.channels import ChannelTransport, ChildProtocol, ZygoteChannel
+
+__all__ = [
+    "CHILD_FDS",
+    "ZYGOTE_FD",
+    "ChildProtocol",
+    "ChannelTransport",
+    "WorkerProtocol",
+    "ZygoteChannel",
+    "describe_exit",
+    "describe_status",
+    "handler_kind",
+]
 
 #: The zygote's end of its channel to the server, in the zygote.
 ZYGOTE_FD = 3
@@ -83,153 +94,6 @@ def describe_status(code: int | None, number: int | None) -> str:
             name = "unknown"
         return f"was killed by signal {number} ({name})"
     return f"exited with status {code}"
-
-
-class ChildProtocol(Protocol):
-    """
-    The server's end of one child's channel.
-
-    @ivar pid: the child's pid, as its zygote reported it.
-    @ivar exchange: the L{IExchange} of the request it is running, if any.
-    @ivar requested: whether a request was ever sent to it.
-    @ivar kill_reason: why the server had it killed, if it did.
-    @ivar retired: whether the server retired it (its routine end).
-    @ivar closed: whether the channel is closed.
-    """
-
-    def __init__(self, slot: WorkerProtocol, pid: int, pidfd: int = -1) -> None:
-        self.slot = slot
-        self.pid = pid
-        self.pidfd = pidfd
-        self.exchange: Any = None
-        self.requested = False
-        self.kill_reason: str | None = None
-        self.retired = False
-        self.closed = False
-        self.challenge: bytes | None = None
-        self.grace: IDelayedCall | None = None
-        #: The L{BodyFeed} sending its request's body, while it does.
-        self.feed: BodyFeed | None = None
-        self._reader = wire.FrameReader()
-
-    def dataReceived(self, data: bytes) -> None:
-        try:
-            for kind, payload in self._reader.feed(data):
-                if self.closed:
-                    return
-                self.slot._child_frame(self, kind, payload)
-        except (wire.FrameError, ValueError, KeyError, TypeError) as e:
-            self.slot.kill_child(self, f"sent a malformed frame: {e}")
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if not self.closed:
-            self.closed = True
-            self.slot._child_channel_lost(self)
-
-    def send(self, data: bytes) -> None:
-        """
-        Write frames to the child, unless the channel is closed.
-        """
-        if not self.closed:
-            self.transport.write(data)
-
-    def close(self) -> None:
-        """
-        Close the channel: the child gets no more requests on it.
-        """
-        if not self.closed:
-            self.closed = True
-            feed, self.feed = self.feed, None
-            if feed is not None:
-                # A registered producer would keep the channel open.
-                feed.stopProducing()
-            self.transport.loseConnection()
-
-    def kill_process(self) -> None:
-        """
-        Kill the child through its pidfd (safe from pid reuse; works when
-        its zygote is gone).
-        """
-        if self.pidfd >= 0:
-            try:
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-            except OSError:
-                pass
-
-    def release_pidfd(self) -> None:
-        """
-        Close the pidfd (the child has ended or is being killed).
-        """
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
-
-
-class SingleProtocolFactory(Factory):
-    """
-    A factory that hands out one protocol it was given (to adopt a
-    connected socket).
-    """
-
-    noisy = False
-
-    def __init__(self, protocol: Protocol) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        return self._protocol
-
-
-@implementer(IFileDescriptorReceiver)
-class ZygoteChannel(Protocol):
-    """
-    The server's end of a zygote's channel: frames to and from
-    L{WorkerProtocol}, and the descriptors passed with them.
-    """
-
-    def __init__(self, reactor: Any, slot: WorkerProtocol) -> None:
-        self._reactor = reactor
-        self._slot = slot
-        self._fds: deque[int] = deque()
-
-    def connectionMade(self) -> None:
-        self._slot.zygote_connected(self)
-
-    def fileDescriptorReceived(self, descriptor: int) -> None:
-        self._fds.append(descriptor)
-
-    def dataReceived(self, data: bytes) -> None:
-        self._slot.zygote_data(data, self._fds)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        while self._fds:
-            os.close(self._fds.popleft())
-        self._slot.zygote_lost()
-
-    def write(self, frame: bytes) -> None:
-        """
-        Send a frame to the zygote.
-        """
-        self.transport.write(frame)
-
-    def adopt(self, descriptor: int, protocol: Protocol) -> None:
-        """
-        Connect C{protocol} to a child's channel passed by the zygote (the
-        descriptor is closed here; the reactor works on a duplicate).
-        """
-        try:
-            os.set_blocking(descriptor, False)
-            self._reactor.adoptStreamConnection(
-                descriptor, socket.AF_UNIX, SingleProtocolFactory(protocol)
-            )
-        finally:
-            os.close(descriptor)
-
-    def close(self) -> None:
-        """
-        Close the channel (the zygote then kills its children and exits).
-        """
-        self.transport.loseConnection()
 
 
 class WorkerProtocol(ProcessProtocol):
@@ -546,7 +410,7 @@ class WorkerProtocol(ProcessProtocol):
 
         @param exchange: an L{IExchange}.
         @param head: the request head (L{haikutx.child.wire.REQUEST}).
-        @param body: the request body, sent in chunks as the pipe takes
+        @param body: the request body, sent in chunks as the channel takes
             them (L{BodyFeed}).
         """
         assert self.state == "idle" and self.child is not None, self.state
@@ -572,12 +436,13 @@ class WorkerProtocol(ProcessProtocol):
         child.retired = True
         self._children.pop(child.pid, None)
         child.close()
+        # The zygote hears first, so that it takes the death for a retirement.
+        self._tell_zygote_to_end(child, report=False)
         child.kill_process()
         child.release_pidfd()
         if self.run_group is not None:
             # Its end is not reported: what its handlers left ends now.
             self.run_group.child_ended(child.pid)
-        self._tell_zygote_to_end(child, report=False)
 
     def _tell_zygote_to_end(self, child: ChildProtocol, report: bool) -> None:
         if self._zygote is not None:
@@ -664,8 +529,8 @@ class WorkerProtocol(ProcessProtocol):
         if child is self.child:
             self._lose_child()
         child.close()
-        child.kill_process()
         self._tell_zygote_to_end(child, report=True)
+        child.kill_process()
 
     def kill_zygote(self, reason: str) -> None:
         """

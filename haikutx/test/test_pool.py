@@ -403,6 +403,39 @@ class WorkerProtocolTests(SynchronousTestCase):
             self.assertIsNone(self.worker.child)
             self.assertEqual(list(self.transport.children), [7])
 
+    def test_child_closes_its_channel(self) -> None:
+        """
+        A child that closes its channel mid-request is given a moment for
+        its end to be reported, then killed; its request is answered with
+        the reason, and the slot waits for the zygote's next child.
+        """
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        exchange = RecordingExchange()
+        self.worker.run(exchange, {}, b"")
+        self.transport.child.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.worker.state, "recycling")
+        self.assertEqual(self.transport.zygote_frames(), [])
+        self.clock.advance(1)
+        self.assertEqual(self.transport.zygote_frames(), [(wire.RETIRE, KILLED)])
+        self.transport.end_child(7, code=None, signal=9)
+        self.assertEqual(exchange.events, [("lost", "the worker process closed its channel")])
+        self.transport.start_child(8)
+        self.assertEqual(self.worker.state, "idle")
+
+    def test_child_dies_on_its_own(self) -> None:
+        """
+        A child that dies mid-request (its end reported by the zygote) has
+        its request answered with the cause and is counted as died.
+        """
+        exchange = RecordingExchange()
+        self.worker.run(exchange, {}, b"")
+        self.transport.end_child(7, code=3)
+        self.assertEqual(exchange.events, [("lost", "the worker process exited with status 3")])
+        self.assertEqual(self.pool.counters["died"], 1)
+        self.assertEqual(self.worker.state, "recycling")
+
     def test_second_child_kills_zygote(self) -> None:
         """
         A zygote that reports a second child while one is current is killed
@@ -447,3 +480,87 @@ class WorkerProtocolTests(SynchronousTestCase):
         self.worker.childDataReceived(2, b"o\n")
         lines = [(e["stream"], e["line"]) for e in events if "stream" in e]
         self.assertEqual(lines, [("stderr", "one"), ("stderr", "two")])
+
+
+class ChannelTransportTests(SynchronousTestCase):
+    """
+    Tests for L{haikutx.runtime.channels.ChannelTransport} over a real
+    socketpair and a L{MemoryReactor}.
+    """
+
+    def setUp(self) -> None:
+        import socket
+
+        from twisted.internet.testing import MemoryReactor
+
+        self.reactor = MemoryReactor()
+        ours, self.peer = socket.socketpair()
+        self.addCleanup(self.peer.close)
+        self.received: list[object] = []
+        test = self
+
+        class Recorder:
+            def makeConnection(self, transport):
+                self.transport = transport
+
+            def dataReceived(self, data):
+                test.received.append(data)
+
+            def fileDescriptorReceived(self, fd):
+                test.received.append(("fd", fd))
+
+            def connectionLost(self, reason):
+                test.received.append("lost")
+
+        from haikutx.runtime.channels import ChannelTransport
+
+        self.protocol = Recorder()
+        self.transport = ChannelTransport(
+            self.reactor, ours.detach(), self.protocol, receive_fds=True
+        )
+        self.addCleanup(self.transport.loseConnection)
+
+    def test_write_now_or_buffer(self) -> None:
+        """
+        A write the socket takes at once leaves nothing to do; the rest of a
+        larger one waits for the socket to be writable.
+        """
+        self.transport.write(b"small")
+        self.assertEqual(self.peer.recv(100), b"small")
+        self.assertNotIn(self.transport, self.reactor.writers)
+        self.transport.write(b"x" * (8 << 20))
+        self.assertIn(self.transport, self.reactor.writers)
+        self.peer.setblocking(False)
+        got = 0
+        for _ in range(10000):
+            try:
+                got += len(self.peer.recv(1 << 20))
+            except BlockingIOError:
+                self.transport.doWrite()
+                if self.transport not in self.reactor.writers:
+                    break
+        self.assertNotIn(self.transport, self.reactor.writers)
+
+    def test_read_bytes_fds_and_end(self) -> None:
+        """
+        Bytes and passed descriptors reach the protocol (descriptors
+        first); the peer's close ends the connection once.
+        """
+        import os
+        import socket
+
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        self.addCleanup(os.close, write)
+        socket.send_fds(self.peer, [b"frame"], [read])
+        self.transport.doRead()
+        self.assertEqual(self.received[1], b"frame")
+        kind, fd = self.received[0]
+        self.addCleanup(os.close, fd)
+        self.assertEqual(os.fstat(fd).st_ino, os.fstat(read).st_ino)
+        self.peer.close()
+        self.transport.doRead()
+        self.assertEqual(self.received[2:], ["lost"])
+        self.assertNotIn(self.transport, self.reactor.readers)
+        self.transport.loseConnection()
+        self.assertEqual(self.received[2:], ["lost"])

@@ -1,0 +1,293 @@
+# -*- test-case-name: haikutx.test.test_pool -*-
+"""
+The server's ends of the channels of a worker slot: the zygote's
+(L{ZygoteChannel}, a unix socket that also carries descriptors) and each
+child's (L{ChildProtocol}).  Both hand what they read to the slot's
+L{haikutx.runtime.worker.WorkerProtocol}, which decides what it means.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IFileDescriptorReceiver,
+    IReadDescriptor,
+    IWriteDescriptor,
+)
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from haikutx.child import wire
+
+if TYPE_CHECKING:
+    from haikutx.runtime.worker import WorkerProtocol
+
+
+class ChildProtocol(Protocol):
+    """
+    The server's end of one child's channel.
+
+    @ivar pid: the child's pid, as its zygote reported it.
+    @ivar exchange: the L{IExchange} of the request it is running, if any.
+    @ivar requested: whether a request was ever sent to it.
+    @ivar kill_reason: why the server had it killed, if it did.
+    @ivar retired: whether the server retired it (its routine end).
+    @ivar closed: whether the channel is closed.
+    """
+
+    def __init__(self, slot: WorkerProtocol, pid: int, pidfd: int = -1) -> None:
+        self.slot = slot
+        self.pid = pid
+        self.pidfd = pidfd
+        self.exchange: Any = None
+        self.requested = False
+        self.kill_reason: str | None = None
+        self.retired = False
+        self.closed = False
+        self.challenge: bytes | None = None
+        self.grace: IDelayedCall | None = None
+        #: The L{haikutx.runtime.body.BodyFeed} sending its request's body,
+        #: while it does.
+        self.feed: Any = None
+        self._reader = wire.FrameReader()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            for kind, payload in self._reader.feed(data):
+                if self.closed:
+                    return
+                self.slot._child_frame(self, kind, payload)
+        except (wire.FrameError, ValueError, KeyError, TypeError) as e:
+            self.slot.kill_child(self, f"sent a malformed frame: {e}")
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if not self.closed:
+            self.closed = True
+            self.slot._child_channel_lost(self)
+
+    def send(self, data: bytes) -> None:
+        """
+        Write frames to the child, unless the channel is closed.
+        """
+        if not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        """
+        Close the channel: the child gets no more requests on it.
+        """
+        if not self.closed:
+            self.closed = True
+            feed, self.feed = self.feed, None
+            if feed is not None:
+                # A registered producer would keep the channel open.
+                feed.stopProducing()
+            self.transport.loseConnection()
+
+    def kill_process(self) -> None:
+        """
+        Kill the child through its pidfd (safe from pid reuse; works when
+        its zygote is gone).
+        """
+        if self.pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def release_pidfd(self) -> None:
+        """
+        Close the pidfd (the child has ended or is being killed).
+        """
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class ChannelTransport:
+    """
+    A lean transport for a child's channel, one per request with
+    C{--maxrequests 1}: reads with C{recv}, writes at once when the socket
+    takes them (buffering only the rest), and closes without a further
+    trip through the reactor.  A full Twisted transport costs several times
+    as much to set up and tear down for a connection that carries one
+    request.
+
+    With C{receive_fds}, it also takes descriptors passed with
+    C{SCM_RIGHTS} (the zygote's channel) and gives each to the protocol's
+    C{fileDescriptorReceived} before the bytes they came with.
+
+    @ivar disconnected: whether it is closed.
+    """
+
+    #: Descriptors taken per read at most (a zygote passes two per child).
+    MAX_FDS = 16
+
+    def __init__(
+        self, reactor: Any, descriptor: int, protocol: Protocol, receive_fds: bool = False
+    ) -> None:
+        self._reactor = reactor
+        self._socket = socket.socket(fileno=descriptor)
+        self._socket.setblocking(False)
+        self._protocol = protocol
+        self._receive_fds = receive_fds
+        self._pending = b""
+        self._producer: Any = None
+        self._producing = False
+        self._writes = 0
+        self.disconnected = False
+        reactor.addReader(self)
+
+    # IReadDescriptor, IWriteDescriptor
+
+    def fileno(self) -> int:
+        return self._socket.fileno() if not self.disconnected else -1
+
+    def logPrefix(self) -> str:
+        return "ChildChannel"
+
+    def doRead(self) -> Any:
+        fds: list[int] = []
+        try:
+            if self._receive_fds:
+                data, fds, _, _ = socket.recv_fds(self._socket, 65536, self.MAX_FDS)
+            else:
+                data = self._socket.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            data = b""
+        for fd in fds:
+            self._protocol.fileDescriptorReceived(fd)  # type: ignore[attr-defined]
+        if not data:
+            self._close(ConnectionDone())
+            return None
+        self._protocol.dataReceived(data)
+        return None
+
+    def doWrite(self) -> Any:
+        self._send()
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._close(reason.value)
+
+    # ITransport, the part a ChildProtocol uses
+
+    def write(self, data: bytes) -> None:
+        if self.disconnected:
+            return
+        self._writes += 1
+        self._pending += data
+        self._send()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """
+        Take a pull producer (a request body's L{BodyFeed}): it is asked
+        for more each time what it wrote has gone into the socket, so no
+        more than a frame of it waits in this transport.
+        """
+        assert not streaming, "only pull producers feed a child's channel"
+        self._producer = producer
+        self._send()
+
+    def unregisterProducer(self) -> None:
+        self._producer = None
+
+    def loseConnection(self) -> None:
+        self._close(ConnectionDone())
+
+    def _send(self) -> None:
+        while not self.disconnected:
+            if self._pending:
+                try:
+                    sent = self._socket.send(self._pending)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    self._close(ConnectionDone())
+                    return
+                self._pending = self._pending[sent:]
+                if self._pending:
+                    self._reactor.addWriter(self)
+                    return
+            self._reactor.removeWriter(self)
+            if self._producer is None or self._producing:
+                return
+            # Drained: pull the producer's next piece (in this loop, not by
+            # recursion; a producer that writes nothing is asked no more).
+            writes = self._writes
+            self._producing = True
+            try:
+                self._producer.resumeProducing()
+            finally:
+                self._producing = False
+            if self._writes == writes:
+                return
+
+    def _close(self, reason: Exception) -> None:
+        if self.disconnected:
+            return
+        self._reactor.removeReader(self)
+        self._reactor.removeWriter(self)
+        self.disconnected = True
+        self._socket.close()
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.stopProducing()
+        self._protocol.connectionLost(Failure(reason))
+
+
+@implementer(IFileDescriptorReceiver)
+class ZygoteChannel(Protocol):
+    """
+    The server's end of a zygote's channel: frames to and from
+    L{WorkerProtocol}, and the descriptors passed with them.
+    """
+
+    def __init__(self, reactor: Any, slot: WorkerProtocol) -> None:
+        self._reactor = reactor
+        self._slot = slot
+        self._fds: deque[int] = deque()
+
+    def connectionMade(self) -> None:
+        self._slot.zygote_connected(self)
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:
+        self._fds.append(descriptor)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._slot.zygote_data(data, self._fds)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        while self._fds:
+            os.close(self._fds.popleft())
+        self._slot.zygote_lost()
+
+    def write(self, frame: bytes) -> None:
+        """
+        Send a frame to the zygote.
+        """
+        self.transport.write(frame)
+
+    def adopt(self, descriptor: int, protocol: Protocol) -> None:
+        """
+        Connect C{protocol} to a child's channel passed by the zygote (the
+        descriptor is owned by the new L{ChannelTransport} from here on).
+        """
+        protocol.makeConnection(ChannelTransport(self._reactor, descriptor, protocol))
+
+    def close(self) -> None:
+        """
+        Close the channel (the zygote then kills its children and exits).
+        """
+        self.transport.loseConnection()
