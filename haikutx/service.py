@@ -218,7 +218,7 @@ def build_service(reactor: Any, config: Config) -> MultiService:
             listener = strports.service(description, site, reactor=reactor)
         listener.setServiceParent(runtime)
     if config.jobs is not None:
-        from haikutx.jobs.runner import build_jobs_service
+        from haikutx.jobs.service import build_jobs_service
 
         build_jobs_service(reactor, config).setServiceParent(top)
     if config.gates:

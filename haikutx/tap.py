@@ -144,6 +144,24 @@ def _proxy_address(option: str, value: str) -> str:
     return f"{host}:{port}"
 
 
+def _jobstore(value: str | None) -> str | None:
+    """
+    Check C{--jobstore}: a PostgreSQL URL, or nothing.
+    """
+    if value is None:
+        return None
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise usage.UsageError(
+            f"--jobstore: {value!r} is not a PostgreSQL URL (postgresql://user@host/db)"
+        )
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise usage.UsageError(
+            "--jobstore: a PostgreSQL store needs psycopg (pip install 'haikutx[postgresql]')"
+        ) from None
+    return value
+
 class Options(usage.Options):
     """
     Options of C{twistd haiku}: the runtime, the job runner and the gate.
@@ -190,6 +208,9 @@ class Options(usage.Options):
          "/var/lib/haikutx for root]."],
         ["jobs", None, None, "Listener of the job runner (a bare port listens on "
          "127.0.0.1)."],
+        ["jobstore", None, None, "Where jobs are kept: a PostgreSQL URL "
+         "(postgresql://user@host/db) shared by every job runner pointed at it "
+         "[default: SQLite in the state directory]."],
         ["whitelist", None, None, "Comma-separated commands the job runner may start "
          "[default: all]."],
         ["maxjobs", None, "100", "Finished jobs kept."],
@@ -373,6 +394,7 @@ class Options(usage.Options):
             egress_allow=tuple(self["egress-allow"]),
             state=state,
             jobs=jobs,
+            jobstore=_jobstore(self["jobstore"]),
             whitelist=whitelist,
             max_jobs=_int("maxjobs", self["maxjobs"], 1),
             max_running=(
