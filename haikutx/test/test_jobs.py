@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -879,12 +880,45 @@ class RunnerStartTests(TestCase):
         self.assertTrue(any(e.get("job_id") == job.id for e in events))
 
 
-class TwistdRestartTests(_HTTPTestCase):
+def start_twistd(case, port, state, *extra):
     """
-    C{twistd -n haiku --jobs} killed with SIGKILL loses no job.
+    Start C{twistd -n haiku --jobs} on C{127.0.0.1:port} with the state
+    directory C{state} and C{extra} options; killed when C{case} ends.
+    """
+    env = dict(os.environ, PYTHONPATH=str(_ROOT))
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "haiku",
+            "--jobs",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--port",
+            "none",
+            "--sslport",
+            "none",
+            "--state",
+            str(state),
+            *extra,
+        ],
+        cwd=str(state.parent),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    case.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
+    return process
+
+
+class _TwistdTestCase(_HTTPTestCase):
+    """
+    Helpers for tests of real C{twistd -n haiku --jobs} processes.
     """
 
-    timeout = 60
+    timeout = 90
 
     def _free_port(self) -> int:
         s = socket.socket()
@@ -893,32 +927,8 @@ class TwistdRestartTests(_HTTPTestCase):
         s.close()
         return port
 
-    def _start(self, port, state):
-        env = dict(os.environ, PYTHONPATH=str(_ROOT))
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
-                "-n",
-                "--pidfile=",
-                "haiku",
-                "--jobs",
-                f"tcp:{port}:interface=127.0.0.1",
-                "--port",
-                "none",
-                "--sslport",
-                "none",
-                "--state",
-                str(state),
-            ],
-            cwd=str(state.parent),
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
-        return process
+    def _start(self, port, state, *extra):
+        return start_twistd(self, port, state, *extra)
 
     async def _wait_up(self, url):
         for _ in range(300):
@@ -935,6 +945,12 @@ class TwistdRestartTests(_HTTPTestCase):
     async def _job(self, url, job_id):
         response = await self.http.get(url + job_id)
         return await response.json()
+
+
+class TwistdRestartTests(_TwistdTestCase):
+    """
+    C{twistd -n haiku --jobs} killed with SIGKILL loses no job.
+    """
 
     async def test_sigkill_restart(self) -> None:
         """
@@ -971,6 +987,113 @@ class TwistdRestartTests(_HTTPTestCase):
             await deferLater(reactor, 0.05)
         # twistd ends itself with the signal it stopped on.
         self.assertIn(second.poll(), (0, -signal.SIGTERM))
+
+
+def _listen_backlog(port: int) -> int:
+    """
+    The backlog of the socket listening on C{127.0.0.1:port}, as the kernel
+    reports it (C{ss}: the Send-Q of a listening socket).
+    """
+    if shutil.which("ss") is None:
+        raise SkipTest("ss (iproute2) is not installed")
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=10
+    ).stdout
+    return int(out.split()[2])
+
+
+class TwistdLoadTests(_TwistdTestCase):
+    """
+    C{twistd -n haiku --jobs} under many submissions at once.
+    """
+
+    async def test_sigkill_right_after_202(self) -> None:
+        """
+        Every job answered 202 is in the database: SIGKILL the server the
+        moment the last of 30 concurrent submissions is answered, restart
+        it, and each job is there.
+        """
+        state = Path(self.mktemp()).absolute() / "state"
+        state.parent.mkdir()
+        port = self._free_port()
+        url = f"http://127.0.0.1:{port}/"
+        first = self._start(port, state, "--maxrunning", "1", "--whitelist", "sleep")
+        await self._wait_up(url)
+        ids = []
+        count = 30
+
+        async def submit():
+            response = await self.http.post(url, data=b'{"command": "sleep", "args": "0.2"}')
+            job = await response.json()
+            self.assertEqual(response.code, 202)
+            ids.append(job["id"])
+            if len(ids) == count:
+                first.send_signal(signal.SIGKILL)
+
+        from twisted.internet.defer import gatherResults
+
+        await gatherResults([Deferred.fromCoroutine(submit()) for _ in range(count)])
+        first.wait(10)
+        self._start(port, state, "--maxrunning", "1", "--whitelist", "sleep")
+        await self._wait_up(url)
+        for job_id in ids:
+            response = await self.http.get(url + job_id)
+            self.assertEqual(response.code, 200, job_id)
+            await response.content()
+
+    async def test_300_concurrent_submits(self) -> None:
+        """
+        300 clients connecting and submitting at the same moment all get
+        202: none is reset because the listen queue was full.
+        """
+        from twisted.internet.defer import gatherResults
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+        from twisted.internet.protocol import Protocol
+
+        state = Path(self.mktemp()).absolute() / "state"
+        state.parent.mkdir()
+        port = self._free_port()
+        url = f"http://127.0.0.1:{port}/"
+        server = self._start(port, state, "--maxrunning", "1", "--whitelist", "true")
+        await self._wait_up(url)
+        self.assertGreaterEqual(_listen_backlog(port), 300)
+        body = b'{"command": "true"}'
+        request = (
+            b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+
+        class Once(Protocol):
+            def __init__(self):
+                self.data = b""
+                self.done = Deferred()
+
+            def connectionMade(self):
+                self.transport.write(request)
+
+            def dataReceived(self, data):
+                self.data += data
+
+            def connectionLost(self, reason):
+                self.done.callback((self.data, reason.value))
+
+        async def one():
+            protocol = Once()
+            await connectProtocol(
+                TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=30), protocol
+            )
+            data, reason = await protocol.done
+            return data.split(b"\r\n", 1)[0], type(reason).__name__
+
+        # The server stops accepting for a moment: the 300 connections wait
+        # in its listen queue.
+        server.send_signal(signal.SIGSTOP)
+        clients = gatherResults([Deferred.fromCoroutine(one()) for _ in range(300)])
+        await deferLater(reactor, 0.5)
+        server.send_signal(signal.SIGCONT)
+        results = await clients
+        statuses = [line for line, _ in results]
+        self.assertEqual(statuses.count(b"HTTP/1.1 202 Accepted"), 300, set(results))
 
 
 class BuildServiceTests(SynchronousTestCase):
@@ -1030,3 +1153,155 @@ class JobStoreOptionTests(SynchronousTestCase):
         self.assertTrue(store.shared)
         e = self.assertRaises(UsageError, self._config, "--jobstore", "mysql://x/y")
         self.assertIn("--jobstore", str(e))
+
+
+class SharedQueueTests(_TwistdTestCase):
+    """
+    Two and three real C{twistd -n haiku --jobs} runners on one PostgreSQL
+    database (a server of the test's own) serve one queue.
+    """
+
+    timeout = 120
+
+    async def _runners(self, count, *extra, url=None):
+        """
+        Start C{count} runners on one fresh database; return their base
+        URLs, their processes and the database URL.
+        """
+        from haikutx.test import postgres
+
+        database = url or postgres.database(self)
+        urls, processes = [], []
+        for n in range(count):
+            state = Path(self.mktemp()).absolute() / f"state{n}"
+            state.parent.mkdir(parents=True, exist_ok=True)
+            port = self._free_port()
+            processes.append(
+                self._start(port, state, "--jobstore", database, "--user", "root", *extra)
+            )
+            urls.append(f"http://127.0.0.1:{port}/")
+        for base in urls:
+            await self._wait_up(base)
+        return urls, processes, database
+
+    async def _post(self, base, body):
+        response = await self.http.post(base, data=json.dumps(body).encode())
+        job = await response.json()
+        self.assertEqual(response.code, 202, job)
+        return job
+
+    async def _until(self, base, job_id, predicate, seconds=30.0):
+        for _ in range(int(seconds / 0.1)):
+            job = await self._job(base, job_id)
+            if predicate(job):
+                return job
+            await deferLater(reactor, 0.1)
+        self.fail(f"job {job_id} not as expected within {seconds}s: {job}")
+
+    async def test_each_job_runs_once(self) -> None:
+        """
+        Jobs posted to any of three runners each run exactly once, and each
+        runner's GET shows every job.
+        """
+        urls, _, _ = await self._runners(3, "--maxrunning", "2")
+        marks = Path(self.mktemp()).absolute()
+        marks.mkdir()
+        ids = []
+        for n in range(30):
+            job = await self._post(
+                urls[n % 3],
+                {"command": "sh", "args": ["-c", f"echo {n} >> {marks}/runs; echo $PPID"]},
+            )
+            ids.append(job["id"])
+        pids = set()
+        for n, job_id in enumerate(ids):
+            done = await self._until(urls[(n + 1) % 3], job_id, lambda j: j["state"] == "finished")
+            self.assertEqual(done["code"], 0, done)
+            pids.add(done["stdout"].strip())
+        runs = sorted(int(line) for line in (marks / "runs").read_text().split())
+        self.assertEqual(runs, list(range(30)))
+        self.assertGreater(len(pids), 1, "every job ran on the same runner")
+
+    async def test_free_slot_anywhere_and_delete_from_another(self) -> None:
+        """
+        With one slot each, two jobs posted to one runner run at once (the
+        second on the other runner); a DELETE sent to the runner that does
+        not run a job stops it.
+        """
+        urls, processes, _ = await self._runners(2, "--maxrunning", "1")
+        script = "echo $PPID; exec sleep 30"
+        first = await self._post(urls[0], {"command": "sh", "args": ["-c", script]})
+        second = await self._post(urls[0], {"command": "sh", "args": ["-c", script]})
+        running = [
+            await self._until(urls[1], j["id"], lambda j: j["state"] == "running" and j["stdout"])
+            for j in (first, second)
+        ]
+        parents = {int(j["stdout"]) for j in running}
+        self.assertEqual(parents, {p.pid for p in processes})
+        for job in running:
+            other = urls[1] if int(job["stdout"]) == processes[0].pid else urls[0]
+            response = await self.http.request("DELETE", other + job["id"])
+            stopped = await response.json()
+            self.assertEqual(response.code, 200)
+            self.assertEqual(
+                (stopped["state"], stopped["error"], stopped["signal"]),
+                ("finished", "stopped", "SIGTERM"),
+            )
+
+    async def test_sigkill_runner(self) -> None:
+        """
+        A runner killed with SIGKILL holds nothing: within 30 s another
+        runner marks its running job interrupted and delivers its callback,
+        and the job queued behind it runs on the other runner.
+        """
+        receiver = _Receiver([])
+        listening = reactor.listenTCP(0, Site(receiver), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        hook = f"http://127.0.0.1:{listening.getHost().port}/"
+        urls, processes, _ = await self._runners(2, "--maxrunning", "1", "--allow", hook)
+        script = "echo $PPID $$; exec sleep 60"
+        first = await self._post(
+            urls[0], {"command": "sh", "args": ["-c", script], "callback": hook + "cb"}
+        )
+        second = await self._post(urls[0], {"command": "sh", "args": ["-c", script]})
+        seen = {}
+        for job in (first, second):
+            seen[job["id"]] = await self._until(
+                urls[1], job["id"], lambda j: j["state"] == "running" and j["stdout"]
+            )
+        for job in seen.values():
+            pid = int(job["stdout"].split()[1])
+            self.addCleanup(lambda pid=pid: _kill_quietly(pid))
+        queued = await self._post(urls[0], {"command": "echo", "args": "after"})
+        victim_pid = int(seen[first["id"]]["stdout"].split()[0])
+        victim = next(p for p in processes if p.pid == victim_pid)
+        survivor = urls[1] if victim is processes[0] else urls[0]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        killed_at = reactor.seconds()
+        interrupted = await self._until(
+            survivor, first["id"], lambda j: j["state"] == "finished", seconds=30
+        )
+        self.assertLess(reactor.seconds() - killed_at, 30)
+        self.assertEqual(interrupted["error"], "interrupted")
+        delivered = await self._until(
+            survivor,
+            first["id"],
+            lambda j: (j["callback_outcome"] or {}).get("status") == "delivered",
+            seconds=10,
+        )
+        self.assertEqual(json.loads(receiver.received[-1][1])["id"], first["id"])
+        self.assertEqual(delivered["error"], "interrupted")
+        # The survivor's one slot is busy with the other job: stop it, and
+        # the queued job runs there.
+        response = await self.http.request("DELETE", survivor + second["id"])
+        await response.content()
+        after = await self._until(survivor, queued["id"], lambda j: j["state"] == "finished")
+        self.assertEqual(after["stdout"], "after\n")
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
