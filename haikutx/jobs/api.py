@@ -141,8 +141,11 @@ class JobsResource(Resource):
         def answer(result: tuple[int, dict[str, Any]]) -> None:
             if not gone:
                 status, obj = result
+                body = json.dumps(obj).encode("utf-8")
                 request.setResponseCode(status)
-                request.write(json.dumps(obj).encode("utf-8"))
+                # A length, not chunks: the whole answer in one write.
+                request.setHeader(b"content-length", b"%d" % len(body))
+                request.write(body)
                 request.finish()
 
         def crashed(failure: Failure) -> None:
@@ -200,15 +203,17 @@ def _body(request: Request, status: int, obj: dict[str, Any]) -> bytes:
 
 class JobSite(Site):
     """
-    The L{Site} of the job API: request bodies bounded, and no access-log
-    line for an accepted job (the runner logs a C{job accepted} event for
-    it: one line per request, not two).
+    The L{Site} of the job API: request bodies bounded; an access-log line
+    for every request except an accepted job (the runner logs a C{job
+    accepted} event for it: one line, not two) and a job shown by C{GET}
+    (clients poll: a line per poll would drown the job events).
     """
 
     requestFactory = _LimitedRequest
 
     def log(self, request: Request) -> None:
-        if not (request.method == b"POST" and request.code == 202):
+        quiet = (request.method, request.code) in ((b"POST", 202), (b"GET", 200))
+        if not quiet:
             super().log(request)
 
 

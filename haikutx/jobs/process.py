@@ -150,6 +150,7 @@ class JobProcess:
         self._signal: str | None = None
         self._error: str | None = None
         self.pid: int | None = None
+        self._stop_requested: str | None = None
         self.done: Deferred[Job] = Deferred()
 
     def snapshot(self) -> Job:
@@ -165,12 +166,17 @@ class JobProcess:
             error=self._error,
         )
 
-    def start(
-        self, environ: dict[str, str], uid: int | None = None, gid: int | None = None
+    async def start(
+        self,
+        spawn: Any,
+        environ: dict[str, str],
+        uid: int | None = None,
+        gid: int | None = None,
     ) -> None:
         """
         Start the command, found on C{environ}'s C{PATH}.
 
+        @param spawn: a L{haikutx.jobs.spawn.Spawn}.
         @raise OSError: when it is not found or cannot be started; the
             message says why.
         """
@@ -178,23 +184,30 @@ class JobProcess:
         executable = shutil.which(job.command, path=environ.get("PATH"))
         if executable is None:
             raise OSError(f"command not found: {job.command}")
-        path, argv, uid, gid = command_line(
-            executable, [job.command, *job.arguments], uid, gid
-        )
-        try:
-            self._transport = self._reactor.spawnProcess(
-                _JobProtocol(self),
-                path,
-                argv,
-                env=environ,
-                uid=uid,
-                gid=gid,
-                childFDs={0: "w", 1: "r", 2: "r"},
-            )
-        except (OSError, ValueError) as e:
-            raise OSError(f"cannot start {job.command}: {e}") from None
+        path, argv, uid, gid = command_line(executable, [job.command, *job.arguments], uid, gid)
+        if uid is not None or gid is not None:
+            # No setpriv here: Twisted forks and changes user itself.
+            try:
+                self._transport = self._reactor.spawnProcess(
+                    _JobProtocol(self),
+                    path,
+                    argv,
+                    env=environ,
+                    uid=uid,
+                    gid=gid,
+                    childFDs={0: "w", 1: "r", 2: "r"},
+                )
+            except (OSError, ValueError) as e:
+                raise OSError(f"cannot start {job.command}: {e}") from None
+        else:
+            try:
+                self._transport = await spawn(_JobProtocol(self), path, argv, environ)
+            except (OSError, ValueError) as e:
+                raise OSError(f"cannot start {job.command}: {e}") from None
         self.pid = self._transport.pid
-        if self._job_time is not None:
+        if self._stop_requested is not None:
+            self.terminate(self._stop_requested)
+        elif self._job_time is not None:
             self._timers["job_time"] = self._reactor.callLater(
                 self._job_time, self.terminate, "timeout"
             )
@@ -207,6 +220,10 @@ class JobProcess:
             C{"interrupted"}), unless it already has one.
         """
         if self.done.called or "kill" in self._timers:
+            return
+        if self._transport is None:
+            # Still starting: stopped as soon as it has started.
+            self._stop_requested = reason
             return
         if self._error is None:
             self._error = reason

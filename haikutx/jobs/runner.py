@@ -42,6 +42,7 @@ from haikutx.jobs.job import (
     job_to_json,
 )
 from haikutx.jobs.process import DRAIN_TIME, KILL_GRACE, JobProcess
+from haikutx.jobs.spawn import Spawn, default_spawner
 from haikutx.metrics import JOBS
 from haikutx.net.addresses import AddressRules
 
@@ -110,6 +111,7 @@ class JobRunner:
         lease: float = LEASE,
         poll_interval: float = POLL_INTERVAL,
         owner: str | None = None,
+        spawn: Spawn | None = None,
     ) -> None:
         """
         @param reactor: provides L{IReactorTime} and L{IReactorProcess}.
@@ -134,6 +136,7 @@ class JobRunner:
             runner takes this one's jobs over (shared store).
         @param poll_interval: seconds between looks at a shared queue.
         @param owner: this runner's name in the store (default: random).
+        @param spawn: starts processes (default: L{default_spawner}).
         """
         self._reactor = reactor
         self._store = store
@@ -144,6 +147,7 @@ class JobRunner:
         self._max_output = max_output
         self._rules = AddressRules.from_prefixes(tuple(allow))
         self._post = post_callback or callback_poster(reactor, self._rules)
+        self._spawn = spawn if spawn is not None else default_spawner(reactor)
         self._uid = uid
         self._gid = gid
         self._environ = dict(os.environ if environ is None else environ)
@@ -157,6 +161,8 @@ class JobRunner:
         self.owner = owner or secrets.token_hex(8)
         self._running: dict[str, JobProcess] = {}
         self._flushes: dict[str, Any] = {}
+        #: Jobs whose latest save is not committed yet (what GET shows).
+        self._saving: dict[str, Job] = {}
         self._waiters: dict[str, list[Deferred[Job]]] = {}
         self._callbacks: dict[str, Deferred[None]] = {}
         self._ticks: list[Any] = []
@@ -177,6 +183,7 @@ class JobRunner:
         finish with C{"error": "interrupted"}, and their pending callbacks
         are sent (again). Queued jobs stay queued and run.
         """
+        self._spawn.start()
         await self._store.open()
         self._store.listen(self._pump_soon, self._cancel_requested)
         await self._store.heartbeat(self.owner)
@@ -224,6 +231,7 @@ class JobRunner:
             delivery.cancel()
         await self._store.retire(self.owner)
         await self._store.close()
+        self._spawn.stop()
 
     def _every(self, interval: float, f: Any) -> None:
         def tick() -> None:
@@ -316,6 +324,9 @@ class JobRunner:
         process = self._running.get(job_id)
         if process is not None:
             return process.snapshot()
+        saving = self._saving.get(job_id)
+        if saving is not None:
+            return saving
         return await self._store.get(job_id)
 
     async def cancel(self, job_id: str) -> Job | None:
@@ -399,15 +410,21 @@ class JobRunner:
             job_time=self._job_time,
             on_output=self._output,
         )
+        self._running[job.id] = process
+        self._background(self._start_process(process), "starting a job")
+
+    async def _start_process(self, process: JobProcess) -> None:
+        job = process.job
         try:
-            process.start(self._environ, self._uid, self._gid)
+            await process.start(self._spawn, self._environ, self._uid, self._gid)
         except OSError as e:
+            self._running.pop(job.id, None)
             self.log.warn("job {job_id}: {reason}", job_id=job.id, reason=str(e))
             self._finished(
                 evolve(job, state=FINISHED, finished=self._reactor.seconds(), error=str(e))
             )
+            self._pump_soon()
             return
-        self._running[job.id] = process
         self.log.info("job {job_id} started: pid {pid}", job_id=job.id, pid=process.pid)
         process.done.addCallback(self._ended)
         process.done.addErrback(
@@ -424,7 +441,7 @@ class JobRunner:
     def _flush(self, process: JobProcess) -> None:
         self._flushes.pop(process.job.id, None)
         if process.job.id in self._running:
-            self._write(self._store.save(process.snapshot()))
+            self._write(self._save(process.snapshot()))
 
     def _ended(self, job: Job) -> None:
         self._running.pop(job.id, None)
@@ -459,7 +476,7 @@ class JobRunner:
             written: Deferred[None] = Deferred()
             written.callback(None)
         else:
-            written = self._store.save(job)
+            written = self._save(job)
 
         def then(_: Any) -> None:
             if job.callback is not None and not self._stopping:
@@ -513,7 +530,7 @@ class JobRunner:
                 attempts=outcome.attempts,
                 reason=outcome.error,
             )
-            self._write(self._store.save(evolve(job, callback_outcome=outcome)))
+            self._write(self._save(evolve(job, callback_outcome=outcome)))
 
         delivery = Deferred.fromCoroutine(
             deliver_callback(
@@ -535,7 +552,7 @@ class JobRunner:
                 attempts=outcome.attempts,
                 reason=outcome.error,
             )
-            self._write(self._store.save(evolve(job, callback_outcome=outcome)))
+            self._write(self._save(evolve(job, callback_outcome=outcome)))
 
         def failed(failure: Failure) -> None:
             if not failure.check(CancelledError):
@@ -545,6 +562,16 @@ class JobRunner:
         delivery.addBoth(lambda _: self._callbacks.pop(job.id, None))
 
     # -- storage --
+
+    def _save(self, job: Job) -> Deferred[None]:
+        self._saving[job.id] = job
+
+        def saved(result: Any) -> Any:
+            if self._saving.get(job.id) is job:
+                del self._saving[job.id]
+            return result
+
+        return self._store.save(job).addBoth(saved)
 
     def _write(self, d: Deferred[Any]) -> None:
         d.addErrback(lambda f: self.log.failure("job store write failed", f))

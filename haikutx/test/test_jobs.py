@@ -792,6 +792,35 @@ class JobAPITests(_HTTPTestCase):
         self.assertEqual(seen["callback_outcome"]["status"], "delivered", seen)
         self.assertEqual(json.loads(receiver.received[-1][1])["stdout"], "six\n")
 
+    async def test_spawned_in_thread_clean(self) -> None:
+        """
+        A job started by the L{ThreadSpawner} inherits no descriptor but its
+        three pipes (even one this process made inheritable) and no ignored
+        signal, and its output and exit code come through.
+        """
+        from haikutx.jobs.spawn import ThreadSpawner
+
+        leaked_r, leaked_w = os.pipe()
+        os.set_inheritable(leaked_w, True)
+        self.addCleanup(os.close, leaked_r)
+        self.addCleanup(os.close, leaked_w)
+        import signal as signal_module
+
+        previous = signal_module.signal(signal_module.SIGUSR1, signal_module.SIG_IGN)
+        self.addCleanup(signal_module.signal, signal_module.SIGUSR1, previous)
+        runner = await self._server(spawn=ThreadSpawner(reactor))
+        self.assertIsInstance(runner._spawn, ThreadSpawner)
+        script = (
+            "ls /proc/$$/fd | sort -n | tr '\\n' ' '; echo; grep SigIgn /proc/$$/status; exit 3"
+        )
+        _, job = await self._post({"command": "sh", "args": ["-c", script]})
+        done = await self._until_finished(job["id"])
+        fds, ignored = done["stdout"].split("\n", 1)
+        self.assertEqual(fds.split()[:3], ["0", "1", "2"])
+        self.assertNotIn(str(leaked_w), fds.split()[3:], done["stdout"])
+        self.assertEqual(int(ignored.split()[1], 16) & (1 << (signal_module.SIGUSR1 - 1)), 0)
+        self.assertEqual(done["code"], 3)
+
     async def test_many_at_once(self) -> None:
         """
         Submissions arriving together share commits: 50 concurrent POSTs
@@ -1305,3 +1334,39 @@ def _kill_quietly(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+class JobSiteLogTests(SynchronousTestCase):
+    """
+    L{JobSite} leaves accepted jobs and job lookups out of the access log.
+    """
+
+    def test_quiet(self) -> None:
+        """
+        POST answered 202 and GET answered 200 get no access-log line; a
+        refused POST, a 404 and a DELETE do.
+        """
+        from twisted.web.server import Site as BaseSite
+
+        from haikutx.jobs.api import JobSite
+
+        logged = []
+        self.patch(BaseSite, "log", lambda site, request: logged.append(request))
+        site = JobSite(Resource())
+
+        class Request:
+            def __init__(self, method, code):
+                self.method, self.code = method, code
+
+        for method, code in [
+            (b"POST", 202),
+            (b"GET", 200),
+            (b"POST", 400),
+            (b"GET", 404),
+            (b"DELETE", 200),
+        ]:
+            site.log(Request(method, code))
+        self.assertEqual(
+            [(r.method, r.code) for r in logged],
+            [(b"POST", 400), (b"GET", 404), (b"DELETE", 200)],
+        )

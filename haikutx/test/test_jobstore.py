@@ -382,7 +382,7 @@ class GroupCommitTests(SynchronousTestCase):
         pool = _FakePool()
         transactions: list[list[Any]] = []
 
-        def transact(operations: Any) -> list[Any]:
+        def transact(operations: Any, durable: bool) -> list[Any]:
             results = [operation(None) for operation in operations]
             if fail_on in results:
                 raise ValueError("bad operation")

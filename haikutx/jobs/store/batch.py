@@ -21,8 +21,10 @@ from twisted.python.failure import Failure
 Operation = Callable[[Any], Any]
 
 #: Runs operations in one transaction and returns their results, or raises
-#: (and rolls back) when one of them fails.
-Transact = Callable[[Sequence[Operation]], list[Any]]
+#: (and rolls back) when one of them fails; the flag says whether the commit
+#: must reach the disk before it returns (else it may follow with the next
+#: durable commit).
+Transact = Callable[[Sequence[Operation], bool], list[Any]]
 
 #: Most operations in one transaction.
 MAX_BATCH = 512
@@ -49,20 +51,22 @@ class GroupCommit:
         self._reactor = reactor
         self._pool = pool
         self._transact = transact
-        self._pending: list[tuple[Operation, Deferred[Any]]] = []
+        self._pending: list[tuple[Operation, bool, Deferred[Any]]] = []
         self._busy = False
         self._idle: list[Deferred[None]] = []
         self.commits = 0
 
-    def submit(self, operation: Operation) -> Deferred[Any]:
+    def submit(self, operation: Operation, durable: bool = False) -> Deferred[Any]:
         """
         Run C{operation} in the next transaction.
 
+        @param durable: whether the transaction must be on disk (C{fsync})
+            before C{operation}'s result is given.
         @return: a L{Deferred} that fires with its result once that
             transaction is committed, or fails with its error.
         """
         done: Deferred[Any] = Deferred()
-        self._pending.append((operation, done))
+        self._pending.append((operation, durable, done))
         if not self._busy:
             self._next()
         return done
@@ -89,32 +93,35 @@ class GroupCommit:
         self._busy = True
         batch = self._pending[:MAX_BATCH]
         del self._pending[:MAX_BATCH]
+        durable = any(flag for _, flag, _ in batch)
         running = deferToThreadPool(
-            self._reactor, self._pool, self._run, [op for op, _ in batch]
+            self._reactor, self._pool, self._run, [op for op, _, _ in batch], durable
         )
         running.addBoth(self._ran, batch)
 
-    def _run(self, operations: list[Operation]) -> tuple[int, list[tuple[bool, Any]]]:
+    def _run(
+        self, operations: list[Operation], durable: bool
+    ) -> tuple[int, list[tuple[bool, Any]]]:
         try:
-            return 1, [(True, result) for result in self._transact(operations)]
+            return 1, [(True, result) for result in self._transact(operations, durable)]
         except Exception:
             if len(operations) == 1:
                 return 1, [(False, Failure())]
         outcomes: list[tuple[bool, Any]] = []
         for operation in operations:
             try:
-                outcomes.append((True, self._transact([operation])[0]))
+                outcomes.append((True, self._transact([operation], durable)[0]))
             except Exception:
                 outcomes.append((False, Failure()))
         return 1 + len(operations), outcomes
 
-    def _ran(self, result: Any, batch: list[tuple[Operation, Deferred[Any]]]) -> None:
+    def _ran(self, result: Any, batch: list[tuple[Operation, bool, Deferred[Any]]]) -> None:
         if isinstance(result, Failure):
             outcomes = [(False, result)] * len(batch)
         else:
             commits, outcomes = result
             self.commits += commits
-        for (_, done), (ok, value) in zip(batch, outcomes, strict=True):
+        for (_, _, done), (ok, value) in zip(batch, outcomes, strict=True):
             if ok:
                 done.callback(value)
             else:

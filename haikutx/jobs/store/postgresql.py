@@ -129,13 +129,16 @@ class PostgreSQLJobStore:
 
         return psycopg.connect(self._url, autocommit=True, connect_timeout=10)
 
-    def _transact(self, operations: Sequence[Operation]) -> list[Any]:
+    def _transact(self, operations: Sequence[Operation], durable: bool) -> list[Any]:
         import psycopg
 
         if self._connection is None or self._connection.closed:
             self._connection = self._connect()
         try:
             with self._connection.transaction():
+                if not durable:
+                    # Committed at once, flushed with the next durable commit.
+                    self._connection.execute("SET LOCAL synchronous_commit = off")
                 return [operation(self._connection) for operation in operations]
         except psycopg.OperationalError:
             # The connection is gone (server restart, network): the next
@@ -143,8 +146,8 @@ class PostgreSQLJobStore:
             self._connection.close()
             raise
 
-    def _do(self, operation: Operation) -> Deferred[Any]:
-        return self._batch.submit(operation)
+    def _do(self, operation: Operation, durable: bool = False) -> Deferred[Any]:
+        return self._batch.submit(operation, durable)
 
     # -- life --
 
@@ -189,7 +192,7 @@ class PostgreSQLJobStore:
             connection.execute("SELECT pg_notify(%s, 'queued')", (CHANNEL,))
             return evolve(job, seq=seq)
 
-        return self._do(insert)
+        return self._do(insert, durable=True)
 
     def get(self, job_id: str) -> Deferred[Job | None]:
         def select(connection: Any) -> Job | None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from attrs import evolve
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
@@ -85,11 +86,18 @@ class SQLiteJobStore:
     """
     An L{IJobStore} in one SQLite file, for one runner.
 
-    Every statement runs in a thread pool of exactly one thread (so the
+    Every write runs in a thread pool of exactly one thread (so the
     connection is only ever used by that thread, and writes keep their
-    order), through a L{GroupCommit}. The database uses write-ahead logging
-    with C{synchronous=FULL}: a write has reached the disk when its
-    L{Deferred} fires, so neither a SIGKILL nor a power cut loses it.
+    order), through a L{GroupCommit}; reads run on a connection of their own
+    in another thread (write-ahead logging lets them read while a commit is
+    under way), so a C{GET} never waits for an C{fsync}.
+
+    A job is on disk (C{synchronous=FULL}: the WAL is synced) before L{add}
+    fires, so neither a SIGKILL nor a power cut loses an accepted job. Later
+    writes (claims, output, results) are committed at once but synced with
+    the next synced commit (C{synchronous=NORMAL}): a SIGKILL loses none of
+    them; a power cut may take the database back to an earlier state of
+    those jobs (a finished job shows running, and is interrupted at start).
 
     The state directory is made mode 0700 and the database and its C{-wal}
     and C{-shm} files 0600: jobs run as another user must not read other
@@ -108,7 +116,10 @@ class SQLiteJobStore:
         self._reactor = reactor
         self._path = path
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="haikutx-jobstore")
+        self._read_pool = ThreadPool(minthreads=1, maxthreads=1, name="haikutx-jobstore-read")
+        self._reader: sqlite3.Connection | None = None
         self._connection: sqlite3.Connection | None = None
+        self._durable = True
         self._batch = GroupCommit(reactor, self._pool, self._transact)
 
     @property
@@ -118,12 +129,15 @@ class SQLiteJobStore:
         """
         return self._batch.commits
 
-    def _do(self, operation: Operation) -> Deferred[Any]:
-        return self._batch.submit(operation)
+    def _do(self, operation: Operation, durable: bool = False) -> Deferred[Any]:
+        return self._batch.submit(operation, durable)
 
-    def _transact(self, operations: Sequence[Operation]) -> list[Any]:
+    def _transact(self, operations: Sequence[Operation], durable: bool) -> list[Any]:
         connection = self._connection
         assert connection is not None
+        if durable != self._durable:
+            connection.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._durable = durable
         connection.execute("BEGIN IMMEDIATE")
         try:
             results = [operation(connection) for operation in operations]
@@ -136,13 +150,21 @@ class SQLiteJobStore:
     # -- life --
 
     def open(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
         self._pool.start()
-        return self._pool_call(self._open)
+        await self._pool_call(self._open)
+        self._read_pool.start()
+        await deferToThreadPool(self._reactor, self._read_pool, self._open_reader)
 
     def _pool_call(self, f: Any) -> Deferred[Any]:
-        from twisted.internet.threads import deferToThreadPool
-
         return deferToThreadPool(self._reactor, self._pool, f)
+
+    def _open_reader(self) -> None:
+        self._reader = sqlite3.connect(
+            str(self._path), check_same_thread=False, isolation_level=None
+        )
 
     def _open(self) -> None:
         directory = self._path.parent
@@ -172,11 +194,19 @@ class SQLiteJobStore:
         self._connection = connection
 
     async def _close(self) -> None:
+        if self._read_pool.started:
+            await deferToThreadPool(self._reactor, self._read_pool, self._close_reader)
+            self._read_pool.stop()
         if self._pool.started:
             await self._batch.idle()
             await self._pool_call(self._close_connection)
             # The one thread is idle now: joining it is immediate.
             self._pool.stop()
+
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def _close_connection(self) -> None:
         if self._connection is not None:
@@ -196,16 +226,17 @@ class SQLiteJobStore:
             cursor = connection.execute(_INSERT, row)
             return evolve(job, seq=cursor.lastrowid)
 
-        return self._do(insert)
+        return self._do(insert, durable=True)
 
     def get(self, job_id: str) -> Deferred[Job | None]:
-        def select(connection: sqlite3.Connection) -> Job | None:
-            found = connection.execute(
+        def select() -> Job | None:
+            assert self._reader is not None
+            found = self._reader.execute(
                 f"SELECT {_SELECTED} FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
             return None if found is None else from_row(found)
 
-        return self._do(select)
+        return deferToThreadPool(self._reactor, self._read_pool, select)
 
     def save(self, job: Job) -> Deferred[None]:
         row = to_row(job)

@@ -1,0 +1,195 @@
+# -*- test-case-name: haikutx.test.test_jobs -*-
+"""
+Starting job processes without stalling the reactor.
+
+C{posix_spawn} is cheap for the parent (no copy of its memory), but the
+calling thread waits until the child has executed the command, and on a
+busy machine that can take milliseconds: every HTTP request waits with it.
+L{ThreadSpawner} calls C{posix_spawn} in a thread of its own and hands the
+child's pipes to the reactor as Twisted's own process transport does.
+L{ReactorSpawner} calls C{spawnProcess} (for reactors without real
+processes, such as test clocks).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.process import (
+    Process,
+    ProcessReader,
+    ProcessWriter,
+    _BaseProcess,
+    registerReapProcessHandler,
+)
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+
+class Spawn(Protocol):
+    """
+    Starts processes for the job runner.
+    """
+
+    def __call__(
+        self, protocol: Any, executable: str, argv: list[str], environ: dict[str, str]
+    ) -> Deferred[Any]:
+        """
+        Start C{argv} with C{executable}: stdin a pipe the protocol's
+        transport writes to, stdout and stderr pipes it reads.
+
+        @return: a L{Deferred} firing with the process transport.
+        """
+
+    def start(self) -> None:
+        """
+        Get ready (before the first call).
+        """
+
+    def stop(self) -> None:
+        """
+        Release what L{start} took.
+        """
+
+
+class ReactorSpawner:
+    """
+    Starts processes with the reactor's C{spawnProcess}.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def __call__(
+        self, protocol: Any, executable: str, argv: list[str], environ: dict[str, str]
+    ) -> Deferred[Any]:
+        transport = self._reactor.spawnProcess(
+            protocol, executable, argv, env=environ, childFDs={0: "w", 1: "r", 2: "r"}
+        )
+        return succeed(transport)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class _SpawnedProcess(Process):
+    """
+    Twisted's process transport for a child started elsewhere: the same
+    pipes, reaping and signals, without the spawn in C{__init__}.
+    """
+
+    def __init__(self, reactor: Any, protocol: Any, pid: int) -> None:
+        _BaseProcess.__init__(self, protocol)
+        self._reactor = reactor
+        self.pipes = {}
+        self.pid = pid
+        self.proto = protocol
+
+
+def _inherited_fds(keep: set[int]) -> list[int]:
+    """
+    The descriptors above 2 a child would inherit (not close-on-exec), other
+    than C{keep}.
+    """
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2 or fd in keep:
+            continue
+        try:
+            if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                found.append(fd)
+        except OSError:
+            pass
+    return found
+
+
+def _spawn(
+    executable: str, argv: list[str], environ: dict[str, str], fdmap: dict[int, int]
+) -> int:
+    """
+    In a thread: start the child with C{fdmap}'s pipes as its 0, 1 and 2,
+    every other descriptor closed, signals at their defaults.
+    """
+    actions: list[tuple[Any, ...]] = [
+        (os.POSIX_SPAWN_DUP2, parent, child) for child, parent in fdmap.items()
+    ]
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inherited_fds(set(fdmap.values()))]
+    ignored = [n for n in range(1, signal.NSIG) if signal.getsignal(n) == signal.SIG_IGN]
+    return os.posix_spawn(
+        executable, argv, environ, file_actions=actions, setsigdef=ignored, setsigmask=()
+    )
+
+
+class ThreadSpawner:
+    """
+    Starts processes with C{posix_spawn} in a thread pool of its own, so
+    the reactor goes on serving requests meanwhile.
+    """
+
+    def __init__(self, reactor: Any, threads: int = 2) -> None:
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="haikutx-jobs-spawn")
+
+    def start(self) -> None:
+        """
+        Start the thread pool.
+        """
+        self._pool.start()
+
+    def stop(self) -> None:
+        """
+        Stop the thread pool (after the spawns under way).
+        """
+        if self._pool.started:
+            self._pool.stop()
+
+    def __call__(
+        self, protocol: Any, executable: str, argv: list[str], environ: dict[str, str]
+    ) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self._start(protocol, executable, argv, environ))
+
+    async def _start(
+        self, protocol: Any, executable: str, argv: list[str], environ: dict[str, str]
+    ) -> Any:
+        stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+        stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
+        stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
+        child = {0: stdin_r, 1: stdout_w, 2: stderr_w}
+        try:
+            pid = await deferToThreadPool(
+                self._reactor, self._pool, _spawn, executable, argv, environ, child
+            )
+        except BaseException:
+            for fd in (stdin_r, stdin_w, stdout_r, stdout_w, stderr_r, stderr_w):
+                os.close(fd)
+            raise
+        for fd in child.values():
+            os.close(fd)
+        process = _SpawnedProcess(self._reactor, protocol, pid)
+        process.pipes[0] = ProcessWriter(
+            self._reactor, process, 0, stdin_w, forceReadHack=True
+        )
+        process.pipes[1] = ProcessReader(self._reactor, process, 1, stdout_r)
+        process.pipes[2] = ProcessReader(self._reactor, process, 2, stderr_r)
+        protocol.makeConnection(process)
+        registerReapProcessHandler(pid, process)
+        return process
+
+
+def default_spawner(reactor: Any) -> ThreadSpawner | ReactorSpawner:
+    """
+    L{ThreadSpawner} on a real POSIX reactor, else L{ReactorSpawner}.
+    """
+    from twisted.internet.posixbase import PosixReactorBase
+
+    if isinstance(reactor, PosixReactorBase) and hasattr(os, "posix_spawn"):
+        return ThreadSpawner(reactor)
+    return ReactorSpawner(reactor)
