@@ -181,7 +181,7 @@ class JobProcess:
             message says why.
         """
         job = self.job
-        executable = shutil.which(job.command, path=environ.get("PATH"))
+        executable = await spawn.which(job.command, environ.get("PATH"))
         if executable is None:
             raise OSError(f"command not found: {job.command}")
         path, argv, uid, gid = command_line(executable, [job.command, *job.arguments], uid, gid)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import signal
 from typing import Any, Protocol
 
@@ -45,6 +46,13 @@ class Spawn(Protocol):
         @return: a L{Deferred} firing with the process transport.
         """
 
+    def which(self, command: str, path: str | None) -> Deferred[str | None]:
+        """
+        Find C{command} on C{path} (the C{PATH} of the job's environment).
+
+        @return: a L{Deferred} firing with the executable, or C{None}.
+        """
+
     def start(self) -> None:
         """
         Get ready (before the first call).
@@ -71,6 +79,9 @@ class ReactorSpawner:
             protocol, executable, argv, env=environ, childFDs={0: "w", 1: "r", 2: "r"}
         )
         return succeed(transport)
+
+    def which(self, command: str, path: str | None) -> Deferred[str | None]:
+        return succeed(shutil.which(command, path=path))
 
     def start(self) -> None:
         pass
@@ -150,6 +161,12 @@ class ThreadSpawner:
         """
         if self._pool.started:
             self._pool.stop()
+
+    def which(self, command: str, path: str | None) -> Deferred[str | None]:
+        # A stat per PATH entry: in the thread too.
+        return deferToThreadPool(
+            self._reactor, self._pool, shutil.which, command, os.F_OK | os.X_OK, path
+        )
 
     def __call__(
         self, protocol: Any, executable: str, argv: list[str], environ: dict[str, str]
