@@ -148,17 +148,27 @@ class ThreadSpawner:
     def __init__(self, reactor: Any, threads: int = 2) -> None:
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="haikutx-jobs-spawn")
+        self._trigger: Any = None
 
     def start(self) -> None:
         """
-        Start the thread pool.
+        Start the thread pool; it is stopped at reactor shutdown at the
+        latest, so that its threads never keep the process alive.
         """
         self._pool.start()
+        self._trigger = self._reactor.addSystemEventTrigger("after", "shutdown", self._shutdown)
+
+    def _shutdown(self) -> None:
+        self._trigger = None
+        self.stop()
 
     def stop(self) -> None:
         """
         Stop the thread pool (after the spawns under way).
         """
+        if self._trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._trigger)
+            self._trigger = None
         if self._pool.started:
             self._pool.stop()
 

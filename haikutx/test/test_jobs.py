@@ -1370,3 +1370,33 @@ class JobSiteLogTests(SynchronousTestCase):
             [(r.method, r.code) for r in logged],
             [(b"POST", 400), (b"GET", 404), (b"DELETE", 200)],
         )
+
+
+class ShutdownTests(SynchronousTestCase):
+    """
+    A runner that was never stopped does not keep its process alive.
+    """
+
+    def test_exits(self) -> None:
+        """
+        A program that started a L{JobRunner} on SQLite (with its store and
+        spawn threads) and stops the reactor without stopping the runner
+        exits.
+        """
+        script = f"""
+import sys
+sys.path.insert(0, {str(_ROOT)!r})
+from pathlib import Path
+from twisted.internet import reactor, defer
+from haikutx.jobs.runner import JobRunner
+from haikutx.jobs.store.sqlite import SQLiteJobStore
+runner = JobRunner(reactor, SQLiteJobStore(reactor, Path({self.mktemp()!r}) / "j.sqlite3"))
+reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(runner.start()))
+reactor.callLater(1, reactor.stop)
+reactor.run()
+print("done")
+"""
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+        )
+        self.assertEqual(result.stdout.strip(), "done", result.stderr)

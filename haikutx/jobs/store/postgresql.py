@@ -111,6 +111,7 @@ class PostgreSQLJobStore:
         self._url = url
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="haikutx-jobstore-pg")
         self._connection: Any = None
+        self._trigger: Any = None
         self._batch = GroupCommit(reactor, self._pool, self._transact)
         self._listener: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -153,6 +154,11 @@ class PostgreSQLJobStore:
 
     def open(self) -> Deferred[None]:
         self._pool.start()
+        # Stopped by close; at reactor shutdown at the latest, so that its
+        # thread never keeps the process alive.
+        self._trigger = self._reactor.addSystemEventTrigger(
+            "after", "shutdown", self._stop_pools
+        )
         return deferToThreadPool(self._reactor, self._pool, self._open)
 
     def _open(self) -> None:
@@ -161,6 +167,12 @@ class PostgreSQLJobStore:
             self._connection.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             for statement in _SCHEMA:
                 self._connection.execute(statement)
+
+    def _stop_pools(self) -> None:
+        self._trigger = None
+        for pool in (self._pool, getattr(self, "_read_pool", None)):
+            if pool is not None and pool.started:
+                pool.stop()
 
     def close(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._close())
@@ -175,6 +187,9 @@ class PostgreSQLJobStore:
                 await deferToThreadPool(self._reactor, self._pool, listener.join, 10)
             await deferToThreadPool(self._reactor, self._pool, self._close_connection)
             self._pool.stop()
+        if self._trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._trigger)
+            self._trigger = None
 
     def _close_connection(self) -> None:
         if self._connection is not None:

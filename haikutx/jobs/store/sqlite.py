@@ -120,6 +120,7 @@ class SQLiteJobStore:
         self._reader: sqlite3.Connection | None = None
         self._connection: sqlite3.Connection | None = None
         self._durable = True
+        self._trigger: Any = None
         self._batch = GroupCommit(reactor, self._pool, self._transact)
 
     @property
@@ -154,6 +155,11 @@ class SQLiteJobStore:
 
     async def _start(self) -> None:
         self._pool.start()
+        # Stopped by close; at reactor shutdown at the latest, so that its
+        # thread never keeps the process alive.
+        self._trigger = self._reactor.addSystemEventTrigger(
+            "after", "shutdown", self._stop_pools
+        )
         await self._pool_call(self._open)
         self._read_pool.start()
         await deferToThreadPool(self._reactor, self._read_pool, self._open_reader)
@@ -202,6 +208,9 @@ class SQLiteJobStore:
             await self._pool_call(self._close_connection)
             # The one thread is idle now: joining it is immediate.
             self._pool.stop()
+        if self._trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._trigger)
+            self._trigger = None
 
     def _close_reader(self) -> None:
         if self._reader is not None:
@@ -212,6 +221,12 @@ class SQLiteJobStore:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+    def _stop_pools(self) -> None:
+        self._trigger = None
+        for pool in (self._pool, getattr(self, "_read_pool", None)):
+            if pool is not None and pool.started:
+                pool.stop()
 
     def close(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._close())
