@@ -112,6 +112,7 @@ class JobRunner:
         poll_interval: float = POLL_INTERVAL,
         owner: str | None = None,
         spawn: Spawn | None = None,
+        evict_delay: float = 1.0,
     ) -> None:
         """
         @param reactor: provides L{IReactorTime} and L{IReactorProcess}.
@@ -137,6 +138,8 @@ class JobRunner:
         @param poll_interval: seconds between looks at a shared queue.
         @param owner: this runner's name in the store (default: random).
         @param spawn: starts processes (default: L{default_spawner}).
+        @param evict_delay: seconds after a job finished before finished jobs
+            beyond C{max_jobs} are evicted (one eviction for many jobs).
         """
         self._reactor = reactor
         self._store = store
@@ -168,6 +171,12 @@ class JobRunner:
         self._ticks: list[Any] = []
         self._pumping: Deferred[None] | None = None
         self._pump_again = False
+        self._reserved = 0
+        #: Whether a queued job may be waiting (then new jobs queue too).
+        self._queue_maybe_nonempty = True
+        self._queued_generation = 0
+        self._evict_delay = evict_delay
+        self._evict_call: Any = None
         self._evicting = False
         self._evict_again = False
         self._ready = False
@@ -185,7 +194,7 @@ class JobRunner:
         """
         self._spawn.start()
         await self._store.open()
-        self._store.listen(self._pump_soon, self._cancel_requested)
+        self._store.listen(self._queued_elsewhere, self._cancel_requested)
         await self._store.heartbeat(self.owner)
         await self._recover()
         self._ready = True
@@ -219,6 +228,8 @@ class JobRunner:
             if call.active():
                 call.cancel()
         self._ticks.clear()
+        if self._evict_call is not None and self._evict_call.active():
+            self._evict_call.cancel()
         if self._pumping is not None:
             await self._pumping
         ends = []
@@ -297,15 +308,33 @@ class JobRunner:
             except CallbackRefused as e:
                 raise JobRefused(str(e)) from None
         await self.wait_ready()
+        now = self._reactor.seconds()
         job = Job(
             id=secrets.token_hex(20),
             seq=0,
             command=command,
             arguments=list(arguments),
             callback=callback,
-            created=self._reactor.seconds(),
+            created=now,
         )
-        stored = await self._store.add(job)
+        # A free slot here and no older job waiting: the job is stored as
+        # this runner's, running, in the same commit (no claim to follow).
+        direct = (
+            not self._stopping
+            and not self._queue_maybe_nonempty
+            and len(self._running) + self._reserved < self._max_running
+        )
+        if direct:
+            job = evolve(job, state=RUNNING, owner=self.owner, started=now)
+            self._reserved += 1
+        else:
+            self._queue_maybe_nonempty = True
+            self._queued_generation += 1
+        try:
+            stored = await self._store.add(job)
+        finally:
+            if direct:
+                self._reserved -= 1
         JOBS.labels(state="accepted").inc()
         self.log.info(
             "job {job_id} accepted: {command} {arguments}",
@@ -313,7 +342,12 @@ class JobRunner:
             command=command,
             arguments=list(arguments),
         )
-        self._pump_soon()
+        if not direct:
+            self._pump_soon()
+        elif self._stopping:
+            await self._store.save(evolve(stored, state=QUEUED, owner=None, started=None))
+        else:
+            self._run(stored)
         return stored
 
     async def get(self, job_id: str) -> Job | None:
@@ -367,6 +401,11 @@ class JobRunner:
 
     # -- running --
 
+    def _queued_elsewhere(self) -> None:
+        self._queue_maybe_nonempty = True
+        self._queued_generation += 1
+        self._pump_soon()
+
     def _pump_soon(self) -> None:
         if not self._ready or self._stopping:
             return
@@ -385,10 +424,13 @@ class JobRunner:
     async def _pump(self) -> None:
         while not self._stopping:
             self._pump_again = False
-            free = self._max_running - len(self._running)
+            free = self._max_running - len(self._running) - self._reserved
             if free <= 0:
                 return
+            generation = self._queued_generation
             jobs = await self._store.claim(self.owner, free, self._reactor.seconds())
+            if len(jobs) < free and generation == self._queued_generation:
+                self._queue_maybe_nonempty = False
             for job in jobs:
                 if self._stopping:
                     # Not started: back in the queue for the next runner.
@@ -497,6 +539,14 @@ class JobRunner:
             process.terminate("stopped")
 
     def _evict_soon(self) -> None:
+        if self._evict_delay > 0 and self._ready:
+            if self._evict_call is None and not self._stopping:
+                self._evict_call = self._reactor.callLater(self._evict_delay, self._evict_now)
+            return
+        self._evict_now()
+
+    def _evict_now(self) -> None:
+        self._evict_call = None
         if self._evicting:
             self._evict_again = True
             return

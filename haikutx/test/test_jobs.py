@@ -348,9 +348,12 @@ class TimerTests(SynchronousTestCase):
     queue, with a L{MemoryJobStore} (which answers at once).
     """
 
-    def _runner(self, **kw):
+    def _runner(self, store=None, **kw):
         clock = _ProcessClock()
-        runner = JobRunner(clock, MemoryJobStore(), post_callback=lambda u, b: succeed(200), **kw)
+        kw.setdefault("evict_delay", 0)
+        runner = JobRunner(
+            clock, store or MemoryJobStore(), post_callback=lambda u, b: succeed(200), **kw
+        )
         self.successResultOf(Deferred.fromCoroutine(runner.start()))
         return clock, runner
 
@@ -429,6 +432,27 @@ class TimerTests(SynchronousTestCase):
         self.assertTrue(args[5].endswith("/true"))
         self.assertEqual(args[6:], ["x"])
 
+    def test_direct_start_and_delayed_eviction(self) -> None:
+        """
+        A job submitted while a slot is free and nothing waits is stored
+        running, in the commit that accepts it; finished jobs beyond
+        C{max_jobs} are evicted together, C{evict_delay} after a finish.
+        """
+        store = MemoryJobStore()
+        clock, runner = self._runner(store=store, max_running=1, max_jobs=1, evict_delay=1)
+        first = self._submit(runner, "true", [])
+        self.assertEqual((first.state, first.owner), ("running", runner.owner))
+        second = self._submit(runner, "true", [])
+        self.assertEqual(second.state, "queued")
+        runner._running[first.id].ended(0, None)
+        runner._running[second.id].ended(0, None)
+        third = self._submit(runner, "true", [])
+        self.assertEqual(third.state, "running")
+        runner._running[third.id].ended(0, None)
+        self.assertEqual(len(store.jobs), 3)
+        clock.advance(1)
+        self.assertEqual(list(store.jobs), [third.id])
+
     def test_metrics(self) -> None:
         """
         C{haiku_jobs_total} counts accepted jobs and each finished state.
@@ -473,6 +497,7 @@ class JobAPITests(_HTTPTestCase):
 
     async def _server(self, store=None, token=None, **kw):
         kw.setdefault("kill_grace", 0.5)
+        kw.setdefault("evict_delay", 0)
         runner = JobRunner(reactor, store or MemoryJobStore(), **kw)
         await runner.start()
         port = reactor.listenTCP(0, job_site(reactor, runner, token), interface="127.0.0.1")
