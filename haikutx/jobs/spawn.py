@@ -64,6 +64,10 @@ class Spawn(Protocol):
         """
 
 
+#: Seconds a command found on C{PATH} is not looked up again.
+WHICH_TTL = 1.0
+
+
 class ReactorSpawner:
     """
     Starts processes with the reactor's C{spawnProcess}.
@@ -149,6 +153,7 @@ class ThreadSpawner:
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="haikutx-jobs-spawn")
         self._trigger: Any = None
+        self._found: dict[tuple[str, str | None], tuple[float, str | None]] = {}
 
     def start(self) -> None:
         """
@@ -173,10 +178,25 @@ class ThreadSpawner:
             self._pool.stop()
 
     def which(self, command: str, path: str | None) -> Deferred[str | None]:
-        # A stat per PATH entry: in the thread too.
+        """
+        Find C{command} on C{path} in the thread (a C{stat} per C{PATH}
+        entry); an answer is reused for L{WHICH_TTL} seconds.
+        """
+        key = (command, path)
+        now = self._reactor.seconds()
+        cached = self._found.get(key)
+        if cached is not None and now - cached[0] < WHICH_TTL:
+            return succeed(cached[1])
+
+        def found(executable: str | None) -> str | None:
+            if len(self._found) > 1000:
+                self._found.clear()
+            self._found[key] = (now, executable)
+            return executable
+
         return deferToThreadPool(
             self._reactor, self._pool, shutil.which, command, os.F_OK | os.X_OK, path
-        )
+        ).addCallback(found)
 
     def __call__(
         self, protocol: Any, executable: str, argv: list[str], environ: dict[str, str]

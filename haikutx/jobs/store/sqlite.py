@@ -63,6 +63,9 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq)",
 )
 
+#: Seconds between checkpoints of the write-ahead log.
+CHECKPOINT_INTERVAL = 1.0
+
 _INSERT = "INSERT INTO jobs ({}) VALUES ({})".format(
     ", ".join(INSERTED), ", ".join(f":{c}" for c in INSERTED)
 )
@@ -118,6 +121,7 @@ class SQLiteJobStore:
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="haikutx-jobstore")
         self._read_pool = ThreadPool(minthreads=1, maxthreads=1, name="haikutx-jobstore-read")
         self._reader: sqlite3.Connection | None = None
+        self._checkpoints: Any = None
         self._connection: sqlite3.Connection | None = None
         self._durable = True
         self._trigger: Any = None
@@ -185,6 +189,9 @@ class SQLiteJobStore:
         )
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")
+        # Checkpoints run from the reading thread (L{CHECKPOINT_INTERVAL}),
+        # not in the commit that happens to fill the log.
+        connection.execute("PRAGMA wal_autocheckpoint=0")
         columns = [row[1] for row in connection.execute("PRAGMA table_info(jobs)")]
         if "meta" in columns:
             # The first schema (one JSON column): kept aside, not lost.
@@ -200,6 +207,8 @@ class SQLiteJobStore:
         self._connection = connection
 
     async def _close(self) -> None:
+        if self._checkpoints is not None and self._checkpoints.active():
+            self._checkpoints.cancel()
         if self._read_pool.started:
             await deferToThreadPool(self._reactor, self._read_pool, self._close_reader)
             self._read_pool.stop()
