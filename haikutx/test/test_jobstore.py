@@ -257,6 +257,28 @@ class SQLiteJobStoreTests(_JobStoreTestsMixin, TestCase):
             self.assertTrue(path.exists(), path)
             self.assertEqual(path.stat().st_mode & 0o777, 0o600, path)
 
+    async def test_checkpoints(self) -> None:
+        """
+        The write-ahead log is copied into the database file about once a
+        second (not by the commits): the database file alone holds the jobs.
+        """
+        import shutil
+        import sqlite3
+
+        from twisted.internet.task import deferLater
+
+        from haikutx.jobs.store import sqlite as module
+
+        store = await self._opened()
+        await DeferredList([store.add(_job(n)) for n in range(1, 51)])
+        await deferLater(reactor, module.CHECKPOINT_INTERVAL * 1.5)
+        alone = Path(self.mktemp())
+        alone.mkdir()
+        shutil.copy(self._path, alone / "copy.sqlite3")
+        connection = sqlite3.connect(str(alone / "copy.sqlite3"))
+        self.addCleanup(connection.close)
+        self.assertEqual(connection.execute("SELECT count(*) FROM jobs").fetchone()[0], 50)
+
     async def test_not_on_reactor_thread(self) -> None:
         """
         Statements run in the store's own thread, not the reactor's.

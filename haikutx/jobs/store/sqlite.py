@@ -167,6 +167,27 @@ class SQLiteJobStore:
         await self._pool_call(self._open)
         self._read_pool.start()
         await deferToThreadPool(self._reactor, self._read_pool, self._open_reader)
+        self._checkpoints = self._reactor.callLater(CHECKPOINT_INTERVAL, self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        """
+        Copy the write-ahead log into the database, in the reading thread,
+        without waiting for (or blocking) writers; again a moment later.
+        """
+
+        def again(result: Any) -> None:
+            if self._read_pool.started and self._reader is not None:
+                self._checkpoints = self._reactor.callLater(
+                    CHECKPOINT_INTERVAL, self._checkpoint
+                )
+
+        def checkpoint() -> None:
+            if self._reader is not None:
+                self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+        running = deferToThreadPool(self._reactor, self._read_pool, checkpoint)
+        running.addErrback(lambda f: self.log.failure("job store checkpoint failed", f))
+        running.addBoth(again)
 
     def _pool_call(self, f: Any) -> Deferred[Any]:
         return deferToThreadPool(self._reactor, self._pool, f)
