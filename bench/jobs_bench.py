@@ -13,7 +13,7 @@ same run:
 
 A fresh server for each measurement. Run from the repository root:
 
-    /work/venv/bin/python bench/jobs_bench.py [--seconds 5] [--clients 8]
+    /work/venv/bin/python bench/jobs_bench.py [--seconds 5] [--clients 8] [--user root]
 
 Needs C{wrk}. Bounded: every wait has a time limit.
 """
@@ -140,8 +140,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--interval", type=float, default=0.002, help="poll interval, s")
     parser.add_argument("--maxrunning", default=None, help="--maxrunning of the runner")
+    parser.add_argument("--user", default=None, help="--user of the runner (root: no switch)")
     options = parser.parse_args()
     extra = ["--maxrunning", options.maxrunning] if options.maxrunning else []
+    if options.user:
+        extra += ["--user", options.user]
     results = {}
     with tempfile.TemporaryDirectory(prefix="jobs-bench-") as name:
         tmp = Path(name)

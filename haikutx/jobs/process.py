@@ -7,6 +7,9 @@ grace period).
 
 from __future__ import annotations
 
+import functools
+import os
+import pwd
 import shutil
 import signal as signal_module
 from collections.abc import Callable
@@ -55,6 +58,20 @@ class OutputBuffer:
             self.truncated = True
 
 
+@functools.lru_cache(maxsize=64)
+def _groups(uid: int, gid: int) -> str:
+    """
+    The supplementary groups of C{uid} (what C{initgroups} would give it),
+    as C{setpriv --groups} takes them; looked up once, not in every job.
+    """
+    try:
+        name = pwd.getpwuid(uid).pw_name
+        groups = os.getgrouplist(name, gid)
+    except (KeyError, OSError):
+        groups = [gid]
+    return ",".join(str(g) for g in dict.fromkeys(groups))
+
+
 def command_line(
     executable: str, argv: list[str], uid: int | None, gid: int | None
 ) -> tuple[str, list[str], int | None, int | None]:
@@ -64,20 +81,22 @@ def command_line(
     Twisted can start a process with C{posix_spawn} (cheap: no copy of this
     process) only when it keeps this process's user; so a job that must run
     as another user is started through C{setpriv}, which changes user and
-    groups (C{initgroups}, as Twisted's own fork does) and then executes the
-    command in the same process. Without C{setpriv}, Twisted forks.
+    groups (the user's own groups, as Twisted's fork with C{initgroups}
+    gives it) and then executes the command in the same process. Without
+    C{setpriv}, Twisted forks.
 
     @return: the executable, arguments, uid and gid to give C{spawnProcess}.
     """
     if uid is None or _SETPRIV is None:
         return executable, argv, uid, gid
+    group = gid if gid is not None else uid
     return (
         _SETPRIV,
         [
             "setpriv",
             f"--reuid={uid}",
-            f"--regid={gid if gid is not None else uid}",
-            "--init-groups",
+            f"--regid={group}",
+            f"--groups={_groups(uid, group)}",
             "--",
             executable,
             *argv[1:],
