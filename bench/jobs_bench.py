@@ -49,7 +49,8 @@ wrk.headers["Content-Type"] = "application/json"
 POLL_CLIENT = r'''
 import asyncio, json, sys, time
 
-HOST, PORT, CLIENTS, SECONDS, INTERVAL = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+HOST, PORT, CLIENTS = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+SECONDS, INTERVAL = float(sys.argv[4]), float(sys.argv[5])
 BODY = b'{"command": "echo", "args": "foo"}'
 
 async def exchange(reader, writer, head, body=b""):
@@ -67,7 +68,10 @@ async def exchange(reader, writer, head, body=b""):
 
 async def client(deadline, times, errors):
     reader, writer = await asyncio.open_connection(HOST, PORT)
-    post = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY)
+    post = (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(BODY)
+    )
     while time.monotonic() < deadline:
         start = time.monotonic()
         status, body = await exchange(reader, writer, post, BODY)
