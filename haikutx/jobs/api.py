@@ -134,6 +134,13 @@ class JobsResource(Resource):
                     "error": f"the request body is larger than {MAX_REQUEST_BODY} bytes",
                 },
             )
+        if request.method == b"GET":
+            # The common poll, answered at once when the runner knows the job.
+            match = _JOB_PATH.match(request.path)
+            known = None if match is None else self._runner.peek(match.group(1).decode())
+            if known is not None:
+                request.setResponseCode(200)
+                return json.dumps(job_to_json(known)).encode("utf-8")
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         d = Deferred.fromCoroutine(self._handle(request))

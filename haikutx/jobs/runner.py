@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -57,6 +58,9 @@ LEASE = 10.0
 
 #: Seconds between looks at a shared queue (besides its notifications).
 POLL_INTERVAL = 1.0
+
+#: Finished jobs a runner with a store of its own keeps at hand for GET.
+RECENT_JOBS = 1000
 
 
 class JobRefused(Exception):
@@ -166,6 +170,9 @@ class JobRunner:
         self._flushes: dict[str, Any] = {}
         #: Jobs whose latest save is not committed yet (what GET shows).
         self._saving: dict[str, Job] = {}
+        #: Jobs this runner finished lately, when no other runner can change
+        #: them (a store of its own): GET answers them without the store.
+        self._recent: OrderedDict[str, Job] = OrderedDict()
         self._waiters: dict[str, list[Deferred[Job]]] = {}
         self._callbacks: dict[str, Deferred[None]] = {}
         self._ticks: list[Any] = []
@@ -355,13 +362,26 @@ class JobRunner:
         The job with this id as it is now (live output when this runner
         runs it), or C{None}.
         """
+        known = self.peek(job_id)
+        if known is not None:
+            return known
+        return await self._store.get(job_id)
+
+    def peek(self, job_id: str) -> Job | None:
+        """
+        The job with this id as this runner knows it without asking the
+        store: one it runs, one whose save is under way, or (with a store of
+        its own) one it finished lately; else C{None}.
+        """
+        if not self._ready:
+            return None
         process = self._running.get(job_id)
         if process is not None:
             return process.snapshot()
         saving = self._saving.get(job_id)
         if saving is not None:
             return saving
-        return await self._store.get(job_id)
+        return self._recent.get(job_id)
 
     async def cancel(self, job_id: str) -> Job | None:
         """
@@ -557,6 +577,7 @@ class JobRunner:
                 while True:
                     self._evict_again = False
                     for job_id in await self._store.evict(self._max_jobs):
+                        self._recent.pop(job_id, None)
                         self.log.info("job {job_id} evicted", job_id=job_id)
                     if not self._evict_again or self._stopping:
                         return
@@ -615,6 +636,11 @@ class JobRunner:
 
     def _save(self, job: Job) -> Deferred[None]:
         self._saving[job.id] = job
+        if job.state == FINISHED and not self._store.shared:
+            self._recent[job.id] = job
+            self._recent.move_to_end(job.id)
+            while len(self._recent) > RECENT_JOBS:
+                self._recent.popitem(last=False)
 
         def saved(result: Any) -> Any:
             if self._saving.get(job.id) is job:

@@ -453,6 +453,37 @@ class TimerTests(SynchronousTestCase):
         clock.advance(1)
         self.assertEqual(list(store.jobs), [third.id])
 
+    def test_recent_jobs_without_store(self) -> None:
+        """
+        A job this runner finished is shown without asking its own store,
+        until it is evicted; with a shared store, the store is asked.
+        """
+
+        class Counting(MemoryJobStore):
+            gets = 0
+
+            def get(self, job_id):
+                Counting.gets += 1
+                return super().get(job_id)
+
+        store = Counting()
+        clock, runner = self._runner(store=store, max_jobs=1)
+        first = self._submit(runner, "true", [])
+        runner._running[first.id].ended(0, None)
+        self.assertEqual(self._get(runner, first.id).state, "finished")
+        self.assertEqual(Counting.gets, 0)
+        second = self._submit(runner, "true", [])
+        runner._running[second.id].ended(0, None)
+        self.assertIsNone(self._get(runner, first.id))
+        shared = Counting()
+        shared.shared = True
+        clock, runner = self._runner(store=shared)
+        third = self._submit(runner, "true", [])
+        runner._running[third.id].ended(0, None)
+        before = Counting.gets
+        self.assertEqual(self._get(runner, third.id).state, "finished")
+        self.assertEqual(Counting.gets, before + 1)
+
     def test_metrics(self) -> None:
         """
         C{haiku_jobs_total} counts accepted jobs and each finished state.
