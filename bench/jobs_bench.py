@@ -1,11 +1,21 @@
 """
-Benchmark of the job runner: jobs accepted per second and time to
-completion of C{echo foo}, against a real C{twistd -n haiku --jobs}.
+Benchmark of the job runner against raw Twisted, as ratios measured in the
+same run:
 
-    .venv/bin/python bench/jobs_bench.py [--jobs 500] [--concurrency 20] [--latency 50]
+1. raw twisted.web hello world, C{wrk} with 1 and 16 connections;
+2. C{POST /} of C{{"command": "echo", "args": "foo"}} to a real
+   C{twistd -n haiku --jobs} (SQLite store, fresh state directory), C{wrk}
+   with 1 and 16 connections: jobs accepted per second (each 202 follows
+   the commit that holds the job);
+3. submit and poll: 8 clients (another process, keep-alive connections),
+   each POSTs a job then GETs it every 2 ms until it is C{"finished"}:
+   jobs per second and time from POST to seen finished.
 
-Starts twistd on a free loopback port with a temporary state directory,
-measures, stops it. Bounded: every wait has a time limit.
+A fresh server for each measurement. Run from the repository root:
+
+    /work/venv/bin/python bench/jobs_bench.py [--seconds 5] [--clients 8] [--user root]
+
+Needs C{wrk}. Bounded: every wait has a time limit.
 """
 
 from __future__ import annotations
@@ -13,123 +23,189 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
-from treq.client import HTTPClient
-from twisted.internet import defer, task
-from twisted.web.client import Agent, HTTPConnectionPool
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from runtime_bench import RAW_SITE, free_port, parse_wrk, stop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-BODY = json.dumps({"command": "echo", "args": "foo"}).encode()
+BODY = json.dumps({"command": "echo", "args": "foo"})
 
+POST_LUA = f"""
+wrk.method = "POST"
+wrk.body = '{BODY}'
+wrk.headers["Content-Type"] = "application/json"
+"""
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+# The submit-and-poll client, run in its own process so that its work is
+# not the server's: asyncio, one keep-alive connection per client.
+POLL_CLIENT = r'''
+import asyncio, json, sys, time
 
+HOST, PORT, CLIENTS = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+SECONDS, INTERVAL = float(sys.argv[4]), float(sys.argv[5])
+BODY = b'{"command": "echo", "args": "foo"}'
 
-async def wait_up(reactor, http, url: str) -> None:
-    for _ in range(300):
-        try:
-            response = await http.get(url + "0" * 40)
-            await response.content()
-            return
-        except Exception:
-            await task.deferLater(reactor, 0.05)
-    raise SystemExit("server did not start within 15 s")
+async def exchange(reader, writer, head, body=b""):
+    writer.write(head + body)
+    status = await reader.readline()
+    length = 0
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return int(status.split()[1]), await reader.readexactly(length)
 
-
-async def accepted_per_second(reactor, http, url: str, total: int, concurrency: int) -> tuple[float, list[str]]:
-    ids: list[str] = []
-    remaining = iter(range(total))
-
-    async def client() -> None:
-        for _ in remaining:
-            response = await http.post(url, data=BODY)
-            job = await response.json()
-            assert response.code == 202, job
-            ids.append(job["id"])
-
-    start = time.perf_counter()
-    await defer.gatherResults(
-        [defer.Deferred.fromCoroutine(client()) for _ in range(concurrency)]
+async def client(deadline, times, errors):
+    reader, writer = await asyncio.open_connection(HOST, PORT)
+    post = (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(BODY)
     )
-    return total / (time.perf_counter() - start), ids
-
-
-async def wait_all(reactor, http, url: str, ids: list[str]) -> float:
-    start = time.perf_counter()
-    for job_id in ids:
-        for _ in range(6000):
-            response = await http.get(url + job_id)
-            if (await response.json())["state"] == "finished":
+    while time.monotonic() < deadline:
+        start = time.monotonic()
+        status, body = await exchange(reader, writer, post, BODY)
+        if status != 202:
+            errors.append(status)
+            continue
+        job_id = json.loads(body)["id"]
+        get = b"GET /" + job_id.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        for _ in range(5000):
+            status, body = await exchange(reader, writer, get)
+            if b'"state": "finished"' in body:
+                times.append(time.monotonic() - start)
                 break
-            await task.deferLater(reactor, 0.005)
-    return time.perf_counter() - start
+            await asyncio.sleep(INTERVAL)
+        else:
+            errors.append("never finished")
+    writer.close()
+
+async def main():
+    times, errors = [], []
+    start = time.monotonic()
+    await asyncio.gather(*(client(start + SECONDS, times, errors) for _ in range(CLIENTS)))
+    elapsed = time.monotonic() - start
+    print(json.dumps({"jobs": len(times), "elapsed": elapsed, "times": times, "errors": errors}))
+
+asyncio.run(main())
+'''
 
 
-async def completion_times(reactor, http, url: str, count: int) -> list[float]:
-    times = []
-    for _ in range(count):
-        start = time.perf_counter()
-        response = await http.post(url, data=BODY)
-        job = await response.json()
-        for _ in range(2000):
-            response = await http.get(url + job["id"])
-            if (await response.json())["state"] == "finished":
-                break
-            await task.deferLater(reactor, 0.002)
-        times.append(time.perf_counter() - start)
-    return times
+def wait_up(url: str, process: subprocess.Popen, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited ({process.returncode})")
+        try:
+            urllib.request.urlopen(url, timeout=5).read()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} never answered")
 
 
-async def main(reactor, options) -> None:
-    state = Path(tempfile.mkdtemp(prefix="haikutx-bench-"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
-    process = subprocess.Popen(
+def job_runner(tmp: Path, port: int, extra: list[str]) -> subprocess.Popen:
+    state = Path(tempfile.mkdtemp(dir=tmp)) / "state"
+    return subprocess.Popen(
         [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
          "-n", "--pidfile=", "haiku", "--jobs", f"tcp:{port}:interface=127.0.0.1",
-         "--port", "none", "--sslport", "none", "--state", str(state / "state"),
-         "--whitelist", "echo", "--maxjobs", str(options.jobs + options.latency + 10)],
-        cwd=state, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+         "--port", "none", "--sslport", "none", "--state", str(state),
+         "--whitelist", "echo", *extra],
+        cwd=tmp, env=dict(os.environ, PYTHONPATH=str(ROOT)),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    pool = HTTPConnectionPool(reactor)
-    pool.maxPersistentPerHost = options.concurrency
-    http = HTTPClient(Agent(reactor, pool=pool))
-    try:
-        await wait_up(reactor, http, url)
-        rate, ids = await accepted_per_second(reactor, http, url, options.jobs, options.concurrency)
-        drain = await wait_all(reactor, http, url, ids)
-        times = await completion_times(reactor, http, url, options.latency)
-        times.sort()
-        print(f"accepted: {options.jobs} jobs, concurrency {options.concurrency}: {rate:.0f} jobs/s")
-        print(f"all {options.jobs} finished {drain:.2f}s after the last was accepted")
-        print(
-            f"echo foo, POST to finished (polling every 2 ms), n={len(times)}: "
-            f"median {statistics.median(times) * 1000:.1f} ms, "
-            f"p90 {times[int(len(times) * 0.9) - 1] * 1000:.1f} ms"
-        )
-    finally:
-        await pool.closeCachedConnections()
-        process.terminate()
-        process.wait(20)
+
+
+def wrk(url: str, seconds: int, connections: int, script: Path | None = None):
+    argv = ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s",
+            "--timeout", "10s", "--latency"]
+    if script is not None:
+        argv += ["-s", str(script)]
+    out = subprocess.run(argv + [url], capture_output=True, text=True, check=True,
+                         timeout=seconds + 60).stdout
+    return parse_wrk(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--interval", type=float, default=0.002, help="poll interval, s")
+    parser.add_argument("--maxrunning", default=None, help="--maxrunning of the runner")
+    parser.add_argument("--user", default=None, help="--user of the runner (root: no switch)")
+    options = parser.parse_args()
+    extra = ["--maxrunning", options.maxrunning] if options.maxrunning else []
+    if options.user:
+        extra += ["--user", options.user]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="jobs-bench-") as name:
+        tmp = Path(name)
+        raw_site = tmp / "raw_site.py"
+        raw_site.write_text(RAW_SITE)
+        post_lua = tmp / "post.lua"
+        post_lua.write_text(POST_LUA)
+        poll = tmp / "poll.py"
+        poll.write_text(POLL_CLIENT)
+
+        for connections in (1, 16):
+            port = free_port()
+            process = subprocess.Popen([sys.executable, str(raw_site), str(port)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_up(f"http://127.0.0.1:{port}/", process)
+                run = wrk(f"http://127.0.0.1:{port}/", options.seconds, connections)
+            finally:
+                stop(process)
+            results[f"raw c{connections}"] = run
+            print(f"raw Twisted hello c{connections}: {run.rate:,.0f}/s "
+                  f"p50 {run.p50:.2f} ms {run.errors or ''}", flush=True)
+
+        for connections in (1, 16):
+            port = free_port()
+            process = job_runner(tmp, port, extra)
+            try:
+                wait_up(f"http://127.0.0.1:{port}/" + "0" * 40, process)
+                run = wrk(f"http://127.0.0.1:{port}/", options.seconds, connections, post_lua)
+            finally:
+                stop(process)
+            results[f"post c{connections}"] = run
+            raw = results[f"raw c{connections}"]
+            print(f"POST -> 202 c{connections}: {run.rate:,.0f}/s p50 {run.p50:.2f} ms "
+                  f"= {100 * run.rate / raw.rate:.1f} % of raw Twisted {run.errors or ''}",
+                  flush=True)
+
+        port = free_port()
+        process = job_runner(tmp, port, extra)
+        try:
+            wait_up(f"http://127.0.0.1:{port}/" + "0" * 40, process)
+            out = subprocess.run(
+                [sys.executable, str(poll), "127.0.0.1", str(port), str(options.clients),
+                 str(options.seconds), str(options.interval)],
+                capture_output=True, text=True, check=True, timeout=options.seconds + 120,
+            ).stdout
+        finally:
+            stop(process)
+        polled = json.loads(out)
+        times = sorted(polled["times"])
+        rate = polled["jobs"] / polled["elapsed"]
+        p50 = statistics.median(times) * 1000 if times else float("nan")
+        p90 = times[int(len(times) * 0.9)] * 1000 if times else float("nan")
+        print(f"submit and poll, {options.clients} clients: {rate:,.0f} jobs/s, "
+              f"p50 {p50:.1f} ms, p90 {p90:.1f} ms, errors {len(polled['errors'])}",
+              flush=True)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--jobs", type=int, default=500)
-    parser.add_argument("--concurrency", type=int, default=20)
-    parser.add_argument("--latency", type=int, default=50)
-    options = parser.parse_args()
-    task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor, options)))
+    main()

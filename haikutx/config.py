@@ -101,6 +101,8 @@ class Config:
     egress_allow: tuple[str, ...] = ()
     state: Path = field(factory=default_state_directory)
     jobs: str | None = None
+    #: a PostgreSQL URL shared by several job runners; C{None}: SQLite in C{state}
+    jobstore: str | None = None
     whitelist: tuple[str, ...] | None = None
     max_jobs: int = 100
     max_running: int = 2

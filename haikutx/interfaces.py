@@ -132,12 +132,20 @@ class IHandlerFetcher(Interface):
 
 class IJobStore(Interface):
     """
-    Durable storage of job runner jobs (L{haikutx.jobs.store.sqlite.Job} values).
+    Where the job runner keeps its jobs (L{haikutx.jobs.job.Job} values): the
+    queue, and every job's last saved state.
 
-    The job runner keeps the live copy of every job in memory; the store is
-    the copy that survives a restart. Every method returns a L{Deferred}
-    and never blocks the reactor.
+    Every method returns a L{Deferred} and never blocks the reactor; a write
+    fires only once it is durable. A store may be I{shared} by several
+    runners (each with its own C{owner} name): each queued job is then
+    claimed by exactly one of them.
     """
+
+    shared = Attribute(
+        "C{True} when other runners may use this store at the same time: "
+        "runners then keep a lease with L{heartbeat} and take over the jobs "
+        "of runners whose lease ran out."
+    )
 
     def open():
         """
@@ -146,33 +154,101 @@ class IJobStore(Interface):
         @return: a L{Deferred} that fires with C{None}.
         """
 
-    def load():
+    def close():
         """
-        Every stored job, oldest first (in the order they were saved first).
+        Finish pending writes and release the store.
 
-        @return: a L{Deferred} that fires with a L{list} of
-            L{haikutx.jobs.store.sqlite.Job}.
+        @return: a L{Deferred} that fires with C{None}.
+        """
+
+    def add(job):
+        """
+        Queue a new job. Jobs added while another commit is under way share
+        the next commit.
+
+        @param job: a queued L{haikutx.jobs.job.Job} (its C{seq} is ignored).
+        @return: a L{Deferred} that fires with the job as stored (C{seq}
+            assigned, later jobs get larger ones) once it is durable.
+        """
+
+    def get(job_id):
+        """
+        The stored job with this id.
+
+        @return: a L{Deferred} that fires with the job, or C{None}.
         """
 
     def save(job):
         """
-        Insert C{job}, or replace the stored job with the same id.
+        Replace the stored job with the same id; a job that is no longer
+        stored (evicted) stays gone.
 
-        @param job: a L{haikutx.jobs.store.sqlite.Job}.
-        @return: a L{Deferred} that fires with C{None} once it is stored.
+        @return: a L{Deferred} that fires with C{None} once it is durable.
         """
 
-    def remove(job_ids):
+    def claim(owner, limit, now):
         """
-        Forget the jobs with these ids; unknown ids are ignored.
+        Take up to C{limit} queued jobs, oldest first: each becomes
+        C{running}, owned by C{owner}, started at C{now}. A job is claimed
+        by one caller only, whichever runner it is.
 
-        @param job_ids: a sequence of job ids.
+        @return: a L{Deferred} that fires with the claimed jobs, oldest first.
+        """
+
+    def cancel_queued(job_id, owner, now):
+        """
+        Finish a job that is still queued, with the error C{"stopped"} at
+        C{now}, so that no runner starts it; C{owner} delivers its callback
+        (then pending).
+
+        @return: a L{Deferred} that fires with the finished job, or C{None}
+            when the job is not queued (unknown, running or finished).
+        """
+
+    def recover(owner, lease, now):
+        """
+        Take over the jobs of runners that are gone: a store that is not
+        shared treats every other owner as gone; a shared one, every owner
+        whose last L{heartbeat} is older than C{lease} seconds. Their running
+        jobs become finished at C{now} with the error C{"interrupted"} (their
+        callback pending); those and their
+        finished jobs whose callback is still pending become C{owner}'s.
+
+        @return: a L{Deferred} that fires with the jobs taken over (as saved).
+        """
+
+    def heartbeat(owner):
+        """
+        Record that C{owner} is alive now (by the store's clock).
+
         @return: a L{Deferred} that fires with C{None}.
         """
 
-    def close():
+    def retire(owner):
         """
-        Finish pending writes and release the store.
+        Forget C{owner}'s lease: it stopped cleanly.
+
+        @return: a L{Deferred} that fires with C{None}.
+        """
+
+    def evict(keep):
+        """
+        Remove the oldest finished jobs beyond the C{keep} most recent ones.
+
+        @return: a L{Deferred} that fires with the removed ids.
+        """
+
+    def listen(on_queued, on_cancel):
+        """
+        Be told of other runners' events: C{on_queued()} when jobs were
+        queued, C{on_cancel(job_id)} when a runner was asked to stop a job.
+        A store that is not shared never calls them.
+        """
+
+    def request_cancel(job_id):
+        """
+        Ask every runner listening on this store to stop the job C{job_id}
+        if it runs it.
 
         @return: a L{Deferred} that fires with C{None}.
         """

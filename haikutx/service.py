@@ -299,7 +299,7 @@ def build_service(reactor: Any, config: Config) -> MultiService:
         for service in _runtime_services(reactor, config):
             service.setServiceParent(top)
     if config.jobs is not None:
-        from haikutx.jobs.runner import build_jobs_service
+        from haikutx.jobs.service import build_jobs_service
 
         build_jobs_service(reactor, config).setServiceParent(top)
     if config.gates:

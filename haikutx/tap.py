@@ -145,6 +145,24 @@ def _proxy_address(option: str, value: str) -> str:
     return f"{host}:{port}"
 
 
+def _jobstore(value: str | None) -> str | None:
+    """
+    Check C{--jobstore}: a PostgreSQL URL, or nothing.
+    """
+    if value is None:
+        return None
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise usage.UsageError(
+            f"--jobstore: {value!r} is not a PostgreSQL URL (postgresql://user@host/db)"
+        )
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise usage.UsageError(
+            "--jobstore: a PostgreSQL store needs psycopg (pip install 'haikutx[postgresql]')"
+        ) from None
+    return value
+
 class Options(usage.Options):
     """
     Options of C{twistd haiku}: the runtime, the job runner and the gate.
@@ -207,6 +225,9 @@ class Options(usage.Options):
          "/var/lib/haikutx for root]."],
         ["jobs", None, None, "Listener of the job runner (a bare port listens on "
          "127.0.0.1)."],
+        ["jobstore", None, None, "Where jobs are kept: a PostgreSQL URL "
+         "(postgresql://user@host/db) shared by every job runner pointed at it "
+         "[default: SQLite in the state directory]."],
         ["whitelist", None, None, "Comma-separated commands the job runner may start "
          "[default: all]."],
         ["maxjobs", None, "100", "Finished jobs kept."],
@@ -233,7 +254,7 @@ class Options(usage.Options):
 
     def opt_allow(self, prefix: str) -> None:
         """
-        URL prefix of allowed handlers (repeatable); private and loopback hosts need one.
+        Allow handler URLs and job callbacks starting with this prefix (repeatable); private and loopback addresses are refused unless a prefix allows them.
         """
         self["allow"].append(prefix)
 
@@ -443,6 +464,7 @@ class Options(usage.Options):
             egress_allow=tuple(self["egress-allow"]),
             state=state,
             jobs=jobs,
+            jobstore=_jobstore(self["jobstore"]),
             whitelist=whitelist,
             max_jobs=_int("maxjobs", self["maxjobs"], 1),
             max_running=(

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Iterable
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone, ProcessDone, ProcessTerminated
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from haikutx.child import wire
-from haikutx.interfaces import IJobStore, IWorkerSpawner
-from haikutx.jobs.store.sqlite import Job
+from haikutx.interfaces import IWorkerSpawner
+from haikutx.jobs.store.memory import MemoryJobStore
+
+__all__ = ["FakeSpawner", "FakeWorkerTransport", "MemoryJobStore"]
 
 
 class FakeChildTransport:
@@ -190,37 +190,3 @@ class FakeSpawner:
         self.started.append(transport)
         protocol.makeConnection(transport)
         protocol.zygote_connected(transport.channel)
-
-
-@implementer(IJobStore)
-class MemoryJobStore:
-    """
-    An L{IJobStore} in a dict: every method answers at once.
-
-    @ivar jobs: the stored jobs by id, in insertion order.
-    @ivar closed: whether L{close} was called.
-    """
-
-    def __init__(self) -> None:
-        self.jobs: dict[str, Job] = {}
-        self.closed = False
-
-    def open(self) -> Deferred[None]:
-        self.closed = False
-        return succeed(None)
-
-    def load(self) -> Deferred[list[Job]]:
-        return succeed(sorted(self.jobs.values(), key=lambda job: job.seq))
-
-    def save(self, job: Job) -> Deferred[None]:
-        self.jobs[job.id] = job
-        return succeed(None)
-
-    def remove(self, job_ids: Iterable[str]) -> Deferred[None]:
-        for job_id in job_ids:
-            self.jobs.pop(job_id, None)
-        return succeed(None)
-
-    def close(self) -> Deferred[None]:
-        self.closed = True
-        return succeed(None)

@@ -1,84 +1,66 @@
 # -*- test-case-name: haikutx.test.test_jobs -*-
 """
-The job runner: http-runner's JSON API (SPEC section 4), made safe and
-durable.
+The job runner: accepts jobs into its L{IJobStore}'s queue, claims them as
+running slots free up, runs each in a L{JobProcess}, saves the outcome and
+sends the completion callback.
 
-L{JobRunner} starts whitelisted commands without a shell, one
-L{ProcessProtocol} per job, at most C{max_running} at once (the rest wait in
-order), captures their output incrementally into bounded buffers, keeps every
-job in an L{IJobStore} and POSTs finished jobs to their callback with
-exponential back-off. L{JobsResource} is its HTTP face and L{JobService} the
-named service C{twistd haiku --jobs} runs.
+With a shared store (PostgreSQL) several runners serve one queue: each
+claims jobs for its own free slots, keeps a lease with a heartbeat, hears of
+new jobs and of stop requests from the store, and takes over the jobs of a
+runner whose lease ran out.
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import os
-import pwd
-import re
 import secrets
-import shutil
-import signal as signal_module
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import UTC, datetime
-from io import BytesIO
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
-import treq
-from attrs import define, field
-from treq.client import HTTPClient
-from twisted.application import strports
-from twisted.application.service import MultiService
+from attrs import evolve
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
-from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
-from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IAgentEndpointFactory
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
-from zope.interface import implementer
 
 from haikutx.interfaces import IJobStore
-from haikutx.jobs.store.sqlite import (
+from haikutx.jobs.callbacks import (
+    CallbackRefused,
+    PostCallback,
+    callback_poster,
+    check_callback_url,
+    deliver_callback,
+)
+from haikutx.jobs.job import (
     FINISHED,
+    PENDING,
     QUEUED,
     RUNNING,
     CallbackOutcome,
     Job,
-    SQLiteJobStore,
+    job_to_json,
 )
-
-#: Largest request body the API reads, in bytes (larger gets 413).
-MAX_REQUEST_BODY = 64 * 1024
-
-#: Seconds between SIGTERM and SIGKILL when a job is stopped.
-KILL_GRACE = 5.0
-
-#: Seconds a job's pipes may stay open (held by a grandchild) after it exited.
-DRAIN_TIME = 1.0
+from haikutx.jobs.process import DRAIN_TIME, KILL_GRACE, JobProcess
+from haikutx.jobs.spawn import Spawn, default_spawner
+from haikutx.metrics import JOBS
+from haikutx.net.addresses import AddressRules
 
 #: Seconds between saves of a running job's output.
 FLUSH_INTERVAL = 0.5
 
-_JOB_PATH = re.compile(rb"^/([0-9a-f]{40})/?$")
+#: Seconds between a runner's heartbeats on a shared store.
+HEARTBEAT_INTERVAL = 2.0
 
-_METADATA_ADDRESSES = frozenset(
-    {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
-)
+#: Seconds without a heartbeat after which a runner is taken to be gone.
+LEASE = 10.0
+
+#: Seconds between looks at a shared queue (besides its notifications).
+POLL_INTERVAL = 1.0
+
+#: Finished jobs a runner with a store of its own keeps at hand for GET.
+RECENT_JOBS = 1000
 
 
 class JobRefused(Exception):
@@ -88,477 +70,31 @@ class JobRefused(Exception):
     """
 
 
-class AddressRefused(Exception):
+def final_state(job: Job) -> str:
     """
-    A callback URL whose host is, or resolves to, an address that callbacks
-    may not go to.
+    The C{haiku_jobs_total} state of a finished job: C{finished} (exit code
+    0), C{failed}, C{interrupted} or C{deleted} (stopped by a DELETE).
     """
-
-
-def split_args(args: object) -> list[str]:
-    """
-    The argument list of a job request's C{args}.
-
-    @param args: a string (split on runs of white space, with no empty
-        arguments at the ends, unlike http-runner), a list of strings (taken
-        as is, so arguments with spaces work) or C{None} (no arguments).
-    @return: the arguments.
-    @raise JobRefused: for anything else.
-    """
-    if args is None:
-        return []
-    if isinstance(args, str):
-        return args.split()
-    if isinstance(args, list) and all(isinstance(a, str) for a in args):
-        return list(args)
-    raise JobRefused("args must be a string or a list of strings")
-
-
-def refused_callback_address(
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
-) -> str | None:
-    """
-    Why a callback may not be sent to C{address}, if it may not.
-
-    This is the job runner's copy of the address rules handler URLs obey
-    (SPEC section 1, C{--allow}): only globally routable unicast addresses
-    are allowed. It is one pure function so that it can be replaced by a
-    shared address-rules module.
-
-    @param address: an address a callback host is or resolves to.
-    @return: C{None} when allowed, else the reason (C{"loopback"},
-        C{"private"}, C{"link-local"}, C{"metadata"}, ...).
-    """
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    if address in _METADATA_ADDRESSES:
-        return "metadata"
-    if address.is_loopback:
-        return "loopback"
-    if address.is_link_local:
-        return "link-local"
-    if address.is_unspecified:
-        return "unspecified"
-    if address.is_multicast:
-        return "multicast"
-    if address.is_private:
-        return "private"
-    if not address.is_global:
-        return "reserved"
-    return None
-
-
-def callback_allowed_by_prefix(url: str, allow: Sequence[str]) -> bool:
-    """
-    Whether C{url} starts with one of the C{--allow} prefixes, which lift
-    the address rules (as they do for handler URLs).
-
-    @param url: the callback URL.
-    @param allow: the allowed prefixes.
-    """
-    return any(url.startswith(prefix) for prefix in allow)
-
-
-def check_callback_url(url: object, allow: Sequence[str]) -> str:
-    """
-    Check a job request's C{callback} before the job is accepted.
-
-    Host names are checked again, against every address they resolve to,
-    when the callback is sent.
-
-    @param url: the C{callback} of the request.
-    @param allow: the C{--allow} prefixes.
-    @return: the URL.
-    @raise JobRefused: when it is not an http(s) URL, or its host is an
-        address literal that callbacks may not go to.
-    """
-    if not isinstance(url, str):
-        raise JobRefused("callback must be a string")
-    try:
-        parts = urlsplit(url)
-        parts.port
-    except ValueError as e:
-        raise JobRefused(f"callback is not a valid URL: {e}")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise JobRefused("callback must be an http:// or https:// URL")
-    if callback_allowed_by_prefix(url, allow):
-        return url
-    try:
-        address = ipaddress.ip_address(parts.hostname)
-    except ValueError:
-        return url
-    reason = refused_callback_address(address)
-    if reason is not None:
-        raise JobRefused(f"callback address {address} is not allowed ({reason})")
-    return url
-
-
-def iso_time(seconds: float | None) -> str | None:
-    """
-    ISO 8601 UTC text of a POSIX time, to the millisecond.
-    """
-    if seconds is None:
-        return None
-    moment = datetime.fromtimestamp(seconds, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def job_to_json(job: Job) -> dict[str, Any]:
-    """
-    The JSON object of a job, as the API answers and callbacks send it.
-
-    @param job: the job.
-    @return: a dict of JSON values; output is decoded as UTF-8 with
-        invalid bytes replaced.
-    """
-    outcome = job.callback_outcome
-    return {
-        "id": job.id,
-        "command": job.command,
-        "arguments": list(job.arguments),
-        "stdout": job.stdout.decode("utf-8", "replace"),
-        "stderr": job.stderr.decode("utf-8", "replace"),
-        "code": job.code,
-        "signal": job.signal,
-        "error": job.error,
-        "callback": job.callback,
-        "state": job.state,
-        "created": iso_time(job.created),
-        "started": iso_time(job.started),
-        "finished": iso_time(job.finished),
-        "stdout_truncated": job.stdout_truncated,
-        "stderr_truncated": job.stderr_truncated,
-        "callback_outcome": (
-            None
-            if outcome is None
-            else {
-                "status": outcome.status,
-                "attempts": outcome.attempts,
-                "http_status": outcome.http_status,
-                "error": outcome.error,
-            }
-        ),
-    }
-
-
-@define
-class OutputBuffer:
-    """
-    The most recent C{limit} bytes of a stream.
-
-    @ivar limit: bytes kept.
-    @ivar data: the bytes kept.
-    @ivar truncated: whether older bytes were dropped.
-    """
-
-    limit: int
-    data: bytearray = field(factory=bytearray)
-    truncated: bool = False
-
-    def append(self, chunk: bytes) -> None:
-        """
-        Add C{chunk}, dropping the oldest bytes beyond the limit.
-        """
-        self.data += chunk
-        excess = len(self.data) - self.limit
-        if excess > 0:
-            del self.data[:excess]
-            self.truncated = True
-
-
-@define(eq=False)
-class _Record:
-    """
-    The live, mutable state of one job inside L{JobRunner}.
-    """
-
-    id: str
-    seq: int
-    command: str
-    arguments: list[str]
-    callback: str | None
-    stdout: OutputBuffer
-    stderr: OutputBuffer
-    state: str = QUEUED
-    created: float = 0.0
-    started: float | None = None
-    finished: float | None = None
-    code: int | None = None
-    signal: str | None = None
-    error: str | None = None
-    callback_outcome: CallbackOutcome | None = None
-    transport: Any = None
-    pid: int | None = None
-    timers: dict[str, Any] = field(factory=dict)
-    waiters: list[Deferred[None]] = field(factory=list)
-    evicted: bool = False
-
-    @classmethod
-    def from_job(cls, job: Job, limit: int) -> _Record:
-        record = cls(
-            id=job.id,
-            seq=job.seq,
-            command=job.command,
-            arguments=list(job.arguments),
-            callback=job.callback,
-            stdout=OutputBuffer(limit, bytearray(job.stdout), job.stdout_truncated),
-            stderr=OutputBuffer(limit, bytearray(job.stderr), job.stderr_truncated),
-            state=job.state,
-            created=job.created,
-            started=job.started,
-            finished=job.finished,
-            code=job.code,
-            signal=job.signal,
-            error=job.error,
-            callback_outcome=job.callback_outcome,
-        )
-        return record
-
-    def snapshot(self) -> Job:
-        return Job(
-            id=self.id,
-            seq=self.seq,
-            command=self.command,
-            arguments=self.arguments,
-            callback=self.callback,
-            state=self.state,
-            created=self.created,
-            started=self.started,
-            finished=self.finished,
-            code=self.code,
-            signal=self.signal,
-            error=self.error,
-            stdout=bytes(self.stdout.data),
-            stderr=bytes(self.stderr.data),
-            stdout_truncated=self.stdout.truncated,
-            stderr_truncated=self.stderr.truncated,
-            callback_outcome=self.callback_outcome,
-        )
-
-    def cancel_timer(self, name: str) -> None:
-        call = self.timers.pop(name, None)
-        if call is not None and call.active():
-            call.cancel()
-
-
-class _JobProtocol(ProcessProtocol):
-    """
-    The L{ProcessProtocol} of one job: output into its buffers, its end
-    back to the runner.
-    """
-
-    def __init__(self, runner: JobRunner, record: _Record) -> None:
-        self._runner = runner
-        self._record = record
-
-    def connectionMade(self) -> None:
-        # Nothing is ever written to a job: close its stdin, so a command
-        # that reads it (cat -) ends instead of waiting forever.
-        assert self.transport is not None
-        self.transport.closeStdin()
-
-    def outReceived(self, data: bytes) -> None:
-        self._record.stdout.append(data)
-        self._runner._output(self._record)
-
-    def errReceived(self, data: bytes) -> None:
-        self._record.stderr.append(data)
-        self._runner._output(self._record)
-
-    def processExited(self, reason: Failure) -> None:
-        self._runner._exited(self._record)
-
-    def processEnded(self, reason: Failure) -> None:
-        status = reason.value
-        self._runner._ended(
-            self._record, getattr(status, "exitCode", None), getattr(status, "signal", None)
-        )
-
-
-PostCallback = Callable[[str, bytes], Awaitable[int]]
-
-
-async def deliver_callback(
-    reactor,
-    post: PostCallback,
-    url: str,
-    body: bytes,
-    *,
-    first_delay: float = 1.0,
-    max_delay: float = 60.0,
-    give_up_after: float = 600.0,
-    attempt_timeout: float = 10.0,
-    on_attempt: Callable[[CallbackOutcome], None] | None = None,
-) -> CallbackOutcome:
-    """
-    POST C{body} to C{url} until it is accepted, retrying with exponential
-    back-off for at most C{give_up_after} seconds.
-
-    A 2xx answer delivers it; a 4xx answer other than 408 and 429 fails at
-    once; other statuses, connection failures and attempts slower than
-    C{attempt_timeout} are retried after C{first_delay}, then twice as long
-    each time up to C{max_delay}. An L{AddressRefused} is not retried.
-
-    @param reactor: an L{IReactorTime}.
-    @param post: sends one POST and returns the response status.
-    @param on_attempt: told the outcome so far after each attempt.
-    @return: the final L{CallbackOutcome}.
-    """
-    start = reactor.seconds()
-    delay = first_delay
-    attempts = 0
-    while True:
-        attempts += 1
-        http_status: int | None = None
-        error: str | None = None
-        attempt = Deferred.fromCoroutine(_awaited(post(url, body)))
-        timer = reactor.callLater(attempt_timeout, attempt.cancel)
-        try:
-            http_status = await attempt
-        except AddressRefused as e:
-            return CallbackOutcome("refused", attempts, None, str(e))
-        except CancelledError:
-            if timer.active():
-                raise
-            error = f"no answer within {attempt_timeout:g}s"
-        except Exception as e:
-            error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        finally:
-            if timer.active():
-                timer.cancel()
-        if http_status is not None:
-            if 200 <= http_status < 300:
-                return CallbackOutcome("delivered", attempts, http_status, None)
-            error = f"HTTP {http_status}"
-            if 400 <= http_status < 500 and http_status not in (408, 429):
-                return CallbackOutcome("failed", attempts, http_status, error)
-        if reactor.seconds() + delay - start > give_up_after:
-            return CallbackOutcome("failed", attempts, http_status, error)
-        if on_attempt is not None:
-            on_attempt(CallbackOutcome("pending", attempts, http_status, error))
-        await deferLater(reactor, delay)
-        delay = min(delay * 2, max_delay)
-
-
-async def _awaited(awaitable: Awaitable[int]) -> int:
-    return await awaitable
-
-
-@implementer(IResolutionReceiver)
-class _Addresses:
-    def __init__(self) -> None:
-        self.addresses: list[Any] = []
-        self.done: Deferred[list[Any]] = Deferred()
-
-    def resolutionBegan(self, resolution: Any) -> None:
-        pass
-
-    def addressResolved(self, address: Any) -> None:
-        self.addresses.append(address)
-
-    def resolutionComplete(self) -> None:
-        self.done.callback(self.addresses)
-
-
-@implementer(IStreamClientEndpoint)
-class _CheckedEndpoint:
-    """
-    Connects to a callback host only after every address it resolves to
-    has passed L{refused_callback_address}, and then to that very address
-    (so a second resolution cannot swap in another).
-    """
-
-    def __init__(self, reactor, scheme: bytes, host: str, port: int) -> None:
-        self._reactor = reactor
-        self._scheme = scheme
-        self._host = host
-        self._port = port
-
-    def connect(self, factory: Any) -> Deferred[Any]:
-        return Deferred.fromCoroutine(self._connect(factory))
-
-    async def _connect(self, factory: Any) -> Any:
-        try:
-            addresses = [ipaddress.ip_address(self._host)]
-        except ValueError:
-            receiver = _Addresses()
-            self._reactor.nameResolver.resolveHostName(receiver, self._host, self._port)
-            resolved = await receiver.done
-            addresses = [ipaddress.ip_address(a.host) for a in resolved]
-        if not addresses:
-            raise AddressRefused(f"{self._host} does not resolve")
-        for address in addresses:
-            reason = refused_callback_address(address)
-            if reason is not None:
-                raise AddressRefused(
-                    f"callback address {address} of {self._host} is not allowed ({reason})"
-                )
-        address = addresses[0]
-        endpoint: Any
-        if address.version == 4:
-            endpoint = TCP4ClientEndpoint(self._reactor, str(address), self._port, timeout=10)
-        else:
-            endpoint = TCP6ClientEndpoint(self._reactor, str(address), self._port, timeout=10)
-        if self._scheme == b"https":
-            endpoint = wrapClientTLS(optionsForClientTLS(self._host), endpoint)
-        return await endpoint.connect(factory)
-
-
-@implementer(IAgentEndpointFactory)
-class _CheckedEndpoints:
-    def __init__(self, reactor) -> None:
-        self._reactor = reactor
-
-    def endpointForURI(self, uri: Any) -> _CheckedEndpoint:
-        return _CheckedEndpoint(self._reactor, uri.scheme, uri.host.decode("ascii"), uri.port)
-
-
-def callback_poster(reactor, allow: Sequence[str]) -> PostCallback:
-    """
-    The real way callbacks are sent: treq, over an L{Agent} whose
-    connections obey the address rules unless C{allow} lifts them.
-
-    @param reactor: the reactor.
-    @param allow: the C{--allow} prefixes.
-    @return: a L{PostCallback}.
-    """
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    checked = HTTPClient(
-        Agent.usingEndpointFactory(reactor, _CheckedEndpoints(reactor), pool=pool)
-    )
-    plain = HTTPClient(Agent(reactor, pool=pool))
-
-    async def post(url: str, body: bytes) -> int:
-        client = plain if callback_allowed_by_prefix(url, allow) else checked
-        timestamp = str(int(reactor.seconds() * 1000))
-        response = await client.post(
-            url,
-            data=body,
-            headers={
-                "content-type": "application/json",
-                "accept": "application/json",
-                "x-notify-timestamp": timestamp,
-            },
-        )
-        await treq.collect(response, lambda data: None)
-        return int(response.code)
-
-    return post
+    if job.error == "interrupted":
+        return "interrupted"
+    if job.error == "stopped":
+        return "deleted"
+    if job.error is None and job.signal is None and job.code == 0:
+        return "finished"
+    return "failed"
 
 
 class JobRunner:
     """
-    Runs jobs: queues, processes, limits, output, durability, callbacks.
-
-    The runner holds the live copy of every job it knows; its L{IJobStore}
-    holds the copy that survives a restart.
+    Runs jobs: the queue in the store, at most C{max_running} processes at
+    once, output, durability, callbacks.
     """
 
     log = Logger()
 
     def __init__(
         self,
-        reactor,
+        reactor: Any,
         store: IJobStore,
         *,
         whitelist: Iterable[str] | None = None,
@@ -575,6 +111,12 @@ class JobRunner:
         drain_time: float = DRAIN_TIME,
         flush_interval: float = FLUSH_INTERVAL,
         callback_give_up_after: float = 600.0,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        lease: float = LEASE,
+        poll_interval: float = POLL_INTERVAL,
+        owner: str | None = None,
+        spawn: Spawn | None = None,
+        evict_delay: float = 1.0,
     ) -> None:
         """
         @param reactor: provides L{IReactorTime} and L{IReactorProcess}.
@@ -582,11 +124,11 @@ class JobRunner:
         @param whitelist: the only commands allowed (exact names), or
             C{None} to allow every command.
         @param max_jobs: finished jobs kept; the oldest finished are evicted.
-        @param max_running: jobs running at once.
+        @param max_running: jobs this runner runs at once.
         @param job_time: wall-clock limit of a job in seconds, or C{None}.
         @param max_output: bytes of stdout and of stderr kept per job.
         @param post_callback: sends a callback (default: L{callback_poster}).
-        @param allow: URL prefixes lifting the callback address rules.
+        @param allow: the C{--allow} URL prefixes (the address rules).
         @param uid: run commands as this user id (C{None}: as this process).
         @param gid: run commands with this group id.
         @param environ: the environment of commands (default: this process's).
@@ -594,6 +136,14 @@ class JobRunner:
         @param drain_time: seconds output pipes may outlive the process.
         @param flush_interval: seconds between saves of running output.
         @param callback_give_up_after: seconds callbacks are retried.
+        @param heartbeat_interval: seconds between heartbeats (shared store).
+        @param lease: seconds without a heartbeat after which another
+            runner takes this one's jobs over (shared store).
+        @param poll_interval: seconds between looks at a shared queue.
+        @param owner: this runner's name in the store (default: random).
+        @param spawn: starts processes (default: L{default_spawner}).
+        @param evict_delay: seconds after a job finished before finished jobs
+            beyond C{max_jobs} are evicted (one eviction for many jobs).
         """
         self._reactor = reactor
         self._store = store
@@ -602,8 +152,9 @@ class JobRunner:
         self._max_running = max_running
         self._job_time = job_time
         self._max_output = max_output
-        self._allow = tuple(allow)
-        self._post = post_callback or callback_poster(reactor, self._allow)
+        self._rules = AddressRules.from_prefixes(tuple(allow))
+        self._post = post_callback or callback_poster(reactor, self._rules)
+        self._spawn = spawn if spawn is not None else default_spawner(reactor)
         self._uid = uid
         self._gid = gid
         self._environ = dict(os.environ if environ is None else environ)
@@ -611,11 +162,30 @@ class JobRunner:
         self._drain_time = drain_time
         self._flush_interval = flush_interval
         self._callback_give_up_after = callback_give_up_after
-        self._jobs: dict[str, _Record] = {}
-        self._queue: list[_Record] = []
-        self._running: set[_Record] = set()
+        self._heartbeat_interval = heartbeat_interval
+        self._lease = lease
+        self._poll_interval = poll_interval
+        self.owner = owner or secrets.token_hex(8)
+        self._running: dict[str, JobProcess] = {}
+        self._flushes: dict[str, Any] = {}
+        #: Jobs whose latest save is not committed yet (what GET shows).
+        self._saving: dict[str, Job] = {}
+        #: Jobs this runner finished lately, when no other runner can change
+        #: them (a store of its own): GET answers them without the store.
+        self._recent: OrderedDict[str, Job] = OrderedDict()
+        self._waiters: dict[str, list[Deferred[Job]]] = {}
         self._callbacks: dict[str, Deferred[None]] = {}
-        self._seq = 0
+        self._ticks: list[Any] = []
+        self._pumping: Deferred[None] | None = None
+        self._pump_again = False
+        self._reserved = 0
+        #: Whether a queued job may be waiting (then new jobs queue too).
+        self._queue_maybe_nonempty = True
+        self._queued_generation = 0
+        self._evict_delay = evict_delay
+        self._evict_call: Any = None
+        self._evicting = False
+        self._evict_again = False
         self._ready = False
         self._stopping = False
         self._ready_waiters: list[Deferred[None]] = []
@@ -624,52 +194,30 @@ class JobRunner:
 
     async def start(self) -> None:
         """
-        Open the store and load its jobs: jobs that were running when the
-        last process stopped become finished with C{"error": "interrupted"},
-        queued ones are queued again, pending callbacks are marked failed.
+        Open the store and take over the jobs of runners that are gone (for
+        a store of its own: the previous process): their running jobs
+        finish with C{"error": "interrupted"}, and their pending callbacks
+        are sent (again). Queued jobs stay queued and run.
         """
+        self._spawn.start()
         await self._store.open()
-        jobs = await self._store.load()
-        now = self._reactor.seconds()
-        changed = []
-        for job in jobs:
-            record = _Record.from_job(job, self._max_output)
-            self._seq = max(self._seq, record.seq)
-            if record.state == RUNNING:
-                record.state = FINISHED
-                record.error = "interrupted"
-                record.finished = now
-                changed.append(record)
-                self.log.warn(
-                    "job {job_id} was running when the server stopped: interrupted",
-                    job_id=record.id,
-                )
-            if record.callback_outcome and record.callback_outcome.status == "pending":
-                record.callback_outcome = CallbackOutcome(
-                    "failed",
-                    record.callback_outcome.attempts,
-                    record.callback_outcome.http_status,
-                    "interrupted by a restart",
-                )
-                changed.append(record)
-            self._jobs[record.id] = record
-            if record.state == QUEUED:
-                self._queue.append(record)
-        for record in changed:
-            self._save(record)
-        self._evict()
+        self._store.listen(self._queued_elsewhere, self._cancel_requested)
+        await self._store.heartbeat(self.owner)
+        await self._recover()
         self._ready = True
-        self.log.info(
-            "job runner ready with {count} stored jobs", count=len(self._jobs)
-        )
+        self.log.info("job runner {owner} ready", owner=self.owner)
         waiters, self._ready_waiters = self._ready_waiters, []
         for waiter in waiters:
             waiter.callback(None)
-        self._pump()
+        if self._store.shared:
+            self._every(self._heartbeat_interval, self._beat)
+            self._every(self._poll_interval, self._pump_soon)
+        self._evict_soon()
+        self._pump_soon()
 
     async def wait_ready(self) -> None:
         """
-        Wait until L{start} has loaded the stored jobs.
+        Wait until L{start} has recovered the store's jobs.
         """
         if not self._ready:
             waiter: Deferred[None] = Deferred()
@@ -678,30 +226,82 @@ class JobRunner:
 
     async def stop(self) -> None:
         """
-        Stop every running job (marked C{"interrupted"}), cancel pending
-        callbacks and timers, save everything and close the store.
+        Stop every running job (finished as C{"interrupted"}, its callback
+        left pending for whichever runner starts next), stop sending
+        callbacks, save everything and close the store.
         """
         self._stopping = True
+        for call in self._ticks:
+            if call.active():
+                call.cancel()
+        self._ticks.clear()
+        if self._evict_call is not None and self._evict_call.active():
+            self._evict_call.cancel()
+        if self._pumping is not None:
+            await self._pumping
         ends = []
-        for record in list(self._running):
-            ends.append(self._wait_end(record))
-            self._terminate(record, "interrupted")
+        for process in list(self._running.values()):
+            ends.append(self._wait_finished(process.job.id))
+            process.terminate("interrupted")
         if ends:
             await DeferredList(ends, consumeErrors=True)
         for delivery in list(self._callbacks.values()):
             delivery.cancel()
-        for record in self._jobs.values():
-            if record.timers.get("flush") is not None:
-                record.cancel_timer("flush")
-                self._save(record)
+        await self._store.retire(self.owner)
         await self._store.close()
+        self._spawn.stop()
+
+    def _every(self, interval: float, f: Any) -> None:
+        def tick() -> None:
+            self._ticks.remove(call)
+            if self._stopping:
+                return
+            try:
+                f()
+            finally:
+                self._every(interval, f)
+
+        call = self._reactor.callLater(interval, tick)
+        self._ticks.append(call)
+
+    def _beat(self) -> None:
+        async def beat() -> None:
+            await self._store.heartbeat(self.owner)
+            await self._recover()
+
+        self._background(beat(), "heartbeat")
+
+    async def _recover(self) -> None:
+        now = self._reactor.seconds()
+        lease = self._lease if self._store.shared else 0.0
+        taken = await self._store.recover(self.owner, lease, now)
+        for job in taken:
+            if job.error == "interrupted" and job.finished == now:
+                JOBS.labels(state="interrupted").inc()
+                self.log.warn(
+                    "job {job_id} was running on a runner that is gone: interrupted",
+                    job_id=job.id,
+                )
+            if job.callback_outcome is not None and job.callback_outcome.status == PENDING:
+                self._start_callback(job)
+
+    def _background(self, coroutine: Any, what: str) -> None:
+        d = Deferred.fromCoroutine(coroutine)
+
+        def failed(failure: Failure) -> None:
+            if not self._stopping:
+                self.log.failure("job runner: {what} failed", failure, what=what)
+
+        d.addErrback(failed)
 
     # -- API --
 
-    def submit(self, command: str, arguments: list[str], callback: str | None) -> Job:
+    async def submit(self, command: str, arguments: list[str], callback: str | None) -> Job:
         """
-        Accept a job: it runs now or when a running slot frees up.
+        Accept a job: it is queued, durably, and runs when a running slot
+        (of any runner sharing the store) frees up.
 
+        @return: the job as stored.
         @raise JobRefused: for a command outside the whitelist, a bad
             callback URL, or NUL characters.
         """
@@ -710,526 +310,344 @@ class JobRunner:
         if "\0" in command or any("\0" in a for a in arguments):
             raise JobRefused("command and args must not contain NUL characters")
         if callback is not None:
-            check_callback_url(callback, self._allow)
-        self._seq += 1
-        record = _Record(
+            try:
+                check_callback_url(callback, self._rules)
+            except CallbackRefused as e:
+                raise JobRefused(str(e)) from None
+        await self.wait_ready()
+        now = self._reactor.seconds()
+        job = Job(
             id=secrets.token_hex(20),
-            seq=self._seq,
+            seq=0,
             command=command,
             arguments=list(arguments),
             callback=callback,
-            stdout=OutputBuffer(self._max_output),
-            stderr=OutputBuffer(self._max_output),
-            created=self._reactor.seconds(),
+            created=now,
         )
-        self._jobs[record.id] = record
-        self._queue.append(record)
+        # A free slot here and no older job waiting: the job is stored as
+        # this runner's, running, in the same commit (no claim to follow).
+        direct = (
+            not self._stopping
+            and not self._queue_maybe_nonempty
+            and len(self._running) + self._reserved < self._max_running
+        )
+        if direct:
+            job = evolve(job, state=RUNNING, owner=self.owner, started=now)
+            self._reserved += 1
+        else:
+            self._queue_maybe_nonempty = True
+            self._queued_generation += 1
+        try:
+            stored = await self._store.add(job)
+        finally:
+            if direct:
+                self._reserved -= 1
+        JOBS.labels(state="accepted").inc()
         self.log.info(
             "job {job_id} accepted: {command} {arguments}",
-            job_id=record.id,
+            job_id=job.id,
             command=command,
-            arguments=record.arguments,
+            arguments=list(arguments),
         )
-        self._pump()
-        if record.state == QUEUED:
-            self._save(record)
-        return record.snapshot()
+        if not direct:
+            self._pump_soon()
+        elif self._stopping:
+            await self._store.save(evolve(stored, state=QUEUED, owner=None, started=None))
+        else:
+            self._run(stored)
+        return stored
 
-    def get(self, job_id: str) -> Job | None:
+    async def get(self, job_id: str) -> Job | None:
         """
-        The job with this id as it is now, or C{None}.
+        The job with this id as it is now (live output when this runner
+        runs it), or C{None}.
         """
-        record = self._jobs.get(job_id)
-        return None if record is None else record.snapshot()
+        known = self.peek(job_id)
+        if known is not None:
+            return known
+        return await self._store.get(job_id)
 
-    def jobs(self) -> list[Job]:
+    def peek(self, job_id: str) -> Job | None:
         """
-        Every job kept, oldest first.
+        The job with this id as this runner knows it without asking the
+        store: one it runs, one whose save is under way, or (with a store of
+        its own) one it finished lately; else C{None}.
         """
-        return [r.snapshot() for r in sorted(self._jobs.values(), key=lambda r: r.seq)]
+        if not self._ready:
+            return None
+        process = self._running.get(job_id)
+        if process is not None:
+            return process.snapshot()
+        saving = self._saving.get(job_id)
+        if saving is not None:
+            return saving
+        return self._recent.get(job_id)
 
     async def cancel(self, job_id: str) -> Job | None:
         """
-        Stop a job: a queued one never runs, a running one gets SIGTERM and
-        SIGKILL after the grace period; either finishes with C{"error":
-        "stopped"}. A finished job is left as it is.
+        Stop a job: a queued one never runs, a running one (on this runner
+        or another) gets SIGTERM and SIGKILL after the grace period; either
+        finishes with C{"error": "stopped"}. A finished job is left as it is.
 
-        @return: the job once it has finished, or C{None} when unknown.
+        @return: the job, once finished (or as it is when another runner
+            did not stop it within the grace period and a few seconds), or
+            C{None} when unknown.
         """
-        record = self._jobs.get(job_id)
-        if record is None:
-            return None
-        if record.state == QUEUED:
-            self._queue.remove(record)
-            record.error = "stopped"
-            self._finish(record)
-        elif record.state == RUNNING:
-            end = self._wait_end(record)
-            self._terminate(record, "stopped")
-            await end
-        return record.snapshot()
+        process = self._running.get(job_id)
+        if process is not None:
+            finished = self._wait_finished(job_id)
+            process.terminate("stopped")
+            return await finished
+        job = await self._store.cancel_queued(job_id, self.owner, self._reactor.seconds())
+        if job is not None:
+            self.log.info("job {job_id} stopped before it started", job_id=job_id)
+            self._finished(job, saved=True)
+            return job
+        job = await self._store.get(job_id)
+        if job is None or job.state != RUNNING:
+            return job
+        process = self._running.get(job_id)
+        if process is not None:
+            finished = self._wait_finished(job_id)
+            process.terminate("stopped")
+            return await finished
+        await self._store.request_cancel(job_id)
+        for _ in range(int((self._kill_grace + 5.0) / 0.1) + 1):
+            await deferLater(self._reactor, 0.1)
+            job = await self._store.get(job_id)
+            if job is None or job.state == FINISHED:
+                return job
+        return job
 
     # -- running --
 
-    def _pump(self) -> None:
-        while self._ready and not self._stopping and self._queue and (
-            len(self._running) < self._max_running
-        ):
-            self._spawn(self._queue.pop(0))
+    def _queued_elsewhere(self) -> None:
+        self._queue_maybe_nonempty = True
+        self._queued_generation += 1
+        self._pump_soon()
 
-    def _spawn(self, record: _Record) -> None:
-        record.state = RUNNING
-        record.started = self._reactor.seconds()
-        executable = shutil.which(record.command, path=self._environ.get("PATH"))
-        if executable is None:
-            record.error = f"command not found: {record.command}"
-            self.log.warn(
-                "job {job_id}: {reason}", job_id=record.id, reason=record.error
-            )
-            self._finish(record)
+    def _pump_soon(self) -> None:
+        if not self._ready or self._stopping:
             return
+        if self._pumping is not None:
+            self._pump_again = True
+            return
+        self._pumping = Deferred.fromCoroutine(self._pump())
+
+        def done(result: Any) -> None:
+            self._pumping = None
+            if isinstance(result, Failure) and not self._stopping:
+                self.log.failure("job runner: claiming jobs failed", result)
+
+        self._pumping.addBoth(done)
+
+    async def _pump(self) -> None:
+        while not self._stopping:
+            self._pump_again = False
+            free = self._max_running - len(self._running) - self._reserved
+            if free <= 0:
+                return
+            generation = self._queued_generation
+            jobs = await self._store.claim(self.owner, free, self._reactor.seconds())
+            if len(jobs) < free and generation == self._queued_generation:
+                self._queue_maybe_nonempty = False
+            for job in jobs:
+                if self._stopping:
+                    # Not started: back in the queue for the next runner.
+                    await self._store.save(
+                        evolve(job, state=QUEUED, owner=None, started=None)
+                    )
+                else:
+                    self._run(job)
+            if len(jobs) < free and not self._pump_again:
+                return
+
+    def _run(self, job: Job) -> None:
+        process = JobProcess(
+            self._reactor,
+            job,
+            max_output=self._max_output,
+            kill_grace=self._kill_grace,
+            drain_time=self._drain_time,
+            job_time=self._job_time,
+            on_output=self._output,
+        )
+        self._running[job.id] = process
+        self._background(self._start_process(process), "starting a job")
+
+    async def _start_process(self, process: JobProcess) -> None:
+        job = process.job
         try:
-            transport = self._reactor.spawnProcess(
-                _JobProtocol(self, record),
-                executable,
-                [record.command, *record.arguments],
-                env=self._environ,
-                uid=self._uid,
-                gid=self._gid,
-                childFDs={0: "w", 1: "r", 2: "r"},
+            await process.start(self._spawn, self._environ, self._uid, self._gid)
+        except OSError as e:
+            self._running.pop(job.id, None)
+            self.log.warn("job {job_id}: {reason}", job_id=job.id, reason=str(e))
+            self._finished(
+                evolve(job, state=FINISHED, finished=self._reactor.seconds(), error=str(e))
             )
-        except (OSError, ValueError) as e:
-            record.error = f"cannot start {record.command}: {e}"
-            self.log.warn("job {job_id}: {reason}", job_id=record.id, reason=record.error)
-            self._finish(record)
+            self._pump_soon()
             return
-        record.transport = transport
-        record.pid = transport.pid
-        self._running.add(record)
-        self.log.info(
-            "job {job_id} started: pid {pid}", job_id=record.id, pid=record.pid
+        self.log.info("job {job_id} started: pid {pid}", job_id=job.id, pid=process.pid)
+        process.done.addCallback(self._ended)
+        process.done.addErrback(
+            lambda f: self.log.failure("job {job_id} crashed", f, job_id=job.id)
         )
-        if self._job_time is not None:
-            record.timers["job_time"] = self._reactor.callLater(
-                self._job_time, self._terminate, record, "timeout"
+
+    def _output(self, process: JobProcess) -> None:
+        job_id = process.job.id
+        if job_id not in self._flushes:
+            self._flushes[job_id] = self._reactor.callLater(
+                self._flush_interval, self._flush, process
             )
-        self._save(record)
 
-    def _terminate(self, record: _Record, reason: str) -> None:
-        if record.state != RUNNING or "kill" in record.timers:
-            return
-        if record.error is None:
-            record.error = reason
-        record.cancel_timer("job_time")
+    def _flush(self, process: JobProcess) -> None:
+        self._flushes.pop(process.job.id, None)
+        if process.job.id in self._running:
+            self._write(self._save(process.snapshot()))
+
+    def _ended(self, job: Job) -> None:
+        self._running.pop(job.id, None)
+        flush = self._flushes.pop(job.id, None)
+        if flush is not None and flush.active():
+            flush.cancel()
+        self._finished(job)
+        self._pump_soon()
+
+    def _finished(self, job: Job, saved: bool = False) -> None:
+        """
+        A job has finished: save it (its callback pending), tell those
+        waiting for it, then send its callback.
+        """
+        if job.callback is not None and not saved:
+            job = evolve(job, callback_outcome=CallbackOutcome(PENDING))
+        state = final_state(job)
+        JOBS.labels(state=state).inc()
         self.log.info(
-            "job {job_id} stopping ({reason}): SIGTERM to pid {pid}",
-            job_id=record.id,
-            reason=reason,
-            pid=record.pid,
+            "job {job_id} {state}: code {code} signal {signal} error {error} "
+            "in {duration:.3f}s",
+            job_id=job.id,
+            state=state,
+            code=job.code,
+            signal=job.signal,
+            error=job.error,
+            duration=(job.finished or 0.0) - (job.started or job.created),
         )
-        self._signal(record, "TERM")
-        record.timers["kill"] = self._reactor.callLater(
-            self._kill_grace, self._kill, record
-        )
-
-    def _kill(self, record: _Record) -> None:
-        self.log.warn(
-            "job {job_id} ignored SIGTERM: SIGKILL to pid {pid}",
-            job_id=record.id,
-            pid=record.pid,
-        )
-        self._signal(record, "KILL")
-
-    def _signal(self, record: _Record, name: str) -> None:
-        try:
-            record.transport.signalProcess(name)
-        except (ProcessExitedAlready, OSError):
-            pass
-
-    def _wait_end(self, record: _Record) -> Deferred[None]:
-        waiter: Deferred[None] = Deferred()
-        if record.state == FINISHED:
-            waiter.callback(None)
+        for waiter in self._waiters.pop(job.id, []):
+            waiter.callback(job)
+        if saved:
+            written: Deferred[None] = Deferred()
+            written.callback(None)
         else:
-            record.waiters.append(waiter)
+            written = self._save(job)
+
+        def then(_: Any) -> None:
+            if job.callback is not None and not self._stopping:
+                self._start_callback(job)
+            self._evict_soon()
+
+        written.addCallback(then)
+        self._write(written)
+
+    def _wait_finished(self, job_id: str) -> Deferred[Job]:
+        waiter: Deferred[Job] = Deferred()
+        self._waiters.setdefault(job_id, []).append(waiter)
         return waiter
 
-    def _output(self, record: _Record) -> None:
-        if "flush" not in record.timers:
-            record.timers["flush"] = self._reactor.callLater(
-                self._flush_interval, self._flush, record
-            )
+    def _cancel_requested(self, job_id: str) -> None:
+        process = self._running.get(job_id)
+        if process is not None:
+            process.terminate("stopped")
 
-    def _flush(self, record: _Record) -> None:
-        record.timers.pop("flush", None)
-        self._save(record)
-
-    def _exited(self, record: _Record) -> None:
-        # The process is gone; a grandchild may still hold its pipes open.
-        # Give the output a moment, then close them so the job ends.
-        record.cancel_timer("kill")
-        record.cancel_timer("job_time")
-        if record.state == RUNNING and record.transport is not None:
-            record.timers["drain"] = self._reactor.callLater(
-                self._drain_time, record.transport.loseConnection
-            )
-
-    def _ended(self, record: _Record, code: int | None, signal: int | None) -> None:
-        self._running.discard(record)
-        record.code = code
-        if signal is not None:
-            try:
-                record.signal = signal_module.Signals(signal).name
-            except ValueError:
-                record.signal = str(signal)
-        record.transport = None
-        self._finish(record)
-        self._pump()
-
-    def _finish(self, record: _Record) -> None:
-        for name in list(record.timers):
-            record.cancel_timer(name)
-        record.state = FINISHED
-        record.finished = self._reactor.seconds()
-        duration = record.finished - (record.started or record.created)
-        self.log.info(
-            "job {job_id} finished: code {code} signal {signal} error {error} "
-            "in {duration:.3f}s",
-            job_id=record.id,
-            code=record.code,
-            signal=record.signal,
-            error=record.error,
-            duration=duration,
-        )
-        if record.callback is not None and not self._stopping:
-            record.callback_outcome = CallbackOutcome("pending")
-        self._save(record)
-        waiters, record.waiters = record.waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-        if record.callback is not None and not self._stopping:
-            self._start_callback(record)
-        self._evict()
-
-    def _evict(self) -> None:
-        finished = [r for r in self._jobs.values() if r.state == FINISHED]
-        excess = len(finished) - self._max_jobs
-        if excess <= 0:
+    def _evict_soon(self) -> None:
+        if self._evict_delay > 0 and self._ready:
+            if self._evict_call is None and not self._stopping:
+                self._evict_call = self._reactor.callLater(self._evict_delay, self._evict_now)
             return
-        finished.sort(key=lambda r: (r.finished or 0.0, r.seq))
-        evicted = finished[:excess]
-        for record in evicted:
-            record.evicted = True
-            del self._jobs[record.id]
-            self.log.info("job {job_id} evicted", job_id=record.id)
-        self._store_call(self._store.remove([r.id for r in evicted]))
+        self._evict_now()
+
+    def _evict_now(self) -> None:
+        self._evict_call = None
+        if self._evicting:
+            self._evict_again = True
+            return
+        self._evicting = True
+
+        async def evict() -> None:
+            try:
+                while True:
+                    self._evict_again = False
+                    for job_id in await self._store.evict(self._max_jobs):
+                        self._recent.pop(job_id, None)
+                        self.log.info("job {job_id} evicted", job_id=job_id)
+                    if not self._evict_again or self._stopping:
+                        return
+            finally:
+                self._evicting = False
+
+        self._background(evict(), "eviction")
 
     # -- callbacks --
 
-    def _start_callback(self, record: _Record) -> None:
-        assert record.callback is not None
-        body = json.dumps(job_to_json(record.snapshot())).encode("utf-8")
+    def _start_callback(self, job: Job) -> None:
+        assert job.callback is not None
+        if job.id in self._callbacks:
+            return
+        body = json.dumps(job_to_json(job)).encode("utf-8")
 
         def progress(outcome: CallbackOutcome) -> None:
-            record.callback_outcome = outcome
             self.log.warn(
                 "job {job_id}: callback attempt {attempts} failed: {reason}",
-                job_id=record.id,
+                job_id=job.id,
                 attempts=outcome.attempts,
                 reason=outcome.error,
             )
-            self._save(record)
+            self._write(self._save(evolve(job, callback_outcome=outcome)))
 
         delivery = Deferred.fromCoroutine(
             deliver_callback(
                 self._reactor,
                 self._post,
-                record.callback,
+                job.callback,
                 body,
                 give_up_after=self._callback_give_up_after,
                 on_attempt=progress,
             )
         )
-        self._callbacks[record.id] = delivery
+        self._callbacks[job.id] = delivery
 
         def done(outcome: CallbackOutcome) -> None:
-            record.callback_outcome = outcome
             self.log.info(
                 "job {job_id}: callback {status} after {attempts} attempts",
-                job_id=record.id,
+                job_id=job.id,
                 status=outcome.status,
                 attempts=outcome.attempts,
                 reason=outcome.error,
             )
-            self._save(record)
+            self._write(self._save(evolve(job, callback_outcome=outcome)))
 
         def failed(failure: Failure) -> None:
             if not failure.check(CancelledError):
-                self.log.failure(
-                    "job {job_id}: callback crashed", failure, job_id=record.id
-                )
+                self.log.failure("job {job_id}: callback crashed", failure, job_id=job.id)
 
         delivery.addCallbacks(done, failed)
-        delivery.addBoth(lambda _: self._callbacks.pop(record.id, None))
+        delivery.addBoth(lambda _: self._callbacks.pop(job.id, None))
 
     # -- storage --
 
-    def _save(self, record: _Record) -> None:
-        if record.evicted:
-            return
-        self._store_call(self._store.save(record.snapshot()))
+    def _save(self, job: Job) -> Deferred[None]:
+        self._saving[job.id] = job
+        if job.state == FINISHED and not self._store.shared:
+            self._recent[job.id] = job
+            self._recent.move_to_end(job.id)
+            while len(self._recent) > RECENT_JOBS:
+                self._recent.popitem(last=False)
 
-    def _store_call(self, d: Deferred[None]) -> None:
+        def saved(result: Any) -> Any:
+            if self._saving.get(job.id) is job:
+                del self._saving[job.id]
+            return result
+
+        return self._store.save(job).addBoth(saved)
+
+    def _write(self, d: Deferred[Any]) -> None:
         d.addErrback(lambda f: self.log.failure("job store write failed", f))
-
-
-class _LimitedRequest(Request):
-    """
-    A L{Request} that drops a body larger than L{MAX_REQUEST_BODY} instead of
-    buffering it, and remembers that it did.
-    """
-
-    max_body = MAX_REQUEST_BODY
-    too_large = False
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.max_body:
-            self.too_large = True
-            self.content = BytesIO()
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.too_large:
-            return
-        if self.content.tell() + len(data) > self.max_body:
-            self.too_large = True
-            self.content = BytesIO()
-            return
-        super().handleContentChunk(data)
-
-
-class JobsResource(Resource):
-    """
-    The JSON API of the job runner (SPEC section 4).
-    """
-
-    isLeaf = True
-    log = Logger()
-
-    def __init__(self, runner: JobRunner, token: str | None = None) -> None:
-        """
-        @param runner: the runner the API drives.
-        @param token: when set, every request needs
-            C{Authorization: Bearer <token>}.
-        """
-        super().__init__()
-        self._runner = runner
-        self._token = token.encode("utf-8") if token is not None else None
-
-    def render(self, request: Request) -> Any:
-        request.setHeader(b"content-type", b"application/json")
-        if self._token is not None and not self._authorized(request):
-            request.setHeader(b"www-authenticate", b'Bearer realm="haikutx jobs"')
-            return _body(request, 401, {"message": "Unauthorized"})
-        if getattr(request, "too_large", False):
-            request.setHeader(b"connection", b"close")
-            return _body(
-                request,
-                413,
-                {
-                    "message": "Payload Too Large",
-                    "error": f"the request body is larger than {MAX_REQUEST_BODY} bytes",
-                },
-            )
-        gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
-        d = Deferred.fromCoroutine(self._handle(request))
-
-        def answer(result: tuple[int, dict[str, Any]]) -> None:
-            if not gone:
-                status, obj = result
-                request.setResponseCode(status)
-                request.write(json.dumps(obj).encode("utf-8"))
-                request.finish()
-
-        def crashed(failure: Failure) -> None:
-            self.log.failure("job API request failed", failure)
-            if not gone:
-                request.setResponseCode(500)
-                request.write(b'{"message": "Internal Server Error"}')
-                request.finish()
-
-        d.addCallbacks(answer, crashed)
-        return NOT_DONE_YET
-
-    def _authorized(self, request: Request) -> bool:
-        assert self._token is not None
-        header = request.getHeader(b"authorization") or b""
-        scheme, _, given = header.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(
-            given.strip(), self._token
-        )
-
-    async def _handle(self, request: Request) -> tuple[int, dict[str, Any]]:
-        await self._runner.wait_ready()
-        method = request.method
-        path = request.path
-        if method == b"POST" and path == b"/":
-            return self._create(request)
-        match = _JOB_PATH.match(path)
-        if match is not None and method in (b"GET", b"DELETE"):
-            job_id = match.group(1).decode("ascii")
-            if method == b"GET":
-                job = self._runner.get(job_id)
-            else:
-                job = await self._runner.cancel(job_id)
-            if job is None:
-                return 404, {"message": "Not Found"}
-            return 200, job_to_json(job)
-        return 501, {"message": "Not Implemented"}
-
-    def _create(self, request: Request) -> tuple[int, dict[str, Any]]:
-        try:
-            command, arguments, callback = parse_job_request(request.content.read())
-            job = self._runner.submit(command, arguments, callback)
-        except JobRefused as e:
-            self.log.warn("job refused: {reason}", reason=str(e))
-            return 400, {"message": "Bad Request", "error": str(e)}
-        return 202, job_to_json(job)
-
-
-def parse_job_request(body: bytes) -> tuple[str, list[str], str | None]:
-    """
-    The command, arguments and callback of a C{POST /} body.
-
-    @raise JobRefused: when it is not a JSON object with a string
-        C{command}, or C{args}/C{callback} have the wrong types.
-    """
-    try:
-        request = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise JobRefused("the request body is not UTF-8")
-    except ValueError as e:
-        raise JobRefused(f"invalid JSON: {e}")
-    if not isinstance(request, dict):
-        raise JobRefused("the request body must be a JSON object")
-    command = request.get("command")
-    if command is None:
-        raise JobRefused("command is missing")
-    if not isinstance(command, str) or not command:
-        raise JobRefused("command must be a non-empty string")
-    arguments = split_args(request.get("args"))
-    callback = request.get("callback")
-    if callback is not None and not isinstance(callback, str):
-        raise JobRefused("callback must be a string")
-    return command, arguments, callback or None
-
-
-def _body(request: Request, status: int, obj: dict[str, Any]) -> bytes:
-    request.setResponseCode(status)
-    return json.dumps(obj).encode("utf-8")
-
-
-def job_site(reactor, runner: JobRunner, token: str | None = None) -> Site:
-    """
-    The L{Site} of the job API, with request bodies bounded.
-    """
-    site = Site(JobsResource(runner, token), reactor=reactor)
-    site.requestFactory = _LimitedRequest
-    site.displayTracebacks = False
-    return site
-
-
-def command_user(user: str | None, euid: int | None = None) -> tuple[int | None, int | None]:
-    """
-    The uid and gid jobs run as.
-
-    @param user: the C{--user} option.
-    @param euid: this process's effective uid (default: the real one).
-    @return: C{(None, None)} unless started as root, then the uid and gid of
-        C{user} (default C{nobody}); C{user} C{root} keeps root.
-    @raise KeyError: for an unknown user.
-    """
-    if euid is None:
-        euid = os.geteuid()
-    if euid != 0:
-        return None, None
-    entry = pwd.getpwnam(user or "nobody")
-    if entry.pw_uid == 0:
-        return None, None
-    return entry.pw_uid, entry.pw_gid
-
-
-class JobService(MultiService):
-    """
-    The job runner as a service: its listener as a child, the runner
-    started after it and stopped after it.
-    """
-
-    log = Logger()
-
-    def __init__(self, runner: JobRunner) -> None:
-        super().__init__()
-        self.runner = runner
-        self.setName("jobs")
-        self._started: Deferred[None] | None = None
-
-    def startService(self) -> None:
-        super().startService()
-        if self.runner.whitelist is None:
-            self.log.warn(
-                "the job runner has no --whitelist: every command may be started"
-            )
-        self._started = Deferred.fromCoroutine(self.runner.start())
-        self._started.addErrback(
-            lambda f: self.log.failure("the job runner failed to start", f)
-        )
-
-    def stopService(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._stop())
-
-    async def _stop(self) -> None:
-        await super().stopService()
-        if self._started is not None:
-            await self._started
-        await self.runner.stop()
-
-
-def build_jobs_service(reactor, config: Any) -> JobService:
-    """
-    The C{jobs} service C{config} asks for.
-
-    @param reactor: the reactor.
-    @param config: a L{haikutx.config.Config} with C{jobs} set.
-    """
-    try:
-        uid, gid = command_user(config.user)
-    except KeyError:
-        from twisted.python.usage import UsageError
-
-        raise UsageError(f"--user: there is no user {config.user!r}")
-    if config.user and os.geteuid() != 0:
-        JobService.log.warn(
-            "--user {user} ignored: not started as root, jobs run as this user",
-            user=config.user,
-        )
-    store = SQLiteJobStore(reactor, config.state / "jobs.sqlite3")
-    runner = JobRunner(
-        reactor,
-        store,
-        whitelist=config.whitelist,
-        max_jobs=config.max_jobs,
-        max_running=config.max_running,
-        job_time=config.job_time,
-        max_output=config.max_output,
-        allow=config.allow,
-        uid=uid,
-        gid=gid,
-    )
-    service = JobService(runner)
-    listener = strports.service(
-        config.jobs, job_site(reactor, runner, config.token), reactor=reactor
-    )
-    listener.setServiceParent(service)
-    return service

@@ -46,6 +46,7 @@ _NAT64_LOCAL = IPv6Network("64:ff9b:1::/48")
 _SIIT = IPv6Network("::ffff:0:0:0/96")
 _SIX_TO_FOUR = IPv6Network("2002::/16")
 _TEREDO = IPv6Network("2001::/32")
+_V4_COMPATIBLE = IPv6Network("::/96")
 
 _V6_TABLE: tuple[tuple[IPv6Network, str], ...] = tuple(
     (IPv6Network(net), kind)
@@ -112,8 +113,10 @@ def address_kind(value: str | IPv4Address | IPv6Address) -> str:
     Classify an IP address.
 
     IPv4 addresses embedded in IPv6 forms that reach them (IPv4-mapped,
-    IPv4-translated, NAT64 C{64:ff9b::/96}, 6to4) are classified as the
-    embedded address.
+    IPv4-translated, NAT64 C{64:ff9b::/96}, 6to4 C{2002::/16}) are
+    classified as the embedded address; the deprecated IPv4-compatible
+    C{::/96} is never public, and named for the address it embeds when that
+    one is not public either (C{::7f00:1} is loopback).
 
     @param value: an IP address.
     @return: L{PUBLIC} for an address that is globally routable, or the
@@ -153,6 +156,11 @@ def _embedded_v4(address: IPv6Address) -> IPv4Address | None:
         return IPv4Address(int(address) & 0xFFFFFFFF)
     if address.sixtofour is not None:
         return address.sixtofour
+    if address in _V4_COMPATIBLE and int(address) > 1:
+        # Deprecated, so never public; but ::7f00:1 is named for what it
+        # embeds (loopback), like the other forms.
+        embedded = IPv4Address(int(address) & 0xFFFFFFFF)
+        return embedded if not is_public(embedded) else None
     return None
 
 
@@ -162,6 +170,57 @@ def _default_port(scheme: str) -> int:
 
 def _has_dot_segment(path: str) -> bool:
     return any(unquote(s) in (".", "..") for s in path.split("/"))
+
+
+@frozen
+class URLTarget:
+    """
+    An http or https URL split the way the address rules read it.
+
+    @ivar url: the URL as given.
+    @ivar scheme: C{http} or C{https}.
+    @ivar host: the lower-case host, without brackets.
+    @ivar port: the port (the scheme's default when not given).
+    @ivar target: the path and query, at least C{/}.
+    """
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    target: str
+
+    @classmethod
+    def parse(cls, url: str) -> URLTarget:
+        """
+        Split C{url}, refusing what an HTTP client could read otherwise than
+        these rules do (credentials, white space, backslashes, non-ASCII,
+        bad ports).
+
+        @raise ValueError: when it is not such an http or https URL; the
+            message says why.
+        """
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise ValueError(f"{url!r} is not a valid URL: {e}") from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        if (
+            not parts.hostname
+            or "%" in parts.hostname
+            or "@" in parts.netloc
+            or any(c.isspace() or c == "\\" for c in url)
+            or not url.isascii()
+        ):
+            raise ValueError(f"{url!r} is not a valid URL")
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        return cls(
+            url, parts.scheme, parts.hostname.lower(), port or _default_port(parts.scheme), target
+        )
 
 
 @frozen
@@ -256,6 +315,22 @@ class AddressRules:
         if not self._matching(scheme, host, port, target):
             return "it matches no --allow prefix"
         return None
+
+    def check_target(self, target: URLTarget) -> str | None:
+        """
+        Whether a URL is allowed before its host is resolved: L{check_url},
+        and L{check_address} when its host is an address literal (in any
+        spelling C{inet_aton} or IPv6 accepts).
+
+        @return: C{None} if allowed so far, else the reason it is not.
+        """
+        refused = self.check_url(target.scheme, target.host, target.port, target.target)
+        if refused is not None:
+            return refused
+        literal = ip_from_host(target.host)
+        if literal is None:
+            return None
+        return self.check_address(target.scheme, target.host, target.port, literal)
 
     def check_address(
         self,

@@ -19,10 +19,12 @@ from haikutx.net.addresses import (
     AddressRules,
     EgressRules,
     URLPrefix,
+    URLTarget,
     address_kind,
     ip_from_host,
     is_public,
 )
+from haikutx.test.strategies import loopback_hosts, non_public_hosts
 
 ipv4 = st.integers(0, 2**32 - 1).map(IPv4Address)
 loopback4 = st.integers(0x7F000000, 0x7FFFFFFF).map(IPv4Address)
@@ -233,3 +235,80 @@ class EgressRulesTests(SynchronousTestCase):
         reason = rules.check(str(address), port, address)
         self.assertEqual(reason is None, False)
         self.assertNotEqual(address_kind(address), PUBLIC)
+
+
+class SpellingTests(SynchronousTestCase):
+    """
+    Every spelling of an address that is not public is read as that address
+    and refused, by the one classifier every product uses.
+    """
+
+    @given(non_public_hosts())
+    def test_non_public_spellings(self, case) -> None:
+        """
+        Dotted, decimal, hex, octal and short IPv4, and its IPv4-mapped,
+        IPv4-compatible, IPv4-translated, NAT64 and 6to4 forms, all denote a
+        non-public address, and a URL naming it is refused without a
+        prefix.
+        """
+        host, address = case
+        parsed = ip_from_host(host)
+        self.assertIsNotNone(parsed, host)
+        self.assertNotEqual(address_kind(parsed), PUBLIC, host)
+        target = URLTarget.parse(f"http://{host}:8080/cb")
+        self.assertIsNotNone(AddressRules().check_target(target), host)
+
+    @given(loopback_hosts)
+    def test_loopback_spellings(self, host) -> None:
+        """
+        Each loopback spelling is classified C{loopback}, refused by default
+        and allowed by a prefix naming that very host and port.
+        """
+        self.assertEqual(address_kind(ip_from_host(host)), "loopback", host)
+        url = f"http://{host}:8080/cb"
+        target = URLTarget.parse(url)
+        self.assertIn("loopback", AddressRules().check_target(target))
+        allowed = AddressRules.from_prefixes([f"http://{host}:8080/"])
+        self.assertIsNone(allowed.check_target(target), host)
+
+    def test_ipv4_compatible(self) -> None:
+        """
+        The deprecated IPv4-compatible form is never public, and is named
+        for what it embeds when that is not public.
+        """
+        self.assertEqual(address_kind("::7f00:1"), "loopback")
+        self.assertEqual(address_kind("::a9fe:a9fe"), "metadata")
+        self.assertEqual(address_kind("::8.8.8.8"), "IPv4-compatible (deprecated)")
+
+
+class URLTargetTests(SynchronousTestCase):
+    """
+    L{URLTarget.parse} splits http(s) URLs the way the rules read them.
+    """
+
+    def test_parts(self) -> None:
+        """
+        Scheme, lower-case host without brackets, default port and target.
+        """
+        self.assertEqual(
+            URLTarget.parse("https://[::1]/a?b=1"),
+            URLTarget("https://[::1]/a?b=1", "https", "::1", 443, "/a?b=1"),
+        )
+        self.assertEqual(URLTarget.parse("http://Example.COM:81").target, "/")
+
+    def test_refused(self) -> None:
+        """
+        Other schemes, credentials, bad ports, white space, backslashes,
+        percent signs in the host and non-ASCII are refused.
+        """
+        for url in (
+            "ftp://example.com/",
+            "http://u:p@example.com/",
+            "http://example.com:99999/",
+            "http://exa mple.com/",
+            "http://example.com\\@127.0.0.1/",
+            "http://%31%32%37.0.0.1/",
+            "http://ex\u00e4mple.com/",
+            "http:///x",
+        ):
+            self.assertRaises(ValueError, URLTarget.parse, url)

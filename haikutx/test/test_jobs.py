@@ -6,9 +6,9 @@ real processes and sockets, and a real restart of C{twistd haiku}.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,27 +21,22 @@ from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from haikutx.config import Config
-from haikutx.jobs.runner import (
-    AddressRefused,
-    JobRefused,
-    JobRunner,
-    OutputBuffer,
-    check_callback_url,
-    command_user,
-    deliver_callback,
-    job_site,
-    parse_job_request,
-    refused_callback_address,
-    split_args,
-)
-from haikutx.jobs.store.sqlite import SQLiteJobStore
+from haikutx.jobs.api import job_site, parse_job_request, split_args
+from haikutx.jobs.callbacks import CallbackRefused, check_callback_url, deliver_callback
+from haikutx.jobs.job import CallbackOutcome, Job
+from haikutx.jobs.process import OutputBuffer
+from haikutx.jobs.runner import JobRefused, JobRunner, final_state
+from haikutx.jobs.service import JobService, command_user, with_backlog
+from haikutx.net.addresses import AddressRules
+from haikutx.net.outbound import AddressRefused
 from haikutx.service import build_service
+from haikutx.test.strategies import loopback_hosts, non_public_hosts
 from haikutx.testing import MemoryJobStore
 
 _ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +47,9 @@ class SplitArgsTests(SynchronousTestCase):
     L{split_args} turns C{args} into an argument list.
     """
 
-    @given(st.lists(st.text(alphabet="abc-./", min_size=1), max_size=5), st.text(" \t\n", min_size=1))
+    @given(
+        st.lists(st.text(alphabet="abc-./", min_size=1), max_size=5), st.text(" \t\n", min_size=1)
+    )
     def test_string(self, words, space) -> None:
         """
         A string is split on runs of white space, with no empty arguments.
@@ -108,55 +105,53 @@ class ParseJobRequestTests(SynchronousTestCase):
             self.assertIn(message, str(e))
 
 
-class AddressRulesTests(SynchronousTestCase):
+class CallbackURLTests(SynchronousTestCase):
     """
-    L{refused_callback_address} and L{check_callback_url} apply the address
-    rules to callbacks.
+    L{check_callback_url} applies the shared address rules to callbacks.
     """
 
-    @given(st.integers(0x7F000000, 0x7FFFFFFF))
-    def test_loopback_v4(self, n) -> None:
+    @given(non_public_hosts())
+    def test_non_public_refused(self, case) -> None:
         """
-        Every 127/8 address is refused as loopback, also IPv4-mapped.
+        A callback naming a non-public address, in any spelling, is refused
+        before the job is accepted.
         """
-        address = ipaddress.IPv4Address(n)
-        self.assertEqual(refused_callback_address(address), "loopback")
-        mapped = ipaddress.IPv6Address(f"::ffff:{address}")
-        self.assertEqual(refused_callback_address(mapped), "loopback")
+        host, _ = case
+        self.assertRaises(
+            CallbackRefused, check_callback_url, f"http://{host}:8080/cb", AddressRules()
+        )
 
-    def test_reasons(self) -> None:
+    @given(loopback_hosts)
+    def test_allowed_by_prefix(self, host) -> None:
         """
-        Private, link-local, metadata and unspecified addresses are refused;
-        a global one is allowed.
+        An C{--allow} prefix naming the host lifts the rule, IPv6 literals
+        included.
         """
-        cases = {
-            "::1": "loopback",
-            "10.1.2.3": "private",
-            "192.168.0.1": "private",
-            "fd12::1": "private",
-            "169.254.1.1": "link-local",
-            "169.254.169.254": "metadata",
-            "0.0.0.0": "unspecified",
-            "100.64.0.1": "reserved",
-            "93.184.216.34": None,
-        }
-        for text, reason in cases.items():
-            self.assertEqual(refused_callback_address(ipaddress.ip_address(text)), reason, text)
+        url = f"http://{host}:8080/cb"
+        rules = AddressRules.from_prefixes([f"http://{host}:8080/"])
+        self.assertEqual(check_callback_url(url, rules).port, 8080)
 
     def test_urls(self) -> None:
         """
-        Loopback literals are refused unless an C{--allow} prefix covers
-        them; non-http URLs are refused; host names pass (checked on send).
+        Non-http URLs and bad ports are refused; host names pass (they are
+        checked when connecting); a public address passes.
         """
-        for url in ("http://127.0.0.2/cb", "http://[::1]:8/", "http://[::ffff:127.0.0.1]/"):
-            self.assertRaises(JobRefused, check_callback_url, url, ())
-        self.assertEqual(
-            check_callback_url("http://127.0.0.2/cb", ("http://127.0.0.2/",)),
-            "http://127.0.0.2/cb",
-        )
-        self.assertRaises(JobRefused, check_callback_url, "ftp://example.com/", ())
-        self.assertRaises(JobRefused, check_callback_url, "http://h:99999/", ())
-        self.assertEqual(check_callback_url("http://localhost/", ()), "http://localhost/")
+        rules = AddressRules()
+        for url in ("ftp://example.com/", "http://h:99999/", "http://u@example.com/", "x"):
+            self.assertRaises(CallbackRefused, check_callback_url, url, rules)
+        self.assertEqual(check_callback_url("http://localhost/", rules).host, "localhost")
+        self.assertEqual(check_callback_url("https://93.184.216.34/x", rules).port, 443)
+        e = self.assertRaises(CallbackRefused, check_callback_url, "http://[::7f00:1]/", rules)
+        self.assertIn("loopback", str(e))
+
+    def test_same_rules_as_handlers(self) -> None:
+        """
+        With C{--allow} prefixes, a callback must match one, as a handler
+        URL must.
+        """
+        rules = AddressRules.from_prefixes(["https://hooks.example.com/"])
+        self.assertRaises(CallbackRefused, check_callback_url, "https://other.example.com/", rules)
+        check_callback_url("https://hooks.example.com/job", rules)
 
 
 class OutputBufferTests(SynchronousTestCase):
@@ -195,6 +190,46 @@ class CommandUserTests(SynchronousTestCase):
         self.assertRaises(KeyError, command_user, "no-such-user-xyz", euid=0)
 
 
+class FinalStateTests(SynchronousTestCase):
+    """
+    L{final_state} names the C{haiku_jobs_total} state of a finished job.
+    """
+
+    def test_states(self) -> None:
+        """
+        Exit 0 is finished, a non-zero exit, a signal or an error failed,
+        stopped is deleted, interrupted is interrupted.
+        """
+
+        def job(**kw):
+            return Job(id="a" * 40, seq=1, command="x", arguments=(), state="finished", **kw)
+
+        self.assertEqual(final_state(job(code=0)), "finished")
+        self.assertEqual(final_state(job(code=1)), "failed")
+        self.assertEqual(final_state(job(signal="SIGKILL")), "failed")
+        self.assertEqual(final_state(job(error="timeout", signal="SIGTERM")), "failed")
+        self.assertEqual(final_state(job(error="stopped", signal="SIGTERM")), "deleted")
+        self.assertEqual(final_state(job(error="interrupted")), "interrupted")
+
+
+class BacklogTests(SynchronousTestCase):
+    """
+    L{with_backlog} gives TCP listeners a long accept queue.
+    """
+
+    def test_backlog(self) -> None:
+        """
+        TCP and TLS descriptions get C{backlog=1024} unless they set one;
+        others are left alone.
+        """
+        self.assertEqual(
+            with_backlog("tcp:9000:interface=127.0.0.1"),
+            "tcp:9000:interface=127.0.0.1:backlog=1024",
+        )
+        self.assertEqual(with_backlog("tcp:9000:backlog=5"), "tcp:9000:backlog=5")
+        self.assertEqual(with_backlog("unix:/tmp/s"), "unix:/tmp/s")
+
+
 class DeliverCallbackTests(SynchronousTestCase):
     """
     L{deliver_callback} retries with exponential back-off, bounded in time.
@@ -213,9 +248,7 @@ class DeliverCallbackTests(SynchronousTestCase):
                 return Deferred()
             return succeed(answer)
 
-        d = Deferred.fromCoroutine(
-            deliver_callback(clock, post, "http://x/", b"{}", **kw)
-        )
+        d = Deferred.fromCoroutine(deliver_callback(clock, post, "http://x/", b"{}", **kw))
         for _ in range(200):
             clock.advance(1)
         return self.successResultOf(d), times
@@ -226,7 +259,9 @@ class DeliverCallbackTests(SynchronousTestCase):
         """
         outcome, times = self._deliver([ConnectionError("refused"), 503, 500, 204])
         self.assertEqual(times, [0, 1, 3, 7])
-        self.assertEqual((outcome.status, outcome.attempts, outcome.http_status), ("delivered", 4, 204))
+        self.assertEqual(
+            (outcome.status, outcome.attempts, outcome.http_status), ("delivered", 4, 204)
+        )
 
     def test_gives_up(self) -> None:
         """
@@ -289,7 +324,18 @@ class _ProcessClock(Clock):
         super().__init__()
         self.spawned = []
 
-    def spawnProcess(self, proto, executable, args, env=None, path=None, uid=None, gid=None, usePTY=False, childFDs=None):
+    def spawnProcess(
+        self,
+        proto,
+        executable,
+        args,
+        env=None,
+        path=None,
+        uid=None,
+        gid=None,
+        usePTY=False,
+        childFDs=None,
+    ):
         process = _FakeProcess(proto)
         self.spawned.append((executable, args, uid, gid, childFDs, process))
         proto.makeConnection(process)
@@ -298,14 +344,24 @@ class _ProcessClock(Clock):
 
 class TimerTests(SynchronousTestCase):
     """
-    The runner's timers on fake time: job time, kill grace, drain.
+    The runner's timers on fake time: job time, kill grace, drain, and its
+    queue, with a L{MemoryJobStore} (which answers at once).
     """
 
-    def _runner(self, **kw):
+    def _runner(self, store=None, **kw):
         clock = _ProcessClock()
-        runner = JobRunner(clock, MemoryJobStore(), post_callback=lambda u, b: succeed(200), **kw)
+        kw.setdefault("evict_delay", 0)
+        runner = JobRunner(
+            clock, store or MemoryJobStore(), post_callback=lambda u, b: succeed(200), **kw
+        )
         self.successResultOf(Deferred.fromCoroutine(runner.start()))
         return clock, runner
+
+    def _submit(self, runner, command, args):
+        return self.successResultOf(Deferred.fromCoroutine(runner.submit(command, args, None)))
+
+    def _get(self, runner, job_id):
+        return self.successResultOf(Deferred.fromCoroutine(runner.get(job_id)))
 
     def test_jobtime_then_kill(self) -> None:
         """
@@ -313,7 +369,7 @@ class TimerTests(SynchronousTestCase):
         later when it has not exited; the exit ends it as a timeout.
         """
         clock, runner = self._runner(job_time=10, kill_grace=3)
-        job = runner.submit("sleep", ["100"], None)
+        job = self._submit(runner, "sleep", ["100"])
         executable, args, uid, gid, fds, process = clock.spawned[0]
         self.assertEqual((args, fds[0]), (["sleep", "100"], "w"))
         clock.advance(9.9)
@@ -324,8 +380,8 @@ class TimerTests(SynchronousTestCase):
         self.assertEqual(process.signals, ["TERM"])
         clock.advance(0.1)
         self.assertEqual(process.signals, ["TERM", "KILL"])
-        runner._ended(runner._jobs[job.id], None, 9)
-        done = runner.get(job.id)
+        runner._running[job.id].ended(None, 9)
+        done = self._get(runner, job.id)
         self.assertEqual((done.state, done.error, done.signal), ("finished", "timeout", "SIGKILL"))
         self.assertEqual(clock.getDelayedCalls(), [])
 
@@ -335,7 +391,7 @@ class TimerTests(SynchronousTestCase):
         after C{drain_time}.
         """
         clock, runner = self._runner(drain_time=1)
-        runner.submit("sh", [], None)
+        self._submit(runner, "sh", [])
         process = clock.spawned[0][-1]
         process.proto.processExited(None)
         clock.advance(0.9)
@@ -346,16 +402,107 @@ class TimerTests(SynchronousTestCase):
     def test_queue_order(self) -> None:
         """
         With C{max_running} 1 the second job starts only after the first
-        ended, and runs as the given uid and gid.
+        ended.
         """
-        clock, runner = self._runner(max_running=1, uid=65534, gid=65534)
-        first = runner.submit("true", ["1"], None)
-        second = runner.submit("true", ["2"], None)
+        clock, runner = self._runner(max_running=1)
+        first = self._submit(runner, "true", ["1"])
+        second = self._submit(runner, "true", ["2"])
         self.assertEqual(len(clock.spawned), 1)
-        self.assertEqual(runner.get(second.id).state, "queued")
-        runner._ended(runner._jobs[first.id], 0, None)
+        self.assertEqual(self._get(runner, second.id).state, "queued")
+        runner._running[first.id].ended(0, None)
         self.assertEqual([s[1] for s in clock.spawned], [["true", "1"], ["true", "2"]])
-        self.assertEqual(clock.spawned[1][2:4], (65534, 65534))
+
+    def test_other_user_without_fork(self) -> None:
+        """
+        A job run as another user is started through C{setpriv} (so that
+        Twisted can use C{posix_spawn}, not a fork of this process), with
+        that uid, gid and its groups, and the command found on C{PATH}.
+        """
+        from haikutx.jobs import process as process_module
+
+        if process_module._SETPRIV is None:
+            self.skipTest("setpriv is not installed")
+        clock, runner = self._runner(uid=65534, gid=65533)
+        self._submit(runner, "true", ["x"])
+        executable, args, uid, gid, fds, _ = clock.spawned[0]
+        self.assertEqual((executable, uid, gid), (process_module._SETPRIV, None, None))
+        self.assertEqual(args[:3], ["setpriv", "--reuid=65534", "--regid=65533"])
+        self.assertTrue(args[3].startswith("--groups=65533"), args[3])
+        self.assertEqual(args[4], "--")
+        self.assertTrue(args[5].endswith("/true"))
+        self.assertEqual(args[6:], ["x"])
+
+    def test_direct_start_and_delayed_eviction(self) -> None:
+        """
+        A job submitted while a slot is free and nothing waits is stored
+        running, in the commit that accepts it; finished jobs beyond
+        C{max_jobs} are evicted together, C{evict_delay} after a finish.
+        """
+        store = MemoryJobStore()
+        clock, runner = self._runner(store=store, max_running=1, max_jobs=1, evict_delay=1)
+        first = self._submit(runner, "true", [])
+        self.assertEqual((first.state, first.owner), ("running", runner.owner))
+        second = self._submit(runner, "true", [])
+        self.assertEqual(second.state, "queued")
+        runner._running[first.id].ended(0, None)
+        runner._running[second.id].ended(0, None)
+        third = self._submit(runner, "true", [])
+        self.assertEqual(third.state, "running")
+        runner._running[third.id].ended(0, None)
+        self.assertEqual(len(store.jobs), 3)
+        clock.advance(1)
+        self.assertEqual(list(store.jobs), [third.id])
+
+    def test_recent_jobs_without_store(self) -> None:
+        """
+        A job this runner finished is shown without asking its own store,
+        until it is evicted; with a shared store, the store is asked.
+        """
+
+        class Counting(MemoryJobStore):
+            gets = 0
+
+            def get(self, job_id):
+                Counting.gets += 1
+                return super().get(job_id)
+
+        store = Counting()
+        clock, runner = self._runner(store=store, max_jobs=1)
+        first = self._submit(runner, "true", [])
+        runner._running[first.id].ended(0, None)
+        self.assertEqual(self._get(runner, first.id).state, "finished")
+        self.assertEqual(Counting.gets, 0)
+        second = self._submit(runner, "true", [])
+        runner._running[second.id].ended(0, None)
+        self.assertIsNone(self._get(runner, first.id))
+        shared = Counting()
+        shared.shared = True
+        clock, runner = self._runner(store=shared)
+        third = self._submit(runner, "true", [])
+        runner._running[third.id].ended(0, None)
+        before = Counting.gets
+        self.assertEqual(self._get(runner, third.id).state, "finished")
+        self.assertEqual(Counting.gets, before + 1)
+
+    def test_metrics(self) -> None:
+        """
+        C{haiku_jobs_total} counts accepted jobs and each finished state.
+        """
+        from haikutx.metrics import JOBS
+
+        def count(state):
+            return JOBS.labels(state=state)._value.get()
+
+        before = {s: count(s) for s in ("accepted", "finished", "failed", "deleted")}
+        clock, runner = self._runner(max_running=1)
+        ok = self._submit(runner, "true", [])
+        bad = self._submit(runner, "false", [])
+        queued = self._submit(runner, "true", [])
+        self.successResultOf(Deferred.fromCoroutine(runner.cancel(queued.id)))
+        runner._running[ok.id].ended(0, None)
+        runner._running[bad.id].ended(1, None)
+        after = {s: count(s) - before[s] for s in before}
+        self.assertEqual(after, {"accepted": 3, "finished": 1, "failed": 1, "deleted": 1})
 
 
 class _Receiver(Resource):
@@ -367,7 +514,9 @@ class _Receiver(Resource):
         self.received = []
 
     def render_POST(self, request):
-        self.received.append((dict(request.requestHeaders.getAllRawHeaders()), request.content.read()))
+        self.received.append(
+            (dict(request.requestHeaders.getAllRawHeaders()), request.content.read())
+        )
         request.setResponseCode(self.statuses.pop(0) if self.statuses else 200)
         return b"ok"
 
@@ -379,6 +528,7 @@ class JobAPITests(_HTTPTestCase):
 
     async def _server(self, store=None, token=None, **kw):
         kw.setdefault("kill_grace", 0.5)
+        kw.setdefault("evict_delay", 0)
         runner = JobRunner(reactor, store or MemoryJobStore(), **kw)
         await runner.start()
         port = reactor.listenTCP(0, job_site(reactor, runner, token), interface="127.0.0.1")
@@ -433,11 +583,15 @@ class JobAPITests(_HTTPTestCase):
 
     async def test_routes(self) -> None:
         """
-        Unknown ids are 404; other methods and paths are 501.
+        Unknown ids and paths that are not ids are 404; other methods and
+        paths are 501.
         """
         await self._server()
         self.assertEqual(await self._get("0" * 40), (404, {"message": "Not Found"}))
-        for method, path in [("PUT", ""), ("GET", ""), ("GET", "A" * 40), ("GET", "0" * 39), ("HEAD", "0" * 40)]:
+        for path in ("abc", "A" * 40, "0" * 39, "0" * 41, "x/y"):
+            self.assertEqual(await self._get(path), (404, {"message": "Not Found"}), path)
+        self.assertEqual(await self._get("abc", "DELETE"), (404, {"message": "Not Found"}))
+        for method, path in [("PUT", ""), ("GET", ""), ("HEAD", "0" * 40), ("PUT", "0" * 40)]:
             response = await self.http.request(method, self.url + path)
             self.assertEqual(response.code, 501, (method, path))
             if method != "HEAD":
@@ -456,7 +610,12 @@ class JobAPITests(_HTTPTestCase):
             ({"args": "x"}, "command is missing"),
             ({"command": "/bin/echo"}, "Specified command is not in whitelist."),
             ({"command": "ech"}, "Specified command is not in whitelist."),
-            ({"command": "echo", "callback": "http://127.0.0.1:1/"}, "not allowed (loopback)"),
+            ({"command": "echo", "callback": "http://127.0.0.1:1/"}, "loopback"),
+            ({"command": "echo", "callback": "http://0x7f000001:1/"}, "loopback"),
+            ({"command": "echo", "callback": "http://[::7f00:1]:1/"}, "loopback"),
+            ({"command": "echo", "callback": "http://[64:ff9b::a9fe:a9fe]/"}, "metadata"),
+            ({"command": "echo", "callback": "http://[2002:a00:1::]/"}, "private"),
+            ({"command": "echo", "callback": "ftp://example.com/"}, "http"),
         ]:
             code, answer = await self._post(body)
             self.assertEqual((code, answer["message"]), (400, "Bad Request"))
@@ -507,8 +666,12 @@ class JobAPITests(_HTTPTestCase):
         """
         await self._server(token="s3cret")
         self.assertEqual((await self._post({"command": "echo"}))[0], 401)
-        self.assertEqual((await self._post({"command": "echo"}, {"authorization": "Bearer nope"}))[0], 401)
-        self.assertEqual((await self._post({"command": "echo"}, {"authorization": "Bearer s3cret"}))[0], 202)
+        self.assertEqual(
+            (await self._post({"command": "echo"}, {"authorization": "Bearer nope"}))[0], 401
+        )
+        self.assertEqual(
+            (await self._post({"command": "echo"}, {"authorization": "Bearer s3cret"}))[0], 202
+        )
 
     async def test_stdin_closed_and_not_found(self) -> None:
         """
@@ -536,7 +699,9 @@ class JobAPITests(_HTTPTestCase):
             await deferLater(reactor, 0.05)
         self.assertEqual((seen["stdout"], seen["state"]), ("first\n", "running"))
         await self._get(job["id"], "DELETE")
-        _, job = await self._post({"command": "sh", "args": ["-c", "printf 'a%.0s' $(seq 150); printf 'tail\\377' >&2"]})
+        _, job = await self._post(
+            {"command": "sh", "args": ["-c", "printf 'a%.0s' $(seq 150); printf 'tail\\377' >&2"]}
+        )
         done = await self._until_finished(job["id"])
         self.assertEqual((len(done["stdout"]), done["stdout_truncated"]), (100, True))
         self.assertEqual((done["stderr"], done["stderr_truncated"]), ("tail\ufffd", False))
@@ -551,7 +716,10 @@ class JobAPITests(_HTTPTestCase):
         _, job = await self._post({"command": "sh", "args": ["-c", "trap '' TERM; sleep 2 & wait"]})
         await deferLater(reactor, 0.3)
         code, done = await self._get(job["id"], "DELETE")
-        self.assertEqual((code, done["state"], done["error"], done["signal"]), (200, "finished", "stopped", "SIGKILL"))
+        self.assertEqual(
+            (code, done["state"], done["error"], done["signal"]),
+            (200, "finished", "stopped", "SIGKILL"),
+        )
         _, job = await self._post({"command": "sleep", "args": "30"})
         await deferLater(reactor, 0.1)
         _, done = await self._get(job["id"], "DELETE")
@@ -580,7 +748,9 @@ class JobAPITests(_HTTPTestCase):
         done = [await self._until_finished(i) for i in ids]
         starts = [d["started"] for d in done]
         self.assertEqual(starts, sorted(starts))
-        self.assertTrue(done[0]["finished"] <= done[1]["started"] and done[1]["finished"] <= done[2]["started"])
+        self.assertTrue(
+            done[0]["finished"] <= done[1]["started"] and done[1]["finished"] <= done[2]["started"]
+        )
 
     async def test_maxjobs(self) -> None:
         """
@@ -610,13 +780,18 @@ class JobAPITests(_HTTPTestCase):
         self.addCleanup(port.stopListening)
         base = f"http://127.0.0.1:{port.getHost().port}/"
         await self._server(allow=[base])
-        _, job = await self._post({"command": "echo", "args": "héllo→", "callback": base + "cb?x=1"})
+        _, job = await self._post(
+            {"command": "echo", "args": "héllo→", "callback": base + "cb?x=1"}
+        )
         for _ in range(100):
             _, seen = await self._get(job["id"])
             if (seen["callback_outcome"] or {}).get("status") == "delivered":
                 break
             await deferLater(reactor, 0.05)
-        self.assertEqual(seen["callback_outcome"], {"status": "delivered", "attempts": 2, "http_status": 200, "error": None})
+        self.assertEqual(
+            seen["callback_outcome"],
+            {"status": "delivered", "attempts": 2, "http_status": 200, "error": None},
+        )
         headers, body = receiver.received[-1]
         sent = json.loads(body)
         self.assertEqual((sent["id"], sent["stdout"], sent["code"]), (job["id"], "héllo→\n", 0))
@@ -628,7 +803,7 @@ class JobAPITests(_HTTPTestCase):
         the job says so.
         """
         await self._server()
-        for host in ("localhost", "0x7f000001"):
+        for host in ("localhost",):
             _, job = await self._post({"command": "true", "callback": f"http://{host}:1/"})
             for _ in range(100):
                 _, seen = await self._get(job["id"])
@@ -650,35 +825,75 @@ class JobAPITests(_HTTPTestCase):
         done = await self._until_finished(job["id"])
         self.assertEqual(done["stdout"].strip(), str(uid))
 
-    async def test_restart_in_process(self) -> None:
+    async def test_callback_ipv6_literal(self) -> None:
         """
-        A runner on the same database finds finished jobs with their output,
-        running ones interrupted, and queued ones queued again.
+        A callback to an IPv6 literal (C{http://[::1]:PORT/}) allowed by an
+        C{--allow} prefix is delivered.
         """
-        path = Path(self.mktemp()) / "jobs.sqlite3"
-        store = SQLiteJobStore(reactor, path)
-        runner = JobRunner(reactor, store, max_running=1, flush_interval=0.01)
-        await runner.start()
-        done = runner.submit("echo", ["kept"], None)
+        receiver = _Receiver([])
+        try:
+            port = reactor.listenTCP(0, Site(receiver), interface="::1")
+        except Exception as e:
+            self.skipTest(f"no IPv6 loopback here: {e}")
+        self.addCleanup(port.stopListening)
+        base = f"http://[::1]:{port.getHost().port}/"
+        await self._server(allow=[base])
+        code, job = await self._post({"command": "echo", "args": "six", "callback": base + "cb"})
+        self.assertEqual(code, 202)
         for _ in range(100):
-            if runner.get(done.id).state == "finished":
+            _, seen = await self._get(job["id"])
+            if (seen["callback_outcome"] or {}).get("status") not in (None, "pending"):
                 break
             await deferLater(reactor, 0.05)
-        running = runner.submit("sleep", ["30"], None)
-        queued = runner.submit("echo", ["later"], None)
-        await deferLater(reactor, 0.1)
-        # Simulate a crash: the store's writes are done, the runner forgotten.
-        record = runner._jobs[running.id]
-        await store.close()
-        runner._store = MemoryJobStore()
-        runner._stopping = True
-        record.transport.signalProcess("KILL")
-        await self._server(store=SQLiteJobStore(reactor, path))
-        self.assertEqual((await self._get(done.id))[1]["stdout"], "kept\n")
-        back = (await self._get(running.id))[1]
-        self.assertEqual((back["state"], back["error"]), ("finished", "interrupted"))
-        later = await self._until_finished(queued.id)
-        self.assertEqual(later["stdout"], "later\n")
+        self.assertEqual(seen["callback_outcome"]["status"], "delivered", seen)
+        self.assertEqual(json.loads(receiver.received[-1][1])["stdout"], "six\n")
+
+    async def test_spawned_in_thread_clean(self) -> None:
+        """
+        A job started by the L{ThreadSpawner} inherits no descriptor but its
+        three pipes (even one this process made inheritable) and no ignored
+        signal, and its output and exit code come through.
+        """
+        from haikutx.jobs.spawn import ThreadSpawner
+
+        leaked_r, leaked_w = os.pipe()
+        os.set_inheritable(leaked_w, True)
+        self.addCleanup(os.close, leaked_r)
+        self.addCleanup(os.close, leaked_w)
+        import signal as signal_module
+
+        previous = signal_module.signal(signal_module.SIGUSR1, signal_module.SIG_IGN)
+        self.addCleanup(signal_module.signal, signal_module.SIGUSR1, previous)
+        runner = await self._server(spawn=ThreadSpawner(reactor))
+        self.assertIsInstance(runner._spawn, ThreadSpawner)
+        script = (
+            "ls /proc/$$/fd | sort -n | tr '\\n' ' '; echo; grep SigIgn /proc/$$/status; exit 3"
+        )
+        _, job = await self._post({"command": "sh", "args": ["-c", script]})
+        done = await self._until_finished(job["id"])
+        fds, ignored = done["stdout"].split("\n", 1)
+        self.assertEqual(fds.split()[:3], ["0", "1", "2"])
+        self.assertNotIn(str(leaked_w), fds.split()[3:], done["stdout"])
+        self.assertEqual(int(ignored.split()[1], 16) & (1 << (signal_module.SIGUSR1 - 1)), 0)
+        self.assertEqual(done["code"], 3)
+
+    async def test_many_at_once(self) -> None:
+        """
+        Submissions arriving together share commits: 50 concurrent POSTs
+        are all accepted and stored with fewer commits than jobs.
+        """
+        from haikutx.jobs.store.sqlite import SQLiteJobStore
+
+        store = SQLiteJobStore(reactor, Path(self.mktemp()) / "jobs.sqlite3")
+        await self._server(store=store, whitelist=["true"], max_running=1)
+        before = store.commits
+        from twisted.internet.defer import gatherResults
+
+        answers = await gatherResults(
+            [Deferred.fromCoroutine(self._post({"command": "true"})) for _ in range(50)]
+        )
+        self.assertEqual({code for code, _ in answers}, {202})
+        self.assertLess(store.commits - before, 50)
 
 
 class RunnerStartTests(TestCase):
@@ -688,24 +903,48 @@ class RunnerStartTests(TestCase):
 
     async def test_pending_callback_and_running(self) -> None:
         """
-        A job stored as running comes back interrupted, and a callback still
-        pending is marked failed; both changes are saved.
+        A job stored as running (by the previous process) comes back
+        interrupted and its callback is sent; a finished job whose callback
+        was still pending gets it sent again; both changes are saved.
         """
-        from haikutx.jobs.store.sqlite import CallbackOutcome, Job
-
         store = MemoryJobStore()
-        job = Job(
-            id="a" * 40, seq=4, command="echo", arguments=(), state="running",
-            callback="http://example.com/", callback_outcome=CallbackOutcome("pending", 2),
+        running = Job(
+            id="a" * 40,
+            seq=4,
+            command="echo",
+            arguments=(),
+            state="running",
+            callback="http://example.com/",
+            owner="before",
         )
-        store.jobs[job.id] = job
-        runner = JobRunner(reactor, store, post_callback=lambda url, body: succeed(200))
+        pending = Job(
+            id="b" * 40,
+            seq=3,
+            command="echo",
+            arguments=(),
+            state="finished",
+            callback="http://example.com/",
+            callback_outcome=CallbackOutcome("pending", 2),
+            owner="before",
+        )
+        store.jobs = {running.id: running, pending.id: pending}
+        sent = []
+
+        def post(url, body):
+            sent.append(json.loads(body)["id"])
+            return succeed(200)
+
+        runner = JobRunner(reactor, store, post_callback=post)
         await runner.start()
         self.addCleanup(lambda: Deferred.fromCoroutine(runner.stop()))
-        back = store.jobs[job.id]
-        self.assertEqual((back.state, back.error), ("finished", "interrupted"))
-        self.assertEqual(back.callback_outcome.status, "failed")
-        self.assertEqual(runner.submit("echo", [], None).seq, 5)
+        back = store.jobs[running.id]
+        self.assertEqual(
+            (back.state, back.error, back.owner), ("finished", "interrupted", runner.owner)
+        )
+        self.assertEqual(sorted(sent), sorted([pending.id, running.id]))
+        self.assertEqual(back.callback_outcome.status, "delivered")
+        self.assertEqual(store.jobs[pending.id].callback_outcome.status, "delivered")
+        self.assertEqual((await runner.submit("echo", [], None)).seq, 5)
 
     async def test_warns_without_whitelist(self) -> None:
         """
@@ -714,26 +953,57 @@ class RunnerStartTests(TestCase):
         """
         from twisted.logger import LogLevel, capturedLogs
 
-        from haikutx.jobs.runner import JobService
-
         runner = JobRunner(reactor, MemoryJobStore(), post_callback=lambda u, b: succeed(200))
         service = JobService(runner)
         with capturedLogs() as events:
             service.startService()
             await runner.wait_ready()
-            job = runner.submit("true", [], None)
+            job = await runner.submit("true", [], None)
         self.addCleanup(service.stopService)
         warnings = [e for e in events if e["log_level"] == LogLevel.warn]
         self.assertTrue(any("whitelist" in e["log_format"] for e in warnings))
         self.assertTrue(any(e.get("job_id") == job.id for e in events))
 
 
-class TwistdRestartTests(_HTTPTestCase):
+def start_twistd(case, port, state, *extra):
     """
-    C{twistd -n haiku --jobs} killed with SIGKILL loses no job.
+    Start C{twistd -n haiku --jobs} on C{127.0.0.1:port} with the state
+    directory C{state} and C{extra} options; killed when C{case} ends.
+    """
+    env = dict(os.environ, PYTHONPATH=str(_ROOT))
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "haiku",
+            "--jobs",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--port",
+            "none",
+            "--sslport",
+            "none",
+            "--state",
+            str(state),
+            *extra,
+        ],
+        cwd=str(state.parent),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    case.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
+    return process
+
+
+class _TwistdTestCase(_HTTPTestCase):
+    """
+    Helpers for tests of real C{twistd -n haiku --jobs} processes.
     """
 
-    timeout = 60
+    timeout = 90
 
     def _free_port(self) -> int:
         s = socket.socket()
@@ -742,17 +1012,8 @@ class TwistdRestartTests(_HTTPTestCase):
         s.close()
         return port
 
-    def _start(self, port, state):
-        env = dict(os.environ, PYTHONPATH=str(_ROOT))
-        process = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "haiku",
-             "--jobs", f"tcp:{port}:interface=127.0.0.1", "--port", "none",
-             "--sslport", "none", "--state", str(state)],
-            cwd=str(state.parent), env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
-        return process
+    def _start(self, port, state, *extra):
+        return start_twistd(self, port, state, *extra)
 
     async def _wait_up(self, url):
         for _ in range(300):
@@ -769,6 +1030,12 @@ class TwistdRestartTests(_HTTPTestCase):
     async def _job(self, url, job_id):
         response = await self.http.get(url + job_id)
         return await response.json()
+
+
+class TwistdRestartTests(_TwistdTestCase):
+    """
+    C{twistd -n haiku --jobs} killed with SIGKILL loses no job.
+    """
 
     async def test_sigkill_restart(self) -> None:
         """
@@ -807,6 +1074,113 @@ class TwistdRestartTests(_HTTPTestCase):
         self.assertIn(second.poll(), (0, -signal.SIGTERM))
 
 
+def _listen_backlog(port: int) -> int:
+    """
+    The backlog of the socket listening on C{127.0.0.1:port}, as the kernel
+    reports it (C{ss}: the Send-Q of a listening socket).
+    """
+    if shutil.which("ss") is None:
+        raise SkipTest("ss (iproute2) is not installed")
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=10
+    ).stdout
+    return int(out.split()[2])
+
+
+class TwistdLoadTests(_TwistdTestCase):
+    """
+    C{twistd -n haiku --jobs} under many submissions at once.
+    """
+
+    async def test_sigkill_right_after_202(self) -> None:
+        """
+        Every job answered 202 is in the database: SIGKILL the server the
+        moment the last of 30 concurrent submissions is answered, restart
+        it, and each job is there.
+        """
+        state = Path(self.mktemp()).absolute() / "state"
+        state.parent.mkdir()
+        port = self._free_port()
+        url = f"http://127.0.0.1:{port}/"
+        first = self._start(port, state, "--maxrunning", "1", "--whitelist", "sleep")
+        await self._wait_up(url)
+        ids = []
+        count = 30
+
+        async def submit():
+            response = await self.http.post(url, data=b'{"command": "sleep", "args": "0.2"}')
+            job = await response.json()
+            self.assertEqual(response.code, 202)
+            ids.append(job["id"])
+            if len(ids) == count:
+                first.send_signal(signal.SIGKILL)
+
+        from twisted.internet.defer import gatherResults
+
+        await gatherResults([Deferred.fromCoroutine(submit()) for _ in range(count)])
+        first.wait(10)
+        self._start(port, state, "--maxrunning", "1", "--whitelist", "sleep")
+        await self._wait_up(url)
+        for job_id in ids:
+            response = await self.http.get(url + job_id)
+            self.assertEqual(response.code, 200, job_id)
+            await response.content()
+
+    async def test_300_concurrent_submits(self) -> None:
+        """
+        300 clients connecting and submitting at the same moment all get
+        202: none is reset because the listen queue was full.
+        """
+        from twisted.internet.defer import gatherResults
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+        from twisted.internet.protocol import Protocol
+
+        state = Path(self.mktemp()).absolute() / "state"
+        state.parent.mkdir()
+        port = self._free_port()
+        url = f"http://127.0.0.1:{port}/"
+        server = self._start(port, state, "--maxrunning", "1", "--whitelist", "true")
+        await self._wait_up(url)
+        self.assertGreaterEqual(_listen_backlog(port), 300)
+        body = b'{"command": "true"}'
+        request = (
+            b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+
+        class Once(Protocol):
+            def __init__(self):
+                self.data = b""
+                self.done = Deferred()
+
+            def connectionMade(self):
+                self.transport.write(request)
+
+            def dataReceived(self, data):
+                self.data += data
+
+            def connectionLost(self, reason):
+                self.done.callback((self.data, reason.value))
+
+        async def one():
+            protocol = Once()
+            await connectProtocol(
+                TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=30), protocol
+            )
+            data, reason = await protocol.done
+            return data.split(b"\r\n", 1)[0], type(reason).__name__
+
+        # The server stops accepting for a moment: the 300 connections wait
+        # in its listen queue.
+        server.send_signal(signal.SIGSTOP)
+        clients = gatherResults([Deferred.fromCoroutine(one()) for _ in range(300)])
+        await deferLater(reactor, 0.5)
+        server.send_signal(signal.SIGCONT)
+        results = await clients
+        statuses = [line for line, _ in results]
+        self.assertEqual(statuses.count(b"HTTP/1.1 202 Accepted"), 300, set(results))
+
+
 class BuildServiceTests(SynchronousTestCase):
     """
     L{build_service} adds the C{jobs} service when C{--jobs} is set.
@@ -820,3 +1194,265 @@ class BuildServiceTests(SynchronousTestCase):
         top = build_service(reactor, config)
         self.assertEqual(top.getServiceNamed("jobs").name, "jobs")
         self.assertRaises(KeyError, build_service(reactor, Config()).getServiceNamed, "jobs")
+
+
+class JobStoreOptionTests(SynchronousTestCase):
+    """
+    C{--jobstore} picks the store: a PostgreSQL URL, or SQLite by default.
+    """
+
+    def _config(self, *argv: str) -> Config:
+        from haikutx.tap import Options
+
+        options = Options()
+        options.parseOptions(["--jobs", "9000", *argv])
+        return options.config
+
+    def test_default_sqlite(self) -> None:
+        """
+        Without C{--jobstore}, jobs are kept in SQLite in the state directory.
+        """
+        from haikutx.jobs.service import job_store
+        from haikutx.jobs.store.sqlite import SQLiteJobStore
+
+        config = self._config("--state", self.mktemp())
+        self.assertIsNone(config.jobstore)
+        store = job_store(reactor, config)
+        self.assertIsInstance(store, SQLiteJobStore)
+        self.assertEqual(store._path, config.state / "jobs.sqlite3")
+
+    def test_postgresql(self) -> None:
+        """
+        A PostgreSQL URL gives a shared L{PostgreSQLJobStore}; anything else
+        stops start-up naming the option.
+        """
+        from twisted.python.usage import UsageError
+
+        from haikutx.jobs.service import job_store
+        from haikutx.jobs.store.postgresql import PostgreSQLJobStore
+
+        url = "postgresql://jobs@db.example/haikutx"
+        config = self._config("--jobstore", url)
+        store = job_store(reactor, config)
+        self.assertIsInstance(store, PostgreSQLJobStore)
+        self.assertTrue(store.shared)
+        e = self.assertRaises(UsageError, self._config, "--jobstore", "mysql://x/y")
+        self.assertIn("--jobstore", str(e))
+
+
+class SharedQueueTests(_TwistdTestCase):
+    """
+    Two and three real C{twistd -n haiku --jobs} runners on one PostgreSQL
+    database (a server of the test's own) serve one queue.
+    """
+
+    timeout = 120
+
+    async def _runners(self, count, *extra, url=None):
+        """
+        Start C{count} runners on one fresh database; return their base
+        URLs, their processes and the database URL.
+        """
+        from haikutx.test import postgres
+
+        database = url or postgres.database(self)
+        urls, processes = [], []
+        for n in range(count):
+            state = Path(self.mktemp()).absolute() / f"state{n}"
+            state.parent.mkdir(parents=True, exist_ok=True)
+            port = self._free_port()
+            processes.append(
+                self._start(port, state, "--jobstore", database, "--user", "root", *extra)
+            )
+            urls.append(f"http://127.0.0.1:{port}/")
+        for base in urls:
+            await self._wait_up(base)
+        return urls, processes, database
+
+    async def _post(self, base, body):
+        response = await self.http.post(base, data=json.dumps(body).encode())
+        job = await response.json()
+        self.assertEqual(response.code, 202, job)
+        return job
+
+    async def _until(self, base, job_id, predicate, seconds=30.0):
+        for _ in range(int(seconds / 0.1)):
+            job = await self._job(base, job_id)
+            if predicate(job):
+                return job
+            await deferLater(reactor, 0.1)
+        self.fail(f"job {job_id} not as expected within {seconds}s: {job}")
+
+    async def test_each_job_runs_once(self) -> None:
+        """
+        Jobs posted to any of three runners each run exactly once, and each
+        runner's GET shows every job.
+        """
+        urls, _, _ = await self._runners(3, "--maxrunning", "2")
+        marks = Path(self.mktemp()).absolute()
+        marks.mkdir()
+        ids = []
+        for n in range(30):
+            job = await self._post(
+                urls[n % 3],
+                {"command": "sh", "args": ["-c", f"echo {n} >> {marks}/runs; echo $PPID"]},
+            )
+            ids.append(job["id"])
+        pids = set()
+        for n, job_id in enumerate(ids):
+            done = await self._until(urls[(n + 1) % 3], job_id, lambda j: j["state"] == "finished")
+            self.assertEqual(done["code"], 0, done)
+            pids.add(done["stdout"].strip())
+        runs = sorted(int(line) for line in (marks / "runs").read_text().split())
+        self.assertEqual(runs, list(range(30)))
+        self.assertGreater(len(pids), 1, "every job ran on the same runner")
+
+    async def test_free_slot_anywhere_and_delete_from_another(self) -> None:
+        """
+        With one slot each, two jobs posted to one runner run at once (the
+        second on the other runner); a DELETE sent to the runner that does
+        not run a job stops it.
+        """
+        urls, processes, _ = await self._runners(2, "--maxrunning", "1")
+        script = "echo $PPID; exec sleep 30"
+        first = await self._post(urls[0], {"command": "sh", "args": ["-c", script]})
+        second = await self._post(urls[0], {"command": "sh", "args": ["-c", script]})
+        running = [
+            await self._until(urls[1], j["id"], lambda j: j["state"] == "running" and j["stdout"])
+            for j in (first, second)
+        ]
+        parents = {int(j["stdout"]) for j in running}
+        self.assertEqual(parents, {p.pid for p in processes})
+        for job in running:
+            other = urls[1] if int(job["stdout"]) == processes[0].pid else urls[0]
+            response = await self.http.request("DELETE", other + job["id"])
+            stopped = await response.json()
+            self.assertEqual(response.code, 200)
+            self.assertEqual(
+                (stopped["state"], stopped["error"], stopped["signal"]),
+                ("finished", "stopped", "SIGTERM"),
+            )
+
+    async def test_sigkill_runner(self) -> None:
+        """
+        A runner killed with SIGKILL holds nothing: within 30 s another
+        runner marks its running job interrupted and delivers its callback,
+        and the job queued behind it runs on the other runner.
+        """
+        receiver = _Receiver([])
+        listening = reactor.listenTCP(0, Site(receiver), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        hook = f"http://127.0.0.1:{listening.getHost().port}/"
+        urls, processes, _ = await self._runners(2, "--maxrunning", "1", "--allow", hook)
+        script = "echo $PPID $$; exec sleep 60"
+        first = await self._post(
+            urls[0], {"command": "sh", "args": ["-c", script], "callback": hook + "cb"}
+        )
+        second = await self._post(urls[0], {"command": "sh", "args": ["-c", script]})
+        seen = {}
+        for job in (first, second):
+            seen[job["id"]] = await self._until(
+                urls[1], job["id"], lambda j: j["state"] == "running" and j["stdout"]
+            )
+        for job in seen.values():
+            pid = int(job["stdout"].split()[1])
+            self.addCleanup(lambda pid=pid: _kill_quietly(pid))
+        queued = await self._post(urls[0], {"command": "echo", "args": "after"})
+        victim_pid = int(seen[first["id"]]["stdout"].split()[0])
+        victim = next(p for p in processes if p.pid == victim_pid)
+        survivor = urls[1] if victim is processes[0] else urls[0]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        killed_at = reactor.seconds()
+        interrupted = await self._until(
+            survivor, first["id"], lambda j: j["state"] == "finished", seconds=30
+        )
+        self.assertLess(reactor.seconds() - killed_at, 30)
+        self.assertEqual(interrupted["error"], "interrupted")
+        delivered = await self._until(
+            survivor,
+            first["id"],
+            lambda j: (j["callback_outcome"] or {}).get("status") == "delivered",
+            seconds=10,
+        )
+        self.assertEqual(json.loads(receiver.received[-1][1])["id"], first["id"])
+        self.assertEqual(delivered["error"], "interrupted")
+        # The survivor's one slot is busy with the other job: stop it, and
+        # the queued job runs there.
+        response = await self.http.request("DELETE", survivor + second["id"])
+        await response.content()
+        after = await self._until(survivor, queued["id"], lambda j: j["state"] == "finished")
+        self.assertEqual(after["stdout"], "after\n")
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class JobSiteLogTests(SynchronousTestCase):
+    """
+    L{JobSite} leaves accepted jobs and job lookups out of the access log.
+    """
+
+    def test_quiet(self) -> None:
+        """
+        POST answered 202 and GET answered 200 get no access-log line; a
+        refused POST, a 404 and a DELETE do.
+        """
+        from twisted.web.server import Site as BaseSite
+
+        from haikutx.jobs.api import JobSite
+
+        logged = []
+        self.patch(BaseSite, "log", lambda site, request: logged.append(request))
+        site = JobSite(Resource())
+
+        class Request:
+            def __init__(self, method, code):
+                self.method, self.code = method, code
+
+        for method, code in [
+            (b"POST", 202),
+            (b"GET", 200),
+            (b"POST", 400),
+            (b"GET", 404),
+            (b"DELETE", 200),
+        ]:
+            site.log(Request(method, code))
+        self.assertEqual(
+            [(r.method, r.code) for r in logged],
+            [(b"POST", 400), (b"GET", 404), (b"DELETE", 200)],
+        )
+
+
+class ShutdownTests(SynchronousTestCase):
+    """
+    A runner that was never stopped does not keep its process alive.
+    """
+
+    def test_exits(self) -> None:
+        """
+        A program that started a L{JobRunner} on SQLite (with its store and
+        spawn threads) and stops the reactor without stopping the runner
+        exits.
+        """
+        script = f"""
+import sys
+sys.path.insert(0, {str(_ROOT)!r})
+from pathlib import Path
+from twisted.internet import reactor, defer
+from haikutx.jobs.runner import JobRunner
+from haikutx.jobs.store.sqlite import SQLiteJobStore
+runner = JobRunner(reactor, SQLiteJobStore(reactor, Path({self.mktemp()!r}) / "j.sqlite3"))
+reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(runner.start()))
+reactor.callLater(1, reactor.stop)
+reactor.run()
+print("done")
+"""
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+        )
+        self.assertEqual(result.stdout.strip(), "done", result.stderr)

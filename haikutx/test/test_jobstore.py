@@ -1,23 +1,32 @@
 # -*- test-case-name: haikutx.test.test_jobstore -*-
 """
-Tests for L{haikutx.jobs.store.sqlite} and L{haikutx.testing.MemoryJobStore}.
+Tests for the job stores: one conformance mixin run against
+L{MemoryJobStore}, L{SQLiteJobStore} and L{PostgreSQLJobStore} (a real
+server of the test's own, see L{haikutx.test.postgres}); the group commit;
+file modes.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor
-from twisted.trial.unittest import TestCase
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from haikutx.interfaces import IJobStore
-from haikutx.jobs.store.sqlite import FINISHED, RUNNING, CallbackOutcome, Job, SQLiteJobStore
+from haikutx.jobs.job import FINISHED, QUEUED, RUNNING, CallbackOutcome, Job
+from haikutx.jobs.store.batch import GroupCommit
+from haikutx.jobs.store.sqlite import SQLiteJobStore
+from haikutx.test import postgres
 from haikutx.testing import MemoryJobStore
 
 
-def _job(n: int, **kw) -> Job:
-    return Job(id=f"{n:040x}", seq=n, command="echo", arguments=("a b", "c"), **kw)
+def _job(n: int, **kw: Any) -> Job:
+    return Job(id=f"{n:040x}", seq=0, command="echo", arguments=("a b", "c"), **kw)
 
 
 class _JobStoreTestsMixin:
@@ -25,14 +34,17 @@ class _JobStoreTestsMixin:
     The conformance tests every L{IJobStore} passes.
     """
 
-    def make_store(self):
+    def make_store(self) -> Any:
         raise NotImplementedError()
 
-    async def _opened(self):
+    async def _opened(self) -> Any:
         store = self.make_store()
         await store.open()
         self.addCleanup(store.close)
         return store
+
+    async def _added(self, store: Any, *numbers: int, **kw: Any) -> list[Job]:
+        return [await store.add(_job(n, **kw)) for n in numbers]
 
     def test_interface(self) -> None:
         """
@@ -42,52 +54,155 @@ class _JobStoreTestsMixin:
 
     async def test_empty(self) -> None:
         """
-        A new store loads no jobs.
+        A new store has no job and nothing to claim.
         """
         store = await self._opened()
-        self.assertEqual(await store.load(), [])
+        self.assertIsNone(await store.get(_job(1).id))
+        self.assertEqual(await store.claim("a", 5, 1.0), [])
 
-    async def test_round_trip(self) -> None:
+    async def test_add_order_and_round_trip(self) -> None:
         """
-        A saved job loads back equal, binary output and outcome included.
+        Added jobs get increasing C{seq}; a saved job reads back equal,
+        binary output and outcome included.
         """
         store = await self._opened()
-        job = _job(
-            1,
-            state=FINISHED,
-            stdout=b"\xff\xfeh\xc3",
-            stderr=b"err",
-            code=3,
-            signal="SIGTERM",
-            error="timeout",
-            callback="http://example.com/cb",
-            started=1.5,
-            finished=2.5,
-            stdout_truncated=True,
-            callback_outcome=CallbackOutcome("delivered", 2, 200, None),
+        first, second = await self._added(store, 1, 2)
+        self.assertLess(first.seq, second.seq)
+        self.assertEqual(await store.get(first.id), first)
+        done = first.__class__(
+            **{
+                **{a: getattr(first, a) for a in ("id", "seq", "command", "arguments")},
+                "state": FINISHED,
+                "stdout": b"\xff\xfeh\xc3",
+                "stderr": b"err",
+                "code": 3,
+                "signal": "SIGTERM",
+                "error": "timeout",
+                "callback": "http://example.com/cb",
+                "created": 1.25,
+                "started": 1.5,
+                "finished": 2.5,
+                "stdout_truncated": True,
+                "callback_outcome": CallbackOutcome("delivered", 2, 200, None),
+                "owner": "a",
+            }
         )
-        await store.save(job)
-        self.assertEqual(await store.load(), [job])
+        await store.save(done)
+        self.assertEqual(await store.get(first.id), done)
 
-    async def test_replace_and_order(self) -> None:
+    async def test_claim(self) -> None:
         """
-        Saving a job again replaces it; jobs load in C{seq} order.
+        Claims take queued jobs oldest first, each once, and mark them
+        running for their owner.
         """
         store = await self._opened()
-        await store.save(_job(2))
-        await store.save(_job(1, state=RUNNING))
-        await store.save(_job(1, state=FINISHED, code=0))
-        self.assertEqual(await store.load(), [_job(1, state=FINISHED, code=0), _job(2)])
+        jobs = await self._added(store, 1, 2, 3)
+        a = await store.claim("a", 2, 5.0)
+        self.assertEqual([j.id for j in a], [jobs[0].id, jobs[1].id])
+        self.assertEqual({(j.state, j.owner, j.started) for j in a}, {(RUNNING, "a", 5.0)})
+        b = await store.claim("b", 5, 6.0)
+        self.assertEqual([j.id for j in b], [jobs[2].id])
+        self.assertEqual(await store.claim("c", 5, 7.0), [])
 
-    async def test_remove(self) -> None:
+    async def test_concurrent_claims(self) -> None:
         """
-        Removed jobs are gone; unknown ids are ignored.
+        Claims made at the same time never take the same job twice.
         """
         store = await self._opened()
-        for n in (1, 2, 3):
-            await store.save(_job(n))
-        await store.remove([_job(1).id, _job(3).id, "f" * 40])
-        self.assertEqual(await store.load(), [_job(2)])
+        await self._added(store, *range(1, 21))
+        results = await DeferredList(
+            [store.claim(f"r{n}", 3, 1.0) for n in range(10)], fireOnOneErrback=True
+        )
+        ids = [job.id for _, claimed in results for job in claimed]
+        self.assertEqual(len(ids), 20)
+        self.assertEqual(len(set(ids)), 20)
+
+    async def test_cancel_queued(self) -> None:
+        """
+        A queued job is finished as stopped, its callback pending, and can
+        no longer be claimed; a running job is not cancelled this way.
+        """
+        store = await self._opened()
+        queued = (await self._added(store, 1, callback="http://example.com/"))[0]
+        running = (await self._added(store, 2))[0]
+        await store.save(running.__class__(**{**_fields(running), "state": RUNNING}))
+        stopped = await store.cancel_queued(queued.id, "a", 9.0)
+        self.assertEqual(
+            (stopped.state, stopped.error, stopped.finished, stopped.owner),
+            (FINISHED, "stopped", 9.0, "a"),
+        )
+        self.assertEqual(stopped.callback_outcome.status, "pending")
+        self.assertIsNone(await store.cancel_queued(queued.id, "a", 9.0))
+        self.assertIsNone(await store.cancel_queued(running.id, "a", 9.0))
+        self.assertIsNone(await store.cancel_queued("f" * 40, "a", 9.0))
+        self.assertEqual(await store.claim("a", 5, 1.0), [])
+
+    async def test_recover(self) -> None:
+        """
+        The running jobs of a runner that is gone become interrupted and
+        the recovering runner's; so do its finished jobs with a pending
+        callback; queued jobs stay queued.
+        """
+        store = await self._opened()
+        await store.heartbeat("gone")
+        jobs = await self._added(store, 1, 2, 3, callback="http://example.com/")
+        await store.claim("gone", 2, 1.0)
+        await store.save(
+            jobs[1].__class__(
+                **{
+                    **_fields(jobs[1]),
+                    "state": FINISHED,
+                    "owner": "gone",
+                    "callback_outcome": CallbackOutcome("pending", 1),
+                }
+            )
+        )
+        await self._expire("gone")
+        await store.heartbeat("me")
+        taken = await store.recover("me", 0.0, 50.0)
+        self.assertEqual([j.id for j in taken], [jobs[0].id, jobs[1].id])
+        first = await store.get(jobs[0].id)
+        self.assertEqual(
+            (first.state, first.error, first.finished, first.owner),
+            (FINISHED, "interrupted", 50.0, "me"),
+        )
+        self.assertEqual(first.callback_outcome.status, "pending")
+        self.assertEqual(
+            (await store.get(jobs[1].id)).callback_outcome, CallbackOutcome("pending", 1)
+        )
+        self.assertEqual((await store.get(jobs[2].id)).state, QUEUED)
+        self.assertEqual(await store.recover("me", 0.0, 51.0), [])
+
+    async def _expire(self, owner: str) -> None:
+        """
+        Let C{owner}'s lease run out (the stores that are not shared have
+        none).
+        """
+
+    async def test_evict(self) -> None:
+        """
+        Only the oldest finished jobs beyond C{keep} are removed.
+        """
+        store = await self._opened()
+        jobs = await self._added(store, 1, 2, 3, 4)
+        for job, finished in zip(jobs[:3], (3.0, 1.0, 2.0), strict=True):
+            await store.save(
+                job.__class__(**{**_fields(job), "state": FINISHED, "finished": finished})
+            )
+        removed = await store.evict(1)
+        self.assertEqual(sorted(removed), sorted([jobs[1].id, jobs[2].id]))
+        self.assertIsNotNone(await store.get(jobs[0].id))
+        self.assertIsNotNone(await store.get(jobs[3].id))
+        self.assertEqual(await store.evict(1), [])
+        # A save of an evicted job does not bring it back.
+        await store.save(jobs[1])
+        self.assertIsNone(await store.get(jobs[1].id))
+
+
+def _fields(job: Job) -> dict[str, Any]:
+    from attrs import asdict
+
+    return asdict(job, recurse=False)
 
 
 class MemoryJobStoreTests(_JobStoreTestsMixin, TestCase):
@@ -95,32 +210,74 @@ class MemoryJobStoreTests(_JobStoreTestsMixin, TestCase):
     L{MemoryJobStore} conforms to L{IJobStore}.
     """
 
-    def make_store(self):
+    def make_store(self) -> Any:
         return MemoryJobStore()
 
 
 class SQLiteJobStoreTests(_JobStoreTestsMixin, TestCase):
     """
-    L{SQLiteJobStore} conforms to L{IJobStore} and persists across instances.
+    L{SQLiteJobStore} conforms to L{IJobStore}, persists across instances
+    and keeps its files private.
     """
 
-    def make_store(self):
+    def make_store(self) -> Any:
         if not hasattr(self, "_path"):
             self._path = Path(self.mktemp()) / "state" / "jobs.sqlite3"
         return SQLiteJobStore(reactor, self._path)
 
     async def test_persists(self) -> None:
         """
-        Jobs saved by one store are loaded by the next one on the same file,
-        which lives in a directory created with mode 0700.
+        Jobs saved by one store are read by the next one on the same file.
         """
         store = self.make_store()
         await store.open()
-        await store.save(_job(7, stdout=b"out"))
+        job = await store.add(_job(7, stdout=b"out"))
         await store.close()
         again = await self._opened()
-        self.assertEqual(await again.load(), [_job(7, stdout=b"out")])
+        self.assertEqual(await again.get(job.id), job)
+
+    async def test_modes(self) -> None:
+        """
+        The state directory is 0700 (also when it existed with a wider
+        mode), the database and its -wal and -shm files 0600, whatever the
+        umask.
+        """
+        self.make_store()
+        self._path.parent.mkdir(parents=True)
+        os.chmod(self._path.parent, 0o755)
+        old = os.umask(0o022)
+        try:
+            store = await self._opened()
+            await store.add(_job(1))
+        finally:
+            os.umask(old)
         self.assertEqual(self._path.parent.stat().st_mode & 0o777, 0o700)
+        for name in ("", "-wal", "-shm"):
+            path = Path(f"{self._path}{name}")
+            self.assertTrue(path.exists(), path)
+            self.assertEqual(path.stat().st_mode & 0o777, 0o600, path)
+
+    async def test_checkpoints(self) -> None:
+        """
+        The write-ahead log is copied into the database file about once a
+        second (not by the commits): the database file alone holds the jobs.
+        """
+        import shutil
+        import sqlite3
+
+        from twisted.internet.task import deferLater
+
+        from haikutx.jobs.store import sqlite as module
+
+        store = await self._opened()
+        await DeferredList([store.add(_job(n)) for n in range(1, 51)])
+        await deferLater(reactor, module.CHECKPOINT_INTERVAL * 1.5)
+        alone = Path(self.mktemp())
+        alone.mkdir()
+        shutil.copy(self._path, alone / "copy.sqlite3")
+        connection = sqlite3.connect(str(alone / "copy.sqlite3"))
+        self.addCleanup(connection.close)
+        self.assertEqual(connection.execute("SELECT count(*) FROM jobs").fetchone()[0], 50)
 
     async def test_not_on_reactor_thread(self) -> None:
         """
@@ -129,6 +286,173 @@ class SQLiteJobStoreTests(_JobStoreTestsMixin, TestCase):
         import threading
 
         store = await self._opened()
-        thread = await store._call(threading.current_thread)
+        thread = await store._do(lambda connection: threading.current_thread())
         self.assertIsNot(thread, threading.current_thread())
         self.assertIn("haikutx-jobstore", thread.name)
+
+    async def test_group_commit(self) -> None:
+        """
+        Jobs added while a commit runs share the next commit: 100 jobs
+        added at once take far fewer than 100 commits, and each is stored
+        when its L{Deferred} fires.
+        """
+        store = await self._opened()
+        before = store.commits
+        jobs = await DeferredList(
+            [store.add(_job(n)) for n in range(1, 101)], fireOnOneErrback=True
+        )
+        self.assertLessEqual(store.commits - before, 3)
+        for _, job in jobs:
+            self.assertEqual((await store.get(job.id)).id, job.id)
+
+
+class PostgreSQLJobStoreTests(_JobStoreTestsMixin, TestCase):
+    """
+    L{PostgreSQLJobStore} conforms to L{IJobStore} on a real server, and its
+    notifications reach the other stores on the same database.
+    """
+
+    timeout = 120
+
+    def make_store(self) -> Any:
+        from haikutx.jobs.store.postgresql import PostgreSQLJobStore
+
+        if not hasattr(self, "_url"):
+            self._url = postgres.database(self)
+        return PostgreSQLJobStore(reactor, self._url)
+
+    async def _expire(self, owner: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self._url, autocommit=True) as connection:
+            connection.execute(
+                "UPDATE haikutx_runners SET heartbeat = now() - interval '1 hour' WHERE owner = %s",
+                (owner,),
+            )
+
+    async def test_lease(self) -> None:
+        """
+        The jobs of a runner whose heartbeat is recent are not taken over.
+        """
+        store = await self._opened()
+        await store.heartbeat("alive")
+        await self._added(store, 1)
+        await store.claim("alive", 1, 1.0)
+        self.assertEqual(await store.recover("me", 30.0, 2.0), [])
+        await self._expire("alive")
+        self.assertEqual(len(await store.recover("me", 30.0, 3.0)), 1)
+
+    async def test_notifications(self) -> None:
+        """
+        A job added through one store, and a stop request, are told to
+        another store's listener.
+        """
+        first = await self._opened()
+        second = await self._opened()
+        queued: list[bool] = []
+        cancels: list[str] = []
+        ready: Deferred[None] = Deferred()
+
+        def on_queued() -> None:
+            queued.append(True)
+            if not ready.called:
+                ready.callback(None)
+
+        second.listen(on_queued, cancels.append)
+        await ready  # listening (it looks once when it starts)
+        queued.clear()
+        await first.add(_job(1))
+        await first.request_cancel("a" * 40)
+        from twisted.internet.task import deferLater
+
+        for _ in range(100):
+            if queued and cancels:
+                break
+            await deferLater(reactor, 0.05)
+        self.assertTrue(queued)
+        self.assertEqual(cancels, ["a" * 40])
+
+
+class _FakePool:
+    """
+    A thread pool that runs nothing until told to: the test decides when a
+    transaction ends.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    def callInThreadWithCallback(self, on_result: Any, f: Any, *args: Any) -> None:
+        self.calls.append((on_result, f, args))
+
+    def run_one(self) -> None:
+        on_result, f, args = self.calls.pop(0)
+        on_result(True, f(*args))
+
+
+class _FakeReactor:
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        f(*args)
+
+
+class GroupCommitTests(SynchronousTestCase):
+    """
+    L{GroupCommit} batches operations submitted while a transaction runs.
+    """
+
+    def _batch(self, fail_on: object = None) -> tuple[_FakePool, GroupCommit, list[list[Any]]]:
+        pool = _FakePool()
+        transactions: list[list[Any]] = []
+
+        def transact(operations: Any, durable: bool) -> list[Any]:
+            results = [operation(None) for operation in operations]
+            if fail_on in results:
+                raise ValueError("bad operation")
+            transactions.append(results)
+            return results
+
+        return pool, GroupCommit(_FakeReactor(), pool, transact), transactions
+
+    def test_batches(self) -> None:
+        """
+        The first operation runs alone; the ones submitted meanwhile all
+        share the next transaction; each gets its own result.
+        """
+        pool, batch, transactions = self._batch()
+        first = batch.submit(lambda c: 1)
+        others = [batch.submit(lambda c, n=n: n) for n in range(2, 6)]
+        self.assertEqual(len(pool.calls), 1)
+        pool.run_one()
+        self.assertEqual(self.successResultOf(first), 1)
+        self.assertEqual(len(pool.calls), 1)
+        pool.run_one()
+        self.assertEqual([self.successResultOf(d) for d in others], [2, 3, 4, 5])
+        self.assertEqual(transactions, [[1], [2, 3, 4, 5]])
+        self.assertEqual(batch.commits, 2)
+        self.successResultOf(batch.idle())
+
+    def test_failure_isolated(self) -> None:
+        """
+        When a batch fails, its operations run again one per transaction, so
+        only the bad one fails.
+        """
+        pool, batch, transactions = self._batch(fail_on="bad")
+        batch.submit(lambda c: 0)
+        good = batch.submit(lambda c: 1)
+        bad = batch.submit(lambda c: "bad")
+        pool.run_one()
+        pool.run_one()
+        self.assertEqual(self.successResultOf(good), 1)
+        self.failureResultOf(bad, ValueError)
+        self.assertEqual(transactions, [[0], [1]])
+
+    def test_idle_waits(self) -> None:
+        """
+        L{GroupCommit.idle} fires once everything submitted has run.
+        """
+        pool, batch, _ = self._batch()
+        batch.submit(lambda c: 1)
+        idle = batch.idle()
+        self.assertNoResult(idle)
+        pool.run_one()
+        self.successResultOf(idle)

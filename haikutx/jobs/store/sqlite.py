@@ -1,143 +1,116 @@
 # -*- test-case-name: haikutx.test.test_jobstore -*-
 """
-Jobs of the job runner as frozen values, and their durable store: a SQLite
-database in the state directory, written from one dedicated thread so that
-the reactor never waits on the disk.
+The job runner's default store: one SQLite database in the state directory,
+written from one dedicated thread (so the reactor never waits on the disk),
+many operations per commit.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from attrs import asdict, field, frozen
-from twisted.internet.defer import Deferred
+from attrs import evolve
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from haikutx.interfaces import IJobStore
-
-_T = TypeVar("_T")
-
-QUEUED = "queued"
-RUNNING = "running"
-FINISHED = "finished"
-
-
-@frozen
-class CallbackOutcome:
-    """
-    What became of a job's completion callback.
-
-    @ivar status: C{"pending"} while it is being tried, C{"delivered"} once
-        the receiver answered 2xx, C{"failed"} when retries ran out,
-        C{"refused"} when the URL's address is not allowed.
-    @ivar attempts: POSTs made so far.
-    @ivar http_status: the last HTTP status received, if any.
-    @ivar error: the last failure, as text, if any.
-    """
-
-    status: str
-    attempts: int = 0
-    http_status: int | None = None
-    error: str | None = None
-
-
-@frozen
-class Job:
-    """
-    One job of the job runner, as it is at one moment.
-
-    @ivar id: 40 lower-case hex characters.
-    @ivar seq: the order in which jobs were accepted (for "oldest").
-    @ivar command: the command name as the client gave it.
-    @ivar arguments: its arguments.
-    @ivar callback: the completion callback URL, if any.
-    @ivar state: L{QUEUED}, L{RUNNING} or L{FINISHED}.
-    @ivar created: when it was accepted (POSIX seconds).
-    @ivar started: when its process was started, if it was.
-    @ivar finished: when it finished, if it did.
-    @ivar code: the exit code, once it exited normally.
-    @ivar signal: the name of the signal that ended it, if one did.
-    @ivar error: why it failed to run or was ended (C{"timeout"},
-        C{"stopped"}, C{"interrupted"}, a spawn error), if it did.
-    @ivar stdout: the most recent bytes of its standard output.
-    @ivar stderr: the most recent bytes of its standard error.
-    @ivar stdout_truncated: whether older stdout bytes were dropped.
-    @ivar stderr_truncated: whether older stderr bytes were dropped.
-    @ivar callback_outcome: what became of the callback, once tried.
-    """
-
-    id: str
-    seq: int
-    command: str
-    arguments: tuple[str, ...] = field(converter=tuple)
-    callback: str | None = None
-    state: str = QUEUED
-    created: float = 0.0
-    started: float | None = None
-    finished: float | None = None
-    code: int | None = None
-    signal: str | None = None
-    error: str | None = None
-    stdout: bytes = b""
-    stderr: bytes = b""
-    stdout_truncated: bool = False
-    stderr_truncated: bool = False
-    callback_outcome: CallbackOutcome | None = None
-
-
-def _meta(job: Job) -> str:
-    record = asdict(job, recurse=True)
-    for name in ("id", "seq", "stdout", "stderr"):
-        del record[name]
-    record["arguments"] = list(job.arguments)
-    return json.dumps(record)
-
-
-def _job(job_id: str, seq: int, meta: str, stdout: bytes, stderr: bytes) -> Job:
-    record: dict[str, Any] = json.loads(meta)
-    outcome = record.pop("callback_outcome", None)
-    return Job(
-        id=job_id,
-        seq=seq,
-        stdout=bytes(stdout),
-        stderr=bytes(stderr),
-        callback_outcome=CallbackOutcome(**outcome) if outcome else None,
-        **record,
-    )
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,
-    meta TEXT NOT NULL,
-    stdout BLOB NOT NULL,
-    stderr BLOB NOT NULL
+from haikutx.jobs.job import (  # noqa: F401 (re-exported for older imports)
+    FINISHED,
+    QUEUED,
+    RUNNING,
+    CallbackOutcome,
+    Job,
+    interrupted,
 )
-"""
+from haikutx.jobs.store.batch import GroupCommit, Operation
+from haikutx.jobs.store.rows import COLUMNS, INSERTED, UPDATED, from_row, to_row
+
+_SELECTED = ", ".join(COLUMNS)
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS jobs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        command TEXT NOT NULL,
+        arguments TEXT NOT NULL,
+        callback TEXT,
+        state TEXT NOT NULL,
+        created REAL NOT NULL,
+        started REAL,
+        finished REAL,
+        code INTEGER,
+        signal TEXT,
+        error TEXT,
+        stdout BLOB NOT NULL,
+        stderr BLOB NOT NULL,
+        stdout_truncated INTEGER NOT NULL,
+        stderr_truncated INTEGER NOT NULL,
+        callback_status TEXT,
+        callback_attempts INTEGER,
+        callback_http_status INTEGER,
+        callback_error TEXT,
+        owner TEXT
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq)",
+)
+
+#: Seconds between checkpoints of the write-ahead log.
+CHECKPOINT_INTERVAL = 1.0
+
+_INSERT = "INSERT INTO jobs ({}) VALUES ({})".format(
+    ", ".join(INSERTED), ", ".join(f":{c}" for c in INSERTED)
+)
+_UPDATE = "UPDATE jobs SET {} WHERE id = :id".format(
+    ", ".join(f"{c} = :{c}" for c in UPDATED)
+)
+
+
+def _private(path: Path) -> None:
+    """
+    Make C{path} readable and writable by its owner only, when it exists.
+    """
+    try:
+        os.chmod(path, 0o600)
+    except FileNotFoundError:
+        pass
 
 
 @implementer(IJobStore)
 class SQLiteJobStore:
     """
-    An L{IJobStore} in one SQLite file, every statement run in a thread
-    pool of exactly one thread (so writes keep their order and the
-    connection is only ever used by that thread).
+    An L{IJobStore} in one SQLite file, for one runner.
 
-    The database uses write-ahead logging: a job saved before the process
-    is killed, even with SIGKILL, is found again by the next L{load}.
+    Every write runs in a thread pool of exactly one thread (so the
+    connection is only ever used by that thread, and writes keep their
+    order), through a L{GroupCommit}; reads run on a connection of their own
+    in another thread (write-ahead logging lets them read while a commit is
+    under way), so a C{GET} never waits for an C{fsync}.
+
+    A job is on disk (C{synchronous=FULL}: the WAL is synced) before L{add}
+    fires, so neither a SIGKILL nor a power cut loses an accepted job. Later
+    writes (claims, output, results) are committed at once but synced with
+    the next synced commit (C{synchronous=NORMAL}): a SIGKILL loses none of
+    them; a power cut may take the database back to an earlier state of
+    those jobs (a finished job shows running, and is interrupted at start).
+
+    The state directory is made mode 0700 and the database and its C{-wal}
+    and C{-shm} files 0600: jobs run as another user must not read other
+    jobs' output from them.
     """
 
+    shared = False
     log = Logger()
 
-    def __init__(self, reactor, path: Path) -> None:
+    def __init__(self, reactor: Any, path: Path) -> None:
         """
         @param reactor: the reactor the results are delivered in.
         @param path: the database file; its directory is created (mode
@@ -146,66 +119,246 @@ class SQLiteJobStore:
         self._reactor = reactor
         self._path = path
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="haikutx-jobstore")
+        self._read_pool = ThreadPool(minthreads=1, maxthreads=1, name="haikutx-jobstore-read")
+        self._reader: sqlite3.Connection | None = None
+        self._checkpoints: Any = None
         self._connection: sqlite3.Connection | None = None
-        self._stopping = False
+        self._durable = True
+        self._trigger: Any = None
+        self._batch = GroupCommit(reactor, self._pool, self._transact)
 
-    def _call(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
-        return deferToThreadPool(self._reactor, self._pool, f, *args)
+    @property
+    def commits(self) -> int:
+        """
+        Transactions committed so far.
+        """
+        return self._batch.commits
+
+    def _do(self, operation: Operation, durable: bool = False) -> Deferred[Any]:
+        return self._batch.submit(operation, durable)
+
+    def _transact(self, operations: Sequence[Operation], durable: bool) -> list[Any]:
+        connection = self._connection
+        assert connection is not None
+        if durable != self._durable:
+            connection.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._durable = durable
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            results = [operation(connection) for operation in operations]
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        return results
+
+    # -- life --
 
     def open(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
         self._pool.start()
-        return self._call(self._open)
+        # Stopped by close; at reactor shutdown at the latest, so that its
+        # thread never keeps the process alive.
+        self._trigger = self._reactor.addSystemEventTrigger(
+            "after", "shutdown", self._stop_pools
+        )
+        await self._pool_call(self._open)
+        self._read_pool.start()
+        await deferToThreadPool(self._reactor, self._read_pool, self._open_reader)
+        self._checkpoints = self._reactor.callLater(CHECKPOINT_INTERVAL, self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        """
+        Copy the write-ahead log into the database, in the reading thread,
+        without waiting for (or blocking) writers; again a moment later.
+        """
+
+        def again(result: Any) -> None:
+            if self._read_pool.started and self._reader is not None:
+                self._checkpoints = self._reactor.callLater(
+                    CHECKPOINT_INTERVAL, self._checkpoint
+                )
+
+        def checkpoint() -> None:
+            if self._reader is not None:
+                self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+        running = deferToThreadPool(self._reactor, self._read_pool, checkpoint)
+        running.addErrback(lambda f: self.log.failure("job store checkpoint failed", f))
+        running.addBoth(again)
+
+    def _pool_call(self, f: Any) -> Deferred[Any]:
+        return deferToThreadPool(self._reactor, self._pool, f)
+
+    def _open_reader(self) -> None:
+        self._reader = sqlite3.connect(
+            str(self._path), check_same_thread=False, isolation_level=None
+        )
 
     def _open(self) -> None:
-        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory = self._path.parent
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if directory.stat().st_mode & 0o077:
+            os.chmod(directory, 0o700)
+        # Create the file 0600 first: SQLite gives its -wal and -shm files
+        # the mode of the database file.
+        os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600))
         connection = sqlite3.connect(
             str(self._path), check_same_thread=False, isolation_level=None
         )
         connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
-        connection.execute(_SCHEMA)
+        connection.execute("PRAGMA synchronous=FULL")
+        # Checkpoints run from the reading thread (L{CHECKPOINT_INTERVAL}),
+        # not in the commit that happens to fill the log.
+        connection.execute("PRAGMA wal_autocheckpoint=0")
+        columns = [row[1] for row in connection.execute("PRAGMA table_info(jobs)")]
+        if "meta" in columns:
+            # The first schema (one JSON column): kept aside, not lost.
+            connection.execute("ALTER TABLE jobs RENAME TO jobs_v1")
+            self.log.warn(
+                "{path}: jobs of an older haikutx kept in the table jobs_v1",
+                path=str(self._path),
+            )
+        for statement in _SCHEMA:
+            connection.execute(statement)
+        for name in (self._path, Path(f"{self._path}-wal"), Path(f"{self._path}-shm")):
+            _private(name)
         self._connection = connection
 
-    def load(self) -> Deferred[list[Job]]:
-        return self._call(self._load)
-
-    def _load(self) -> list[Job]:
-        assert self._connection is not None
-        rows = self._connection.execute(
-            "SELECT id, seq, meta, stdout, stderr FROM jobs ORDER BY seq"
-        ).fetchall()
-        return [_job(*row) for row in rows]
-
-    def save(self, job: Job) -> Deferred[None]:
-        return self._call(self._save, job.id, job.seq, _meta(job), job.stdout, job.stderr)
-
-    def _save(self, job_id: str, seq: int, meta: str, stdout: bytes, stderr: bytes) -> None:
-        assert self._connection is not None
-        self._connection.execute(
-            "INSERT OR REPLACE INTO jobs (id, seq, meta, stdout, stderr) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (job_id, seq, meta, stdout, stderr),
-        )
-
-    def remove(self, job_ids: Iterable[str]) -> Deferred[None]:
-        return self._call(self._remove, list(job_ids))
-
-    def _remove(self, job_ids: list[str]) -> None:
-        assert self._connection is not None
-        self._connection.executemany(
-            "DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id in job_ids]
-        )
-
     async def _close(self) -> None:
+        if self._checkpoints is not None and self._checkpoints.active():
+            self._checkpoints.cancel()
+        if self._read_pool.started:
+            await deferToThreadPool(self._reactor, self._read_pool, self._close_reader)
+            self._read_pool.stop()
         if self._pool.started:
-            await self._call(self._close_connection)
+            await self._batch.idle()
+            await self._pool_call(self._close_connection)
             # The one thread is idle now: joining it is immediate.
             self._pool.stop()
+        if self._trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._trigger)
+            self._trigger = None
+
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def _close_connection(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
 
+    def _stop_pools(self) -> None:
+        self._trigger = None
+        for pool in (self._pool, getattr(self, "_read_pool", None)):
+            if pool is not None and pool.started:
+                pool.stop()
+
     def close(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._close())
+
+    # -- jobs --
+
+    def add(self, job: Job) -> Deferred[Job]:
+        row = to_row(job)
+        del row["seq"]
+
+        def insert(connection: sqlite3.Connection) -> Job:
+            cursor = connection.execute(_INSERT, row)
+            return evolve(job, seq=cursor.lastrowid)
+
+        return self._do(insert, durable=True)
+
+    def get(self, job_id: str) -> Deferred[Job | None]:
+        def select() -> Job | None:
+            assert self._reader is not None
+            found = self._reader.execute(
+                f"SELECT {_SELECTED} FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            return None if found is None else from_row(found)
+
+        return deferToThreadPool(self._reactor, self._read_pool, select)
+
+    def save(self, job: Job) -> Deferred[None]:
+        row = to_row(job)
+        del row["seq"]
+
+        def update(connection: sqlite3.Connection) -> None:
+            connection.execute(_UPDATE, row)
+
+        return self._do(update)
+
+    def claim(self, owner: str, limit: int, now: float) -> Deferred[list[Job]]:
+        def take(connection: sqlite3.Connection) -> list[Job]:
+            rows = connection.execute(
+                f"UPDATE jobs SET state = 'running', owner = ?, started = ? "
+                f"WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' "
+                f"ORDER BY seq LIMIT ?) RETURNING {_SELECTED}",
+                (owner, now, limit),
+            ).fetchall()
+            return sorted((from_row(r) for r in rows), key=lambda j: j.seq)
+
+        return self._do(take)
+
+    def cancel_queued(self, job_id: str, owner: str, now: float) -> Deferred[Job | None]:
+        def cancel(connection: sqlite3.Connection) -> Job | None:
+            found = connection.execute(
+                f"UPDATE jobs SET state = 'finished', error = 'stopped', "
+                f"finished = ?, owner = ?, "
+                f"callback_status = CASE WHEN callback IS NULL THEN NULL "
+                f"ELSE 'pending' END, callback_attempts = 0 "
+                f"WHERE id = ? AND state = 'queued' RETURNING {_SELECTED}",
+                (now, owner, job_id),
+            ).fetchone()
+            return None if found is None else from_row(found)
+
+        return self._do(cancel)
+
+    def recover(self, owner: str, lease: float, now: float) -> Deferred[list[Job]]:
+        def take_over(connection: sqlite3.Connection) -> list[Job]:
+            rows = connection.execute(
+                f"SELECT {_SELECTED} FROM jobs WHERE owner IS NOT NULL "
+                f"AND owner != ? AND (state = 'running' OR callback_status = 'pending') "
+                f"ORDER BY seq",
+                (owner,),
+            ).fetchall()
+            taken = [interrupted(from_row(r), owner, now) for r in rows]
+            for job in taken:
+                row = to_row(job)
+                del row["seq"]
+                connection.execute(_UPDATE, row)
+            return taken
+
+        return self._do(take_over)
+
+    def heartbeat(self, owner: str) -> Deferred[None]:
+        return succeed(None)
+
+    def retire(self, owner: str) -> Deferred[None]:
+        return succeed(None)
+
+    def evict(self, keep: int) -> Deferred[list[str]]:
+        def remove(connection: sqlite3.Connection) -> list[str]:
+            ids = [
+                r[0]
+                for r in connection.execute(
+                    "SELECT id FROM jobs WHERE state = 'finished' "
+                    "ORDER BY finished DESC, seq DESC LIMIT -1 OFFSET ?",
+                    (keep,),
+                )
+            ]
+            connection.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+            return ids
+
+        return self._do(remove)
+
+    def listen(self, on_queued: Any, on_cancel: Any) -> None:
+        pass
+
+    def request_cancel(self, job_id: str) -> Deferred[None]:
+        return succeed(None)
+

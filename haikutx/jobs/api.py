@@ -1,0 +1,233 @@
+# -*- test-case-name: haikutx.test.test_jobs -*-
+"""
+The job runner's HTTP face: http-runner's JSON API. C{POST /} submits a job,
+C{GET /<id>} shows it, C{DELETE /<id>} stops it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from io import BytesIO
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from haikutx.jobs.job import job_to_json
+from haikutx.jobs.runner import JobRefused, JobRunner
+
+#: Largest request body the API reads, in bytes (larger gets 413).
+MAX_REQUEST_BODY = 64 * 1024
+
+_JOB_PATH = re.compile(rb"^/([0-9a-f]{40})/?$")
+
+NOT_FOUND = {"message": "Not Found"}
+
+
+def split_args(args: object) -> list[str]:
+    """
+    The argument list of a job request's C{args}.
+
+    @param args: a string (split on runs of white space, with no empty
+        arguments at the ends, unlike http-runner), a list of strings (taken
+        as is, so arguments with spaces work) or C{None} (no arguments).
+    @return: the arguments.
+    @raise JobRefused: for anything else.
+    """
+    if args is None:
+        return []
+    if isinstance(args, str):
+        return args.split()
+    if isinstance(args, list) and all(isinstance(a, str) for a in args):
+        return list(args)
+    raise JobRefused("args must be a string or a list of strings")
+
+
+def parse_job_request(body: bytes) -> tuple[str, list[str], str | None]:
+    """
+    The command, arguments and callback of a C{POST /} body.
+
+    @raise JobRefused: when it is not a JSON object with a string
+        C{command}, or C{args}/C{callback} have the wrong types.
+    """
+    try:
+        request = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise JobRefused("the request body is not UTF-8") from None
+    except ValueError as e:
+        raise JobRefused(f"invalid JSON: {e}") from None
+    if not isinstance(request, dict):
+        raise JobRefused("the request body must be a JSON object")
+    command = request.get("command")
+    if command is None:
+        raise JobRefused("command is missing")
+    if not isinstance(command, str) or not command:
+        raise JobRefused("command must be a non-empty string")
+    arguments = split_args(request.get("args"))
+    callback = request.get("callback")
+    if callback is not None and not isinstance(callback, str):
+        raise JobRefused("callback must be a string")
+    return command, arguments, callback or None
+
+
+class _LimitedRequest(Request):
+    """
+    A L{Request} that drops a body larger than L{MAX_REQUEST_BODY} instead of
+    buffering it, and remembers that it did.
+    """
+
+    max_body = MAX_REQUEST_BODY
+    too_large = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body:
+            self.too_large = True
+            self.content = BytesIO()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        if self.content.tell() + len(data) > self.max_body:
+            self.too_large = True
+            self.content = BytesIO()
+            return
+        super().handleContentChunk(data)
+
+
+class JobsResource(Resource):
+    """
+    The JSON API of the job runner.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, runner: JobRunner, token: str | None = None) -> None:
+        """
+        @param runner: the runner the API drives.
+        @param token: when set, every request needs
+            C{Authorization: Bearer <token>}.
+        """
+        super().__init__()
+        self._runner = runner
+        self._token = token.encode("utf-8") if token is not None else None
+
+    def render(self, request: Request) -> Any:
+        request.setHeader(b"content-type", b"application/json")
+        if self._token is not None and not self._authorized(request):
+            request.setHeader(b"www-authenticate", b'Bearer realm="haikutx jobs"')
+            return _body(request, 401, {"message": "Unauthorized"})
+        if getattr(request, "too_large", False):
+            request.setHeader(b"connection", b"close")
+            return _body(
+                request,
+                413,
+                {
+                    "message": "Payload Too Large",
+                    "error": f"the request body is larger than {MAX_REQUEST_BODY} bytes",
+                },
+            )
+        if request.method == b"GET":
+            # The common poll, answered at once when the runner knows the job.
+            match = _JOB_PATH.match(request.path)
+            known = None if match is None else self._runner.peek(match.group(1).decode())
+            if known is not None:
+                request.setResponseCode(200)
+                return json.dumps(job_to_json(known)).encode("utf-8")
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        d = Deferred.fromCoroutine(self._handle(request))
+
+        def answer(result: tuple[int, dict[str, Any]]) -> None:
+            if not gone:
+                status, obj = result
+                body = json.dumps(obj).encode("utf-8")
+                request.setResponseCode(status)
+                # A length, not chunks: the whole answer in one write.
+                request.setHeader(b"content-length", b"%d" % len(body))
+                request.write(body)
+                request.finish()
+
+        def crashed(failure: Failure) -> None:
+            self.log.failure("job API request failed", failure)
+            if not gone:
+                request.setResponseCode(500)
+                request.write(b'{"message": "Internal Server Error"}')
+                request.finish()
+
+        d.addCallbacks(answer, crashed)
+        return NOT_DONE_YET
+
+    def _authorized(self, request: Request) -> bool:
+        assert self._token is not None
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, given = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(
+            given.strip(), self._token
+        )
+
+    async def _handle(self, request: Request) -> tuple[int, dict[str, Any]]:
+        method = request.method
+        path = request.path
+        if method == b"POST" and path == b"/":
+            return await self._create(request)
+        if method not in (b"GET", b"DELETE") or path == b"/":
+            return 501, {"message": "Not Implemented"}
+        match = _JOB_PATH.match(path)
+        if match is None:
+            return 404, NOT_FOUND
+        job_id = match.group(1).decode("ascii")
+        await self._runner.wait_ready()
+        if method == b"GET":
+            job = await self._runner.get(job_id)
+        else:
+            job = await self._runner.cancel(job_id)
+        if job is None:
+            return 404, NOT_FOUND
+        return 200, job_to_json(job)
+
+    async def _create(self, request: Request) -> tuple[int, dict[str, Any]]:
+        try:
+            command, arguments, callback = parse_job_request(request.content.read())
+            job = await self._runner.submit(command, arguments, callback)
+        except JobRefused as e:
+            self.log.warn("job refused: {reason}", reason=str(e))
+            return 400, {"message": "Bad Request", "error": str(e)}
+        return 202, job_to_json(job)
+
+
+def _body(request: Request, status: int, obj: dict[str, Any]) -> bytes:
+    request.setResponseCode(status)
+    return json.dumps(obj).encode("utf-8")
+
+
+class JobSite(Site):
+    """
+    The L{Site} of the job API: request bodies bounded; an access-log line
+    for every request except an accepted job (the runner logs a C{job
+    accepted} event for it: one line, not two) and a job shown by C{GET}
+    (clients poll: a line per poll would drown the job events).
+    """
+
+    requestFactory = _LimitedRequest
+
+    def log(self, request: Request) -> None:
+        quiet = (request.method, request.code) in ((b"POST", 202), (b"GET", 200))
+        if not quiet:
+            super().log(request)
+
+
+def job_site(reactor: Any, runner: JobRunner, token: str | None = None) -> Site:
+    """
+    The L{JobSite} of C{runner}.
+    """
+    site = JobSite(JobsResource(runner, token), reactor=reactor)
+    site.displayTracebacks = False
+    return site
