@@ -254,7 +254,9 @@ class Options(usage.Options):
 
     def opt_allow(self, prefix: str) -> None:
         """
-        Allow handler URLs and job callbacks starting with this prefix (repeatable); private and loopback addresses are refused unless a prefix allows them.
+        Allow handler URLs and job callbacks starting with this prefix
+        (repeatable); private and loopback addresses are refused unless a
+        prefix allows them.
         """
         self["allow"].append(prefix)
 

@@ -14,7 +14,6 @@ from email.policy import HTTP
 from typing import Any
 from urllib.parse import parse_qsl
 
-
 #: Largest multipart body parsed, in bytes.
 MAX_MULTIPART = 8 * 1024 * 1024
 
@@ -58,12 +57,12 @@ def parse_body(
         try:
             return parse_query(body.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise BadRequestBody(f"form body is not UTF-8: {e}")
+            raise BadRequestBody(f"form body is not UTF-8: {e}") from None
     if media == "application/json" or media.endswith("+json"):
         try:
             value = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
-            raise BadRequestBody(f"JSON body does not parse: {e}")
+            raise BadRequestBody(f"JSON body does not parse: {e}") from None
         return value if isinstance(value, dict) else {"body": value}
     if media == "multipart/form-data":
         if len(body) > max_multipart:

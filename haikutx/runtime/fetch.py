@@ -45,8 +45,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
-from haikutx.net.addresses import AddressRules
 from haikutx.interfaces import IHandlerFetcher
+from haikutx.net.addresses import AddressRules
 from haikutx.net.outbound import (
     AddressRefused,
     CheckedEndpoint,

@@ -6,7 +6,8 @@ C{GET /_haiku/status}: the runtime's state as JSON, for loopback clients.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request

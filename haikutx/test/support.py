@@ -34,7 +34,7 @@ def start_runtime(
     handlers: dict[str, str] | Path,
     workers: int = 2,
     max_requests: int = 1,
-    limits: Limits = Limits(),
+    limits: Limits | None = None,
     **config: Any,
 ) -> tuple[int, Any]:
     """
@@ -43,6 +43,8 @@ def start_runtime(
 
     @return: the port and the pool.
     """
+    if limits is None:
+        limits = Limits()
     if isinstance(handlers, dict):
         handlers = write_handlers(Path(case.mktemp()), handlers)
     cfg = Config(

@@ -43,6 +43,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from haikutx.net.addresses import EgressRules
+from haikutx.net.outbound import ProxyRefused, TunnelEndpoint
 from haikutx.runtime.egress import (
     BadRequest,
     EgressProxyFactory,
@@ -51,7 +52,6 @@ from haikutx.runtime.egress import (
     parse_authority,
     parse_head,
 )
-from haikutx.net.outbound import ProxyRefused, TunnelEndpoint
 from haikutx.sandbox import probe
 from haikutx.test.test_fetch import ScriptedResolver, _certificates
 

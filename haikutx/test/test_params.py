@@ -101,8 +101,12 @@ class RoundTripTests(SynchronousTestCase):
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
         expected: dict = dict(fields)
         for name, (filename, content) in files.items():
-            expected[name] = {"name": name, "filename": filename, "content_type": "application/octet-stream",
-                              "size": len(content)}
+            expected[name] = {
+                "name": name,
+                "filename": filename,
+                "content_type": "application/octet-stream",
+                "size": len(content),
+            }
         assume(parts)
         self.assertEqual(parse_body(f"multipart/form-data; boundary={boundary}", body),
                          expected)

@@ -26,7 +26,9 @@ from haikutx.runtime.resource import NO_HANDLER, HandlerResource
 from haikutx.test.support import http, ready, start_runtime, until
 
 HANDLERS = {
-    "hello.py": "res.write_head(200, {'Content-Type': 'text/plain'})\nres.end('Hello, world!\\n')\n",
+    "hello.py": (
+        "res.write_head(200, {'Content-Type': 'text/plain'})\nres.end('Hello, world!\\n')\n"
+    ),
     "raises.py": "res.write_head(200)\nres.write('partial')\n1 / 0\n",
     "raises-head-only.py": "res.write_head(200, {'X-Own': 'yes'})\n1 / 0\n",
     "raises-early.py": "def f():\n    return {}['missing']\nf()\n",
@@ -175,7 +177,9 @@ class ErrorTests(TestCase):
         response = await http(self.port, "/?x-haiku-handler=syntax.py")
         self.assertEqual(response.status, 500)
         first = response.text.splitlines()[0]
-        self.assertTrue(first.startswith("Handler syntax.py could not be compiled: SyntaxError"), first)
+        self.assertTrue(
+            first.startswith("Handler syntax.py could not be compiled: SyntaxError"), first
+        )
 
     async def test_raises(self) -> None:
         """
@@ -418,7 +422,8 @@ class LogTests(TestCase):
         self.assertEqual((await http(port, "/?x-haiku-handler=missing.py")).status, 404)
         self.assertEqual((await http(port, "/_haiku/status")).status, 200)
 
-        mine = [e for e in events if e.get("log_namespace") == "haikutx.runtime.resource.HandlerResource"]
+        namespace = "haikutx.runtime.resource.HandlerResource"
+        mine = [e for e in events if e.get("log_namespace") == namespace]
         served, refused = mine
         self.assertEqual(
             (served["client"], served["method"], served["handler_url"], served["status"],
@@ -699,7 +704,9 @@ class ConsoleTests(TestCase):
         C{res.end()}, UTF-8 percent-encoded.
         """
         response = await http(
-            self.port, "/?x-haiku-handler=console-end-only.py", headers={"x-haiku-console": "trailer"}
+            self.port,
+            "/?x-haiku-handler=console-end-only.py",
+            headers={"x-haiku-console": "trailer"},
         )
         self.assertTrue(response.complete)
         self.assertEqual(response.trailers, {"x-haiku-console": "only %C3%A9%0A"})

@@ -480,7 +480,12 @@ class IdentityTests(SynchronousTestCase):
         result = run_child(
             self,
             "exec_script",
-            {"argv": [python, "-c", "import ssl, os; ssl.create_default_context(); print(os.getuid())"]},
+            {
+                "argv": [
+                    python, "-c",
+                    "import ssl, os; ssl.create_default_context(); print(os.getuid())",
+                ]
+            },
             uid=TEST_UID,
             allow_exec=True,
             exec_paths=[python],
@@ -641,7 +646,7 @@ class PrepareTests(SynchronousTestCase):
         try:
             lib = ctypes.CDLL("libseccomp.so.2")
         except OSError:
-            raise self.skipTest("libseccomp.so.2 is not installed")
+            raise self.skipTest("libseccomp.so.2 is not installed") from None
         resolve = lib.seccomp_syscall_resolve_name_arch
         resolve.argtypes = [ctypes.c_uint32, ctypes.c_char_p]
         for machine, table in seccomp.SYSCALLS.items():
@@ -863,7 +868,8 @@ class FilterSemanticsTests(SynchronousTestCase):
         program = seccomp.build_program("x86_64", False)
         nr = seccomp.SYSCALLS["x86_64"]["clone"]
         arch = seccomp.AUDIT_ARCH_X86_64
-        pthread = 0x3D0F00  # CLONE_VM|FS|FILES|SIGHAND|THREAD|SYSVSEM|SETTLS|PARENT_SETTID|CHILD_CLEARTID
+        # CLONE_VM|FS|FILES|SIGHAND|THREAD|SYSVSEM|SETTLS|PARENT_SETTID|CHILD_CLEARTID
+        pthread = 0x3D0F00
         fork = 0x01200011  # CLONE_CHILD_SETTID|CLONE_CHILD_CLEARTID|SIGCHLD
         vfork = 0x4111  # CLONE_VM|CLONE_VFORK|SIGCHLD
         self.assertEqual(_run_bpf(program, nr, arch, (pthread, 0, 0, 0, 0, 0)), seccomp.RET_ALLOW)

@@ -13,8 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from haikutx.child import wire
 from haikutx.child.console import ConsoleBuffer, console_mode, encode_console
-from haikutx.runtime.loader import HandlerLoadError, classify
 from haikutx.child.params import BadRequestBody, merge_params, parse_body
+from haikutx.runtime.loader import HandlerLoadError, classify
 from haikutx.test.strategies import console_text, frames
 
 
@@ -148,7 +148,10 @@ class ParamsTests(SynchronousTestCase):
         )
         self.assertEqual(
             parse_body("multipart/form-data; boundary=XX", body),
-            {"a": "value", "f": {"name": "f", "filename": "t.txt", "content_type": "text/plain", "size": 5}},
+            {
+                "a": "value",
+                "f": {"name": "f", "filename": "t.txt", "content_type": "text/plain", "size": 5},
+            },
         )
         with self.assertRaises(BadRequestBody):
             parse_body("multipart/form-data", body)
