@@ -202,6 +202,11 @@ def _confiner(sandbox: Any, worker: runner.Worker) -> Any:
 #: Whether each child runs as a uid of its slot's own (set by L{main}).
 _OWN_UID = False
 
+#: The worker each child serves with, made once by L{main} before the
+#: first fork (each child gets its own copy, and renews its loop's
+#: descriptors, L{runner.Worker.renew_loop_descriptors}).
+_next_worker: runner.Worker | None = None
+
 
 def _signals_stay_in_slot(sandbox: Any) -> bool:
     """
@@ -262,7 +267,11 @@ def _child(sandbox: Any, channel: int, output: int, zygote: int) -> None:
         except Exception as e:
             os.write(2, f"sandbox could not be applied: {e}\n".encode())
             os._exit(EXIT_SANDBOX_FAILED)
-    worker = runner.Worker(0, runner.CHANNEL)
+    worker = _next_worker
+    if worker is None:
+        worker = runner.Worker(0, runner.CHANNEL)
+    else:
+        worker.renew_loop_descriptors()
     if sandbox is not None:
         worker.confine = _confiner(sandbox, worker)
     worker.run()
@@ -624,6 +633,8 @@ def main(argv: list[str]) -> None:
             os.write(2, f"sandbox could not be applied to the zygote: {e}\n".encode())
             os._exit(EXIT_SANDBOX_FAILED)
     control.sendall(wire.encode_json(wire.SANDBOX, report))
+    global _next_worker
+    _next_worker = runner.Worker(0, runner.CHANNEL)
     _freeze()
     Zygote(control, sandbox).serve()
     os._exit(0)
