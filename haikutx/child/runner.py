@@ -24,6 +24,7 @@ import inspect
 import json
 import linecache
 import os
+import selectors
 import sys
 import traceback
 from collections import OrderedDict
@@ -254,6 +255,23 @@ class Worker:
         #: own uid, its signals scoped to its Landlock domain).
         self.end_run_processes: Callable[[], None] | None = None
         self._stdout, self._stderr = sys.stdout, sys.stderr
+
+    def renew_loop_descriptors(self) -> None:
+        """
+        Give the event loop descriptors of this process's own, in a child
+        forked from the process that made this worker (the zygote makes a
+        child's worker before the fork, so that no child repeats that
+        work): a new epoll instance and self-pipe, made after the child
+        closed every inherited descriptor.  The loop's former selector and
+        sockets are kept, never closed: their numbers may be reused by now.
+        """
+        loop: Any = self.loop
+        self._inherited = (loop._selector, loop._ssock, loop._csock)
+        loop._ssock.detach()
+        loop._csock.detach()
+        loop._internal_fds -= 1
+        loop._selector = selectors.DefaultSelector()
+        loop._make_self_pipe()
 
     def send(self, frame: bytes) -> None:
         """

@@ -29,11 +29,25 @@ from haikutx.test.support import http, ready, start_runtime, until
 #: Keeps its process: finds the runtime's worker in its own heap, stops it
 #: from ever stopping, takes over its request handling, and tells the
 #: server it is a fresh process, on every descriptor it holds.
-KEEP = r"""
-import gc, json, os
+#: Finds the runtime's worker objects: in the collector's lists and up the
+#: stack that runs the handler (the zygote makes a child's worker before
+#: forking and freezes it, so the collector's lists need not hold it).
+FIND_WORKERS = r"""
+import gc, sys
+def _is_worker(o):
+    return type(o).__name__ == 'Worker' and hasattr(o, '_frame')
+workers = [o for o in gc.get_objects() if _is_worker(o)]
+_f = sys._getframe()
+while _f is not None:
+    _o = _f.f_locals.get('self')
+    if _is_worker(_o) and not any(w is _o for w in workers):
+        workers.append(_o)
+    _f = _f.f_back
+"""
+
+KEEP = FIND_WORKERS + r"""
+import json, os
 from haikutx.child import wire
-workers = [o for o in gc.get_objects() if type(o).__name__ == 'Worker'
-           and hasattr(o, '_frame')]
 me = os.getpid()
 for worker in workers:
     worker.max_requests = 0
@@ -85,12 +99,11 @@ forge()
 """
 
 #: Holds on: keeps its loop from stopping when its channel closes and waits.
-LINGER = r"""
-import asyncio, gc, os
-for o in gc.get_objects():
-    if type(o).__name__ == 'Worker' and hasattr(o, '_frame'):
-        o.loop.stop = lambda: None
-        o.loop.remove_reader(o._in)      # never notice the channel closing
+LINGER = FIND_WORKERS + r"""
+import asyncio, os
+for o in workers:
+    o.loop.stop = lambda: None
+    o.loop.remove_reader(o._in)      # never notice the channel closing
 res.write_head(200, {'x-pid': str(os.getpid())})
 res.write('lingering')
 await asyncio.sleep(60)
