@@ -7,6 +7,7 @@ worker's response to the client.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -38,7 +39,13 @@ NO_HANDLER = (
 )
 
 #: Response headers a handler may not set: the runtime frames the response.
-_HOP_BY_HOP = HOP_BY_HOP
+#: C{Content-Length} among them: a handler's could be a lie (say 0, then
+#: write a whole forged response) that splits a keep-alive connection, so
+#: the next response its client, or a front proxy reusing the connection
+#: for another tenant, reads would be the handler's.
+_UNFRAMED = HOP_BY_HOP | {b"content-length"}
+
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 
 #: Set on a request for which L{HandlerResource} emits its own event.
 _LOGGED_HERE = "haiku_logged"
@@ -166,8 +173,8 @@ class Exchange:
         request.setResponseCode(status)
         trailers = False
         for name, value in headers:
-            raw = name.encode("latin-1", "replace")
-            if raw.lower() in _HOP_BY_HOP:
+            raw = _field_name(name)
+            if raw is None or raw.lower() in _UNFRAMED:
                 continue
             if raw.lower() == b"trailer":
                 trailers = True
@@ -198,8 +205,11 @@ class Exchange:
         if not self._client_gone:
             if self._manual_chunks:
                 lines = b"".join(
-                    name.encode("latin-1") + b": " + _header_value(value) + b"\r\n"
-                    for name, value in trailers
+                    raw + b": " + _header_value(value) + b"\r\n"
+                    for raw, value in (
+                        (_field_name(name), value) for name, value in trailers
+                    )
+                    if raw is not None and raw.lower() not in _UNFRAMED
                 )
                 self._request.write(b"0\r\n" + lines + b"\r\n")
             self._request.finish()
@@ -263,6 +273,16 @@ class Exchange:
             )
         if not self.done.called:
             self.done.callback(status)
+
+
+def _field_name(name: str) -> bytes | None:
+    """
+    A handler's header or trailer name as sent, or C{None} when it is not
+    an HTTP token (a name with CR LF in it could end the response and
+    start a forged one).
+    """
+    raw = name.encode("latin-1", "replace")
+    return raw if _TOKEN.fullmatch(raw) else None
 
 
 def _header_value(value: str) -> bytes:
