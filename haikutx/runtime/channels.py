@@ -53,6 +53,9 @@ class ChildProtocol(Protocol):
         self.retired = False
         self.closed = False
         self.challenge: bytes | None = None
+        #: Console bytes still to be logged for its request (C{None}: no
+        #: limit, with --debug and --maxconsole 0).
+        self.console_left: int | None = 0
         self.grace: IDelayedCall | None = None
         #: The L{haikutx.runtime.body.BodyFeed} sending its request's body,
         #: while it does.

@@ -359,6 +359,14 @@ class WorkerProtocol(ProcessProtocol):
                 self.kill_child(child, "sent an incorrect heartbeat answer")
             return
         if kind == wire.CONSOLE:
+            # Logged only for a request run with --debug, and no more than
+            # its console limit: a handler can forge these frames at will.
+            left = child.console_left
+            if left is not None:
+                if left <= 0:
+                    return
+                payload = payload[:left]
+                child.console_left = left - len(payload)
             self.log.info(
                 "console of worker {worker_pid}: {console}",
                 worker_pid=self.pid,
@@ -419,6 +427,8 @@ class WorkerProtocol(ProcessProtocol):
         child = self.child
         child.exchange = exchange
         child.requested = True
+        limit = int(head.get("max_console", 0)) if head.get("debug") else 0
+        child.console_left = limit if limit > 0 or not head.get("debug") else None
         consumer = child.transport if hasattr(child.transport, "registerProducer") else None
         child.feed = BodyFeed(child.send, consumer)
         child.feed.start(wire.encode_json(wire.REQUEST, head), body)

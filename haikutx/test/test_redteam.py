@@ -255,7 +255,6 @@ class SlowClientTests(TestCase):
 
 
 class ConsoleTests(TestCase):
-    skip = "known hole: forged console frames are logged without --debug"
 
     """
     A handler's console reaches the server's log only with --debug, and
@@ -283,3 +282,32 @@ class ConsoleTests(TestCase):
         response = await http(self.port, "/?x-haiku-handler=flood.py")
         self.assertEqual(response.status, 200, response.text)
         self.assertEqual(self.logged, 0)
+
+
+class DebugConsoleTests(ConsoleTests):
+    """
+    With --debug, forged console frames are logged within --maxconsole.
+    """
+
+    def setUp(self) -> Deferred[None]:
+        self.port, self.pool = start_runtime(
+            self, {"flood.py": CONSOLE_FLOOD}, workers=1, max_requests=1, debug=True
+        )
+        self.logged = 0
+
+        def observe(event: dict) -> None:
+            if "console" in event:
+                self.logged += len(event["console"])
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return Deferred.fromCoroutine(ready(self.pool))
+
+    async def test_forged_console_frames(self) -> None:
+        """
+        13 MB of forged console frames log 4096 bytes (the default limit).
+        """
+        response = await http(self.port, "/?x-haiku-handler=flood.py")
+        self.assertEqual(response.status, 200, response.text)
+        self.assertLessEqual(self.logged, 4096)
+        self.assertGreater(self.logged, 0)
