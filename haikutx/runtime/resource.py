@@ -142,6 +142,7 @@ class Exchange:
         self.status: int | None = None
         self.done: Deferred[int] = Deferred()
         self._timer: IDelayedCall | None = None
+        self._source: Any = None
         request.notifyFinish().addErrback(self._disconnected)
 
     def start(self, head: dict[str, Any], body: RequestBody) -> None:
@@ -149,10 +150,35 @@ class Exchange:
         Send the request to the worker and start the clock.
         """
         self._timer = self._reactor.callLater(self._max_time, self._timed_out)
+        child = self._worker.child
         self._worker.run(self, head, body)
+        source = getattr(child, "transport", None)
+        if (
+            hasattr(source, "pauseProducing")
+            and not self.done.called
+            and self._request.channel is not None
+            and self._request.producer is None
+        ):
+            # A client that does not read pauses the child's channel: the
+            # server holds no more of the response than its socket buffers.
+            self._source = source
+            self._request.registerProducer(source, True)
+
+    def _release_source(self) -> None:
+        """
+        Stop pausing the child's channel with the client's (the response is
+        over, or the client gone).
+        """
+        source, self._source = self._source, None
+        if source is None:
+            return
+        if self._request.channel is not None and self._request.producer is source:
+            self._request.unregisterProducer()
+        source.resumeProducing()
 
     def _disconnected(self, reason: Any) -> None:
         self._client_gone = True
+        self._release_source()
         if self._timer is None or self.done.called or self._worker.kind != "stdio":
             return
         # A stdio run whose client has gone ends now, and every process it
@@ -202,6 +228,7 @@ class Exchange:
             self._request.write(data)
 
     def finish(self, trailers: list[list[str]]) -> None:
+        self._release_source()
         if not self._client_gone:
             if self._manual_chunks:
                 lines = b"".join(
@@ -242,6 +269,7 @@ class Exchange:
         """
         if self.done.called:
             return
+        self._release_source()
         request = self._request
         if not self._client_gone:
             if request.startedWriting:

@@ -96,6 +96,14 @@ def describe_status(code: int | None, number: int | None) -> str:
     return f"exited with status {code}"
 
 
+def _reading_paused(child: ChildProtocol) -> bool:
+    """
+    Whether the server has stopped reading C{child}'s channel for now (its
+    response's client is not reading).
+    """
+    return bool(getattr(child.transport, "paused", False))
+
+
 class WorkerProtocol(ProcessProtocol):
     """
     One worker slot: its zygote process and its current child.
@@ -493,12 +501,23 @@ class WorkerProtocol(ProcessProtocol):
         if child is None:
             self._heartbeat = None
             return
+        if _reading_paused(child):
+            # Its client is slow: the child waits on a full channel, and
+            # its answer would not be read; the time limit still holds.
+            self._schedule_heartbeat()
+            return
         child.challenge = os.urandom(8).hex().encode("ascii")
         child.send(wire.encode(wire.CHALLENGE, child.challenge))
         self._heartbeat = self._reactor.callLater(self._timeout, self._missed_heartbeat, child)
 
     def _missed_heartbeat(self, child: ChildProtocol) -> None:
         self._heartbeat = None
+        if _reading_paused(child) and child is self.child:
+            # Its answer may be waiting unread behind a slow client's data.
+            self._heartbeat = self._reactor.callLater(
+                self._timeout, self._missed_heartbeat, child
+            )
+            return
         self.kill_child(
             child, f"did not answer a heartbeat within {self._timeout * 1000:.0f} ms"
         )
