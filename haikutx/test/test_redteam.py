@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import Any
 
 import h11
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -52,6 +53,25 @@ else:
     name = req.query['name'].replace('_', ' ').replace('~', '\t')
     worker.send(wire.encode_json(wire.HEAD, {'status': 200, 'headers': [[name, '0']]}))
     worker.send(wire.encode(wire.DATA, forged.encode()))
+    worker.send(wire.encode_json(wire.FINISH, {'trailers': []}))
+res.done = True
+"""
+
+#: One head frame just under the frame limit, made of tiny headers (or
+#: trailers): what the server builds of it is many times its size.
+HEADER_BOMB = r"""
+import gc
+from haikutx.child import wire
+worker = [o for o in gc.get_objects() if type(o).__name__ == 'Worker'
+          and hasattr(o, '_frame')][0]
+n = (wire.MAX_FRAME - 64) // 10
+pairs = [['a', ''] for _ in range(n)]
+if req.query.get('via') == 'trailer':
+    worker.send(wire.encode_json(wire.HEAD, {'status': 200, 'headers': [['Trailer', 'a']]}))
+    worker.send(wire.encode_json(wire.FINISH, {'trailers': pairs}))
+else:
+    worker.send(wire.encode_json(wire.HEAD, {'status': int(req.query.get('status', 200)),
+                                             'headers': pairs}))
     worker.send(wire.encode_json(wire.FINISH, {'trailers': []}))
 res.done = True
 """
@@ -284,6 +304,53 @@ class _Counting(Protocol):
 
     def connectionLost(self, reason: object) -> None:
         self._done.callback(self.received)
+
+
+class HeaderBombTests(TestCase):
+    """
+    What a handler sends as its response head is bounded in the server.
+    """
+
+    def setUp(self) -> Deferred[None]:
+        self.port, self.pool = start_runtime(
+            self, {"bomb.py": HEADER_BOMB, "victim.py": VICTIM}, workers=1, max_requests=1
+        )
+        return Deferred.fromCoroutine(ready(self.pool))
+
+    async def _bomb(self, query: str) -> Any:
+        gaps = []
+        last = [reactor.seconds()]
+
+        def tick() -> None:
+            now = reactor.seconds()
+            gaps.append(now - last[0])
+            last[0] = now
+
+        ticker = LoopingCall(tick)
+        ticker.start(0.02)
+        try:
+            response = await http(self.port, "/?x-haiku-handler=bomb.py" + query)
+        finally:
+            ticker.stop()
+        self.assertLess(max(gaps), 1.0, "the server's loop was held")
+        victim = await http(self.port, "/?x-haiku-handler=victim.py")
+        self.assertEqual(victim.text, "victim")
+        return response
+
+    async def test_headers(self) -> None:
+        """
+        1.6 million headers in one frame: the child is killed (500) without
+        holding the server's loop.
+        """
+        response = await self._bomb("")
+        self.assertEqual(response.status, 500, response.raw[:200])
+
+    async def test_trailers(self) -> None:
+        """
+        The same as trailers: the response is cut off.
+        """
+        response = await self._bomb("&via=trailer")
+        self.assertFalse(response.complete, response.raw[:200])
 
 
 class ConsoleTests(TestCase):
