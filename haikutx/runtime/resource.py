@@ -220,7 +220,8 @@ class Exchange:
             self._manual_chunks = True
 
     def data(self, data: bytes) -> None:
-        if self._client_gone:
+        if self._client_gone or not data:
+            # An empty chunk would be the last chunk: the response's end.
             return
         if self._manual_chunks:
             self._request.write(b"".join(toChunk(data)))

@@ -49,6 +49,11 @@ if req.query.get('via') == 'trailer':
     worker.send(wire.encode_json(wire.HEAD, {'status': 200, 'headers': [['Trailer', 'x']]}))
     worker.send(wire.encode(wire.DATA, b'ok'))
     worker.send(wire.encode_json(wire.FINISH, {'trailers': [['x\r\n\r\n' + forged, 'v']]}))
+elif req.query.get('via') == 'empty-chunk':
+    worker.send(wire.encode_json(wire.HEAD, {'status': 200, 'headers': [['Trailer', 'x']]}))
+    worker.send(wire.encode(wire.DATA, b''))
+    worker.send(wire.encode(wire.DATA, forged.encode()))
+    worker.send(wire.encode_json(wire.FINISH, {'trailers': []}))
 else:
     name = req.query['name'].replace('_', ' ').replace('~', '\t')
     worker.send(wire.encode_json(wire.HEAD, {'status': 200, 'headers': [[name, '0']]}))
@@ -231,6 +236,13 @@ class FramingTests(TestCase):
         A trailer's name cannot end the response and start another.
         """
         await self._smuggle("frames.py&via=trailer")
+
+    async def test_empty_data_frame(self) -> None:
+        """
+        An empty data frame, in a response with trailers (whose chunks the
+        runtime writes itself), does not end the response early.
+        """
+        await self._smuggle("frames.py&via=empty-chunk")
 
     async def test_content_length_spelled_otherwise(self) -> None:
         """
