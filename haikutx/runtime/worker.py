@@ -393,7 +393,13 @@ class WorkerProtocol(ProcessProtocol):
             return
         if kind == wire.HEAD:
             head = json.loads(payload)
-            exchange.head(int(head["status"]), head["headers"])
+            status = int(head["status"])
+            if not 200 <= status <= 599:
+                # An interim status (1xx) would make the client read what
+                # follows as the response, or as another protocol (101).
+                self.kill_child(child, f"sent an invalid status {status}")
+                return
+            exchange.head(status, head["headers"])
         elif kind == wire.DATA:
             exchange.data(payload)
         elif kind == wire.FINISH:

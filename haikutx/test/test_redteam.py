@@ -56,7 +56,8 @@ elif req.query.get('via') == 'empty-chunk':
     worker.send(wire.encode_json(wire.FINISH, {'trailers': []}))
 else:
     name = req.query['name'].replace('_', ' ').replace('~', '\t')
-    worker.send(wire.encode_json(wire.HEAD, {'status': 200, 'headers': [[name, '0']]}))
+    status = int(req.query.get('status', '200'))
+    worker.send(wire.encode_json(wire.HEAD, {'status': status, 'headers': [[name, '0']]}))
     worker.send(wire.encode(wire.DATA, forged.encode()))
     worker.send(wire.encode_json(wire.FINISH, {'trailers': []}))
 res.done = True
@@ -243,6 +244,15 @@ class FramingTests(TestCase):
         runtime writes itself), does not end the response early.
         """
         await self._smuggle("frames.py&via=empty-chunk")
+
+    async def test_interim_status(self) -> None:
+        """
+        A handler's status cannot be an interim one (C{1xx}), after which a
+        client reads the handler's bytes as the response, or as another
+        protocol altogether (C{101}).
+        """
+        for status in (100, 101, 103):
+            await self._smuggle(f"frames.py&name=X-A&status={status}")
 
     async def test_content_length_spelled_otherwise(self) -> None:
         """
