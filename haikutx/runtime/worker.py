@@ -96,6 +96,15 @@ def describe_status(code: int | None, number: int | None) -> str:
     return f"exited with status {code}"
 
 
+def _final_status(status: int) -> bool:
+    """
+    Whether C{status} may answer a request: not an interim one (C{1xx}),
+    after which the client would read what follows as the response, or as
+    another protocol (C{101}).
+    """
+    return 200 <= status <= 599
+
+
 def _reading_paused(child: ChildProtocol) -> bool:
     """
     Whether the server has stopped reading C{child}'s channel for now (its
@@ -394,9 +403,7 @@ class WorkerProtocol(ProcessProtocol):
         if kind == wire.HEAD:
             head = json.loads(payload)
             status = int(head["status"])
-            if not 200 <= status <= 599:
-                # An interim status (1xx) would make the client read what
-                # follows as the response, or as another protocol (101).
+            if not _final_status(status):
                 self.kill_child(child, f"sent an invalid status {status}")
                 return
             exchange.head(status, head["headers"])
@@ -409,6 +416,9 @@ class WorkerProtocol(ProcessProtocol):
             exchange.finish(trailers)
         elif kind == wire.FAIL:
             failure = json.loads(payload)
+            if not _final_status(int(failure["status"])):
+                self.kill_child(child, f"sent an invalid status {failure['status']}")
+                return
             child.exchange = None
             self._end_body(child)
             exchange.fail(int(failure["status"]), failure["message"])

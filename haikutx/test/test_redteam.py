@@ -49,6 +49,9 @@ if req.query.get('via') == 'trailer':
     worker.send(wire.encode_json(wire.HEAD, {'status': 200, 'headers': [['Trailer', 'x']]}))
     worker.send(wire.encode(wire.DATA, b'ok'))
     worker.send(wire.encode_json(wire.FINISH, {'trailers': [['x\r\n\r\n' + forged, 'v']]}))
+elif req.query.get('via') == 'fail':
+    worker.send(wire.encode_json(wire.FAIL, {'status': int(req.query['status']),
+                                             'message': forged}))
 elif req.query.get('via') == 'empty-chunk':
     worker.send(wire.encode_json(wire.HEAD, {'status': 200, 'headers': [['Trailer', 'x']]}))
     worker.send(wire.encode(wire.DATA, b''))
@@ -253,6 +256,7 @@ class FramingTests(TestCase):
         """
         for status in (100, 101, 103):
             await self._smuggle(f"frames.py&name=X-A&status={status}")
+            await self._smuggle(f"frames.py&via=fail&status={status}")
 
     async def test_content_length_spelled_otherwise(self) -> None:
         """
