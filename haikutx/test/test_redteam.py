@@ -436,3 +436,80 @@ class DebugConsoleTests(ConsoleTests):
         self.assertEqual(response.status, 200, response.text)
         self.assertLessEqual(self.logged, 4096)
         self.assertGreater(self.logged, 0)
+
+
+#: Opens as many connections to its egress relay as its processes can
+#: hold, and holds them without a word: each is a descriptor in the server.
+RELAY_FLOOD = r"""
+port=${HTTP_PROXY##*:}
+for i in $(seq 1 20); do
+  (
+    for fd in $(seq 11 60); do
+      eval "exec $fd<>/dev/tcp/127.0.0.1/$port" 2>/dev/null || break
+    done
+    sleep 5
+  ) &
+done
+sleep 2
+echo held
+"""
+
+
+def _stdio_sandbox() -> None:
+    """
+    Skip unless stdio handlers run here with their processes bounded (root,
+    Landlock, seccomp, cgroup v1 pids and memory, bash).
+    """
+    from haikutx.sandbox import probe
+    from haikutx.sandbox.cgroup import CgroupTree, hierarchies
+
+    if os.geteuid() != 0:
+        raise SkipTest("per-slot uids, the network namespace and cgroups need root")
+    layers = probe()
+    if not layers.landlock_abi or not layers.seccomp:
+        raise SkipTest(f"this kernel lacks a sandbox layer: {layers.reasons}")
+    if not CgroupTree(*hierarchies()).complete():
+        raise SkipTest("cgroup v1 pids and memory are needed")
+    if shutil.which("bash") is None:
+        raise SkipTest("bash is not installed")
+
+
+class RelayFloodTests(TestCase):
+    """
+    What a handler holds open through its egress relay is bounded in the
+    server.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> Deferred[None]:
+        from haikutx.config import Limits
+
+        _stdio_sandbox()
+        self.port, self.pool = start_runtime(
+            self, {"flood.sh": RELAY_FLOOD, "victim.py": VICTIM}, workers=1,
+            max_requests=1, limits=Limits(max_time=10.0),
+        )
+        return Deferred.fromCoroutine(ready(self.pool))
+
+    async def test_idle_connections(self) -> None:
+        """
+        A thousand idle connections to the relay from one run: the server
+        holds at most a bounded number of them.
+        """
+        before = len(os.listdir("/proc/self/fd"))
+        most = [0]
+
+        def count() -> None:
+            most[0] = max(most[0], len(os.listdir("/proc/self/fd")) - before)
+
+        counter = LoopingCall(count)
+        counter.start(0.05)
+        try:
+            response = await http(self.port, "/?x-haiku-handler=flood.sh")
+        finally:
+            counter.stop()
+        self.assertEqual(response.text, "held\n")
+        self.assertLess(most[0], 200, f"the server held {most[0]} more descriptors")
+        victim = await http(self.port, "/?x-haiku-handler=victim.py")
+        self.assertEqual(victim.text, "victim")
