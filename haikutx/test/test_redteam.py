@@ -19,7 +19,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 
-from haikutx.test.support import http, ready, start_runtime
+from haikutx.test.support import http, ready, start_runtime, until
 
 #: Lies about its length: says its body is empty, then writes a whole
 #: forged response, which a keep-alive client (or a front proxy reusing its
@@ -513,3 +513,69 @@ class RelayFloodTests(TestCase):
         self.assertLess(most[0], 200, f"the server held {most[0]} more descriptors")
         victim = await http(self.port, "/?x-haiku-handler=victim.py")
         self.assertEqual(victim.text, "victim")
+
+
+#: Opens tunnels through its relay to an allowed service that never says
+#: anything, and ends its run with them open.
+TUNNELS = r"""
+import os, socket
+port = int(os.environ.get('HTTP_PROXY', 'http://127.0.0.1:3128').rsplit(':', 1)[1])
+held = []
+for _ in range(int(req.query['n'])):
+    s = socket.create_connection(('127.0.0.1', port), timeout=5)
+    s.sendall(('CONNECT 127.0.0.1:%s HTTP/1.1\r\nHost: x\r\n\r\n' % req.query['to']).encode())
+    answer = s.recv(100)
+    held.append(s)
+res.end('%d tunnels: %s' % (len(held), answer.split(b'\r\n')[0].decode()))
+"""
+
+
+class _Silent(Protocol):
+    """
+    Accepts and says nothing; counts who is connected.
+    """
+
+    live: set[Protocol]
+
+    def connectionMade(self) -> None:
+        self.factory.live.add(self)  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: object) -> None:
+        self.factory.live.discard(self)  # type: ignore[attr-defined]
+
+
+class TunnelTests(TestCase):
+    """
+    Tunnels a run opened through the egress proxy end with its run.
+    """
+
+    def setUp(self) -> Deferred[None]:
+        from twisted.internet.protocol import Factory
+
+        from haikutx.sandbox import probe
+
+        if os.geteuid() != 0 or not probe().network_namespaces:
+            raise SkipTest("the egress namespace needs root")
+        factory = Factory.forProtocol(_Silent)
+        factory.live = set()  # type: ignore[attr-defined]
+        self.live = factory.live  # type: ignore[attr-defined]
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.to = listening.getHost().port
+        self.port, self.pool = start_runtime(
+            self, {"tunnels.py": TUNNELS}, workers=1, max_requests=1,
+            egress_allow=(f"127.0.0.1:{self.to}",),
+        )
+        return Deferred.fromCoroutine(ready(self.pool))
+
+    async def test_tunnels_end_with_the_run(self) -> None:
+        """
+        Ten tunnels to a silent service, left open by a handler whose run
+        ended: the server closes them, and the slot can open as many again.
+        """
+        for _ in range(2):
+            response = await http(self.port, f"/?x-haiku-handler=tunnels.py&n=10&to={self.to}")
+            self.assertEqual(response.text, "10 tunnels: HTTP/1.1 200 Connection established")
+            await until(
+                lambda: not self.live, 5.0, lambda: f"{len(self.live)} tunnels outlived their run"
+            )
