@@ -54,6 +54,8 @@ class ChildProtocol(Protocol):
         self.retired = False
         self.closed = False
         self.challenge: bytes | None = None
+        #: Whether it sent the head of its current request's response.
+        self.headed = False
         #: Console bytes still to be logged for its request (C{None}: no
         #: limit, with --debug and --maxconsole 0).
         self.console_left: int | None = 0

@@ -401,6 +401,11 @@ class WorkerProtocol(ProcessProtocol):
         if exchange is None:
             return
         if kind == wire.HEAD:
+            if child.headed:
+                # Each would add to the response's headers, never sent.
+                self.kill_child(child, "sent a second response head")
+                return
+            child.headed = True
             head = json.loads(payload)
             status = int(head["status"])
             if not _final_status(status):
@@ -458,6 +463,7 @@ class WorkerProtocol(ProcessProtocol):
         child = self.child
         child.exchange = exchange
         child.requested = True
+        child.headed = False
         limit = int(head.get("max_console", 0)) if head.get("debug") else 0
         child.console_left = limit if limit > 0 or not head.get("debug") else None
         consumer = child.transport if hasattr(child.transport, "registerProducer") else None

@@ -78,6 +78,12 @@ pairs = [['a', ''] for _ in range(n)]
 if req.query.get('via') == 'trailer':
     worker.send(wire.encode_json(wire.HEAD, {'status': 200, 'headers': [['Trailer', 'a']]}))
     worker.send(wire.encode_json(wire.FINISH, {'trailers': pairs}))
+elif req.query.get('via') == 'heads':
+    head = wire.encode_json(wire.HEAD, {'status': 200,
+                                        'headers': [['a', 'b' * 200]] * 1000})
+    for _ in range(int(req.query.get('n', '1000'))):
+        worker.send(head)
+    worker.send(wire.encode_json(wire.FINISH, {'trailers': []}))
 else:
     worker.send(wire.encode_json(wire.HEAD, {'status': int(req.query.get('status', 200)),
                                              'headers': pairs}))
@@ -369,6 +375,17 @@ class HeaderBombTests(TestCase):
         holding the server's loop.
         """
         response = await self._bomb("")
+        self.assertEqual(response.status, 500, response.raw[:200])
+
+    async def test_many_heads(self) -> None:
+        """
+        A thousand heads of 200 KiB each for one response: the server does
+        not keep adding them up.
+        """
+        before = _rss()
+        response = await self._bomb("&via=heads")
+        grown = _rss() - before
+        self.assertLess(grown, 64 << 20, f"the server grew by {grown >> 20} MiB")
         self.assertEqual(response.status, 500, response.raw[:200])
 
     async def test_trailers(self) -> None:
