@@ -31,8 +31,8 @@ _HEADER = struct.Struct(">IB")
 #: Largest frame accepted; larger ones are a protocol error.
 MAX_FRAME = 16 * 1024 * 1024
 
-#: Largest response head (L{HEAD}) or trailers (L{FINISH}) payload the
-#: server takes; a larger one gets the child killed (a frame of a million
+#: Largest response head (L{HEAD}), trailers (L{FINISH}) or failure
+#: (L{FAIL}) payload the server takes; a larger one gets the child killed (a frame of a million
 #: tiny headers would hold the server's loop for seconds).
 MAX_HEAD = 256 * 1024
 

@@ -390,10 +390,10 @@ class WorkerProtocol(ProcessProtocol):
                 console=payload.decode("utf-8", "replace").rstrip("\n"),
             )
             return
-        if kind in (wire.HEAD, wire.FINISH) and len(payload) > wire.MAX_HEAD:
+        if kind in (wire.HEAD, wire.FINISH, wire.FAIL) and len(payload) > wire.MAX_HEAD:
             self.kill_child(
                 child,
-                f"sent a response head or trailers of {len(payload)} bytes "
+                f"sent a response head, trailers or failure of {len(payload)} bytes "
                 f"(at most {wire.MAX_HEAD})",
             )
             return

@@ -78,6 +78,8 @@ pairs = [['a', ''] for _ in range(n)]
 if req.query.get('via') == 'trailer':
     worker.send(wire.encode_json(wire.HEAD, {'status': 200, 'headers': [['Trailer', 'a']]}))
     worker.send(wire.encode_json(wire.FINISH, {'trailers': pairs}))
+elif req.query.get('via') == 'fail':
+    worker.send(wire.encode_json(wire.FAIL, {'status': 500, 'message': 'm' * (15 << 20)}))
 elif req.query.get('via') == 'heads':
     head = wire.encode_json(wire.HEAD, {'status': 200,
                                         'headers': [['a', 'b' * 200]] * 1000})
@@ -387,6 +389,22 @@ class HeaderBombTests(TestCase):
         grown = _rss() - before
         self.assertLess(grown, 64 << 20, f"the server grew by {grown >> 20} MiB")
         self.assertEqual(response.status, 500, response.raw[:200])
+
+    async def test_failure_message(self) -> None:
+        """
+        A failure frame with a 15 MiB message is not logged or sent whole.
+        """
+        logged = []
+
+        def observe(event: dict) -> None:
+            logged.append(sum(len(str(v)) for v in event.values()))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        response = await self._bomb("&via=fail")
+        self.assertEqual(response.status, 500)
+        self.assertLess(len(response.body), 1 << 20)
+        self.assertLess(max(logged), 1 << 20)
 
     async def test_trailers(self) -> None:
         """
