@@ -614,3 +614,41 @@ class TunnelTests(TestCase):
             await until(
                 lambda: not self.live, 5.0, lambda: f"{len(self.live)} tunnels outlived their run"
             )
+
+
+#: A stdio handler that looks for the channel among its descriptors and
+#: writes the frames a fresh process and a forged response would be.
+STDIO_FORGE = r"""
+ready='\0\0\0\1Y'
+head='\0\0\0\x11H{"status":299}'
+for fd in $(seq 3 63); do
+  (printf "$ready$head" >&$fd) 2>/dev/null && echo "wrote $fd"
+  (read -r -t 0.01 -u $fd line) 2>/dev/null && echo "read $fd"
+done
+echo done
+"""
+
+
+class StdioDescriptorTests(TestCase):
+    """
+    A stdio interpreter holds its stdin, stdout and stderr only: no channel
+    to forge frames on or read requests from.
+    """
+
+    def setUp(self) -> Deferred[None]:
+        if shutil.which("bash") is None:
+            raise SkipTest("bash is not installed")
+        self.port, self.pool = start_runtime(
+            self, {"forge.sh": STDIO_FORGE, "victim.py": VICTIM}, workers=1, max_requests=1
+        )
+        return Deferred.fromCoroutine(ready(self.pool))
+
+    async def test_no_channel(self) -> None:
+        """
+        Nothing beyond fd 2 can be written or read, and the next request is
+        served as usual.
+        """
+        response = await http(self.port, "/?x-haiku-handler=forge.sh")
+        self.assertEqual((response.status, response.text), (200, "done\n"))
+        victim = await http(self.port, "/?x-haiku-handler=victim.py")
+        self.assertEqual(victim.text, "victim")
