@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from twisted.web.http import toChunk
 from twisted.web.resource import Resource
@@ -46,6 +46,10 @@ NO_HANDLER = (
 _UNFRAMED = HOP_BY_HOP | {b"content-length"}
 
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+
+#: Response bytes the server holds for a client that reads slowly before
+#: it stops reading the handler's channel (the handler then waits).
+RESPONSE_BUFFER = 4 * 1024 * 1024
 
 #: Set on a request for which L{HandlerResource} emits its own event.
 _LOGGED_HERE = "haiku_logged"
@@ -159,10 +163,10 @@ class Exchange:
             and self._request.channel is not None
             and self._request.producer is None
         ):
-            # A client that does not read pauses the child's channel: the
-            # server holds no more of the response than its socket buffers.
-            self._source = source
-            self._request.registerProducer(source, True)
+            # A client that does not read pauses the child's channel, once
+            # the server holds RESPONSE_BUFFER bytes of the response for it.
+            self._source = _Valve(source, RESPONSE_BUFFER)
+            self._request.registerProducer(self._source, True)
 
     def _release_source(self) -> None:
         """
@@ -223,6 +227,8 @@ class Exchange:
         if self._client_gone or not data:
             # An empty chunk would be the last chunk: the response's end.
             return
+        if self._source is not None:
+            self._source.wrote(len(data))
         if self._manual_chunks:
             self._request.write(b"".join(toChunk(data)))
         else:
@@ -312,6 +318,45 @@ def _field_name(name: str) -> bytes | None:
     """
     raw = name.encode("latin-1", "replace")
     return raw if _TOKEN.fullmatch(raw) else None
+
+
+@implementer(IPushProducer)
+class _Valve:
+    """
+    Pauses a child's channel for a slow client, but only once the client's
+    connection holds more than C{limit} bytes written since it last drained:
+    most responses are taken whole, so their handler is done at once (its
+    time limit counts until its end), and none holds more server memory.
+    """
+
+    def __init__(self, source: Any, limit: int) -> None:
+        self._source = source
+        self._limit = limit
+        self._held = 0
+        self._full = False
+
+    def wrote(self, size: int) -> None:
+        """
+        C{size} bytes of the response went into the client's connection.
+        """
+        self._held += size
+        if self._full and self._held > self._limit:
+            self._source.pauseProducing()
+
+    def pauseProducing(self) -> None:
+        self._full = True
+        if self._held > self._limit:
+            self._source.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        # The client's connection has drained.
+        self._full = False
+        self._held = 0
+        self._source.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._full = False
+        self._source.resumeProducing()
 
 
 def _header_value(value: str) -> bytes:

@@ -296,7 +296,8 @@ class SlowClientTests(TestCase):
         """
         256 MiB written to a client that reads nothing for three seconds
         (longer than the heartbeat) does not grow the server by more than
-        64 MiB, and the client then gets all of it.
+        64 MiB; the handler waits (and is not taken for a hung one), and
+        the slot serves the next request once the client has gone.
         """
         before = _rss()
         done: Deferred[int] = Deferred()
@@ -306,13 +307,41 @@ class SlowClientTests(TestCase):
         for _ in range(30):
             await deferLater(reactor, 0.1, lambda: None)
             grown = max(grown, _rss() - before)
+        self.assertLess(grown, 64 << 20, f"the server grew by {grown >> 20} MiB")
+        self.assertEqual(self.pool.status()["workers"], {"busy": 1})
+        client.transport.abortConnection()
+        await done
+        victim = await http(self.port, "/?x-haiku-handler=victim.py")
+        self.assertEqual(victim.text, "victim")
+
+
+    async def test_slow_client_medium_response(self) -> None:
+        """
+        A response of 12 MiB (more than the sockets hold) to a client that
+        reads nothing for longer than the time limit is taken whole by a
+        server that may hold 16 MiB for it: its handler is done in time, and
+        the client gets all of it.
+        """
+        from haikutx.config import Limits
+        from haikutx.runtime import resource
+
+        self.patch(resource, "RESPONSE_BUFFER", 16 << 20)
+
+        port, pool = start_runtime(
+            self, {"firehose.py": FIREHOSE}, workers=1, max_requests=1,
+            limits=Limits(max_time=1.0),
+        )
+        await ready(pool)
+        done: Deferred[int] = Deferred()
+        client = _Counting(done, "&mib=12", window=65536)
+        reactor.connectTCP("127.0.0.1", port, ClientFactory.forProtocol(lambda: client))
+        await deferLater(reactor, 2.0, lambda: None)
         client.transport.resumeProducing()
         timeout = reactor.callLater(30, client.transport.abortConnection)
         self.addCleanup(lambda: timeout.active() and timeout.cancel())
         received = await done
-        self.assertLess(grown, 64 << 20, f"the server grew by {grown >> 20} MiB")
-        self.assertTrue(client.tail.endswith(b"\r\n0\r\n\r\n"), client.tail)
-        self.assertGreater(received, 256 << 20)
+        self.assertTrue(client.tail.endswith(b"\r\n0\r\n\r\n"), (received, client.tail))
+        self.assertGreater(received, 12 << 20)
 
 
 class _Counting(Protocol):
@@ -320,16 +349,24 @@ class _Counting(Protocol):
     Asks for a firehose, reads nothing until resumed, then counts.
     """
 
-    def __init__(self, done: Deferred[int]) -> None:
+    def __init__(self, done: Deferred[int], query: str = "", window: int = 0) -> None:
         self._done = done
+        self._window = window
+        self._query = query.encode()
         self.received = 0
         self.tail = b""
 
     def connectionMade(self) -> None:
+        import socket
+
+        if self._window:
+            # Less for the kernel to hold for a client that does not read.
+            handle = self.transport.getHandle()
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._window)
         self.transport.pauseProducing()
         self.transport.write(
-            b"GET /?x-haiku-handler=firehose.py HTTP/1.1\r\nHost: x\r\n"
-            b"Connection: close\r\n\r\n"
+            b"GET /?x-haiku-handler=firehose.py%s HTTP/1.1\r\nHost: x\r\n"
+            b"Connection: close\r\n\r\n" % self._query
         )
 
     def dataReceived(self, data: bytes) -> None:
