@@ -96,6 +96,24 @@ def describe_status(code: int | None, number: int | None) -> str:
     return f"exited with status {code}"
 
 
+def _pairs(value: Any) -> list[list[str]]:
+    """
+    Headers or trailers from a child's frame: a list of C{[name, value]}
+    string pairs.
+
+    @raise ValueError: for anything else (the child sent a malformed frame).
+    """
+    if not isinstance(value, list) or not all(
+        isinstance(pair, list)
+        and len(pair) == 2
+        and isinstance(pair[0], str)
+        and isinstance(pair[1], str)
+        for pair in value
+    ):
+        raise ValueError("headers are not a list of [name, value] strings")
+    return value
+
+
 def _final_status(status: int) -> bool:
     """
     Whether C{status} may answer a request: not an interim one (C{1xx}),
@@ -411,11 +429,11 @@ class WorkerProtocol(ProcessProtocol):
             if not _final_status(status):
                 self.kill_child(child, f"sent an invalid status {status}")
                 return
-            exchange.head(status, head["headers"])
+            exchange.head(status, _pairs(head["headers"]))
         elif kind == wire.DATA:
             exchange.data(payload)
         elif kind == wire.FINISH:
-            trailers = json.loads(payload)["trailers"]
+            trailers = _pairs(json.loads(payload)["trailers"])
             child.exchange = None
             self._end_body(child)
             exchange.finish(trailers)

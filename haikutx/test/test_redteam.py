@@ -52,6 +52,11 @@ if req.query.get('via') == 'trailer':
 elif req.query.get('via') == 'fail':
     worker.send(wire.encode_json(wire.FAIL, {'status': int(req.query['status']),
                                              'message': forged}))
+elif req.query.get('via') == 'odd-types':
+    worker.send(wire.encode_json(wire.HEAD, {'status': 200, 'headers': [['Trailer', 'x'],
+                                                                        [1, None]]}))
+    worker.send(wire.encode(wire.DATA, b'ok'))
+    worker.send(wire.encode_json(wire.FINISH, {'trailers': [[1, 2], ['x', None]]}))
 elif req.query.get('via') == 'empty-chunk':
     worker.send(wire.encode_json(wire.HEAD, {'status': 200, 'headers': [['Trailer', 'x']]}))
     worker.send(wire.encode(wire.DATA, b''))
@@ -265,6 +270,18 @@ class FramingTests(TestCase):
         for status in (100, 101, 103):
             await self._smuggle(f"frames.py&name=X-A&status={status}")
             await self._smuggle(f"frames.py&via=fail&status={status}")
+
+    async def test_names_not_strings(self) -> None:
+        """
+        Header and trailer names and values that are not strings get the
+        child killed, at once: the request neither hangs nor keeps its
+        slot.
+        """
+        started = reactor.seconds()
+        raw = await pipelined(self.port, "/?x-haiku-handler=frames.py&via=odd-types")
+        self.assertLess(reactor.seconds() - started, 3.0, raw)
+        victim = await http(self.port, "/?x-haiku-handler=victim.py")
+        self.assertEqual(victim.text, "victim")
 
     async def test_content_length_spelled_otherwise(self) -> None:
         """
