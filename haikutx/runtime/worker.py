@@ -439,6 +439,8 @@ class WorkerProtocol(ProcessProtocol):
             exchange.finish(trailers)
         elif kind == wire.FAIL:
             failure = json.loads(payload)
+            if not isinstance(failure["message"], str):
+                raise ValueError("a failure's message is not a string")
             if not _final_status(int(failure["status"])):
                 self.kill_child(child, f"sent an invalid status {failure['status']}")
                 return

@@ -57,6 +57,8 @@ elif req.query.get('via') == 'odd-types':
                                                                         [1, None]]}))
     worker.send(wire.encode(wire.DATA, b'ok'))
     worker.send(wire.encode_json(wire.FINISH, {'trailers': [[1, 2], ['x', None]]}))
+elif req.query.get('via') == 'odd-failure':
+    worker.send(wire.encode_json(wire.FAIL, {'status': 500, 'message': ['not', 'text']}))
 elif req.query.get('via') == 'empty-chunk':
     worker.send(wire.encode_json(wire.HEAD, {'status': 200, 'headers': [['Trailer', 'x']]}))
     worker.send(wire.encode(wire.DATA, b''))
@@ -282,6 +284,9 @@ class FramingTests(TestCase):
         self.assertLess(reactor.seconds() - started, 3.0, raw)
         victim = await http(self.port, "/?x-haiku-handler=victim.py")
         self.assertEqual(victim.text, "victim")
+        response = await http(self.port, "/?x-haiku-handler=frames.py&via=odd-failure")
+        self.assertEqual(response.status, 500)
+        self.assertIn("malformed frame", response.text)
 
     async def test_content_length_spelled_otherwise(self) -> None:
         """
