@@ -138,7 +138,7 @@ class Response:
         if self.headers_sent:
             raise RuntimeError("write_head called after the head was sent")
         status = int(status)
-        if not 100 <= status <= 999:
+        if not 200 <= status <= 599:
             raise ValueError(f"invalid status code {status}")
         self.status_code = status
         for name, value in (headers or {}).items():

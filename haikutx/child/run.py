@@ -144,6 +144,9 @@ class HandlerRun(ResponseSink):
         """
         if self.done:
             return
+        # Within what the server takes (wire.MAX_HEAD; a character is at most
+        # 12 bytes of JSON).
+        message = message[: wire.MAX_HEAD // 12 - 16]
         self._worker.send(wire.encode_json(wire.FAIL, {"status": status, "message": message}))
         self._finish_run()
 

@@ -163,7 +163,7 @@ def parse_cgi_headers(block: bytes) -> tuple[int, list[tuple[str, str]]] | None:
     @return: the status and the other headers, or C{None} when C{block} is
         not a header block (a line that is not C{Name: value}, or none of
         C{Status}, C{Content-Type}, C{Location}).
-    @raise ValueError: for a C{Status} that is not a number from 100 to 999.
+    @raise ValueError: for a C{Status} that is not a number from 200 to 599.
     """
     status = 200
     headers: list[tuple[str, str]] = []
@@ -178,7 +178,7 @@ def parse_cgi_headers(block: bytes) -> tuple[int, list[tuple[str, str]]] | None:
         value = match.group(2).decode("utf-8", "replace")
         if name == b"status":
             code = value.split(None, 1)[0] if value.split() else ""
-            if not code.isdigit() or not 100 <= int(code) <= 999:
+            if not code.isdigit() or not 200 <= int(code) <= 599:
                 raise ValueError(f"invalid CGI Status header {value!r}")
             status = int(code)
         else:

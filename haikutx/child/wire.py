@@ -31,6 +31,11 @@ _HEADER = struct.Struct(">IB")
 #: Largest frame accepted; larger ones are a protocol error.
 MAX_FRAME = 16 * 1024 * 1024
 
+#: Largest response head (L{HEAD}), trailers (L{FINISH}) or failure
+#: (L{FAIL}) payload the server takes; a larger one gets the child killed (a frame of a million
+#: tiny headers would hold the server's loop for seconds).
+MAX_HEAD = 256 * 1024
+
 #: Body bytes carried by one data frame.
 CHUNK = 64 * 1024
 

@@ -18,6 +18,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IDelayedCall,
     IFileDescriptorReceiver,
+    IPushProducer,
     IReadDescriptor,
     IWriteDescriptor,
 )
@@ -53,6 +54,11 @@ class ChildProtocol(Protocol):
         self.retired = False
         self.closed = False
         self.challenge: bytes | None = None
+        #: Whether it sent the head of its current request's response.
+        self.headed = False
+        #: Console bytes still to be logged for its request (C{None}: no
+        #: limit, with --debug and --maxconsole 0).
+        self.console_left: int | None = 0
         self.grace: IDelayedCall | None = None
         #: The L{haikutx.runtime.body.BodyFeed} sending its request's body,
         #: while it does.
@@ -112,7 +118,7 @@ class ChildProtocol(Protocol):
             self.pidfd = -1
 
 
-@implementer(IReadDescriptor, IWriteDescriptor)
+@implementer(IReadDescriptor, IWriteDescriptor, IPushProducer)
 class ChannelTransport:
     """
     A lean transport for a child's channel, one per request with
@@ -145,6 +151,8 @@ class ChannelTransport:
         self._producing = False
         self._writes = 0
         self.disconnected = False
+        #: Whether reading is paused (L{pauseProducing}).
+        self.paused = False
         reactor.addReader(self)
 
     # IReadDescriptor, IWriteDescriptor
@@ -202,6 +210,33 @@ class ChannelTransport:
 
     def unregisterProducer(self) -> None:
         self._producer = None
+
+    # IPushProducer: the response's client is slow, so the child waits
+
+    def pauseProducing(self) -> None:
+        """
+        Stop reading the child's frames (its client's connection is full):
+        the child's writes block instead of the server buffering them.
+        """
+        if not self.disconnected and not self.paused:
+            self.paused = True
+            self._reactor.removeReader(self)
+
+    def resumeProducing(self) -> None:
+        """
+        Read the child's frames again.
+        """
+        if self.paused:
+            self.paused = False
+            if not self.disconnected:
+                self._reactor.addReader(self)
+
+    def stopProducing(self) -> None:
+        """
+        The response's client is gone: read on (the exchange decides what
+        becomes of the child).
+        """
+        self.resumeProducing()
 
     def loseConnection(self) -> None:
         self._close(ConnectionDone())

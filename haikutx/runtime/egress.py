@@ -60,6 +60,9 @@ from haikutx.net.outbound import AddressRefused, CheckedEndpoint
 #: The largest request head (request line and headers) accepted, in bytes.
 MAX_HEAD = 16384
 
+#: Connections a zygote's handlers may have open through its relay at once.
+MAX_CONNECTIONS = 64
+
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+)$")
 _PORT = re.compile(r"^[0-9]{1,5}$")
 
@@ -435,6 +438,10 @@ class EgressProxyFactory(Factory):
     @ivar idle_timeout: seconds a spliced connection may carry nothing
         either way before both sides are closed.
     @ivar max_head: the largest request head accepted, in bytes.
+    @ivar max_connections: the most connections open at once; one more
+        passed over a relay channel is closed at once (each holds a
+        descriptor of the server: a stdio handler's processes could
+        otherwise hold a thousand).
     """
 
     def __init__(
@@ -446,8 +453,10 @@ class EgressProxyFactory(Factory):
         head_timeout: float = 10.0,
         idle_timeout: float = 600.0,
         max_head: int = MAX_HEAD,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.reactor = reactor
+        self.max_connections = max_connections
         self.rules = rules
         self.resolver = resolver if resolver is not None else reactor.nameResolver
         self.timeout = timeout
@@ -529,6 +538,14 @@ class EgressChannel(Protocol):
         once adopted (the reactor keeps its own duplicate).
         """
         self.received += 1
+        limit = getattr(self._factory, "max_connections", None)
+        if limit is not None and self._factory.connections >= limit:
+            os.close(descriptor)
+            self.log.warn(
+                "egress channel: passed descriptor refused: {reason}",
+                reason=f"{limit} connections are open already",
+            )
+            return
         try:
             sock = socket.socket(fileno=descriptor)
         except OSError as e:

@@ -7,11 +7,12 @@ worker's response to the client.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import parse_qsl
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from twisted.web.http import toChunk
 from twisted.web.resource import Resource
@@ -40,7 +41,17 @@ NO_HANDLER = (
 )
 
 #: Response headers a handler may not set: the runtime frames the response.
-_HOP_BY_HOP = HOP_BY_HOP
+#: C{Content-Length} among them: a handler's could be a lie (say 0, then
+#: write a whole forged response) that splits a keep-alive connection, so
+#: the next response its client, or a front proxy reusing the connection
+#: for another tenant, reads would be the handler's.
+_UNFRAMED = HOP_BY_HOP | {b"content-length"}
+
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+
+#: Response bytes the server holds for a client that reads slowly before
+#: it stops reading the handler's channel (the handler then waits).
+RESPONSE_BUFFER = 4 * 1024 * 1024
 
 #: Set on a request for which L{HandlerResource} emits its own event.
 _LOGGED_HERE = "haiku_logged"
@@ -145,6 +156,7 @@ class Exchange:
         self.status: int | None = None
         self.done: Deferred[int] = Deferred()
         self._timer: IDelayedCall | None = None
+        self._source: Any = None
         request.notifyFinish().addErrback(self._disconnected)
 
     def start(self, head: dict[str, Any], body: RequestBody) -> None:
@@ -152,10 +164,35 @@ class Exchange:
         Send the request to the worker and start the clock.
         """
         self._timer = self._reactor.callLater(self._max_time, self._timed_out)
+        child = self._worker.child
         self._worker.run(self, head, body)
+        source = getattr(child, "transport", None)
+        if (
+            hasattr(source, "pauseProducing")
+            and not self.done.called
+            and self._request.channel is not None
+            and self._request.producer is None
+        ):
+            # A client that does not read pauses the child's channel, once
+            # the server holds RESPONSE_BUFFER bytes of the response for it.
+            self._source = _Valve(source, RESPONSE_BUFFER)
+            self._request.registerProducer(self._source, True)
+
+    def _release_source(self) -> None:
+        """
+        Stop pausing the child's channel with the client's (the response is
+        over, or the client gone).
+        """
+        source, self._source = self._source, None
+        if source is None:
+            return
+        if self._request.channel is not None and self._request.producer is source:
+            self._request.unregisterProducer()
+        source.resumeProducing()
 
     def _disconnected(self, reason: Any) -> None:
         self._client_gone = True
+        self._release_source()
         if self._timer is None or self.done.called or self._worker.kind != "stdio":
             return
         # A stdio run whose client has gone ends now, and every process it
@@ -176,8 +213,8 @@ class Exchange:
         request.setResponseCode(status)
         trailers = False
         for name, value in headers:
-            raw = name.encode("latin-1", "replace")
-            if raw.lower() in _HOP_BY_HOP:
+            raw = _field_name(name)
+            if raw is None or raw.lower() in _UNFRAMED:
                 continue
             if raw.lower() == b"trailer":
                 trailers = True
@@ -197,19 +234,26 @@ class Exchange:
             self._manual_chunks = True
 
     def data(self, data: bytes) -> None:
-        if self._client_gone:
+        if self._client_gone or not data:
+            # An empty chunk would be the last chunk: the response's end.
             return
+        if self._source is not None:
+            self._source.wrote(len(data))
         if self._manual_chunks:
             self._request.write(b"".join(toChunk(data)))
         else:
             self._request.write(data)
 
     def finish(self, trailers: list[list[str]]) -> None:
+        self._release_source()
         if not self._client_gone:
             if self._manual_chunks:
                 lines = b"".join(
-                    name.encode("latin-1") + b": " + _header_value(value) + b"\r\n"
-                    for name, value in trailers
+                    raw + b": " + _header_value(value) + b"\r\n"
+                    for raw, value in (
+                        (_field_name(name), value) for name, value in trailers
+                    )
+                    if raw is not None and raw.lower() not in _UNFRAMED
                 )
                 self._request.write(b"0\r\n" + lines + b"\r\n")
             self._request.finish()
@@ -244,6 +288,7 @@ class Exchange:
         """
         if self.done.called:
             return
+        self._release_source()
         request = self._request
         if not self._client_gone:
             if request.startedWriting:
@@ -275,6 +320,55 @@ class Exchange:
             )
         if not self.done.called:
             self.done.callback(status)
+
+
+def _field_name(name: str) -> bytes | None:
+    """
+    A handler's header or trailer name as sent, or C{None} when it is not
+    an HTTP token (a name with CR LF in it could end the response and
+    start a forged one).
+    """
+    raw = name.encode("latin-1", "replace")
+    return raw if _TOKEN.fullmatch(raw) else None
+
+
+@implementer(IPushProducer)
+class _Valve:
+    """
+    Pauses a child's channel for a slow client, but only once the client's
+    connection holds more than C{limit} bytes written since it last drained:
+    most responses are taken whole, so their handler is done at once (its
+    time limit counts until its end), and none holds more server memory.
+    """
+
+    def __init__(self, source: Any, limit: int) -> None:
+        self._source = source
+        self._limit = limit
+        self._held = 0
+        self._full = False
+
+    def wrote(self, size: int) -> None:
+        """
+        C{size} bytes of the response went into the client's connection.
+        """
+        self._held += size
+        if self._full and self._held > self._limit:
+            self._source.pauseProducing()
+
+    def pauseProducing(self) -> None:
+        self._full = True
+        if self._held > self._limit:
+            self._source.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        # The client's connection has drained.
+        self._full = False
+        self._held = 0
+        self._source.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._full = False
+        self._source.resumeProducing()
 
 
 def _header_value(value: str) -> bytes:

@@ -96,6 +96,41 @@ def describe_status(code: int | None, number: int | None) -> str:
     return f"exited with status {code}"
 
 
+def _pairs(value: Any) -> list[list[str]]:
+    """
+    Headers or trailers from a child's frame: a list of C{[name, value]}
+    string pairs.
+
+    @raise ValueError: for anything else (the child sent a malformed frame).
+    """
+    if not isinstance(value, list) or not all(
+        isinstance(pair, list)
+        and len(pair) == 2
+        and isinstance(pair[0], str)
+        and isinstance(pair[1], str)
+        for pair in value
+    ):
+        raise ValueError("headers are not a list of [name, value] strings")
+    return value
+
+
+def _final_status(status: int) -> bool:
+    """
+    Whether C{status} may answer a request: not an interim one (C{1xx}),
+    after which the client would read what follows as the response, or as
+    another protocol (C{101}).
+    """
+    return 200 <= status <= 599
+
+
+def _reading_paused(child: ChildProtocol) -> bool:
+    """
+    Whether the server has stopped reading C{child}'s channel for now (its
+    response's client is not reading).
+    """
+    return bool(getattr(child.transport, "paused", False))
+
+
 class WorkerProtocol(ProcessProtocol):
     """
     One worker slot: its zygote process and its current child.
@@ -359,27 +394,56 @@ class WorkerProtocol(ProcessProtocol):
                 self.kill_child(child, "sent an incorrect heartbeat answer")
             return
         if kind == wire.CONSOLE:
+            # Logged only for a request run with --debug, and no more than
+            # its console limit: a handler can forge these frames at will.
+            left = child.console_left
+            if left is not None:
+                if left <= 0:
+                    return
+                payload = payload[:left]
+                child.console_left = left - len(payload)
             self.log.info(
                 "console of worker {worker_pid}: {console}",
                 worker_pid=self.pid,
                 console=payload.decode("utf-8", "replace").rstrip("\n"),
             )
             return
+        if kind in (wire.HEAD, wire.FINISH, wire.FAIL) and len(payload) > wire.MAX_HEAD:
+            self.kill_child(
+                child,
+                f"sent a response head, trailers or failure of {len(payload)} bytes "
+                f"(at most {wire.MAX_HEAD})",
+            )
+            return
         exchange = child.exchange
         if exchange is None:
             return
         if kind == wire.HEAD:
+            if child.headed:
+                # Each would add to the response's headers, never sent.
+                self.kill_child(child, "sent a second response head")
+                return
+            child.headed = True
             head = json.loads(payload)
-            exchange.head(int(head["status"]), head["headers"])
+            status = int(head["status"])
+            if not _final_status(status):
+                self.kill_child(child, f"sent an invalid status {status}")
+                return
+            exchange.head(status, _pairs(head["headers"]))
         elif kind == wire.DATA:
             exchange.data(payload)
         elif kind == wire.FINISH:
-            trailers = json.loads(payload)["trailers"]
+            trailers = _pairs(json.loads(payload)["trailers"])
             child.exchange = None
             self._end_body(child)
             exchange.finish(trailers)
         elif kind == wire.FAIL:
             failure = json.loads(payload)
+            if not isinstance(failure["message"], str):
+                raise ValueError("a failure's message is not a string")
+            if not _final_status(int(failure["status"])):
+                self.kill_child(child, f"sent an invalid status {failure['status']}")
+                return
             child.exchange = None
             self._end_body(child)
             exchange.fail(int(failure["status"]), failure["message"])
@@ -419,6 +483,9 @@ class WorkerProtocol(ProcessProtocol):
         child = self.child
         child.exchange = exchange
         child.requested = True
+        child.headed = False
+        limit = int(head.get("max_console", 0)) if head.get("debug") else 0
+        child.console_left = limit if limit > 0 or not head.get("debug") else None
         consumer = child.transport if hasattr(child.transport, "registerProducer") else None
         child.feed = BodyFeed(child.send, consumer)
         child.feed.start(wire.encode_json(wire.REQUEST, head), body)
@@ -483,12 +550,23 @@ class WorkerProtocol(ProcessProtocol):
         if child is None:
             self._heartbeat = None
             return
+        if _reading_paused(child):
+            # Its client is slow: the child waits on a full channel, and
+            # its answer would not be read; the time limit still holds.
+            self._schedule_heartbeat()
+            return
         child.challenge = os.urandom(8).hex().encode("ascii")
         child.send(wire.encode(wire.CHALLENGE, child.challenge))
         self._heartbeat = self._reactor.callLater(self._timeout, self._missed_heartbeat, child)
 
     def _missed_heartbeat(self, child: ChildProtocol) -> None:
         self._heartbeat = None
+        if _reading_paused(child) and child is self.child:
+            # Its answer may be waiting unread behind a slow client's data.
+            self._heartbeat = self._reactor.callLater(
+                self._timeout, self._missed_heartbeat, child
+            )
+            return
         self.kill_child(
             child, f"did not answer a heartbeat within {self._timeout * 1000:.0f} ms"
         )
