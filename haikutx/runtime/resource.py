@@ -164,7 +164,7 @@ class Exchange:
         Send the request to the worker and start the clock.
         """
         self._timer = self._reactor.callLater(self._max_time, self._timed_out)
-        child = self._worker.child
+        child = getattr(self._worker, "child", None)
         self._worker.run(self, head, body)
         source = getattr(child, "transport", None)
         if (

@@ -40,10 +40,22 @@ printf 'HTTP/1.1 200 OK\\r\\nContent-Length: 6\\r\\nX-Forged: yes\\r\\n\\r\\npwn
 #: names end the response and start a forged one; and a head whose
 #: C{Content-Length} hides behind white space.
 SMUGGLE_FRAMES = r"""
-import gc
+import gc, sys
 from haikutx.child import wire
-worker = [o for o in gc.get_objects() if type(o).__name__ == 'Worker'
-          and hasattr(o, '_frame')][0]
+def _find_worker():
+    # In the collector's lists, or up the stack that runs the handler (the
+    # zygote makes a child's worker before forking and freezes it).
+    for o in gc.get_objects():
+        if type(o).__name__ == 'Worker' and hasattr(o, '_frame'):
+            return o
+    f = sys._getframe()
+    while f is not None:
+        o = f.f_locals.get('self')
+        if type(o).__name__ == 'Worker' and hasattr(o, '_frame'):
+            return o
+        f = f.f_back
+    raise LookupError('no Worker found')
+worker = _find_worker()
 forged = 'HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-Forged: yes\r\n\r\npwned!'
 if req.query.get('via') == 'trailer':
     worker.send(wire.encode_json(wire.HEAD, {'status': 200, 'headers': [['Trailer', 'x']]}))
@@ -76,10 +88,22 @@ res.done = True
 #: One head frame just under the frame limit, made of tiny headers (or
 #: trailers): what the server builds of it is many times its size.
 HEADER_BOMB = r"""
-import gc
+import gc, sys
 from haikutx.child import wire
-worker = [o for o in gc.get_objects() if type(o).__name__ == 'Worker'
-          and hasattr(o, '_frame')][0]
+def _find_worker():
+    # In the collector's lists, or up the stack that runs the handler (the
+    # zygote makes a child's worker before forking and freezes it).
+    for o in gc.get_objects():
+        if type(o).__name__ == 'Worker' and hasattr(o, '_frame'):
+            return o
+    f = sys._getframe()
+    while f is not None:
+        o = f.f_locals.get('self')
+        if type(o).__name__ == 'Worker' and hasattr(o, '_frame'):
+            return o
+        f = f.f_back
+    raise LookupError('no Worker found')
+worker = _find_worker()
 n = (wire.MAX_FRAME - 64) // 10
 pairs = [['a', ''] for _ in range(n)]
 if req.query.get('via') == 'trailer':
@@ -117,10 +141,22 @@ res.end()
 #: Floods the server's log with console frames it forges on its own
 #: channel, the console limit and --debug notwithstanding.
 CONSOLE_FLOOD = r"""
-import gc
+import gc, sys
 from haikutx.child import wire
-worker = [o for o in gc.get_objects() if type(o).__name__ == 'Worker'
-          and hasattr(o, '_frame')][0]
+def _find_worker():
+    # In the collector's lists, or up the stack that runs the handler (the
+    # zygote makes a child's worker before forking and freezes it).
+    for o in gc.get_objects():
+        if type(o).__name__ == 'Worker' and hasattr(o, '_frame'):
+            return o
+    f = sys._getframe()
+    while f is not None:
+        o = f.f_locals.get('self')
+        if type(o).__name__ == 'Worker' and hasattr(o, '_frame'):
+            return o
+        f = f.f_back
+    raise LookupError('no Worker found')
+worker = _find_worker()
 line = wire.encode(wire.CONSOLE, b'flood ' + b'y' * 65536)
 for _ in range(int(req.query.get('n', '200'))):
     worker.send(line)
