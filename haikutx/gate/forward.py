@@ -14,8 +14,9 @@ L{GateProtocol} is the client side: it reads the client's bytes (request
 heads, bodies, pipelined requests) and answers for the gate itself;
 L{haikutx.gate.dispatch.Dispatch} decides where each request goes and which
 application connection carries it; L{haikutx.gate.response.ApplicationSide}
-reads the application's answer. The connection's states are L{State}; L{GateProtocol.move} is the one
-place they change, and it refuses a transition L{TRANSITIONS} does not list.
+reads the application's answer. The connection's states are L{State};
+L{GateProtocol.move} is the one place they change, and it refuses a
+transition L{TRANSITIONS} does not list.
 """
 
 from __future__ import annotations
