@@ -3,7 +3,9 @@
 # and through PicoLisp's httpGate, on loopback with wrk, with keep-alive and
 # with a new connection per request (Connection: close), all in one run.
 # For the haikutx gate it also prints the CPU time the gate process spent
-# per request (from /proc, so it means something on a shared machine too).
+# per request (from /proc, so it means something on a shared machine too),
+# and for every run the CPU time the backend spent per request (the
+# yardstick: the gate's own cost beside an application's).
 #
 #   sh bench/gate_bench.sh [seconds] [connections] [rounds]
 #
@@ -35,18 +37,17 @@ wait_port() {
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-run() { # name url [wrk options]: prints "name req/s [us-of-gate-cpu/req]"
+run() { # name url [wrk options]: prints "name req/s [gate-cpu/req] backend-cpu/req"
     name=$1 url=$2; shift 2
-    t0=$(ticks "$GATEPID")
+    t0=$(ticks "$GATEPID") b0=$(ticks "$BACKPID")
     wrk -t1 -c"$CONN" -d"${DUR}s" "$@" "$url" > /tmp/gate_bench_$name.txt
-    t1=$(ticks "$GATEPID")
+    t1=$(ticks "$GATEPID") b1=$(ticks "$BACKPID")
     rps=$(awk '/Requests\/sec/ {print $2}' /tmp/gate_bench_$name.txt)
     n=$(awk '/requests in/ {print $1}' /tmp/gate_bench_$name.txt)
-    if [ "$name" = haikutx ]; then
-        "$PY" -c "print('$name', $rps, f'{($t1 - $t0) * 1e6 / $(getconf CLK_TCK) / $n:.0f}us/req')"
-    else
-        echo "$name $rps"
-    fi
+    "$PY" -c "
+us = lambda a, b: f'{(b - a) * 1e6 / $(getconf CLK_TCK) / $n:.0f}us/req'
+gate = f' gate {us($t0, $t1)}' if '$name' == 'haikutx' else ''
+print('$name', $rps, gate.strip(), 'backend', us($b0, $b1))"
 }
 
 ratios() { # direct haikutx httpGate lines
@@ -54,7 +55,8 @@ ratios() { # direct haikutx httpGate lines
     "$PY" -c "print(f'haikutx/direct {$g/$d:.0%}  httpGate/direct {$p/$d:.0%}  haikutx/httpGate {$g/$p:.2f}x')"
 }
 
-"$PY" bench/hello_backend.py $BACK & PIDS="$PIDS $!"
+"$PY" bench/hello_backend.py $BACK & BACKPID=$!
+PIDS="$PIDS $BACKPID"
 PYTHONPATH=. "${TWISTD:-.venv/bin/twistd}" -n --pidfile= --logfile=/dev/null haiku \
     --port none --sslport none --gate "tcp:$GATE:interface=127.0.0.1" & GATEPID=$!
 PIDS="$PIDS $GATEPID"

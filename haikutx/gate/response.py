@@ -186,7 +186,7 @@ class ApplicationSide:
             response = self.response
             if response.received_nothing and self._retry_head is not None:
                 head, self._retry_head = self._retry_head, None
-                client.retry(head)
+                client.dispatch.retry(head)
             elif response.head_pending:
                 client.backend_failed("closed before answering")
             elif response.close_delimited:
@@ -323,7 +323,7 @@ class ResponseReader:
             del buffer[:end]
             if head.status == 101 and self._upgrade:
                 client.transport.write(raw)
-                client.count(101)
+                client.dispatch.count(101)
                 backend.reusable = False
                 client.enter_tunnel()
                 self.head_pending = False
@@ -341,7 +341,7 @@ class ResponseReader:
             tail = b"\r\n" if self.keep_alive else b"connection: close\r\n\r\n"
             client.transport.write(raw[:-2] + tail)
             self.head_pending = False
-            client.count(head.status)
+            client.dispatch.count(head.status)
             return True
         out = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
         for name, value in end_to_end(head):
@@ -362,5 +362,5 @@ class ResponseReader:
         out.append(b"\r\n")
         client.transport.write(b"".join(out))
         self.head_pending = False
-        client.count(head.status)
+        client.dispatch.count(head.status)
         return True

@@ -6,19 +6,17 @@ port, C{/<name>/<rest>} to a names-file application (httpGate's rules).
 
 from __future__ import annotations
 
-from typing import Any
-
-from attrs import frozen
+from typing import Any, NamedTuple
 
 from haikutx import metrics
 from haikutx.gate.names import NamesEntry, NamesFile
 from haikutx.net.http1 import Head
 
 
-@frozen
-class Route:
+class Route(NamedTuple):
     """
-    Where one request goes.
+    Where one request goes (an immutable value; a named tuple rather than
+    an attrs class because one is built per request).
 
     @ivar port: the local port to forward to (0: no forwarding).
     @ivar target: the request target sent to the application.

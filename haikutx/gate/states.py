@@ -29,7 +29,7 @@ class State(enum.IntEnum):
     CLOSED = 6
 
 
-#: The transitions L{GateProtocol._move} allows.
+#: The transitions L{GateProtocol.move} allows.
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.HEAD: frozenset({State.ROUTING, State.BODY, State.WAITING, State.CLOSED}),
     State.ROUTING: frozenset({State.BODY, State.WAITING, State.CLOSED}),

@@ -73,11 +73,10 @@ _TCHAR = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]"
 _TOKEN = _TCHAR + rb"+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
-_FIELD = re.compile(
-    rb"(" + _TOKEN + rb"):[ \t]*"
-    rb"((?:[\x21-\x7e\x80-\xff](?:[ \t\x21-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?)"
-    rb"[ \t]*"
-)
+_VALUE = rb"(?:[\x21-\x7e\x80-\xff](?:[ \t\x21-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?"
+_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")[ \t]*")
+#: A whole field section, each line ending with CRLF: checked in one match.
+_FIELD_SECTION = re.compile(rb"(?:" + _TOKEN + rb":[ \t]*" + _VALUE + rb"[ \t]*\r\n)*")
 _QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
 _CHUNK_SIZE = re.compile(
     rb"([0-9A-Fa-f]{1,16})"
@@ -200,6 +199,21 @@ def _fields(lines: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
     return fields
 
 
+def _section(text: bytes) -> list[tuple[bytes, bytes]]:
+    """
+    The fields of a field section C{text} (each line ending with CRLF),
+    checked by one regular expression; L{_fields} names what is wrong.
+    """
+    if _FIELD_SECTION.fullmatch(text) is None:
+        _fields(text.split(b"\r\n")[:-1])
+        raise BadMessage("malformed header section")
+    fields = []
+    for line in text.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b":")
+        fields.append((name.lower(), value.strip(b" \t")))
+    return fields
+
+
 def _tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     found: set[bytes] = set()
     for value in values:
@@ -212,13 +226,16 @@ def _tokens(values: Iterable[bytes]) -> frozenset[bytes]:
 
 def _framing(
     fields: list[tuple[bytes, bytes]], version: bytes, request: bool
-) -> tuple[int | None, bool, frozenset[bytes], bool]:
+) -> tuple[int | None, bool, frozenset[bytes], bool, int]:
     length: int | None = None
     codings: list[bytes] | None = None
     connection = []
     hop = False
+    hosts = 0
     for name, value in fields:
-        if name == b"content-length":
+        if name == b"host":
+            hosts += 1
+        elif name == b"content-length":
             if length is not None:
                 raise BadMessage("more than one Content-Length")
             if _DIGITS.fullmatch(value) is None or int(value) > MAX_CONTENT_LENGTH:
@@ -248,17 +265,21 @@ def _framing(
                 )
             if codings[-1] != b"chunked":
                 # A response without chunked last is read until close.
-                return None, False, tokens, True
+                return None, False, tokens, True, hosts
             hop = True
         chunked = True
-    return length, chunked, tokens, hop
+    return length, chunked, tokens, hop, hosts
 
 
-def _lines(head: bytes | bytearray) -> list[bytes]:
-    if head.endswith(b"\r\n\r\n"):
-        head = head[:-4]
-    lines = bytes(head).split(b"\r\n")
-    return lines
+def _start_line(head: bytes | bytearray) -> tuple[bytes, bytes]:
+    """
+    Split a head (with or without its final blank line) into its first line
+    and its field section, each field line ending with CRLF.
+    """
+    text = bytes(head)
+    text = text[:-2] if text.endswith(b"\r\n\r\n") else text + b"\r\n"
+    end = text.find(b"\r\n")
+    return text[:end], text[end + 2 :]
 
 
 def parse_request_head(head: bytes | bytearray, require_host: bool = True) -> Head:
@@ -272,26 +293,24 @@ def parse_request_head(head: bytes | bytearray, require_host: bool = True) -> He
     @raise BadMessage: for anything RFC 9112 does not allow (see the module
         docstring).
     """
-    lines = _lines(head)
-    while lines and not lines[0]:
-        del lines[0]
-    if not lines:
+    text = bytes(head)
+    while text.startswith(b"\r\n"):
+        text = text[2:]
+    if not text:
         raise BadMessage("empty request")
-    first = _REQUEST_LINE.fullmatch(lines[0])
+    line, section = _start_line(text)
+    first = _REQUEST_LINE.fullmatch(line)
     if first is None:
-        if b"\r" in lines[0] or b"\n" in lines[0]:
+        if b"\r" in line or b"\n" in line:
             raise BadMessage("bare CR or LF in the head")
-        raise BadMessage(f"malformed request line {lines[0][:80]!r}")
+        raise BadMessage(f"malformed request line {line[:80]!r}")
     method, target, minor = first.groups()
     version = b"HTTP/1.1" if minor == b"1" else b"HTTP/1.0"
-    fields = _fields(lines[1:])
-    length, chunked, connection, hop = _framing(fields, version, True)
-    hosts = [name for name, _ in fields if name == b"host"]
-    if len(hosts) > 1 or (not hosts and require_host and version == b"HTTP/1.1"):
+    fields = _section(section)
+    length, chunked, connection, hop, hosts = _framing(fields, version, True)
+    if hosts > 1 or (not hosts and require_host and version == b"HTTP/1.1"):
         raise BadMessage("an HTTP/1.1 request needs exactly one Host")
-    return Head(
-        version, tuple(fields), length, chunked, connection, hop, method=method, target=target
-    )
+    return Head(version, tuple(fields), length, chunked, connection, hop, method, target)
 
 
 def parse_response_head(head: bytes | bytearray) -> Head:
@@ -300,17 +319,17 @@ def parse_response_head(head: bytes | bytearray) -> Head:
 
     @raise BadMessage: for anything RFC 9112 does not allow.
     """
-    lines = _lines(head)
-    first = _STATUS_LINE.fullmatch(lines[0])
+    line, section = _start_line(head)
+    first = _STATUS_LINE.fullmatch(line)
     if first is None:
-        raise BadMessage(f"malformed status line {lines[0][:80]!r}")
+        raise BadMessage(f"malformed status line {line[:80]!r}")
     minor, status, phrase = first.groups()
     version = b"HTTP/1.1" if minor == b"1" else b"HTTP/1.0"
-    fields = _fields(lines[1:])
-    length, chunked, connection, hop = _framing(fields, version, False)
+    fields = _section(section)
+    length, chunked, connection, hop, _ = _framing(fields, version, False)
     return Head(
-        version, tuple(fields), length, chunked, connection, hop, status=int(status),
-        reason=phrase or b"",
+        version, tuple(fields), length, chunked, connection, hop, b"", b"", int(status),
+        phrase or b"",
     )
 
 

@@ -23,6 +23,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from haikutx.net import http1
 from haikutx.net.addresses import ip_from_host, parse_ip
 
 Check = Callable[[IPv4Address | IPv6Address], "str | None"]
@@ -189,20 +190,20 @@ class _TunnelProtocol(Protocol):
             self._inner.dataReceived(data)
             return
         self._buffer += data
-        end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buffer) > _MAX_PROXY_HEAD:
-                self._fail(ProxyRefused(self._proxy, "oversized response to CONNECT"))
+        try:
+            end = http1.head_end(self._buffer)
+            if end < 0:
+                if len(self._buffer) > _MAX_PROXY_HEAD:
+                    raise http1.BadMessage("oversized response to CONNECT")
+                return
+            head = http1.parse_response_head(self._buffer[:end])
+        except http1.BadMessage as e:
+            self._fail(ProxyRefused(self._proxy, f"malformed answer to CONNECT: {e.reason}"))
             return
-        head, rest = self._buffer[:end], self._buffer[end + 4 :]
+        rest = self._buffer[end:]
         self._buffer = b""
-        line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = line.split(None, 1)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/"):
-            self._fail(ProxyRefused(self._proxy, f"not an HTTP answer: {line[:80]!r}"))
-            return
-        status = parts[1].strip()
-        if not status.startswith("2"):
+        if not 200 <= head.status < 300:
+            status = f"{head.status} {head.reason.decode('latin-1')}".strip()
             self._fail(ProxyRefused(self._proxy, status[:120]))
             return
         self._inner = self._factory.buildProtocol(self.transport.getPeer())

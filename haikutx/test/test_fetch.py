@@ -18,6 +18,7 @@ from typing import Any
 from twisted.internet import reactor as _global_reactor
 from twisted.internet.address import IPv4Address as TwistedIPv4Address
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
@@ -31,6 +32,13 @@ from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from haikutx.interfaces import IHandlerFetcher
+from haikutx.net.outbound import (
+    AddressRefused,
+    CheckedEndpoint,
+    ProxyRefused,
+    TunnelEndpoint,
+)
 from haikutx.runtime.fetch import (
     UNSUPPORTED_PROTOCOL,
     FetchedHandler,
@@ -39,8 +47,6 @@ from haikutx.runtime.fetch import (
     bypasses_proxy,
     freshness,
 )
-from haikutx.interfaces import IHandlerFetcher
-from haikutx.net.outbound import AddressRefused, CheckedEndpoint
 
 reactor: Any = _global_reactor
 SOURCE = b"def handle(req, res):\n    res.end('hello')\n"
@@ -1029,3 +1035,142 @@ class ProxyTests(FetcherTestsMixin, TestCase):
         await self.fails(fetcher, f"http://localhost:{port}/h.py", 403)
         await self.fails(fetcher, f"https://127.0.0.1:{port}/h.py", 403)
         self.assertEqual(origin.counts, {})
+
+
+class _CannedProxy(Protocol):
+    """
+    A fake HTTP proxy: records what it is sent and, once a whole request
+    head has arrived, writes its factory's canned answer.
+    """
+
+    def connectionMade(self) -> None:
+        self.received = b""
+        self.factory.connections.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if b"\r\n\r\n" in self.received and not getattr(self, "answered", False):
+            self.answered = True
+            self.transport.write(self.factory.answer)
+
+
+class _Recorder(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class TunnelAnswerTests(FetcherTestsMixin, TestCase):
+    """
+    The proxy's answer to C{CONNECT} is read by the strict HTTP/1.1 parser:
+    a malformed head, a bare-LF head or a status other than 2xx is
+    L{ProxyRefused} (a fake proxy on 127.0.0.1 gives each answer).
+    """
+
+    def proxy(self, answer: bytes) -> tuple[int, Factory]:
+        factory = Factory.forProtocol(_CannedProxy)
+        factory.answer = answer  # type: ignore[attr-defined]
+        factory.connections = []  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port, factory
+
+    async def tunnel(self, answer: bytes) -> Any:
+        port, factory = self.proxy(answer)
+
+        async def target() -> str:
+            return "127.0.0.1:9"
+
+        endpoint = TunnelEndpoint(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port, 5),
+            f"127.0.0.1:{port}",
+            target,
+        )
+        inner = Factory.forProtocol(_Recorder)
+        try:
+            return await endpoint.connect(inner)
+        finally:
+            for connection in factory.connections:  # type: ignore[attr-defined]
+                self.assertEqual(
+                    connection.received,
+                    b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n",
+                )
+
+    async def refused(self, answer: bytes) -> ProxyRefused:
+        try:
+            protocol = await self.tunnel(answer)
+        except ProxyRefused as e:
+            return e
+        protocol.transport.abortConnection()
+        self.fail(f"tunnel opened on {answer!r}")
+
+    async def test_established(self) -> None:
+        """
+        A 200 opens the tunnel; bytes sent after the head reach the inner
+        protocol.
+        """
+        protocol = await self.tunnel(b"HTTP/1.1 200 Connection established\r\n\r\nhello")
+        for _ in range(100):
+            if protocol.received:
+                break
+            await deferLater(reactor, 0.01)
+        self.assertEqual(protocol.received, b"hello")
+        protocol.transport.loseConnection()
+
+    async def test_407(self) -> None:
+        """
+        A 407 is refused with the proxy's status line.
+        """
+        error = await self.refused(
+            b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+            b"Proxy-Authenticate: Basic realm=x\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.assertEqual(error.status, "407 Proxy Authentication Required")
+
+    async def test_malformed_head(self) -> None:
+        """
+        A status line that is not C{HTTP/1.x SP 3DIGIT SP reason}, obs-fold,
+        or two C{Content-Length} fields are refused, not read leniently.
+        """
+        for answer in [
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"ICY 200 OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX: a\r\n folded\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+        ]:
+            error = await self.refused(answer)
+            self.assertTrue(
+                error.status.startswith("malformed answer to CONNECT: "), error.status
+            )
+
+    async def test_bare_lf(self) -> None:
+        """
+        A head whose lines end with LF alone is refused at once (without
+        waiting for a CRLF CRLF that never comes).
+        """
+        error = await self.refused(b"HTTP/1.1 200 OK\n\n")
+        self.assertEqual(error.status, "malformed answer to CONNECT: bare LF in the head")
+
+    async def test_oversized(self) -> None:
+        """
+        A head that never ends is refused once it passes 16 KiB.
+        """
+        error = await self.refused(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 20000)
+        self.assertIn("oversized", error.status)
+
+    async def test_fetch_through_407(self) -> None:
+        """
+        Through the fetcher, a 407 is a 502 naming the proxy and its status.
+        """
+        port, _ = self.proxy(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+        url = "https://127.0.0.1:9/h.py"
+        fetcher = self.fetcher(allow=(url,), proxy=f"127.0.0.1:{port}")
+        await self.fails(
+            fetcher,
+            url,
+            502,
+            f"Unable to obtain HTTP handler code from {url}: the proxy "
+            f"127.0.0.1:{port} refused CONNECT: 407 Proxy Authentication Required",
+        )

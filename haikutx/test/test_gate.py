@@ -689,9 +689,9 @@ def _buffered(gate: GateService) -> int:
     """
     total = 0
     for connection in gate.factory.connections:
-        total += len(connection._buffer) + connection._side.response.buffered
+        total += len(connection.buffer) + connection.side.response.buffered
         for transport in (connection.transport,
-                          connection._side.backend.transport if connection._side.backend else None):
+                          connection.side.backend.transport if connection.side.backend else None):
             if transport is not None:
                 total += len(transport.dataBuffer) + transport._tempDataLen
     return total
@@ -1463,14 +1463,14 @@ class StateTests(SynchronousTestCase):
 
     def test_protocol_refuses(self) -> None:
         """
-        L{GateProtocol._move} refuses a move the table does not list.
+        L{GateProtocol.move} refuses a move the table does not list.
         """
         from haikutx.gate.states import State
 
         gate = GateService(Clock(), install_sighup=False)
         protocol = gate.factory.buildProtocol(None)
         protocol.makeConnection(StringTransport())
-        self.assertRaises(AssertionError, protocol._move, State.TUNNEL)
+        self.assertRaises(AssertionError, protocol.move, State.TUNNEL)
         self.assertIs(protocol.state, State.HEAD)
 
 

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from haikutx.net import http1
 from haikutx.net.http1 import (
     HOP_BY_HOP,
     BadMessage,
@@ -304,3 +305,30 @@ class TablesTests(SynchronousTestCase):
             {b"connection", b"keep-alive", b"te", b"transfer-encoding", b"upgrade",
              b"proxy-authorization"}, HOP_BY_HOP)
         self.assertNotIn(b"trailer", HOP_BY_HOP)
+
+
+class FieldSectionTests(SynchronousTestCase):
+    """
+    A head's field section is checked by one regular expression over the
+    whole section (the fast path); it accepts and reads exactly what the
+    line-by-line check does.
+    """
+
+    @given(
+        st.lists(
+            st.binary(max_size=12)
+            | st.sampled_from(
+                [b"A: b", b"A:b", b"A: b ", b"A:\t", b"A:", b"a b: c", b" A: b", b"A : b",
+                 b"A: b\rc", b"A: b\nc", b"A: \x7f", b"A: \x80\xff", b"A: b  c", b""]
+            ),
+            max_size=5,
+        )
+    )
+    def test_same_as_line_by_line(self, lines: list[bytes]) -> None:
+        section = b"".join(line + b"\r\n" for line in lines)
+        try:
+            expected = http1._fields(section.split(b"\r\n")[:-1])
+        except BadMessage:
+            self.assertRaises(BadMessage, http1._section, section)
+        else:
+            self.assertEqual(http1._section(section), expected)
