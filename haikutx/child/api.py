@@ -8,7 +8,8 @@ Standard library only: this runs in the worker process.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 from haikutx.child.params import merge_params, parse_query
@@ -99,7 +100,7 @@ class Response:
     @ivar status_code: the status sent with the head (default 200).
     """
 
-    def __init__(self, sink: "ResponseSink") -> None:
+    def __init__(self, sink: ResponseSink) -> None:
         self._sink = sink
         self.status_code = 200
         self._headers: dict[str, tuple[str, Any]] = {}

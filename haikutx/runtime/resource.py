@@ -19,9 +19,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from haikutx.config import Limits
 from haikutx.child.console import console_mode
+from haikutx.config import Limits
 from haikutx.interfaces import IExchange
+from haikutx.net.http1 import HOP_BY_HOP
 from haikutx.net.urls import redact_url
 from haikutx.runtime.body import DEFAULT_MAX_BODY, LimitedRequest, RequestBody, body_too_large
 from haikutx.runtime.loader import HandlerLoadError, HandlerSource
@@ -29,7 +30,6 @@ from haikutx.runtime.pool import PoolBusy, WorkerPool
 from haikutx.runtime.scheduler import Overloaded, Scheduler
 from haikutx.runtime.tenants import handler_identity
 from haikutx.runtime.worker import WorkerProtocol, handler_kind
-from haikutx.net.http1 import HOP_BY_HOP
 
 HANDLER = "x-haiku-handler"
 CONSOLE = "x-haiku-console"
@@ -63,6 +63,11 @@ _TENANT = "haiku_tenant"
 
 #: Seconds a client refused with 429 is told to wait.
 RETRY_OVERLOADED = 1
+
+
+#: The limits a L{HandlerResource} holds handlers to unless told others
+#: (a frozen value, so one instance serves every default).
+DEFAULT_LIMITS = Limits()
 
 
 class RuntimeSite(Site):
@@ -401,7 +406,7 @@ class HandlerResource(Resource):
         reactor: Any,
         pool: WorkerPool,
         loader: Any,
-        limits: Limits = Limits(),
+        limits: Limits = DEFAULT_LIMITS,
         handler: str | None = None,
         debug: bool = False,
         languages: Any = None,
@@ -581,7 +586,7 @@ class HandlerResource(Resource):
                 400,
                 f"The x-haiku-language parameter names an unknown language "
                 f"{override!r}; known: {known}.",
-            )
+            ) from None
         if not language.is_available():
             raise HandlerLoadError(
                 501,
@@ -591,7 +596,9 @@ class HandlerResource(Resource):
         try:
             argv = language.argv(handler.source)
         except ValueError as e:
-            raise HandlerLoadError(500, f"Handler {handler.url} could not be run: {e}")
+            raise HandlerLoadError(
+                500, f"Handler {handler.url} could not be run: {e}"
+            ) from None
         return language, argv
 
     def _request_head(self, request: Request, handler: HandlerSource) -> dict[str, Any]:
