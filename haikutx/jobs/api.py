@@ -28,6 +28,9 @@ _JOB_PATH = re.compile(rb"^/([0-9a-f]{40})/?$")
 
 NOT_FOUND = {"message": "Not Found"}
 
+#: Jobs whose JSON body the API keeps for the next poll.
+CACHED_BODIES = 1024
+
 
 def split_args(args: object) -> list[str]:
     """
@@ -118,6 +121,19 @@ class JobsResource(Resource):
         super().__init__()
         self._runner = runner
         self._token = token.encode("utf-8") if token is not None else None
+        #: The JSON body of the jobs polled lately, by id, with the value it
+        #: was made from (jobs are frozen: the same value, the same body).
+        self._bodies: dict[str, tuple[Any, bytes]] = {}
+
+    def _body_of(self, job: Any) -> bytes:
+        cached = self._bodies.get(job.id)
+        if cached is not None and cached[0] is job:
+            return cached[1]
+        body = json.dumps(job_to_json(job)).encode("utf-8")
+        if len(self._bodies) >= CACHED_BODIES:
+            self._bodies.clear()
+        self._bodies[job.id] = (job, body)
+        return body
 
     def render(self, request: Request) -> Any:
         request.setHeader(b"content-type", b"application/json")
@@ -140,7 +156,7 @@ class JobsResource(Resource):
             known = None if match is None else self._runner.peek(match.group(1).decode())
             if known is not None:
                 request.setResponseCode(200)
-                return json.dumps(job_to_json(known)).encode("utf-8")
+                return self._body_of(known)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         d = Deferred.fromCoroutine(self._handle(request))

@@ -118,11 +118,11 @@ class _JobProtocol(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         self._process.stdout.append(data)
-        self._process.on_output(self._process)
+        self._process.changed()
 
     def errReceived(self, data: bytes) -> None:
         self._process.stderr.append(data)
-        self._process.on_output(self._process)
+        self._process.changed()
 
     def processExited(self, reason: Failure) -> None:
         self._process.exited()
@@ -170,12 +170,26 @@ class JobProcess:
         self._error: str | None = None
         self.pid: int | None = None
         self._stop_requested: str | None = None
+        self._snapshot: Job | None = None
         self.done: Deferred[Job] = Deferred()
+
+    def changed(self) -> None:
+        """
+        Output arrived: the next L{snapshot} is a new one.
+        """
+        self._snapshot = None
+        self.on_output(self)
 
     def snapshot(self) -> Job:
         """
-        The job as it is now, output so far included.
+        The job as it is now, output so far included: the same value until
+        it changes (so that its JSON form can be reused).
         """
+        if self._snapshot is None:
+            self._snapshot = self._take_snapshot()
+        return self._snapshot
+
+    def _take_snapshot(self) -> Job:
         return evolve(
             self.job,
             stdout=bytes(self.stdout.data),
@@ -246,6 +260,7 @@ class JobProcess:
             return
         if self._error is None:
             self._error = reason
+            self._snapshot = None
         self._cancel("job_time")
         self.log.info(
             "job {job_id} stopping ({reason}): SIGTERM to pid {pid}",
@@ -302,7 +317,7 @@ class JobProcess:
                 self._signal = str(signal)
         self._transport = None
         finished = evolve(
-            self.snapshot(),
+            self._take_snapshot(),
             state=FINISHED,
             finished=self._reactor.seconds(),
             code=self._code,

@@ -173,6 +173,9 @@ class JobRunner:
         #: Jobs this runner finished lately, when no other runner can change
         #: them (a store of its own): GET answers them without the store.
         self._recent: OrderedDict[str, Job] = OrderedDict()
+        #: Jobs this runner queued and has not claimed yet, when no other
+        #: runner can claim or change them (a store of its own).
+        self._queued: dict[str, Job] = {}
         self._waiters: dict[str, list[Deferred[Job]]] = {}
         self._callbacks: dict[str, Deferred[None]] = {}
         self._ticks: list[Any] = []
@@ -350,6 +353,8 @@ class JobRunner:
             arguments=list(arguments),
         )
         if not direct:
+            if not self._store.shared and stored.state == QUEUED:
+                self._queued[stored.id] = stored
             self._pump_soon()
         elif self._stopping:
             await self._store.save(evolve(stored, state=QUEUED, owner=None, started=None))
@@ -381,6 +386,9 @@ class JobRunner:
         saving = self._saving.get(job_id)
         if saving is not None:
             return saving
+        queued = self._queued.get(job_id)
+        if queued is not None:
+            return queued
         return self._recent.get(job_id)
 
     async def cancel(self, job_id: str) -> Job | None:
@@ -400,6 +408,7 @@ class JobRunner:
             return await finished
         job = await self._store.cancel_queued(job_id, self.owner, self._reactor.seconds())
         if job is not None:
+            self._queued.pop(job_id, None)
             self.log.info("job {job_id} stopped before it started", job_id=job_id)
             self._finished(job, saved=True)
             return job
@@ -452,6 +461,7 @@ class JobRunner:
             if len(jobs) < free and generation == self._queued_generation:
                 self._queue_maybe_nonempty = False
             for job in jobs:
+                self._queued.pop(job.id, None)
                 if self._stopping:
                     # Not started: back in the queue for the next runner.
                     await self._store.save(
@@ -463,6 +473,7 @@ class JobRunner:
                 return
 
     def _run(self, job: Job) -> None:
+        self._queued.pop(job.id, None)
         process = JobProcess(
             self._reactor,
             job,

@@ -27,7 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from haikutx.config import Config
-from haikutx.jobs.api import job_site, parse_job_request, split_args
+from haikutx.jobs.api import JobsResource, job_site, parse_job_request, split_args
 from haikutx.jobs.callbacks import CallbackRefused, check_callback_url, deliver_callback
 from haikutx.jobs.job import CallbackOutcome, Job
 from haikutx.jobs.process import OutputBuffer
@@ -483,6 +483,67 @@ class TimerTests(SynchronousTestCase):
         before = Counting.gets
         self.assertEqual(self._get(runner, third.id).state, "finished")
         self.assertEqual(Counting.gets, before + 1)
+
+    def test_queued_jobs_without_store(self) -> None:
+        """
+        A job this runner queued is shown without asking its own store
+        until it is claimed (then as running, from its process), and a
+        queued job stopped by DELETE is no longer shown as queued.
+        """
+
+        class Counting(MemoryJobStore):
+            gets = 0
+
+            def get(self, job_id):
+                Counting.gets += 1
+                return super().get(job_id)
+
+        store = Counting()
+        clock, runner = self._runner(store=store, max_running=1)
+        first = self._submit(runner, "true", ["1"])
+        second = self._submit(runner, "true", ["2"])
+        third = self._submit(runner, "true", ["3"])
+        self.assertEqual(self._get(runner, second.id).state, "queued")
+        self.assertEqual(Counting.gets, 0)
+        stopped = self.successResultOf(Deferred.fromCoroutine(runner.cancel(third.id)))
+        self.assertEqual((stopped.state, stopped.error), ("finished", "stopped"))
+        self.assertNotIn(third.id, runner._queued)
+        runner._running[first.id].ended(0, None)
+        self.assertEqual(self._get(runner, second.id).state, "running")
+        self.assertEqual(Counting.gets, 0)
+        self.assertEqual(runner._queued, {})
+
+    def test_snapshot_reused_until_output(self) -> None:
+        """
+        A running job's snapshot is the same value until output arrives or
+        it is stopped.
+        """
+        clock, runner = self._runner()
+        job = self._submit(runner, "sh", [])
+        process = runner._running[job.id]
+        first = runner.peek(job.id)
+        self.assertIs(runner.peek(job.id), first)
+        process._transport.proto.outReceived(b"out")
+        after_output = runner.peek(job.id)
+        self.assertIsNot(after_output, first)
+        self.assertEqual(after_output.stdout, b"out")
+        process.terminate("stopped")
+        self.assertEqual(runner.peek(job.id).error, "stopped")
+
+    def test_json_body_reused(self) -> None:
+        """
+        The API makes the JSON body of a job value once: the same value
+        polled again gets the same bytes, a changed job a new body.
+        """
+        clock, runner = self._runner()
+        resource = JobsResource(runner)
+        job = self._submit(runner, "true", [])
+        body = resource._body_of(job)
+        self.assertEqual(json.loads(body)["id"], job.id)
+        self.assertIs(resource._body_of(job), body)
+        runner._running[job.id].ended(0, None)
+        finished = runner.peek(job.id)
+        self.assertEqual(json.loads(resource._body_of(finished))["state"], "finished")
 
     def test_metrics(self) -> None:
         """
