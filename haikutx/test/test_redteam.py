@@ -20,6 +20,11 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 
 from haikutx.test.support import http, ready, start_runtime, until
+from haikutx.test.test_isolation import FIND_WORKERS
+
+#: The attacks below start by finding the runtime's worker object, as an
+#: attacker who knows the code would (see L{FIND_WORKERS}).
+FIND_WORKER = FIND_WORKERS + "worker = workers[0]\nfrom haikutx.child import wire\n"
 
 #: Lies about its length: says its body is empty, then writes a whole
 #: forged response, which a keep-alive client (or a front proxy reusing its
@@ -39,23 +44,7 @@ printf 'HTTP/1.1 200 OK\\r\\nContent-Length: 6\\r\\nX-Forged: yes\\r\\n\\r\\npwn
 #: Sends its own frames: a head that names trailers, then trailers whose
 #: names end the response and start a forged one; and a head whose
 #: C{Content-Length} hides behind white space.
-SMUGGLE_FRAMES = r"""
-import gc, sys
-from haikutx.child import wire
-def _find_worker():
-    # In the collector's lists, or up the stack that runs the handler (the
-    # zygote makes a child's worker before forking and freezes it).
-    for o in gc.get_objects():
-        if type(o).__name__ == 'Worker' and hasattr(o, '_frame'):
-            return o
-    f = sys._getframe()
-    while f is not None:
-        o = f.f_locals.get('self')
-        if type(o).__name__ == 'Worker' and hasattr(o, '_frame'):
-            return o
-        f = f.f_back
-    raise LookupError('no Worker found')
-worker = _find_worker()
+SMUGGLE_FRAMES = FIND_WORKER + r"""
 forged = 'HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-Forged: yes\r\n\r\npwned!'
 if req.query.get('via') == 'trailer':
     worker.send(wire.encode_json(wire.HEAD, {'status': 200, 'headers': [['Trailer', 'x']]}))
@@ -87,23 +76,7 @@ res.done = True
 
 #: One head frame just under the frame limit, made of tiny headers (or
 #: trailers): what the server builds of it is many times its size.
-HEADER_BOMB = r"""
-import gc, sys
-from haikutx.child import wire
-def _find_worker():
-    # In the collector's lists, or up the stack that runs the handler (the
-    # zygote makes a child's worker before forking and freezes it).
-    for o in gc.get_objects():
-        if type(o).__name__ == 'Worker' and hasattr(o, '_frame'):
-            return o
-    f = sys._getframe()
-    while f is not None:
-        o = f.f_locals.get('self')
-        if type(o).__name__ == 'Worker' and hasattr(o, '_frame'):
-            return o
-        f = f.f_back
-    raise LookupError('no Worker found')
-worker = _find_worker()
+HEADER_BOMB = FIND_WORKER + r"""
 n = (wire.MAX_FRAME - 64) // 10
 pairs = [['a', ''] for _ in range(n)]
 if req.query.get('via') == 'trailer':
@@ -140,23 +113,7 @@ res.end()
 
 #: Floods the server's log with console frames it forges on its own
 #: channel, the console limit and --debug notwithstanding.
-CONSOLE_FLOOD = r"""
-import gc, sys
-from haikutx.child import wire
-def _find_worker():
-    # In the collector's lists, or up the stack that runs the handler (the
-    # zygote makes a child's worker before forking and freezes it).
-    for o in gc.get_objects():
-        if type(o).__name__ == 'Worker' and hasattr(o, '_frame'):
-            return o
-    f = sys._getframe()
-    while f is not None:
-        o = f.f_locals.get('self')
-        if type(o).__name__ == 'Worker' and hasattr(o, '_frame'):
-            return o
-        f = f.f_back
-    raise LookupError('no Worker found')
-worker = _find_worker()
+CONSOLE_FLOOD = FIND_WORKER + r"""
 line = wire.encode(wire.CONSOLE, b'flood ' + b'y' * 65536)
 for _ in range(int(req.query.get('n', '200'))):
     worker.send(line)
