@@ -233,6 +233,7 @@ class JobSite(Site):
     """
 
     requestFactory = _LimitedRequest
+    noisy = False
 
     def log(self, request: Request) -> None:
         quiet = (request.method, request.code) in ((b"POST", 202), (b"GET", 200))

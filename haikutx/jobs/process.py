@@ -114,6 +114,9 @@ class _JobProtocol(ProcessProtocol):
         # Nothing is ever written to a job: close its stdin, so a command
         # that reads it (cat -) ends instead of waiting forever.
         assert self.transport is not None
+        # The pid, while the transport still knows it (a quick job may be
+        # reaped before its spawn returns, and the transport forgets it).
+        self._process.pid = self.transport.pid
         self.transport.closeStdin()
 
     def outReceived(self, data: bytes) -> None:
@@ -237,7 +240,8 @@ class JobProcess:
                 self._transport = await spawn(_JobProtocol(self), path, argv, environ)
             except (OSError, ValueError) as e:
                 raise OSError(f"cannot start {job.command}: {e}") from None
-        self.pid = self._transport.pid
+        if self.pid is None:
+            self.pid = self._transport.pid
         if self._stop_requested is not None:
             self.terminate(self._stop_requested)
         elif self._job_time is not None:

@@ -1025,6 +1025,32 @@ class RunnerStartTests(TestCase):
         self.assertTrue(any("whitelist" in e["log_format"] for e in warnings))
         self.assertTrue(any(e.get("job_id") == job.id for e in events))
 
+    async def test_started_event_names_the_pid(self) -> None:
+        """
+        The C{job started} event names the job's pid, even for a command
+        that is over (and reaped) before its start is logged.
+        """
+        from twisted.logger import capturedLogs
+
+        runner = JobRunner(reactor, MemoryJobStore(), post_callback=lambda u, b: succeed(200))
+        service = JobService(runner)
+        with capturedLogs() as events:
+            service.startService()
+            self.addCleanup(service.stopService)
+            await runner.wait_ready()
+            job = await runner.submit("true", [], None)
+            for _ in range(100):
+                started = [
+                    e for e in events
+                    if e.get("job_id") == job.id and "started" in e["log_format"]
+                ]
+                if started:
+                    break
+                await deferLater(reactor, 0.05)
+        self.assertEqual(len(started), 1)
+        self.assertIsInstance(started[0]["pid"], int)
+        self.assertGreater(started[0]["pid"], 0)
+
 
 def start_twistd(case, port, state, *extra):
     """
