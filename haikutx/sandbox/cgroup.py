@@ -216,13 +216,7 @@ class RunGroup:
         The tasks the group is charged for now (C{pids.current}), exited
         ones not yet reaped included; C{None} without a C{pids} controller.
         """
-        directory = self.directories.get("pids")
-        if directory is None:
-            return None
-        try:
-            return int(_read(os.path.join(directory, "pids.current")))
-        except (OSError, ValueError):
-            return None
+        return self._read_int("pids", "pids.current")
 
     def kill(self, keep: Iterable[int] = (), wait: float = 0.0) -> bool:
         """
@@ -294,11 +288,18 @@ class RunGroup:
         """
         The group's memory limit in bytes, or C{None} without one.
         """
-        directory = self.directories.get("memory")
+        return self._read_int("memory", "memory.limit_in_bytes")
+
+    def _read_int(self, controller: str, name: str) -> int | None:
+        """
+        The integer in the group's file C{name} of C{controller}, or
+        C{None} without that controller (or when it cannot be read).
+        """
+        directory = self.directories.get(controller)
         if directory is None:
             return None
         try:
-            return int(_read(os.path.join(directory, "memory.limit_in_bytes")))
+            return int(_read(os.path.join(directory, name)))
         except (OSError, ValueError):
             return None
 

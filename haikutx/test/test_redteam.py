@@ -473,9 +473,11 @@ class ConsoleTests(TestCase):
     within --maxconsole.
     """
 
+    debug = False
+
     def setUp(self) -> Deferred[None]:
         self.port, self.pool = start_runtime(
-            self, {"flood.py": CONSOLE_FLOOD}, workers=1, max_requests=1
+            self, {"flood.py": CONSOLE_FLOOD}, workers=1, max_requests=1, debug=self.debug
         )
         self.logged = 0
 
@@ -501,19 +503,7 @@ class DebugConsoleTests(ConsoleTests):
     With --debug, forged console frames are logged within --maxconsole.
     """
 
-    def setUp(self) -> Deferred[None]:
-        self.port, self.pool = start_runtime(
-            self, {"flood.py": CONSOLE_FLOOD}, workers=1, max_requests=1, debug=True
-        )
-        self.logged = 0
-
-        def observe(event: dict) -> None:
-            if "console" in event:
-                self.logged += len(event["console"])
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
-        return Deferred.fromCoroutine(ready(self.pool))
+    debug = True
 
     async def test_forged_console_frames(self) -> None:
         """
