@@ -91,6 +91,7 @@ HANDLERS = {
     "timer-raises.py": "res.write_head(200)\nset_timeout(lambda: res.end(1 / 0), 10)\n",
     "timer-raises-streaming.py": "res.write('x')\nset_timeout(lambda: res.end(1 / 0), 10)\n",
     "bad-params.py": "res.end(str(req.params))\n",
+    "random.py": "import random\nres.end(str(random.getrandbits(64)))\n",
 }
 
 
@@ -536,6 +537,15 @@ class RecyclingTests(TestCase):
         answers = [(await http(port, "/?x-haiku-handler=counter.py")).text for _ in range(3)]
         self.assertEqual([a.split()[0] for a in answers], ["1", "1", "1"])
         self.assertEqual(len({a.split()[1] for a in answers}), 3)
+
+    async def test_random_numbers_per_process(self) -> None:
+        """
+        Each fresh process has random numbers of its own: C{random} is
+        reseeded in every child, not inherited from the zygote.
+        """
+        port, pool = start_runtime(self, HANDLERS, workers=1, max_requests=1)
+        answers = [(await http(port, "/?x-haiku-handler=random.py")).text for _ in range(3)]
+        self.assertEqual(len(set(answers)), 3, answers)
 
     async def test_reused_process(self) -> None:
         """
