@@ -509,7 +509,21 @@ class WorkerProtocol(ProcessProtocol):
         child.release_pidfd()
         if self.run_group is not None:
             # Its end is not reported: what its handlers left ends now.
-            self.run_group.child_ended(child.pid)
+            self.run_group.child_ended(child.pid, self._may_have_started_processes())
+
+    def _may_have_started_processes(self) -> bool:
+        """
+        Whether the current child's handlers may have started processes:
+        not if it ran none, nor if it ran Python handlers under the seccomp
+        layer, which denies them new processes (its zygote said the layer
+        is active); a stdio child may have.
+        """
+        if self.kind is None:
+            return False
+        if self.kind == "python":
+            layers = (self.sandbox or {}).get("layers") or {}
+            return layers.get("seccomp") != "active"
+        return True
 
     def _tell_zygote_to_end(self, child: ChildProtocol, report: bool) -> None:
         if self._zygote is not None:

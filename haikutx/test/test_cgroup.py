@@ -229,3 +229,65 @@ class TurnedOffTests(TestCase):
         layers = pool.status()["sandbox"]["layers"]
         self.assertTrue(layers["processes"].startswith("turned off by name"), layers)
         self.assertIsNone(spawner._cgroups)
+
+
+class SlotGroupTests(SynchronousTestCase):
+    """
+    L{haikutx.runtime.rungroup.SlotGroup} on this kernel's cgroups: each
+    child gets a group of its own, reused only once empty.
+    """
+
+    def setUp(self) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("making cgroups needs root")
+        from twisted.internet.testing import MemoryReactorClock
+
+        from haikutx.runtime.rungroup import SlotGroup
+
+        tree = CgroupTree.create(pid=os.getpid())
+        if not tree.complete():
+            raise SkipTest(f"cgroup v1 pids and memory are needed: {tree.missing}")
+        self.addCleanup(tree.remove)
+        self.slot = SlotGroup(
+            MemoryReactorClock(), RunGroup.create(tree.directories, "slot9", None, None),
+            8, 64 << 20,
+        )
+        self.addCleanup(self.slot.stop)
+
+    def _child(self) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(["/bin/sleep", "30"])
+        self.addCleanup(process.wait)
+        self.addCleanup(process.kill)
+        return process
+
+    def _admit(self, process: subprocess.Popen[bytes]) -> int:
+        class Child:
+            pid = process.pid
+
+        self.slot.admit(object(), Child())
+        return self.slot._by_pid[process.pid]
+
+    def test_ended_without_leftovers(self) -> None:
+        """
+        A child whose handlers cannot have started processes leaves its
+        group unlisted and unkilled when it ends; a group still holding a
+        task is not given to the next child, an empty one is.
+        """
+        first = self._child()
+        number = self._admit(first)
+        self.slot.child_ended(first.pid, leftovers=False)
+        self.assertIsNone(first.poll())
+        second = self._child()
+        self.assertNotEqual(self._admit(second), number)
+        self.assertEqual(first.wait(5), -9)  # killed when found still there
+        third = self._child()
+        self.assertEqual(self._admit(third), number)
+
+    def test_ended_with_leftovers(self) -> None:
+        """
+        By default what is left in a child's group is killed when it ends.
+        """
+        first = self._child()
+        self._admit(first)
+        self.slot.child_ended(first.pid)
+        self.assertEqual(first.wait(5), -9)

@@ -564,3 +564,31 @@ class ChannelTransportTests(SynchronousTestCase):
         self.assertNotIn(self.transport, self.reactor.readers)
         self.transport.loseConnection()
         self.assertEqual(self.received[2:], ["lost"])
+
+
+class ProcessesLeftTests(SynchronousTestCase):
+    """
+    L{WorkerProtocol._may_have_started_processes}: whether a retired
+    child's group must be listed and killed.
+    """
+
+    def worker(self, kind, seccomp="active"):
+        from haikutx.runtime.worker import WorkerProtocol
+
+        worker = WorkerProtocol(Clock(), lambda w: None, lambda w, r: None, 5, 5)
+        worker.kind = kind
+        worker.sandbox = {"layers": {"seccomp": seccomp}}
+        return worker
+
+    def test_kinds(self) -> None:
+        """
+        A child that ran nothing, or Python handlers under seccomp, cannot
+        have started processes; a stdio child, or a Python one without the
+        seccomp layer, may have.
+        """
+        self.assertFalse(self.worker(None)._may_have_started_processes())
+        self.assertFalse(self.worker("python")._may_have_started_processes())
+        self.assertTrue(self.worker("stdio")._may_have_started_processes())
+        self.assertTrue(
+            self.worker("python", "turned off by name")._may_have_started_processes()
+        )
