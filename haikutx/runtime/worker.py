@@ -184,8 +184,10 @@ class WorkerProtocol(ProcessProtocol):
         self.started = reactor.seconds()
         self.ended: Deferred[None] = Deferred()
         #: The slot's cgroup (L{haikutx.runtime.rungroup.SlotGroup}), set
-        #: by the spawner: each child joins it before its first request,
-        #: and what is left in it is killed when the child ends.
+        #: by the spawner: a child whose handlers may start processes joins
+        #: a group of its own beneath it before its first request (see
+        #: L{_confined_alone}), and what is left in it is killed when the
+        #: child ends.
         self.run_group: Any = None
 
     @property
@@ -326,8 +328,6 @@ class WorkerProtocol(ProcessProtocol):
             if self.state != "dead":
                 self.kill_zygote("started a second child while one was current")
             return
-        if self.run_group is not None:
-            self.run_group.admit(self, child)
         self.child = child
         self.children_started += 1
         self.served = 0
@@ -481,6 +481,9 @@ class WorkerProtocol(ProcessProtocol):
         self.state = "busy"
         self.kind = handler_kind(head.get("language", "python"))
         child = self.child
+        if self.run_group is not None and not child.requested and not self._confined_alone():
+            # Before its first request, so that all it starts is born there.
+            self.run_group.admit(self, child)
         child.exchange = exchange
         child.requested = True
         child.headed = False
@@ -524,6 +527,22 @@ class WorkerProtocol(ProcessProtocol):
             layers = (self.sandbox or {}).get("layers") or {}
             return layers.get("seccomp") != "active"
         return True
+
+    def _confined_alone(self) -> bool:
+        """
+        Whether the current child, about to run handlers of its kind, is
+        bounded without a cgroup of its own: Python handlers under the
+        seccomp layer (no new processes: the child is all there is, its
+        memory bounded by C{RLIMIT_AS}) and the uid layer (its threads
+        bounded by C{RLIMIT_NPROC} of the slot's own uid).  Then it joins
+        no group: that costs the server 0.15-0.2 ms of CPU per child.
+        """
+        if self.kind != "python":
+            return False
+        layers = (self.sandbox or {}).get("layers") or {}
+        return layers.get("seccomp") == "active" and str(layers.get("uid", "")).startswith(
+            "active"
+        )
 
     def _tell_zygote_to_end(self, child: ChildProtocol, report: bool) -> None:
         if self._zygote is not None:

@@ -592,3 +592,18 @@ class ProcessesLeftTests(SynchronousTestCase):
         self.assertTrue(
             self.worker("python", "turned off by name")._may_have_started_processes()
         )
+
+    def test_confined_alone(self) -> None:
+        """
+        Only a Python child under both the seccomp and the uid layers goes
+        without a cgroup of its own.
+        """
+        def alone(kind, seccomp="active", uid="active, no capabilities"):
+            worker = self.worker(kind, seccomp)
+            worker.sandbox["layers"]["uid"] = uid
+            return worker._confined_alone()
+
+        self.assertTrue(alone("python"))
+        self.assertFalse(alone("stdio"))
+        self.assertFalse(alone("python", seccomp="turned off by name"))
+        self.assertFalse(alone("python", uid="no identity given: handlers run as root"))

@@ -18,7 +18,7 @@ from haikutx.child.stdio import parse_cgi_headers, request_environment
 from haikutx.config import bundled_samples
 from haikutx.languages import by_name
 from haikutx.languages.builtin import BUILTIN
-from haikutx.test.support import http, ready, start_runtime
+from haikutx.test.support import http, ready, start_runtime, until
 
 SAMPLES = bundled_samples()
 
@@ -665,6 +665,32 @@ class StdioProcessTests(TestCase):
                         layers)
         self.assertIn("at most 12 tasks", layers["processes"])
         self.assertEqual(layers["seccomp"], "active")
+
+    async def test_group_of_its_own_when_it_may_start_processes(self) -> None:
+        """
+        A child that runs a stdio handler is in a cgroup of its own
+        (C{slot<N>/g<M>}) while it runs; one that runs a Python handler,
+        which can start no process under seccomp and whose threads its
+        slot's uid bounds, is put in none.
+        """
+        port = self._start({
+            "wait.py": "import asyncio\nawait asyncio.sleep(1)\nres.end('ok')\n",
+            "wait.sh": "sleep 1\necho ok\n",
+        })
+        await ready(self.pool)
+        worker = next(iter(self.pool.workers))
+
+        async def group_while_running(name: str) -> str:
+            pending = Deferred.fromCoroutine(http(port, f"/?x-haiku-handler={name}"))
+            await until(lambda: worker.state == "busy", 5)
+            child = worker.child_pid
+            with open(f"/proc/{child}/cgroup") as f:
+                lines = [line for line in f.read().splitlines() if ":pids:" in line]
+            self.assertEqual((await pending).status, 200)
+            return lines[0].rsplit("/", 1)[-1]
+
+        self.assertRegex(await group_while_running("wait.sh"), r"^g\d+$")
+        self.assertNotRegex(await group_while_running("wait.py"), r"^g\d+$")
 
     async def test_curl_egress(self) -> None:
         """
