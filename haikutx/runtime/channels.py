@@ -142,7 +142,8 @@ class ChannelTransport:
         self, reactor: Any, descriptor: int, protocol: Protocol, receive_fds: bool = False
     ) -> None:
         self._reactor = reactor
-        self._socket = socket.socket(fileno=descriptor)
+        # Named, not asked of the kernel (three system calls per child).
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, descriptor)
         self._socket.setblocking(False)
         self._protocol = protocol
         self._receive_fds = receive_fds
