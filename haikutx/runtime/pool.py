@@ -358,8 +358,12 @@ class WorkerPool(Service):
             is always retired by the server, never trusted to leave.
         """
         routine = self.max_requests == 1 and reason == self._quota_reason()
+        text = f"worker {worker.pid} recycling its process {worker.child_pid}: {reason}"
+        # The event's text is made here, with no field left for the
+        # observer to format (it would, through string.Formatter, after
+        # every request of --maxrequests 1); its fields are in the event.
         (self.log.debug if routine else self.log.info)(
-            "worker {worker_pid} recycling its process {child_pid}: {reason}",
+            text.replace("{", "{{").replace("}", "}}"),
             worker_pid=worker.pid,
             child_pid=worker.child_pid,
             reason=reason,

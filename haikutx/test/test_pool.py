@@ -237,8 +237,17 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(len(recycled), 1)
         self.assertEqual(recycled[0]["reason"], "served its quota of 1 requests")
         self.assertEqual(recycled[0]["worker_pid"], worker.pid)
-        # With --maxrequests 1 the quota recycle follows every request: debug.
+        # With --maxrequests 1 the quota recycle follows every request: debug,
+        # its text made once (no field left for the observer to format).
         self.assertEqual(recycled[0]["log_level"].name, "debug")
+        from twisted.logger import formatEvent
+
+        self.assertEqual(formatEvent(recycled[0]), recycled[0]["log_format"])
+        self.assertEqual(
+            recycled[0]["log_format"],
+            f"worker {worker.pid} recycling its process {recycled[0]['child_pid']}: "
+            "served its quota of 1 requests",
+        )
 
     def test_other_recycles_logged_at_info(self) -> None:
         """
