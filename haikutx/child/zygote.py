@@ -312,10 +312,11 @@ def _child(sandbox: Any, channel: int, output: int, zygote: int) -> None:
     worker = _next_worker
     if worker is None:
         worker = runner.Worker(0, runner.CHANNEL)
+        if sandbox is not None:
+            worker.confine = _confiner(sandbox, worker)
     else:
+        # Its confiner was made with it, in the zygote.
         worker.renew_loop_descriptors()
-    if sandbox is not None:
-        worker.confine = _confiner(sandbox, worker)
     worker.run()
     sys.stdout.flush()
     os._exit(0)
@@ -325,6 +326,8 @@ class _Child:
     """
     A child the zygote has forked and not yet reaped.
     """
+
+    __slots__ = ("pid", "pidfd", "output", "forwarded", "retired", "report")
 
     def __init__(self, pid: int, pidfd: int, output: int) -> None:
         self.pid = pid
@@ -679,6 +682,8 @@ def main(argv: list[str]) -> None:
     control.sendall(wire.encode_json(wire.SANDBOX, report))
     global _next_worker
     _next_worker = runner.Worker(0, runner.CHANNEL)
+    if sandbox is not None:
+        _next_worker.confine = _confiner(sandbox, _next_worker)
     _freeze()
     Zygote(control, sandbox).serve()
     os._exit(0)
