@@ -252,7 +252,7 @@ class JobRunner:
             delivery.cancel()
         await self._store.retire(self.owner)
         await self._store.close()
-        self._spawn.stop()
+        await self._spawn.stop()
 
     def _every(self, interval: float, f: Any) -> None:
         def tick() -> None:

@@ -909,13 +909,13 @@ class JobAPITests(_HTTPTestCase):
         self.assertEqual(seen["callback_outcome"]["status"], "delivered", seen)
         self.assertEqual(json.loads(receiver.received[-1][1])["stdout"], "six\n")
 
-    async def test_spawned_in_thread_clean(self) -> None:
+    async def test_launched_clean(self) -> None:
         """
-        A job started by the L{ThreadSpawner} inherits no descriptor but its
-        three pipes (even one this process made inheritable) and no ignored
-        signal, and its output and exit code come through.
+        A job started by the L{LauncherSpawner} inherits no descriptor but
+        its stdin and two pipes (even one this process made inheritable) and
+        no ignored signal, and its output and exit code come through.
         """
-        from haikutx.jobs.spawn import ThreadSpawner
+        from haikutx.jobs.spawn import LauncherSpawner
 
         leaked_r, leaked_w = os.pipe()
         os.set_inheritable(leaked_w, True)
@@ -925,8 +925,8 @@ class JobAPITests(_HTTPTestCase):
 
         previous = signal_module.signal(signal_module.SIGUSR1, signal_module.SIG_IGN)
         self.addCleanup(signal_module.signal, signal_module.SIGUSR1, previous)
-        runner = await self._server(spawn=ThreadSpawner(reactor))
-        self.assertIsInstance(runner._spawn, ThreadSpawner)
+        runner = await self._server()
+        self.assertIsInstance(runner._spawn, LauncherSpawner)
         script = (
             "ls /proc/$$/fd | sort -n | tr '\\n' ' '; echo; grep SigIgn /proc/$$/status; exit 3"
         )
@@ -937,6 +937,25 @@ class JobAPITests(_HTTPTestCase):
         self.assertNotIn(str(leaked_w), fds.split()[3:], done["stdout"])
         self.assertEqual(int(ignored.split()[1], 16) & (1 << (signal_module.SIGUSR1 - 1)), 0)
         self.assertEqual(done["code"], 3)
+
+    async def test_launcher_dies(self) -> None:
+        """
+        When the launcher dies, the jobs it ran end (failed, neither code
+        nor signal) and the next job runs on a launcher started again.
+        """
+        runner = await self._server()
+        _, job = await self._post({"command": "sh", "args": ["-c", "echo $$; exec sleep 30"]})
+        for _ in range(200):
+            _, seen = await self._get(job["id"])
+            if seen["stdout"]:
+                break
+            await deferLater(reactor, 0.05)
+        self.addCleanup(_kill_quietly, int(seen["stdout"]))
+        os.kill(runner._spawn._transport.pid, signal.SIGKILL)
+        done = await self._until_finished(job["id"])
+        self.assertEqual((done["code"], done["signal"]), (None, None))
+        _, again = await self._post({"command": "echo", "args": "again"})
+        self.assertEqual((await self._until_finished(again["id"]))["stdout"], "again\n")
 
     async def test_many_at_once(self) -> None:
         """
@@ -1408,10 +1427,10 @@ class SharedQueueTests(_TwistdTestCase):
             await self._until(urls[1], j["id"], lambda j: j["state"] == "running" and j["stdout"])
             for j in (first, second)
         ]
-        parents = {int(j["stdout"]) for j in running}
+        parents = {_runner_of(int(j["stdout"])) for j in running}
         self.assertEqual(parents, {p.pid for p in processes})
         for job in running:
-            other = urls[1] if int(job["stdout"]) == processes[0].pid else urls[0]
+            other = urls[1] if _runner_of(int(job["stdout"])) == processes[0].pid else urls[0]
             response = await self.http.request("DELETE", other + job["id"])
             stopped = await response.json()
             self.assertEqual(response.code, 200)
@@ -1445,8 +1464,9 @@ class SharedQueueTests(_TwistdTestCase):
             pid = int(job["stdout"].split()[1])
             self.addCleanup(lambda pid=pid: _kill_quietly(pid))
         queued = await self._post(urls[0], {"command": "echo", "args": "after"})
-        victim_pid = int(seen[first["id"]]["stdout"].split()[0])
+        victim_pid = _runner_of(int(seen[first["id"]]["stdout"].split()[0]))
         victim = next(p for p in processes if p.pid == victim_pid)
+        orphan = int(seen[first["id"]]["stdout"].split()[1])
         survivor = urls[1] if victim is processes[0] else urls[0]
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
@@ -1456,6 +1476,8 @@ class SharedQueueTests(_TwistdTestCase):
         )
         self.assertLess(reactor.seconds() - killed_at, 30)
         self.assertEqual(interrupted["error"], "interrupted")
+        # Its job died with it (its launcher killed it).
+        self.assertFalse(_alive(orphan), f"the killed runner's job {orphan} still runs")
         delivered = await self._until(
             survivor,
             first["id"],
@@ -1470,6 +1492,25 @@ class SharedQueueTests(_TwistdTestCase):
         await response.content()
         after = await self._until(survivor, queued["id"], lambda j: j["state"] == "finished")
         self.assertEqual(after["stdout"], "after\n")
+
+
+def _runner_of(launched: int) -> int:
+    """
+    The runner whose launcher is the parent process C{launched}.
+    """
+    fields = Path(f"/proc/{launched}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[1])
+
+
+def _alive(pid: int) -> bool:
+    """
+    Whether C{pid} is a process that has not exited (a zombie has).
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] != "Z"
 
 
 def _kill_quietly(pid: int) -> None:
