@@ -48,6 +48,9 @@ READ_SIZE = 65536
 
 _PR_SET_PDEATHSIG = 1
 
+#: The scheduling of the jobs: the usual one (the launcher's is not).
+_SCHEDULER = (os.SCHED_OTHER, os.sched_param(0))
+
 
 class _Job:
     __slots__ = ("handle", "pid", "pidfd", "pipes", "status")
@@ -171,6 +174,7 @@ class Launcher:
                 ],
                 setsigdef=self._defaults,
                 setsigmask=(),
+                scheduler=_SCHEDULER,
             )
         except (OSError, ValueError, TypeError) as e:
             for fd in (out_r, out_w, err_r, err_w):
@@ -297,6 +301,12 @@ def main(argv):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminated)
     _die_with(int(argv[1]))
+    # A batch process's wake-up does not preempt the runner: a job is
+    # started when a core is free, not in the middle of the runner's answer.
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except OSError:
+        pass
     # The pipes to the runner move off 0 and 1 (to descriptors no job
     # inherits); 0 and 1 become /dev/null, so no pipe of a job is ever 0-2.
     commands = os.dup(0)

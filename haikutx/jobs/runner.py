@@ -63,6 +63,20 @@ POLL_INTERVAL = 1.0
 RECENT_JOBS = 1000
 
 
+def _counted(state: str) -> None:
+    """
+    Count a job in C{haiku_jobs_total{state}} (the labelled child looked up
+    once per state, not per job).
+    """
+    child = _COUNTERS.get(state)
+    if child is None:
+        child = _COUNTERS[state] = JOBS.labels(state=state)
+    child.inc()
+
+
+_COUNTERS: dict[str, Any] = {}
+
+
 class JobRefused(Exception):
     """
     A job request the runner will not accept; the message says why and is
@@ -280,7 +294,7 @@ class JobRunner:
         taken = await self._store.recover(self.owner, lease, now)
         for job in taken:
             if job.error == "interrupted" and job.finished == now:
-                JOBS.labels(state="interrupted").inc()
+                _counted("interrupted")
                 self.log.warn(
                     "job {job_id} was running on a runner that is gone: interrupted",
                     job_id=job.id,
@@ -345,7 +359,7 @@ class JobRunner:
         finally:
             if direct:
                 self._reserved -= 1
-        JOBS.labels(state="accepted").inc()
+        _counted("accepted")
         self.log.info(
             "job {job_id} accepted: {command} {arguments}",
             job_id=job.id,
@@ -456,6 +470,10 @@ class JobRunner:
             free = self._max_running - len(self._running) - self._reserved
             if free <= 0:
                 return
+            if not self._queue_maybe_nonempty and not self._store.shared:
+                # A store of its own, and every job this runner queued has
+                # been claimed: nothing to look for.
+                return
             generation = self._queued_generation
             jobs = await self._store.claim(self.owner, free, self._reactor.seconds())
             if len(jobs) < free and generation == self._queued_generation:
@@ -532,7 +550,7 @@ class JobRunner:
         if job.callback is not None and not saved:
             job = evolve(job, callback_outcome=CallbackOutcome(PENDING))
         state = final_state(job)
-        JOBS.labels(state=state).inc()
+        _counted(state)
         self.log.info(
             "job {job_id} {state}: code {code} signal {signal} error {error} "
             "in {duration:.3f}s",

@@ -391,8 +391,24 @@ class _FakePool:
 
 
 class _FakeReactor:
+    """
+    Runs what is called from a thread at once, and what is called later at
+    the end of the current turn (L{turn}).
+    """
+
+    def __init__(self) -> None:
+        self.later: list[Any] = []
+
     def callFromThread(self, f: Any, *args: Any) -> None:
         f(*args)
+
+    def callLater(self, delay: float, f: Any, *args: Any) -> None:
+        self.later.append((f, args))
+
+    def turn(self) -> None:
+        later, self.later = self.later, []
+        for f, args in later:
+            f(*args)
 
 
 class GroupCommitTests(SynchronousTestCase):
@@ -402,6 +418,7 @@ class GroupCommitTests(SynchronousTestCase):
 
     def _batch(self, fail_on: object = None) -> tuple[_FakePool, GroupCommit, list[list[Any]]]:
         pool = _FakePool()
+        self.reactor = _FakeReactor()
         transactions: list[list[Any]] = []
 
         def transact(operations: Any, durable: bool) -> list[Any]:
@@ -411,15 +428,18 @@ class GroupCommitTests(SynchronousTestCase):
             transactions.append(results)
             return results
 
-        return pool, GroupCommit(_FakeReactor(), pool, transact), transactions
+        return pool, GroupCommit(self.reactor, pool, transact), transactions
 
     def test_batches(self) -> None:
         """
-        The first operation runs alone; the ones submitted meanwhile all
-        share the next transaction; each gets its own result.
+        The first operation runs alone (at the end of the reactor's turn);
+        the ones submitted meanwhile all share the next transaction; each
+        gets its own result.
         """
         pool, batch, transactions = self._batch()
         first = batch.submit(lambda c: 1)
+        self.assertEqual(len(pool.calls), 0)
+        self.reactor.turn()
         others = [batch.submit(lambda c, n=n: n) for n in range(2, 6)]
         self.assertEqual(len(pool.calls), 1)
         pool.run_one()
@@ -431,6 +451,19 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(batch.commits, 2)
         self.successResultOf(batch.idle())
 
+    def test_one_turn(self) -> None:
+        """
+        Operations submitted in one turn of the reactor, the pool idle, share
+        one transaction.
+        """
+        pool, batch, transactions = self._batch()
+        done = [batch.submit(lambda c, n=n: n) for n in range(3)]
+        self.reactor.turn()
+        self.assertEqual(len(pool.calls), 1)
+        pool.run_one()
+        self.assertEqual([self.successResultOf(d) for d in done], [0, 1, 2])
+        self.assertEqual(transactions, [[0, 1, 2]])
+
     def test_failure_isolated(self) -> None:
         """
         When a batch fails, its operations run again one per transaction, so
@@ -438,6 +471,7 @@ class GroupCommitTests(SynchronousTestCase):
         """
         pool, batch, transactions = self._batch(fail_on="bad")
         batch.submit(lambda c: 0)
+        self.reactor.turn()
         good = batch.submit(lambda c: 1)
         bad = batch.submit(lambda c: "bad")
         pool.run_one()
@@ -454,5 +488,6 @@ class GroupCommitTests(SynchronousTestCase):
         batch.submit(lambda c: 1)
         idle = batch.idle()
         self.assertNoResult(idle)
+        self.reactor.turn()
         pool.run_one()
         self.successResultOf(idle)
