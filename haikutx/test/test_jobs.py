@@ -928,12 +928,15 @@ class JobAPITests(_HTTPTestCase):
         runner = await self._server()
         self.assertIsInstance(runner._spawn, LauncherSpawner)
         script = (
-            "ls /proc/$$/fd | sort -n | tr '\\n' ' '; echo; grep SigIgn /proc/$$/status; exit 3"
+            "ls /proc/$$/fd | sort -n | tr '\\n' ' '; echo; grep SigIgn /proc/$$/status;"
+            " grep policy /proc/$$/sched; exit 3"
         )
         _, job = await self._post({"command": "sh", "args": ["-c", script]})
         done = await self._until_finished(job["id"])
-        fds, ignored = done["stdout"].split("\n", 1)
+        fds, ignored, policy = done["stdout"].split("\n", 2)
         self.assertEqual(fds.split()[:3], ["0", "1", "2"])
+        # The usual scheduling (the launcher's own is SCHED_BATCH).
+        self.assertEqual(policy.split()[-1], str(os.SCHED_OTHER), policy)
         self.assertNotIn(str(leaked_w), fds.split()[3:], done["stdout"])
         self.assertEqual(int(ignored.split()[1], 16) & (1 << (signal_module.SIGUSR1 - 1)), 0)
         self.assertEqual(done["code"], 3)
@@ -1156,15 +1159,29 @@ class TwistdRestartTests(_TwistdTestCase):
         await self._wait_up(url)
         response = await self.http.post(url, data=b'{"command": "echo", "args": "survives"}')
         done = await response.json()
-        response = await self.http.post(url, data=b'{"command": "sleep", "args": "3"}')
+        response = await self.http.post(
+            url, data=b'{"command": "sh", "args": ["-c", "echo $$; exec sleep 30"]}'
+        )
         running = await response.json()
         for _ in range(100):
             if (await self._job(url, done["id"]))["state"] == "finished":
                 break
             await deferLater(reactor, 0.05)
+        for _ in range(100):
+            pid = (await self._job(url, running["id"]))["stdout"].strip()
+            if pid:
+                break
+            await deferLater(reactor, 0.05)
+        self.addCleanup(_kill_quietly, int(pid))
         await deferLater(reactor, 0.7)  # more than one output flush interval
         first.send_signal(signal.SIGKILL)
         first.wait(10)
+        # The job dies with the server (its launcher kills it).
+        for _ in range(100):
+            if not _alive(int(pid)):
+                break
+            await deferLater(reactor, 0.05)
+        self.assertFalse(_alive(int(pid)), "a job outlived its SIGKILLed server")
         second = self._start(port, state)
         await self._wait_up(url)
         kept = await self._job(url, done["id"])
