@@ -421,11 +421,14 @@ class GroupCommitTests(SynchronousTestCase):
         self.reactor = _FakeReactor()
         transactions: list[list[Any]] = []
 
+        self.durable: list[bool] = []
+
         def transact(operations: Any, durable: bool) -> list[Any]:
             results = [operation(None) for operation in operations]
             if fail_on in results:
                 raise ValueError("bad operation")
             transactions.append(results)
+            self.durable.append(durable)
             return results
 
         return pool, GroupCommit(self.reactor, pool, transact), transactions
@@ -463,6 +466,27 @@ class GroupCommitTests(SynchronousTestCase):
         pool.run_one()
         self.assertEqual([self.successResultOf(d) for d in done], [0, 1, 2])
         self.assertEqual(transactions, [[0, 1, 2]])
+
+    def test_unsynced_first(self) -> None:
+        """
+        Operations that need no sync, submitted ahead of one that does, are
+        committed first without it; the rest (in order) share the synced
+        transaction.
+        """
+        pool, batch, transactions = self._batch()
+        done = [
+            batch.submit(lambda c: "result"),
+            batch.submit(lambda c: "claim"),
+            batch.submit(lambda c: "insert", durable=True),
+            batch.submit(lambda c: "result 2"),
+        ]
+        self.reactor.turn()
+        pool.run_one()
+        self.assertEqual([self.successResultOf(d) for d in done[:2]], ["result", "claim"])
+        self.assertNoResult(done[2])
+        pool.run_one()
+        self.assertEqual(transactions, [["result", "claim"], ["insert", "result 2"]])
+        self.assertEqual(self.durable, [False, True])
 
     def test_failure_isolated(self) -> None:
         """

@@ -98,8 +98,16 @@ class GroupCommit:
                 waiter.callback(None)
             return
         self._busy = True
-        batch = self._pending[:MAX_BATCH]
-        del self._pending[:MAX_BATCH]
+        size = MAX_BATCH
+        for n, (_, flag, _) in enumerate(self._pending[:MAX_BATCH]):
+            if flag:
+                # Operations that need no sync ahead of the first that does
+                # (a result, the claim of the next job) are committed first,
+                # without waiting for the sync.
+                size = n or MAX_BATCH
+                break
+        batch = self._pending[:size]
+        del self._pending[:size]
         durable = any(flag for _, flag, _ in batch)
         running = deferToThreadPool(
             self._reactor, self._pool, self._run, [op for op, _, _ in batch], durable
