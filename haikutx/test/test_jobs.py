@@ -941,6 +941,19 @@ class JobAPITests(_HTTPTestCase):
         self.assertEqual(int(ignored.split()[1], 16) & (1 << (signal_module.SIGUSR1 - 1)), 0)
         self.assertEqual(done["code"], 3)
 
+    async def test_form_content_type(self) -> None:
+        """
+        The body is read as JSON whatever its declared content type: one sent
+        as C{multipart/form-data} is not parsed as a form.
+        """
+        await self._server()
+        code, job = await self._post(
+            {"command": "echo", "args": "form"},
+            headers={"Content-Type": ["multipart/form-data; boundary=x"]},
+        )
+        self.assertEqual(code, 202, job)
+        self.assertEqual((await self._until_finished(job["id"]))["stdout"], "form\n")
+
     async def test_launcher_dies(self) -> None:
         """
         When the launcher dies, the jobs it ran end (failed, neither code
