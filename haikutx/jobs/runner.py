@@ -371,7 +371,9 @@ class JobRunner:
                 self._queued[stored.id] = stored
             self._pump_soon()
         elif self._stopping:
-            await self._store.save(evolve(stored, state=QUEUED, owner=None, started=None))
+            await self._store.save(
+                evolve(stored, state=QUEUED, owner=None, started=None), self.owner
+            )
         else:
             self._run(stored)
         return stored
@@ -483,7 +485,7 @@ class JobRunner:
                 if self._stopping:
                     # Not started: back in the queue for the next runner.
                     await self._store.save(
-                        evolve(job, state=QUEUED, owner=None, started=None)
+                        evolve(job, state=QUEUED, owner=None, started=None), self.owner
                     )
                 else:
                     self._run(job)
@@ -564,12 +566,22 @@ class JobRunner:
         for waiter in self._waiters.pop(job.id, []):
             waiter.callback(job)
         if saved:
-            written: Deferred[None] = Deferred()
-            written.callback(None)
+            written: Deferred[bool] = Deferred()
+            written.callback(True)
         else:
             written = self._save(job)
 
-        def then(_: Any) -> None:
+        def then(replaced: bool) -> None:
+            if not replaced:
+                # Another runner took the job over (this one's lease ran
+                # out): its outcome and callback are that runner's now.
+                self._recent.pop(job.id, None)
+                self.log.warn(
+                    "job {job_id} was taken over by another runner: "
+                    "its result here is dropped, no callback from this runner",
+                    job_id=job.id,
+                )
+                return
             if job.callback is not None and not self._stopping:
                 self._start_callback(job)
             self._evict_soon()
@@ -663,7 +675,7 @@ class JobRunner:
 
     # -- storage --
 
-    def _save(self, job: Job) -> Deferred[None]:
+    def _save(self, job: Job) -> Deferred[bool]:
         self._saving[job.id] = job
         if job.state == FINISHED and not self._store.shared:
             self._recent[job.id] = job
@@ -676,7 +688,7 @@ class JobRunner:
                 del self._saving[job.id]
             return result
 
-        return self._store.save(job).addBoth(saved)
+        return self._store.save(job, self.owner).addBoth(saved)
 
     def _write(self, d: Deferred[Any]) -> None:
         d.addErrback(lambda f: self.log.failure("job store write failed", f))

@@ -992,6 +992,45 @@ class JobAPITests(_HTTPTestCase):
         self.assertLess(store.commits - before, 50)
 
 
+class TakenOverTests(TestCase):
+    """
+    A runner whose job another runner took over (its lease ran out) leaves
+    that job alone when it finishes.
+    """
+
+    async def test_no_double_callback(self) -> None:
+        """
+        The job ends after another runner marked it interrupted: this runner
+        saves nothing over it and sends no callback (the other one does).
+        """
+        from attrs import evolve
+
+        store = MemoryJobStore()
+        sent = []
+
+        def post(url, body):
+            sent.append(json.loads(body)["id"])
+            return succeed(200)
+
+        runner = JobRunner(reactor, store, post_callback=post, evict_delay=0)
+        await runner.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(runner.stop()))
+        job = await runner.submit("sh", ["-c", "sleep 0.3"], "http://example.com/cb")
+        for _ in range(100):
+            if store.jobs[job.id].state == "running":
+                break
+            await deferLater(reactor, 0.01)
+        taken = evolve(store.jobs[job.id], owner="other", state="finished", error="interrupted")
+        store.jobs[job.id] = taken
+        for _ in range(200):
+            if job.id not in runner._running and not runner._saving:
+                break
+            await deferLater(reactor, 0.02)
+        await deferLater(reactor, 0.1)
+        self.assertEqual(store.jobs[job.id], taken)
+        self.assertEqual(sent, [])
+
+
 class RunnerStartTests(TestCase):
     """
     L{JobRunner.start} and L{JobService} on a store with earlier jobs.

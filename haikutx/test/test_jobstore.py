@@ -90,6 +90,23 @@ class _JobStoreTestsMixin:
         await store.save(done)
         self.assertEqual(await store.get(first.id), done)
 
+    async def test_save_owned(self) -> None:
+        """
+        A save that names the owner it expects replaces the job only while
+        the stored job is that owner's, and says whether it did.
+        """
+        store = await self._opened()
+        (job,) = await self._added(store, 1)
+        (claimed,) = await store.claim("a", 1, 5.0)
+        finished = claimed.__class__(**{**_fields(claimed), "state": FINISHED, "code": 0})
+        # Taken over by "b" (as when "a"'s lease ran out): "a" changes nothing.
+        taken = claimed.__class__(**{**_fields(claimed), "owner": "b", "error": "interrupted"})
+        self.assertTrue(await store.save(taken, "a"))
+        self.assertFalse(await store.save(finished, "a"))
+        self.assertEqual(await store.get(job.id), taken)
+        self.assertTrue(await store.save(finished, "b"))
+        self.assertEqual((await store.get(job.id)).code, 0)
+
     async def test_claim(self) -> None:
         """
         Claims take queued jobs oldest first, each once, and mark them
