@@ -46,6 +46,9 @@ HEADER = struct.Struct("!I")
 #: Bytes read from a pipe at a time.
 READ_SIZE = 65536
 
+#: Reads from one pipe before the loop turns to the others.
+MAX_READS = 16
+
 _PR_SET_PDEATHSIG = 1
 
 #: The scheduling of the jobs: the usual one (the launcher's is not).
@@ -195,14 +198,16 @@ class Launcher:
 
     # -- jobs --
 
-    def _read(self, job, fd):
+    def _read(self, job, fd, drain=False):
         """
-        Read what C{fd} has now; close it at its end.
+        Read what C{fd} has now (all of it when C{drain}: the writer has
+        exited); close it at its end.
         """
         which = job.pipes.get(fd)
         if which is None:
             return
-        while True:
+        # Bounded: a job that writes without end does not hold the loop.
+        for _ in range(MAX_READS):
             try:
                 chunk = os.read(fd, READ_SIZE)
             except BlockingIOError:
@@ -212,7 +217,7 @@ class Launcher:
                 self._maybe_ended(job)
                 return
             self._send(("out", job.handle, which, chunk))
-            if len(chunk) < READ_SIZE:
+            if len(chunk) < READ_SIZE and not drain:
                 return
 
     def _reap(self, job):
@@ -224,7 +229,7 @@ class Launcher:
         job.status = status
         # What the job wrote before it exited comes before its end.
         for fd in list(job.pipes):
-            self._read(job, fd)
+            self._read(job, fd, drain=True)
         if job.pipes:
             self._send(("exited", job.handle))
         else:
