@@ -195,6 +195,9 @@ class Launcher:
             self._fds[fd] = (job, which)
             self._poll.register(fd, select.EPOLLIN)
         self._send(("started", handle, pid))
+        # At once, not after the other starts of this turn: each takes its
+        # exec's time.
+        self._flush()
 
     # -- jobs --
 
