@@ -11,6 +11,9 @@ same run:
    each POSTs a job then GETs it every 2 ms until it is C{"finished"}:
    jobs per second and time from POST to seen finished.
 
+Each POST and submit-and-poll run also prints the CPU time of the server
+and its job launcher (not of the jobs) per job.
+
 A fresh server for each measurement. Run from the repository root:
 
     /work/venv/bin/python bench/jobs_bench.py [--seconds 5] [--clients 8] [--user root]
@@ -128,6 +131,27 @@ def job_runner(tmp: Path, port: int, extra: list[str]) -> subprocess.Popen:
     )
 
 
+def cpu_seconds(pid: int) -> float:
+    """
+    The CPU time (user + system) of C{pid} and of its live children (the
+    job launcher), in seconds; jobs themselves are not counted.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids += [int(c) for c in (task / "children").read_text().split()]
+    for one in pids:
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        if one != pid and b"launcher" not in Path(f"/proc/{one}/cmdline").read_bytes():
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
 def wrk(url: str, seconds: int, connections: int, script: Path | None = None):
     argv = ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s",
             "--timeout", "10s", "--latency"]
@@ -177,24 +201,30 @@ def main() -> None:
             process = job_runner(tmp, port, extra)
             try:
                 wait_up(f"http://127.0.0.1:{port}/" + "0" * 40, process)
+                before = cpu_seconds(process.pid)
                 run = wrk(f"http://127.0.0.1:{port}/", options.seconds, connections, post_lua)
+                cpu = cpu_seconds(process.pid) - before
             finally:
                 stop(process)
             results[f"post c{connections}"] = run
             raw = results[f"raw c{connections}"]
+            accepted = run.rate * options.seconds
             print(f"POST -> 202 c{connections}: {run.rate:,.0f}/s p50 {run.p50:.2f} ms "
-                  f"= {100 * run.rate / raw.rate:.1f} % of raw Twisted {run.errors or ''}",
-                  flush=True)
+                  f"= {100 * run.rate / raw.rate:.1f} % of raw Twisted {run.errors or ''}"
+                  f"(server + launcher CPU {1000 * cpu / max(accepted, 1):.2f} ms per "
+                  f"accepted job)", flush=True)
 
         port = free_port()
         process = job_runner(tmp, port, extra)
         try:
             wait_up(f"http://127.0.0.1:{port}/" + "0" * 40, process)
+            before = cpu_seconds(process.pid)
             out = subprocess.run(
                 [sys.executable, str(poll), "127.0.0.1", str(port), str(options.clients),
                  str(options.seconds), str(options.interval)],
                 capture_output=True, text=True, check=True, timeout=options.seconds + 120,
             ).stdout
+            cpu = cpu_seconds(process.pid) - before
         finally:
             stop(process)
         polled = json.loads(out)
@@ -203,7 +233,8 @@ def main() -> None:
         p50 = statistics.median(times) * 1000 if times else float("nan")
         p90 = times[int(len(times) * 0.9)] * 1000 if times else float("nan")
         print(f"submit and poll, {options.clients} clients: {rate:,.0f} jobs/s, "
-              f"p50 {p50:.1f} ms, p90 {p90:.1f} ms, errors {len(polled['errors'])}",
+              f"p50 {p50:.1f} ms, p90 {p90:.1f} ms, errors {len(polled['errors'])} "
+              f"(server + launcher CPU {1000 * cpu / max(polled['jobs'], 1):.2f} ms per job)",
               flush=True)
 
 

@@ -178,12 +178,16 @@ class IJobStore(Interface):
         @return: a L{Deferred} that fires with the job, or C{None}.
         """
 
-    def save(job):
+    def save(job, expected_owner=None):
         """
         Replace the stored job with the same id; a job that is no longer
         stored (evicted) stays gone.
 
-        @return: a L{Deferred} that fires with C{None} once it is durable.
+        @param expected_owner: when given, the job is replaced only while
+            its stored owner is this one (a runner saving a job another
+            runner took over from it changes nothing).
+        @return: a L{Deferred} that fires with whether the job was replaced,
+            once it is durable.
         """
 
     def claim(owner, limit, now):

@@ -245,6 +245,8 @@ def job_site(reactor: Any, runner: JobRunner, token: str | None = None) -> Site:
     """
     The L{JobSite} of C{runner}.
     """
-    site = JobSite(JobsResource(runner, token), reactor=reactor)
+    # The body is JSON whatever its declared type: never parsed as a form
+    # (that parse costs a MIME parser per POST).
+    site = JobSite(JobsResource(runner, token), reactor=reactor, parsePOSTFormSubmission=False)
     site.displayTracebacks = False
     return site

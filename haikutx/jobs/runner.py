@@ -63,6 +63,20 @@ POLL_INTERVAL = 1.0
 RECENT_JOBS = 1000
 
 
+def _counted(state: str) -> None:
+    """
+    Count a job in C{haiku_jobs_total{state}} (the labelled child looked up
+    once per state, not per job).
+    """
+    child = _COUNTERS.get(state)
+    if child is None:
+        child = _COUNTERS[state] = JOBS.labels(state=state)
+    child.inc()
+
+
+_COUNTERS: dict[str, Any] = {}
+
+
 class JobRefused(Exception):
     """
     A job request the runner will not accept; the message says why and is
@@ -252,7 +266,7 @@ class JobRunner:
             delivery.cancel()
         await self._store.retire(self.owner)
         await self._store.close()
-        self._spawn.stop()
+        await self._spawn.stop()
 
     def _every(self, interval: float, f: Any) -> None:
         def tick() -> None:
@@ -280,7 +294,7 @@ class JobRunner:
         taken = await self._store.recover(self.owner, lease, now)
         for job in taken:
             if job.error == "interrupted" and job.finished == now:
-                JOBS.labels(state="interrupted").inc()
+                _counted("interrupted")
                 self.log.warn(
                     "job {job_id} was running on a runner that is gone: interrupted",
                     job_id=job.id,
@@ -345,7 +359,7 @@ class JobRunner:
         finally:
             if direct:
                 self._reserved -= 1
-        JOBS.labels(state="accepted").inc()
+        _counted("accepted")
         self.log.info(
             "job {job_id} accepted: {command} {arguments}",
             job_id=job.id,
@@ -357,7 +371,9 @@ class JobRunner:
                 self._queued[stored.id] = stored
             self._pump_soon()
         elif self._stopping:
-            await self._store.save(evolve(stored, state=QUEUED, owner=None, started=None))
+            await self._store.save(
+                evolve(stored, state=QUEUED, owner=None, started=None), self.owner
+            )
         else:
             self._run(stored)
         return stored
@@ -456,6 +472,10 @@ class JobRunner:
             free = self._max_running - len(self._running) - self._reserved
             if free <= 0:
                 return
+            if not self._queue_maybe_nonempty and not self._store.shared:
+                # A store of its own, and every job this runner queued has
+                # been claimed: nothing to look for.
+                return
             generation = self._queued_generation
             jobs = await self._store.claim(self.owner, free, self._reactor.seconds())
             if len(jobs) < free and generation == self._queued_generation:
@@ -465,7 +485,7 @@ class JobRunner:
                 if self._stopping:
                     # Not started: back in the queue for the next runner.
                     await self._store.save(
-                        evolve(job, state=QUEUED, owner=None, started=None)
+                        evolve(job, state=QUEUED, owner=None, started=None), self.owner
                     )
                 else:
                     self._run(job)
@@ -532,7 +552,7 @@ class JobRunner:
         if job.callback is not None and not saved:
             job = evolve(job, callback_outcome=CallbackOutcome(PENDING))
         state = final_state(job)
-        JOBS.labels(state=state).inc()
+        _counted(state)
         self.log.info(
             "job {job_id} {state}: code {code} signal {signal} error {error} "
             "in {duration:.3f}s",
@@ -546,12 +566,22 @@ class JobRunner:
         for waiter in self._waiters.pop(job.id, []):
             waiter.callback(job)
         if saved:
-            written: Deferred[None] = Deferred()
-            written.callback(None)
+            written: Deferred[bool] = Deferred()
+            written.callback(True)
         else:
             written = self._save(job)
 
-        def then(_: Any) -> None:
+        def then(replaced: bool) -> None:
+            if not replaced:
+                # Another runner took the job over (this one's lease ran
+                # out): its outcome and callback are that runner's now.
+                self._recent.pop(job.id, None)
+                self.log.warn(
+                    "job {job_id} was taken over by another runner: "
+                    "its result here is dropped, no callback from this runner",
+                    job_id=job.id,
+                )
+                return
             if job.callback is not None and not self._stopping:
                 self._start_callback(job)
             self._evict_soon()
@@ -645,7 +675,7 @@ class JobRunner:
 
     # -- storage --
 
-    def _save(self, job: Job) -> Deferred[None]:
+    def _save(self, job: Job) -> Deferred[bool]:
         self._saving[job.id] = job
         if job.state == FINISHED and not self._store.shared:
             self._recent[job.id] = job
@@ -658,7 +688,7 @@ class JobRunner:
                 del self._saving[job.id]
             return result
 
-        return self._store.save(job).addBoth(saved)
+        return self._store.save(job, self.owner).addBoth(saved)
 
     def _write(self, d: Deferred[Any]) -> None:
         d.addErrback(lambda f: self.log.failure("job store write failed", f))

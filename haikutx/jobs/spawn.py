@@ -2,33 +2,33 @@
 """
 Starting job processes without stalling the reactor.
 
-C{posix_spawn} is cheap for the parent (no copy of its memory), but the
-calling thread waits until the child has executed the command, and on a
-busy machine that can take milliseconds: every HTTP request waits with it.
-L{ThreadSpawner} calls C{posix_spawn} in a thread of its own and hands the
-child's pipes to the reactor as Twisted's own process transport does.
+L{LauncherSpawner} hands the jobs to the launcher (L{haikutx.jobs.launcher}),
+a small process of the runner's own: it starts each job with C{posix_spawn}
+(waiting for the C{exec} on its own, not on the reactor), reads its output,
+reaps it and reports all of it over one pipe. The runner has no pipes,
+C{SIGCHLD} or reap per job, and a runner that dies takes its jobs with it:
+the launcher kills them when its pipe from the runner closes.
 L{ReactorSpawner} calls C{spawnProcess} (for reactors without real
 processes, such as test clocks).
 """
 
 from __future__ import annotations
 
-import fcntl
+import itertools
+import marshal
 import os
 import shutil
 import signal
+import struct
+import sys
+from pathlib import Path
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.process import (
-    Process,
-    ProcessReader,
-    ProcessWriter,
-    _BaseProcess,
-    registerReapProcessHandler,
-)
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 
 class Spawn(Protocol):
@@ -58,9 +58,11 @@ class Spawn(Protocol):
         Get ready (before the first call).
         """
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
         """
         Release what L{start} took.
+
+        @return: a L{Deferred} that fires once it is released.
         """
 
 
@@ -90,97 +92,223 @@ class ReactorSpawner:
     def start(self) -> None:
         pass
 
-    def stop(self) -> None:
-        pass
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
 
 
-class _SpawnedProcess(Process):
+#: The launcher's program (standard library only).
+LAUNCHER = str(Path(__file__).with_name("launcher.py"))
+
+_HEADER = struct.Struct("!I")
+
+
+def wait_reason(status: int) -> Failure:
     """
-    Twisted's process transport for a child started elsewhere: the same
-    pipes, reaping and signals, without the spawn in C{__init__}.
+    The C{processEnded} reason of a process with this wait status, as
+    Twisted gives it: L{ProcessDone} for exit code 0, else
+    L{ProcessTerminated} with the code or the signal.
+    """
+    if os.WIFEXITED(status):
+        code, number = os.WEXITSTATUS(status), None
+    else:
+        code, number = None, os.WTERMSIG(status)
+    if code == 0:
+        return Failure(ProcessDone(status))
+    return Failure(ProcessTerminated(code, number, status))
+
+
+class _LaunchedProcess:
+    """
+    The transport of a job the launcher started: signals and the closing of
+    its pipes go through the launcher, which knows whether it is reaped.
     """
 
-    def __init__(self, reactor: Any, protocol: Any, pid: int) -> None:
-        _BaseProcess.__init__(self, protocol)
-        self._reactor = reactor
-        self.pipes = {}
-        self.pid = pid
+    def __init__(self, spawner: LauncherSpawner, handle: int, pid: int, protocol: Any) -> None:
+        self._spawner = spawner
+        self._handle = handle
+        self.pid: int | None = pid
         self.proto = protocol
+        self.exited = False
+
+    def signalProcess(self, name: str | int) -> None:
+        """
+        Send a signal (C{"TERM"}, C{"KILL"}, … or a number) to the job.
+
+        @raise ProcessExitedAlready: when it has exited.
+        """
+        if self.exited:
+            raise ProcessExitedAlready()
+        number = name if isinstance(name, int) else getattr(signal, f"SIG{name}")
+        self._spawner._send(("kill", self._handle, int(number)))
+
+    def closeStdin(self) -> None:
+        """
+        Nothing to do: a job's stdin is C{/dev/null}.
+        """
+
+    def loseConnection(self) -> None:
+        """
+        Close the job's output pipes (a process it left behind holds them).
+        """
+        self._spawner._send(("close", self._handle))
 
 
-def _inherited_fds(keep: set[int]) -> list[int]:
+class _LauncherProtocol(ProcessProtocol):
+    def __init__(self, spawner: LauncherSpawner) -> None:
+        self._spawner = spawner
+        self._buffer = b""
+
+    def outReceived(self, data: bytes) -> None:
+        buffer = self._buffer + data if self._buffer else data
+        start = 0
+        size = len(buffer)
+        while size - start >= 4:
+            (length,) = _HEADER.unpack_from(buffer, start)
+            end = start + 4 + length
+            if end > size:
+                break
+            self._spawner._received(marshal.loads(buffer[start + 4 : end]))
+            start = end
+        self._buffer = buffer[start:]
+
+    def errReceived(self, data: bytes) -> None:
+        self._spawner.log.error(
+            "job launcher: {output}", output=data.decode("utf-8", "replace").rstrip()
+        )
+
+    def processEnded(self, reason: Failure) -> None:
+        self._spawner._launcher_ended(self, reason)
+
+
+class LauncherSpawner:
     """
-    The descriptors above 2 a child would inherit (not close-on-exec), other
-    than C{keep}.
-    """
-    found = []
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd <= 2 or fd in keep:
-            continue
-        try:
-            if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
-                found.append(fd)
-        except OSError:
-            pass
-    return found
-
-
-def _spawn(
-    executable: str, argv: list[str], environ: dict[str, str], fdmap: dict[int, int]
-) -> int:
-    """
-    In a thread: start the child with C{fdmap}'s pipes as its 0, 1 and 2,
-    every other descriptor closed, signals at their defaults.
-    """
-    actions: list[tuple[Any, ...]] = [
-        (os.POSIX_SPAWN_DUP2, parent, child) for child, parent in fdmap.items()
-    ]
-    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inherited_fds(set(fdmap.values()))]
-    ignored = [n for n in range(1, signal.NSIG) if signal.getsignal(n) == signal.SIG_IGN]
-    return os.posix_spawn(
-        executable, argv, environ, file_actions=actions, setsigdef=ignored, setsigmask=()
-    )
-
-
-class ThreadSpawner:
-    """
-    Starts processes with C{posix_spawn} in a thread pool of its own, so
-    the reactor goes on serving requests meanwhile.
+    Starts jobs through the launcher process (L{LAUNCHER}), one per runner,
+    started by L{start} and started again if it ever dies (the jobs it ran
+    then end as failed).
     """
 
-    def __init__(self, reactor: Any, threads: int = 2) -> None:
+    log = Logger()
+
+    def __init__(self, reactor: Any, python: str = sys.executable) -> None:
         self._reactor = reactor
-        self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="haikutx-jobs-spawn")
-        self._trigger: Any = None
+        self._python = python
+        self._transport: Any = None
+        self._protocol: _LauncherProtocol | None = None
+        self._handles = itertools.count(1)
+        self._environ: dict[str, str] | None = None
+        self._starting: dict[int, tuple[Any, Deferred[Any]]] = {}
+        self._running: dict[int, _LaunchedProcess] = {}
+        self._finding: dict[int, Deferred[str | None]] = {}
         self._found: dict[tuple[str, str | None], tuple[float, str | None]] = {}
+        self._stopping = False
+        self._stopped: Deferred[None] | None = None
+
+    # -- life --
 
     def start(self) -> None:
         """
-        Start the thread pool; it is stopped at reactor shutdown at the
-        latest, so that its threads never keep the process alive.
+        Start the launcher.
         """
-        self._pool.start()
-        self._trigger = self._reactor.addSystemEventTrigger("after", "shutdown", self._shutdown)
+        self._stopping = False
+        self._launch()
 
-    def _shutdown(self) -> None:
-        self._trigger = None
-        self.stop()
+    def _launch(self) -> None:
+        self._environ = None
+        self._protocol = _LauncherProtocol(self)
+        self._transport = self._reactor.spawnProcess(
+            self._protocol,
+            self._python,
+            [self._python, "-I", LAUNCHER, str(os.getpid())],
+            env={},
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
         """
-        Stop the thread pool (after the spawns under way).
+        Close the launcher's pipe: it kills the jobs still running (none,
+        after the runner's stop) and exits.
+
+        @return: a L{Deferred} that fires once it has exited.
         """
-        if self._trigger is not None:
-            self._reactor.removeSystemEventTrigger(self._trigger)
-            self._trigger = None
-        if self._pool.started:
-            self._pool.stop()
+        self._stopping = True
+        if self._transport is None:
+            return succeed(None)
+        if self._stopped is None:
+            self._stopped = Deferred()
+            self._transport.closeStdin()
+        return self._stopped
+
+    def _launcher_ended(self, protocol: _LauncherProtocol, reason: Failure) -> None:
+        if protocol is not self._protocol:
+            return
+        self._transport = None
+        self._protocol = None
+        starting, self._starting = self._starting, {}
+        running, self._running = self._running, {}
+        finding, self._finding = self._finding, {}
+        for _, d in starting.values():
+            d.errback(OSError("the job launcher exited"))
+        for d in finding.values():
+            d.errback(OSError("the job launcher exited"))
+        for process in running.values():
+            process.exited = True
+            failure = Failure(ProcessTerminated(None, None, None))
+            process.proto.processExited(failure)
+            process.proto.processEnded(failure)
+        if self._stopping:
+            stopped, self._stopped = self._stopped, None
+            if stopped is not None:
+                stopped.callback(None)
+            return
+        self.log.error("job launcher exited ({reason}): started again", reason=reason.value)
+        self._launch()
+
+    # -- messages --
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        if self._transport is None:
+            return
+        body = marshal.dumps(message)
+        self._transport.write(_HEADER.pack(len(body)) + body)
+
+    def _received(self, message: tuple[Any, ...]) -> None:
+        kind, handle = message[0], message[1]
+        if kind == "out":
+            process = self._running.get(handle)
+            if process is not None:
+                process.proto.childDataReceived(message[2], message[3])
+        elif kind == "ended":
+            process = self._running.pop(handle, None)
+            if process is not None:
+                reason = wait_reason(message[2])
+                if not process.exited:
+                    process.exited = True
+                    process.proto.processExited(reason)
+                process.pid = None
+                process.proto.processEnded(reason)
+        elif kind == "started":
+            protocol, d = self._starting.pop(handle)
+            process = _LaunchedProcess(self, handle, message[2], protocol)
+            self._running[handle] = process
+            protocol.makeConnection(process)
+            d.callback(process)
+        elif kind == "exited":
+            process = self._running.get(handle)
+            if process is not None:
+                process.exited = True
+                process.proto.processExited(Failure(ProcessDone(0)))
+        elif kind == "failed":
+            _, d = self._starting.pop(handle)
+            d.errback(OSError(message[2], message[3], message[4]))
+        elif kind == "found":
+            self._finding.pop(handle).callback(message[2])
+
+    # -- Spawn --
 
     def which(self, command: str, path: str | None) -> Deferred[str | None]:
         """
-        Find C{command} on C{path} in the thread (a C{stat} per C{PATH}
-        entry); an answer is reused for L{WHICH_TTL} seconds.
+        Find C{command} on C{path} in the launcher; an answer is reused for
+        L{WHICH_TTL} seconds.
         """
         key = (command, path)
         now = self._reactor.seconds()
@@ -194,49 +322,34 @@ class ThreadSpawner:
             self._found[key] = (now, executable)
             return executable
 
-        return deferToThreadPool(
-            self._reactor, self._pool, shutil.which, command, os.F_OK | os.X_OK, path
-        ).addCallback(found)
+        handle = next(self._handles)
+        d: Deferred[str | None] = Deferred()
+        self._finding[handle] = d
+        self._send(("which", handle, command, path))
+        return d.addCallback(found)
 
     def __call__(
         self, protocol: Any, executable: str, argv: list[str], environ: dict[str, str]
     ) -> Deferred[Any]:
-        return Deferred.fromCoroutine(self._start(protocol, executable, argv, environ))
-
-    async def _start(
-        self, protocol: Any, executable: str, argv: list[str], environ: dict[str, str]
-    ) -> Any:
-        stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
-        stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
-        stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
-        child = {0: stdin_r, 1: stdout_w, 2: stderr_w}
-        try:
-            pid = await deferToThreadPool(
-                self._reactor, self._pool, _spawn, executable, argv, environ, child
-            )
-        except BaseException:
-            for fd in (stdin_r, stdin_w, stdout_r, stdout_w, stderr_r, stderr_w):
-                os.close(fd)
-            raise
-        for fd in child.values():
-            os.close(fd)
-        process = _SpawnedProcess(self._reactor, protocol, pid)
-        process.pipes[0] = ProcessWriter(
-            self._reactor, process, 0, stdin_w, forceReadHack=True
-        )
-        process.pipes[1] = ProcessReader(self._reactor, process, 1, stdout_r)
-        process.pipes[2] = ProcessReader(self._reactor, process, 2, stderr_r)
-        protocol.makeConnection(process)
-        registerReapProcessHandler(pid, process)
-        return process
+        if self._transport is None:
+            raise OSError("the job launcher is not running")
+        if environ is not self._environ:
+            # Sent once for the runner's one environment.
+            self._send(("env", dict(environ)))
+            self._environ = environ
+        handle = next(self._handles)
+        d: Deferred[Any] = Deferred()
+        self._starting[handle] = (protocol, d)
+        self._send(("start", handle, executable, list(argv)))
+        return d
 
 
-def default_spawner(reactor: Any) -> ThreadSpawner | ReactorSpawner:
+def default_spawner(reactor: Any) -> LauncherSpawner | ReactorSpawner:
     """
-    L{ThreadSpawner} on a real POSIX reactor, else L{ReactorSpawner}.
+    L{LauncherSpawner} on a real POSIX reactor, else L{ReactorSpawner}.
     """
     from twisted.internet.posixbase import PosixReactorBase
 
-    if isinstance(reactor, PosixReactorBase) and hasattr(os, "posix_spawn"):
-        return ThreadSpawner(reactor)
+    if isinstance(reactor, PosixReactorBase) and hasattr(os, "pidfd_open"):
+        return LauncherSpawner(reactor)
     return ReactorSpawner(reactor)

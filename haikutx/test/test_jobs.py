@@ -909,13 +909,13 @@ class JobAPITests(_HTTPTestCase):
         self.assertEqual(seen["callback_outcome"]["status"], "delivered", seen)
         self.assertEqual(json.loads(receiver.received[-1][1])["stdout"], "six\n")
 
-    async def test_spawned_in_thread_clean(self) -> None:
+    async def test_launched_clean(self) -> None:
         """
-        A job started by the L{ThreadSpawner} inherits no descriptor but its
-        three pipes (even one this process made inheritable) and no ignored
-        signal, and its output and exit code come through.
+        A job started by the L{LauncherSpawner} inherits no descriptor but
+        its stdin and two pipes (even one this process made inheritable) and
+        no ignored signal, and its output and exit code come through.
         """
-        from haikutx.jobs.spawn import ThreadSpawner
+        from haikutx.jobs.spawn import LauncherSpawner
 
         leaked_r, leaked_w = os.pipe()
         os.set_inheritable(leaked_w, True)
@@ -925,18 +925,53 @@ class JobAPITests(_HTTPTestCase):
 
         previous = signal_module.signal(signal_module.SIGUSR1, signal_module.SIG_IGN)
         self.addCleanup(signal_module.signal, signal_module.SIGUSR1, previous)
-        runner = await self._server(spawn=ThreadSpawner(reactor))
-        self.assertIsInstance(runner._spawn, ThreadSpawner)
+        runner = await self._server()
+        self.assertIsInstance(runner._spawn, LauncherSpawner)
         script = (
-            "ls /proc/$$/fd | sort -n | tr '\\n' ' '; echo; grep SigIgn /proc/$$/status; exit 3"
+            "ls /proc/$$/fd | sort -n | tr '\\n' ' '; echo; grep SigIgn /proc/$$/status;"
+            " grep policy /proc/$$/sched; exit 3"
         )
         _, job = await self._post({"command": "sh", "args": ["-c", script]})
         done = await self._until_finished(job["id"])
-        fds, ignored = done["stdout"].split("\n", 1)
+        fds, ignored, policy = done["stdout"].split("\n", 2)
         self.assertEqual(fds.split()[:3], ["0", "1", "2"])
+        # The usual scheduling (the launcher's own is SCHED_BATCH).
+        self.assertEqual(policy.split()[-1], str(os.SCHED_OTHER), policy)
         self.assertNotIn(str(leaked_w), fds.split()[3:], done["stdout"])
         self.assertEqual(int(ignored.split()[1], 16) & (1 << (signal_module.SIGUSR1 - 1)), 0)
         self.assertEqual(done["code"], 3)
+
+    async def test_form_content_type(self) -> None:
+        """
+        The body is read as JSON whatever its declared content type: one sent
+        as C{multipart/form-data} is not parsed as a form.
+        """
+        await self._server()
+        code, job = await self._post(
+            {"command": "echo", "args": "form"},
+            headers={"Content-Type": ["multipart/form-data; boundary=x"]},
+        )
+        self.assertEqual(code, 202, job)
+        self.assertEqual((await self._until_finished(job["id"]))["stdout"], "form\n")
+
+    async def test_launcher_dies(self) -> None:
+        """
+        When the launcher dies, the jobs it ran end (failed, neither code
+        nor signal) and the next job runs on a launcher started again.
+        """
+        runner = await self._server()
+        _, job = await self._post({"command": "sh", "args": ["-c", "echo $$; exec sleep 30"]})
+        for _ in range(200):
+            _, seen = await self._get(job["id"])
+            if seen["stdout"]:
+                break
+            await deferLater(reactor, 0.05)
+        self.addCleanup(_kill_quietly, int(seen["stdout"]))
+        os.kill(runner._spawn._transport.pid, signal.SIGKILL)
+        done = await self._until_finished(job["id"])
+        self.assertEqual((done["code"], done["signal"]), (None, None))
+        _, again = await self._post({"command": "echo", "args": "again"})
+        self.assertEqual((await self._until_finished(again["id"]))["stdout"], "again\n")
 
     async def test_many_at_once(self) -> None:
         """
@@ -955,6 +990,45 @@ class JobAPITests(_HTTPTestCase):
         )
         self.assertEqual({code for code, _ in answers}, {202})
         self.assertLess(store.commits - before, 50)
+
+
+class TakenOverTests(TestCase):
+    """
+    A runner whose job another runner took over (its lease ran out) leaves
+    that job alone when it finishes.
+    """
+
+    async def test_no_double_callback(self) -> None:
+        """
+        The job ends after another runner marked it interrupted: this runner
+        saves nothing over it and sends no callback (the other one does).
+        """
+        from attrs import evolve
+
+        store = MemoryJobStore()
+        sent = []
+
+        def post(url, body):
+            sent.append(json.loads(body)["id"])
+            return succeed(200)
+
+        runner = JobRunner(reactor, store, post_callback=post, evict_delay=0)
+        await runner.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(runner.stop()))
+        job = await runner.submit("sh", ["-c", "sleep 0.3"], "http://example.com/cb")
+        for _ in range(100):
+            if store.jobs[job.id].state == "running":
+                break
+            await deferLater(reactor, 0.01)
+        taken = evolve(store.jobs[job.id], owner="other", state="finished", error="interrupted")
+        store.jobs[job.id] = taken
+        for _ in range(200):
+            if job.id not in runner._running and not runner._saving:
+                break
+            await deferLater(reactor, 0.02)
+        await deferLater(reactor, 0.1)
+        self.assertEqual(store.jobs[job.id], taken)
+        self.assertEqual(sent, [])
 
 
 class RunnerStartTests(TestCase):
@@ -1137,15 +1211,29 @@ class TwistdRestartTests(_TwistdTestCase):
         await self._wait_up(url)
         response = await self.http.post(url, data=b'{"command": "echo", "args": "survives"}')
         done = await response.json()
-        response = await self.http.post(url, data=b'{"command": "sleep", "args": "3"}')
+        response = await self.http.post(
+            url, data=b'{"command": "sh", "args": ["-c", "echo $$; exec sleep 30"]}'
+        )
         running = await response.json()
         for _ in range(100):
             if (await self._job(url, done["id"]))["state"] == "finished":
                 break
             await deferLater(reactor, 0.05)
+        for _ in range(100):
+            pid = (await self._job(url, running["id"]))["stdout"].strip()
+            if pid:
+                break
+            await deferLater(reactor, 0.05)
+        self.addCleanup(_kill_quietly, int(pid))
         await deferLater(reactor, 0.7)  # more than one output flush interval
         first.send_signal(signal.SIGKILL)
         first.wait(10)
+        # The job dies with the server (its launcher kills it).
+        for _ in range(100):
+            if not _alive(int(pid)):
+                break
+            await deferLater(reactor, 0.05)
+        self.assertFalse(_alive(int(pid)), "a job outlived its SIGKILLed server")
         second = self._start(port, state)
         await self._wait_up(url)
         kept = await self._job(url, done["id"])
@@ -1408,10 +1496,10 @@ class SharedQueueTests(_TwistdTestCase):
             await self._until(urls[1], j["id"], lambda j: j["state"] == "running" and j["stdout"])
             for j in (first, second)
         ]
-        parents = {int(j["stdout"]) for j in running}
+        parents = {_runner_of(int(j["stdout"])) for j in running}
         self.assertEqual(parents, {p.pid for p in processes})
         for job in running:
-            other = urls[1] if int(job["stdout"]) == processes[0].pid else urls[0]
+            other = urls[1] if _runner_of(int(job["stdout"])) == processes[0].pid else urls[0]
             response = await self.http.request("DELETE", other + job["id"])
             stopped = await response.json()
             self.assertEqual(response.code, 200)
@@ -1445,8 +1533,9 @@ class SharedQueueTests(_TwistdTestCase):
             pid = int(job["stdout"].split()[1])
             self.addCleanup(lambda pid=pid: _kill_quietly(pid))
         queued = await self._post(urls[0], {"command": "echo", "args": "after"})
-        victim_pid = int(seen[first["id"]]["stdout"].split()[0])
+        victim_pid = _runner_of(int(seen[first["id"]]["stdout"].split()[0]))
         victim = next(p for p in processes if p.pid == victim_pid)
+        orphan = int(seen[first["id"]]["stdout"].split()[1])
         survivor = urls[1] if victim is processes[0] else urls[0]
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
@@ -1456,6 +1545,8 @@ class SharedQueueTests(_TwistdTestCase):
         )
         self.assertLess(reactor.seconds() - killed_at, 30)
         self.assertEqual(interrupted["error"], "interrupted")
+        # Its job died with it (its launcher killed it).
+        self.assertFalse(_alive(orphan), f"the killed runner's job {orphan} still runs")
         delivered = await self._until(
             survivor,
             first["id"],
@@ -1470,6 +1561,25 @@ class SharedQueueTests(_TwistdTestCase):
         await response.content()
         after = await self._until(survivor, queued["id"], lambda j: j["state"] == "finished")
         self.assertEqual(after["stdout"], "after\n")
+
+
+def _runner_of(launched: int) -> int:
+    """
+    The runner whose launcher is the parent process C{launched}.
+    """
+    fields = Path(f"/proc/{launched}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[1])
+
+
+def _alive(pid: int) -> bool:
+    """
+    Whether C{pid} is a process that has not exited (a zombie has).
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] != "Z"
 
 
 def _kill_quietly(pid: int) -> None:

@@ -90,6 +90,23 @@ class _JobStoreTestsMixin:
         await store.save(done)
         self.assertEqual(await store.get(first.id), done)
 
+    async def test_save_owned(self) -> None:
+        """
+        A save that names the owner it expects replaces the job only while
+        the stored job is that owner's, and says whether it did.
+        """
+        store = await self._opened()
+        (job,) = await self._added(store, 1)
+        (claimed,) = await store.claim("a", 1, 5.0)
+        finished = claimed.__class__(**{**_fields(claimed), "state": FINISHED, "code": 0})
+        # Taken over by "b" (as when "a"'s lease ran out): "a" changes nothing.
+        taken = claimed.__class__(**{**_fields(claimed), "owner": "b", "error": "interrupted"})
+        self.assertTrue(await store.save(taken, "a"))
+        self.assertFalse(await store.save(finished, "a"))
+        self.assertEqual(await store.get(job.id), taken)
+        self.assertTrue(await store.save(finished, "b"))
+        self.assertEqual((await store.get(job.id)).code, 0)
+
     async def test_claim(self) -> None:
         """
         Claims take queued jobs oldest first, each once, and mark them
@@ -391,8 +408,24 @@ class _FakePool:
 
 
 class _FakeReactor:
+    """
+    Runs what is called from a thread at once, and what is called later at
+    the end of the current turn (L{turn}).
+    """
+
+    def __init__(self) -> None:
+        self.later: list[Any] = []
+
     def callFromThread(self, f: Any, *args: Any) -> None:
         f(*args)
+
+    def callLater(self, delay: float, f: Any, *args: Any) -> None:
+        self.later.append((f, args))
+
+    def turn(self) -> None:
+        later, self.later = self.later, []
+        for f, args in later:
+            f(*args)
 
 
 class GroupCommitTests(SynchronousTestCase):
@@ -402,24 +435,31 @@ class GroupCommitTests(SynchronousTestCase):
 
     def _batch(self, fail_on: object = None) -> tuple[_FakePool, GroupCommit, list[list[Any]]]:
         pool = _FakePool()
+        self.reactor = _FakeReactor()
         transactions: list[list[Any]] = []
+
+        self.durable: list[bool] = []
 
         def transact(operations: Any, durable: bool) -> list[Any]:
             results = [operation(None) for operation in operations]
             if fail_on in results:
                 raise ValueError("bad operation")
             transactions.append(results)
+            self.durable.append(durable)
             return results
 
-        return pool, GroupCommit(_FakeReactor(), pool, transact), transactions
+        return pool, GroupCommit(self.reactor, pool, transact), transactions
 
     def test_batches(self) -> None:
         """
-        The first operation runs alone; the ones submitted meanwhile all
-        share the next transaction; each gets its own result.
+        The first operation runs alone (at the end of the reactor's turn);
+        the ones submitted meanwhile all share the next transaction; each
+        gets its own result.
         """
         pool, batch, transactions = self._batch()
         first = batch.submit(lambda c: 1)
+        self.assertEqual(len(pool.calls), 0)
+        self.reactor.turn()
         others = [batch.submit(lambda c, n=n: n) for n in range(2, 6)]
         self.assertEqual(len(pool.calls), 1)
         pool.run_one()
@@ -431,6 +471,40 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(batch.commits, 2)
         self.successResultOf(batch.idle())
 
+    def test_one_turn(self) -> None:
+        """
+        Operations submitted in one turn of the reactor, the pool idle, share
+        one transaction.
+        """
+        pool, batch, transactions = self._batch()
+        done = [batch.submit(lambda c, n=n: n) for n in range(3)]
+        self.reactor.turn()
+        self.assertEqual(len(pool.calls), 1)
+        pool.run_one()
+        self.assertEqual([self.successResultOf(d) for d in done], [0, 1, 2])
+        self.assertEqual(transactions, [[0, 1, 2]])
+
+    def test_unsynced_first(self) -> None:
+        """
+        Operations that need no sync, submitted ahead of one that does, are
+        committed first without it; the rest (in order) share the synced
+        transaction.
+        """
+        pool, batch, transactions = self._batch()
+        done = [
+            batch.submit(lambda c: "result"),
+            batch.submit(lambda c: "claim"),
+            batch.submit(lambda c: "insert", durable=True),
+            batch.submit(lambda c: "result 2"),
+        ]
+        self.reactor.turn()
+        pool.run_one()
+        self.assertEqual([self.successResultOf(d) for d in done[:2]], ["result", "claim"])
+        self.assertNoResult(done[2])
+        pool.run_one()
+        self.assertEqual(transactions, [["result", "claim"], ["insert", "result 2"]])
+        self.assertEqual(self.durable, [False, True])
+
     def test_failure_isolated(self) -> None:
         """
         When a batch fails, its operations run again one per transaction, so
@@ -438,6 +512,7 @@ class GroupCommitTests(SynchronousTestCase):
         """
         pool, batch, transactions = self._batch(fail_on="bad")
         batch.submit(lambda c: 0)
+        self.reactor.turn()
         good = batch.submit(lambda c: 1)
         bad = batch.submit(lambda c: "bad")
         pool.run_one()
@@ -454,5 +529,6 @@ class GroupCommitTests(SynchronousTestCase):
         batch.submit(lambda c: 1)
         idle = batch.idle()
         self.assertNoResult(idle)
+        self.reactor.turn()
         pool.run_one()
         self.successResultOf(idle)

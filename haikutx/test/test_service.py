@@ -260,8 +260,8 @@ class ServicesChosenTests(TestCase):
     async def test_job_runner_spawns_no_worker(self) -> None:
         """
         C{twistd -n haiku --jobs PORT} is a job runner alone: it answers on
-        its port and has no child process (no sandbox worker), and its log
-        names no worker.
+        its port and has no child process but its job launcher (no sandbox
+        worker), and its log names no worker.
         """
         port = free_port()
         collector = await start_twistd(
@@ -274,7 +274,12 @@ class ServicesChosenTests(TestCase):
         # A pool spawns its workers when it starts, before the listeners
         # accept; give a stray one time to show anyway.
         await deferLater(reactor, 0.5, lambda: None)
-        self.assertEqual(_children(collector.pid), [])
+        commands = [
+            Path(f"/proc/{child}/cmdline").read_bytes() for child in _children(collector.pid)
+        ]
+        self.assertEqual(
+            [c for c in commands if b"haikutx/jobs/launcher.py" not in c], [], commands
+        )
         self.assertNotIn(b"worker", collector.output.lower())
 
 

@@ -33,7 +33,9 @@ MAX_BATCH = 512
 class GroupCommit:
     """
     Collects operations and runs them in batches, one transaction each, in
-    a thread pool of one thread, in the order they were submitted.
+    a thread pool of one thread, in the order they were submitted: what is
+    submitted in one turn of the reactor, or while the previous transaction
+    runs, goes in one batch.
 
     When a batch fails, its operations are run again one per transaction, so
     that one bad operation fails alone.
@@ -43,7 +45,8 @@ class GroupCommit:
 
     def __init__(self, reactor: Any, pool: Any, transact: Transact) -> None:
         """
-        @param reactor: the reactor the results are delivered in.
+        @param reactor: the reactor the results are delivered in (and the
+            batches started from: L{IReactorTime.callLater}).
         @param pool: a started L{twisted.python.threadpool.ThreadPool} of
             one thread: the thread that owns the connection.
         @param transact: runs a batch in that thread.
@@ -68,7 +71,11 @@ class GroupCommit:
         done: Deferred[Any] = Deferred()
         self._pending.append((operation, durable, done))
         if not self._busy:
-            self._next()
+            # Not at once: at the end of this turn of the reactor, so that
+            # what is submitted together (a job's result and the claim of
+            # the next, the jobs of one read) shares a transaction.
+            self._busy = True
+            self._reactor.callLater(0, self._next)
         return done
 
     def idle(self) -> Deferred[None]:
@@ -91,8 +98,16 @@ class GroupCommit:
                 waiter.callback(None)
             return
         self._busy = True
-        batch = self._pending[:MAX_BATCH]
-        del self._pending[:MAX_BATCH]
+        size = MAX_BATCH
+        for n, (_, flag, _) in enumerate(self._pending[:MAX_BATCH]):
+            if flag:
+                # Operations that need no sync ahead of the first that does
+                # (a result, the claim of the next job) are committed first,
+                # without waiting for the sync.
+                size = n or MAX_BATCH
+                break
+        batch = self._pending[:size]
+        del self._pending[:size]
         durable = any(flag for _, flag, _ in batch)
         running = deferToThreadPool(
             self._reactor, self._pool, self._run, [op for op, _, _ in batch], durable

@@ -51,10 +51,12 @@ class MemoryJobStore:
     def get(self, job_id: str) -> Deferred[Job | None]:
         return succeed(self.jobs.get(job_id))
 
-    def save(self, job: Job) -> Deferred[None]:
-        if job.id in self.jobs:
-            self.jobs[job.id] = evolve(job, seq=self.jobs[job.id].seq)
-        return succeed(None)
+    def save(self, job: Job, expected_owner: str | None = None) -> Deferred[bool]:
+        stored = self.jobs.get(job.id)
+        if stored is None or (expected_owner is not None and stored.owner != expected_owner):
+            return succeed(False)
+        self.jobs[job.id] = evolve(job, seq=stored.seq)
+        return succeed(True)
 
     def claim(self, owner: str, limit: int, now: float) -> Deferred[list[Job]]:
         queued = sorted(

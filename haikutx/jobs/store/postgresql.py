@@ -85,12 +85,16 @@ _INSERT = "INSERT INTO haikutx_jobs ({}) VALUES ({}) RETURNING seq".format(
 _UPDATE = "UPDATE haikutx_jobs SET {} WHERE id = %(id)s".format(
     ", ".join(f"{c} = %({c})s" for c in UPDATED)
 )
+_UPDATE_OWNED = _UPDATE + " AND owner = %(expected_owner)s"
 
 
-def _update(connection: Any, job: Job) -> None:
+def _update(connection: Any, job: Job, expected_owner: str | None = None) -> bool:
     row = to_row(job)
     del row["seq"]
-    connection.execute(_UPDATE, row)
+    if expected_owner is None:
+        return connection.execute(_UPDATE, row).rowcount > 0
+    row["expected_owner"] = expected_owner
+    return connection.execute(_UPDATE_OWNED, row).rowcount > 0
 
 
 @implementer(IJobStore)
@@ -218,8 +222,8 @@ class PostgreSQLJobStore:
 
         return self._do(select)
 
-    def save(self, job: Job) -> Deferred[None]:
-        return self._do(lambda connection: _update(connection, job))
+    def save(self, job: Job, expected_owner: str | None = None) -> Deferred[bool]:
+        return self._do(lambda connection: _update(connection, job, expected_owner))
 
     def claim(self, owner: str, limit: int, now: float) -> Deferred[list[Job]]:
         def take(connection: Any) -> list[Job]:

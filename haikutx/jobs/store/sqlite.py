@@ -72,6 +72,7 @@ _INSERT = "INSERT INTO jobs ({}) VALUES ({})".format(
 _UPDATE = "UPDATE jobs SET {} WHERE id = :id".format(
     ", ".join(f"{c} = :{c}" for c in UPDATED)
 )
+_UPDATE_OWNED = _UPDATE + " AND owner = :expected_owner"
 
 
 def _private(path: Path) -> None:
@@ -283,12 +284,16 @@ class SQLiteJobStore:
 
         return deferToThreadPool(self._reactor, self._read_pool, select)
 
-    def save(self, job: Job) -> Deferred[None]:
+    def save(self, job: Job, expected_owner: str | None = None) -> Deferred[bool]:
         row = to_row(job)
         del row["seq"]
+        statement = _UPDATE
+        if expected_owner is not None:
+            row["expected_owner"] = expected_owner
+            statement = _UPDATE_OWNED
 
-        def update(connection: sqlite3.Connection) -> None:
-            connection.execute(_UPDATE, row)
+        def update(connection: sqlite3.Connection) -> bool:
+            return connection.execute(statement, row).rowcount > 0
 
         return self._do(update)
 
