@@ -167,8 +167,9 @@ class GateProtocol(Protocol):
 
     def check_body(self) -> bool:
         """
-        While connecting (L{Dispatch}): check the body bytes that came with the head, so a
-        malformed chunk is refused before anything is forwarded.
+        Check the body bytes that came with the head (and, while connecting,
+        those that follow), so a malformed chunk is refused before anything
+        is forwarded and the checked bytes go out with the head.
         """
         try:
             self.body.check(self.buffer)
