@@ -5,7 +5,10 @@
 # For the haikutx gate it also prints the CPU time the gate process spent
 # per request (from /proc, so it means something on a shared machine too),
 # and for every run the CPU time the backend spent per request (the
-# yardstick: the gate's own cost beside an application's).
+# yardstick: the gate's own cost beside an application's). With keep-alive
+# it also measures the backend directly with the X-Forwarded-* fields the
+# gate adds ("direct+fwd"): any proxy that adds them makes the backend parse
+# them, so haikutx/direct+fwd is the gate's own share of the slowdown.
 #
 #   sh bench/gate_bench.sh [seconds] [connections] [rounds]
 #
@@ -50,9 +53,10 @@ gate = f' gate {us($t0, $t1)}' if '$name' == 'haikutx' else ''
 print('$name', $rps, gate.strip(), 'backend', us($b0, $b1))"
 }
 
-ratios() { # direct haikutx httpGate lines
+ratios() { # direct haikutx httpGate [direct+fwd] lines
     d=$(echo "$1" | cut -d' ' -f2); g=$(echo "$2" | cut -d' ' -f2); p=$(echo "$3" | cut -d' ' -f2)
-    "$PY" -c "print(f'haikutx/direct {$g/$d:.0%}  httpGate/direct {$p/$d:.0%}  haikutx/httpGate {$g/$p:.2f}x')"
+    f=$(echo "${4:-x $d}" | cut -d' ' -f2)
+    "$PY" -c "print(f'haikutx/direct {$g/$d:.0%}  httpGate/direct {$p/$d:.0%}  haikutx/httpGate {$g/$p:.2f}x' + (f'  haikutx/direct+fwd {$g/$f:.0%}' if '${4:-}' else ''))"
 }
 
 "$PY" bench/hello_backend.py $BACK & BACKPID=$!
@@ -72,9 +76,11 @@ while [ $r -lt "$ROUNDS" ]; do
     r=$((r + 1))
     echo "round $r: wrk -t1 -c$CONN -d${DUR}s, keep-alive, GET /$BACK/ through the gates"
     D=$(run direct "http://127.0.0.1:$BACK/")
+    F=$(run direct+fwd "http://127.0.0.1:$BACK/" -H "X-Forwarded-For: 127.0.0.1" \
+        -H "X-Forwarded-Proto: http" -H "X-Forwarded-Host: 127.0.0.1:$GATE")
     G=$(run haikutx "http://127.0.0.1:$GATE/$BACK/")
     P=$(run httpGate "http://127.0.0.1:$PIL/$BACK/")
-    echo "$D"; echo "$G"; echo "$P"; ratios "$D" "$G" "$P"
+    echo "$D"; echo "$F"; echo "$G"; echo "$P"; ratios "$D" "$G" "$P" "$F"
     echo "round $r: new connection per request (-H 'Connection: close')"
     D=$(run direct "http://127.0.0.1:$BACK/" -H "Connection: close")
     G=$(run haikutx "http://127.0.0.1:$GATE/$BACK/" -H "Connection: close")
