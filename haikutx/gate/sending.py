@@ -14,7 +14,9 @@ only what the kernel did not take to C{transport.write}, so ordering,
 buffering, the producer's flow control (paused once more than the
 transport's buffer is queued) and the reporting of a broken connection stay
 Twisted's. Only on plain TCP transports: a TLS transport's bytes must go
-through its TLS layer, and any other transport is written to as usual.
+through its TLS layer, and any other transport is written to as usual; and
+not while a pull (non-streaming) producer is registered, which Twisted asks
+for more only when its queue empties.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def write(transport: Any, data: bytes) -> None:
         and not transport.disconnecting
         and not transport._writeDisconnecting
         and not transport.TLS
+        and (transport.producer is None or transport.streamingProducer)
     ):
         try:
             sent = transport.socket.send(data)

@@ -179,6 +179,25 @@ class WriteTests(TestCase):
         [reason] = await accepted.lost
         self.assertIsInstance(reason, Failure)
 
+    async def test_pull_producer(self) -> None:
+        """
+        With a pull producer registered, bytes go through the transport's
+        queue, so the producer is asked for more once they are sent.
+        """
+        accepted, peer = await self.connect()
+        transport = accepted.transport
+        producer = Producer()
+        transport.registerProducer(producer, False)
+        self.assertEqual(producer.calls, ["resume"])
+        write(transport, b"pulled")
+        self.assertEqual(transport._tempDataLen, 6)
+        self.assertEqual(await self.read(peer, 6), b"pulled")
+        for _ in range(100):
+            if len(producer.calls) > 1:
+                break
+            await deferLater(reactor, 0.001, lambda: None)
+        self.assertEqual(producer.calls, ["resume", "resume"])
+
     def test_not_plain_tcp(self) -> None:
         """
         A transport that is not Twisted's plain TCP (TLS, a test transport)
