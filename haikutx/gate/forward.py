@@ -30,7 +30,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from haikutx.gate.backends import BackendPool, Valve
+from haikutx.gate.backends import BackendPool, Valve, no_delay
 from haikutx.gate.dial import Dialer
 from haikutx.gate.dispatch import Dispatch
 from haikutx.gate.request import RequestBody, take_request_head
@@ -86,6 +86,7 @@ class GateProtocol(Protocol):
 
     def connectionMade(self) -> None:
         transport = self.transport
+        no_delay(transport)
         self.valve = Valve(transport)
         self.https = ISSLTransport.providedBy(transport)
         self.peer = getattr(transport.getPeer(), "host", "").encode("ascii", "replace")
