@@ -26,6 +26,19 @@ IDLE_PER_PORT = 32
 IDLE_TOTAL = 256
 
 
+def no_delay(transport: Any) -> None:
+    """
+    Turn off Nagle's algorithm on a gate connection (TCP or TLS over TCP):
+    the gate writes whole messages, or parts of a body as they come, and
+    a part held back until the peer acknowledges the previous one would
+    wait out the peer's delayed acknowledgement (about 40 ms a part for a
+    streamed response).
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
+
+
 @implementer(IPushProducer)
 class Valve:
     """
@@ -94,6 +107,7 @@ class BackendProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.connected_ = True
+        no_delay(self.transport)
         self.valve = Valve(self.transport, self.transport.loseConnection)
         on_connect, self._on_connect = self._on_connect, None
         on_connect(self)

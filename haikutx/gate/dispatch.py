@@ -79,13 +79,16 @@ class Dispatch:
             head, where.target, where.port, client.peer, client.https, client.address,
             upgrade,
         )
+        # The body bytes that came with the head are checked now, so they go
+        # out with it (one write), and a malformed chunk is refused before
+        # anything is forwarded.
+        if not client.check_body():
+            return False
         backend = side.kept(where.port) or self._factory.pool.take(where.port)
         if backend is not None:
             self._start_request(backend, where, out)
             return True
         client.move(State.ROUTING)
-        if not client.check_body():
-            return False
         client.valve.pause("routing")
         self._connect(where, out)
         return True

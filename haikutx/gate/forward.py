@@ -30,27 +30,20 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from haikutx.gate.backends import BackendPool, Valve
+from haikutx.gate.backends import BackendPool, Valve, no_delay
 from haikutx.gate.dial import Dialer
 from haikutx.gate.dispatch import Dispatch
-from haikutx.gate.request import RequestBody
+from haikutx.gate.request import RequestBody, take_request_head
 from haikutx.gate.response import ApplicationSide
 from haikutx.gate.states import TRANSITIONS, State, check_transition
-from haikutx.net.http1 import (
-    BadMessage,
-    BodyFramer,
-    head_end,
-    parse_request_head,
-    reason,
-    simple_response,
-)
+from haikutx.net.http1 import BadMessage, BodyFramer, reason, simple_response
 from haikutx.tls import OffersHTTP11
 
-#: Largest request head accepted, in bytes (larger: 431).
-MAX_HEAD = 16384
 #: Client bytes buffered while a request waits for its response (pipelining)
 #: before reading from the client pauses.
 MAX_PENDING = 65536
+
+
 class GateProtocol(Protocol):
     """
     One client connection of the gate: parses each request head, routes it,
@@ -93,6 +86,7 @@ class GateProtocol(Protocol):
 
     def connectionMade(self) -> None:
         transport = self.transport
+        no_delay(transport)
         self.valve = Valve(transport)
         self.https = ISSLTransport.providedBy(transport)
         self.peer = getattr(transport.getPeer(), "host", "").encode("ascii", "replace")
@@ -167,8 +161,9 @@ class GateProtocol(Protocol):
 
     def check_body(self) -> bool:
         """
-        While connecting (L{Dispatch}): check the body bytes that came with the head, so a
-        malformed chunk is refused before anything is forwarded.
+        Check the body bytes that came with the head (and, while connecting,
+        those that follow), so a malformed chunk is refused before anything
+        is forwarded and the checked bytes go out with the head.
         """
         try:
             self.body.check(self.buffer)
@@ -183,24 +178,12 @@ class GateProtocol(Protocol):
         self.refuse(error.status, error.reason)
 
     def _read_head(self) -> bool:
-        buffer = self.buffer
-        while buffer[:2] == b"\r\n":
-            del buffer[:2]
         try:
-            end = head_end(buffer)
-            if end < 0:
-                if len(buffer) > MAX_HEAD:
-                    self.refuse(431, f"request head larger than {MAX_HEAD} bytes")
-                return False
-            if end > MAX_HEAD:
-                self.refuse(431, f"request head larger than {MAX_HEAD} bytes")
-                return False
-            head = parse_request_head(buffer[:end])
+            head = take_request_head(self.buffer)
         except BadMessage as e:
             self._bad_request(e)
             return False
-        del buffer[:end]
-        return self.dispatch.dispatch(head)
+        return head is not None and self.dispatch.dispatch(head)
 
     def _forward_body(self) -> None:
         try:

@@ -6,7 +6,10 @@ head, then the body, checked as it passes.
 
 from __future__ import annotations
 
-from haikutx.net.http1 import BodyFramer, Head, end_to_end
+from haikutx.net.http1 import BadMessage, BodyFramer, Head, end_to_end, head_end, parse_request_head
+
+#: Largest request head accepted, in bytes (larger: 431).
+MAX_HEAD = 16384
 
 #: Request headers that say who the client is: the gate drops what a client
 #: sent and sets the C{X-Forwarded-*} ones itself.
@@ -14,6 +17,27 @@ CLIENT_IDENTITY = frozenset(
     {b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
      b"x-real-ip"}
 )
+
+
+def take_request_head(buffer: bytearray) -> Head | None:
+    """
+    Take the request head at the start of C{buffer} (after the empty lines
+    RFC 9112 2.2 allows before it) out of it, parsed.
+
+    @return: the head, or C{None} when it has not all arrived.
+    @raise BadMessage: for a malformed head (400), or one larger than
+        L{MAX_HEAD} (431).
+    """
+    while buffer[:2] == b"\r\n":
+        del buffer[:2]
+    end = head_end(buffer)
+    if (len(buffer) if end < 0 else end) > MAX_HEAD:
+        raise BadMessage(f"request head larger than {MAX_HEAD} bytes", 431)
+    if end < 0:
+        return None
+    head = parse_request_head(buffer[:end])
+    del buffer[:end]
+    return head
 
 
 def forwarded_head(

@@ -16,6 +16,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from haikutx.gate.backends import BackendPool, BackendProtocol
+from haikutx.gate.sending import write
 from haikutx.gate.states import State
 from haikutx.net.http1 import (
     BadMessage,
@@ -69,7 +70,7 @@ class ApplicationSide:
             backend.transport.registerProducer(client.valve, True)
         self._idle = False
         self._retry_head = head if retry and backend.reused else None
-        backend.transport.write(head)
+        write(backend.transport, head)
 
     def keep(self) -> None:
         """
@@ -108,7 +109,7 @@ class ApplicationSide:
         Pass client bytes (body, tunnel) to the application.
         """
         assert self.backend is not None
-        self.backend.transport.write(data)
+        write(self.backend.transport, data)
 
     def release(self, reusable: bool) -> None:
         """
@@ -157,7 +158,7 @@ class ApplicationSide:
             backend.transport.loseConnection()
             return
         if client.state is State.TUNNEL:
-            client.transport.write(data)
+            write(client.transport, data)
             return
         if self._idle:
             # Bytes nobody asked for: this connection cannot be trusted.
@@ -259,28 +260,30 @@ class ResponseReader:
         The application closed a close-delimited body: end it for the client.
         """
         if self._rechunk:
-            self._client.transport.write(b"0\r\n\r\n")
+            write(self._client.transport, b"0\r\n\r\n")
 
     def data(self, backend: BackendProtocol, data: bytes) -> None:
         """
-        Bytes of the response from C{backend}.
+        Bytes of the response from C{backend}: what of them can be passed
+        on goes to the client in one write (the head and the body that came
+        with it, the common case, in one C{send}).
         """
         client = self._client
+        out = b""
         if self.head_pending:
-            self._buffer += data
-            if not self._read_head(backend):
+            if self._buffer:
+                self._buffer += data
+                data = bytes(self._buffer)
+            at = self._read_head(backend, data)
+            if at is None:
                 return
-            data, self._buffer = bytes(self._buffer), bytearray()
+            out, data = at
+            self._buffer = bytearray()
             if client.state is State.TUNNEL:
-                if data:
-                    client.transport.write(data)
+                write(client.transport, out + data)
                 client.tunnel_started()
                 return
-            if not data:
-                if self._framer.done:
-                    client.response_done()
-                return
-        if self._rest:
+        elif self._rest:
             data, self._rest = self._rest + data, b""
         framer = self._framer
         try:
@@ -297,53 +300,67 @@ class ResponseReader:
         if end:
             body = data if end == len(data) else data[:end]
             if self._rechunk:
-                client.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
-            else:
-                client.transport.write(body)
+                body = b"%x\r\n%s\r\n" % (len(body), body)
+            out = out + body if out else body
+        if out:
+            write(client.transport, out)
         if framer.done:
             if end < len(data):
                 backend.reusable = False
             client.response_done()
 
-    def _read_head(self, backend: BackendProtocol) -> bool:
+    def _read_head(
+        self, backend: BackendProtocol, data: bytes
+    ) -> tuple[bytes, bytes] | None:
+        """
+        Read the response head at the start of C{data} (and any interim
+        C{1xx} heads before it).
+
+        @return: what to send the client for the head(s) and the bytes after
+            the head, or C{None} when the head is incomplete (kept) or bad
+            (answered).
+        """
         client = self._client
-        buffer = self._buffer
+        interim = b""
         while True:
             try:
-                end = head_end(buffer)
+                end = head_end(data)
                 if end < 0:
-                    if len(buffer) > MAX_RESPONSE_HEAD:
+                    if interim:
+                        write(client.transport, interim)
+                    if len(data) > MAX_RESPONSE_HEAD:
                         client.backend_failed("response head too large")
-                    return False
-                head = parse_response_head(buffer[:end])
+                    else:
+                        self._buffer = bytearray(data)
+                    return None
+                head = parse_response_head(data[:end])
             except BadMessage as e:
+                if interim:
+                    write(client.transport, interim)
                 client.backend_failed(f"bad response: {e.reason}")
-                return False
-            raw = bytes(buffer[:end])
-            del buffer[:end]
+                return None
+            raw, data = data[:end], data[end:]
             if head.status == 101 and self._upgrade:
-                client.transport.write(raw)
                 client.dispatch.count(101)
                 backend.reusable = False
                 client.enter_tunnel()
                 self.head_pending = False
-                return True
+                return interim + raw, data
             if 100 <= head.status < 200:
-                client.transport.write(raw)
+                interim += raw
                 continue
             break
+        self.head_pending = False
         if not head.keep_alive:
             backend.reusable = False
         self._framer = framer = BodyFramer.for_response(head, self._method)
         self._rechunk = False
+        client.dispatch.count(head.status)
         if not head.hop and head.version == b"HTTP/1.1" and framer.mode != "close":
             # Nothing to take out (the common case): the head as it came.
             tail = b"\r\n" if self.keep_alive else b"connection: close\r\n\r\n"
-            client.transport.write(raw[:-2] + tail)
-            self.head_pending = False
-            client.dispatch.count(head.status)
-            return True
-        out = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
+            return interim + raw[:-2] + tail, data
+        out = [interim, b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
         for name, value in end_to_end(head):
             out += [name, b": ", value, b"\r\n"]
         if framer.mode == "chunked":
@@ -360,7 +377,4 @@ class ResponseReader:
         elif self._http10:
             out.append(b"connection: keep-alive\r\n")
         out.append(b"\r\n")
-        client.transport.write(b"".join(out))
-        self.head_pending = False
-        client.dispatch.count(head.status)
-        return True
+        return b"".join(out), data

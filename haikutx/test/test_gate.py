@@ -280,6 +280,10 @@ class _Integration(TestCase):
     """
 
     timeout = 60
+    #: Whether the gate listens with its own factory, unwrapped, so its
+    #: client connections are Twisted's plain TCP transports (the gate
+    #: writes on those at once, L{haikutx.gate.sending}).
+    plain_listener = False
 
     def listen(self, factory) -> int:
         wrapped = WrappingFactory(factory)
@@ -305,6 +309,10 @@ class _Integration(TestCase):
         gate = GateService(reactor, **kwargs)
         gate.startService()
         self.addCleanup(gate.stopService)
+        if self.plain_listener:
+            port = reactor.listenTCP(0, gate.factory, interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            return gate, port.getHost().port
         return gate, self.listen(gate.factory)
 
     async def client(self, port: int) -> RawClient:
@@ -756,6 +764,42 @@ class StreamingTests(_Integration):
         status, _, body = await client.response()
         self.assertEqual((status, int(body)), (200, self.size))
         self.assertLess(max(samples), self.bound)
+
+
+class PlainStreamingTests(StreamingTests):
+    """
+    The same with the gate's client connections on Twisted's plain TCP
+    transports, which the gate writes on at once: the client's flow
+    control (a paused consumer, partial sends) still bounds what it holds.
+    """
+
+    plain_listener = True
+
+
+class NoDelayTests(_Integration):
+    """
+    The gate's connections do not wait to coalesce small writes.
+    """
+
+    plain_listener = True
+
+    async def test_no_delay(self) -> None:
+        """
+        Both the client connection and the application connection have
+        C{TCP_NODELAY} set, so a streamed response's parts are not held
+        back waiting for the peer's delayed acknowledgement.
+        """
+        backend = self.backend()
+        gate_service, gate = self.gate()
+        client = await self.client(gate)
+        client.request(b"GET", b"/%d/" % backend)
+        status, _, _ = await client.response()
+        self.assertEqual(status, 200)
+        [connection] = gate_service.factory.connections
+        for transport in (connection.transport, connection.side.backend.transport):
+            self.assertTrue(
+                transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            )
 
 
 class NamesTests(_Integration):
