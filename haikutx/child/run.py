@@ -197,6 +197,13 @@ class HandlerRun(ResponseSink):
         self._timers.clear()
         self._worker.run_finished(self)
 
+    def has_tasks(self) -> bool:
+        """
+        Whether tasks the handler started may still run (L{abandon} cancels
+        them).
+        """
+        return bool(self._tasks)
+
     def abandon(self) -> None:
         """
         Cancel what the handler left running after its response ended.
