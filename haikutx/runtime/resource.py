@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
-from twisted.web.http import toChunk
+from twisted.web.http import NO_BODY_CODES, toChunk
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
@@ -162,6 +162,8 @@ class Exchange:
         self.done: Deferred[int] = Deferred()
         self._timer: IDelayedCall | None = None
         self._source: Any = None
+        #: Body bytes received in the current read of the child's channel.
+        self._held: list[bytes] = []
         request.notifyFinish().addErrback(self._disconnected)
 
     def start(self, head: dict[str, Any], body: RequestBody) -> None:
@@ -242,6 +244,19 @@ class Exchange:
         if self._client_gone or not data:
             # An empty chunk would be the last chunk: the response's end.
             return
+        # Held until the end of the read that brought it (flush), so that a
+        # response whose end came in the same read is written whole, with
+        # its length, in one write.
+        self._held.append(data)
+
+    def flush(self) -> None:
+        held = self._held
+        if not held:
+            return
+        data = held[0] if len(held) == 1 else b"".join(held)
+        held.clear()
+        if self._client_gone:
+            return
         if self._source is not None:
             self._source.wrote(len(data))
         if self._manual_chunks:
@@ -250,6 +265,19 @@ class Exchange:
             self._request.write(data)
 
     def finish(self, trailers: list[list[str]]) -> None:
+        request = self._request
+        if (
+            self._held
+            and not self._client_gone
+            and not self._manual_chunks
+            and not request.startedWriting
+            and request.code not in NO_BODY_CODES
+        ):
+            # The whole response is here: sent with its length, not chunked.
+            request.responseHeaders.setRawHeaders(
+                b"content-length", [b"%d" % sum(map(len, self._held))]
+            )
+        self.flush()
         self._release_source()
         if not self._client_gone:
             if self._manual_chunks:
@@ -268,6 +296,7 @@ class Exchange:
         self._complete(self.status or 200)
 
     def fail(self, status: int, message: str) -> None:
+        self.flush()
         self._pool.release(self._worker)
         self._answer(status, message)
 

@@ -441,6 +441,24 @@ class LogTests(TestCase):
         self.assertEqual(len(lines), 1, lines)
         self.assertIn('"GET /_haiku/status HTTP/1.1" 200', lines[0])
 
+    async def test_event_text(self) -> None:
+        """
+        The request event's text is made when it is emitted: a text log
+        shows it as is, braces in the handler's name included.
+        """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        port, _ = start_runtime(self, {"b{r}ace{}.py": "res.end('ok')\n"})
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.assertEqual((await http(port, "/?x-haiku-handler=b%7Br%7Dace%7B%7D.py")).status, 200)
+        [served] = [e for e in events if e.get("handler_url") == "b{r}ace{}.py"]
+        self.assertEqual(
+            formatEvent(served), f"127.0.0.1 GET b{{r}}ace{{}}.py -> 200 in {served['duration']:.3f}s"
+        )
+        self.assertEqual((served["status"], served["answer"]), (200, 200))
+
 
 class ClientGoneTests(TestCase):
     """
@@ -615,6 +633,18 @@ class HandlerAPITests(TestCase):
         response = await http(self.port, "/?x-haiku-handler=await.py")
         self.assertEqual((response.status, response.text), (202, "awaited"))
         self.assertEqual(response.headers["x-slept"], "yes")
+
+    async def test_whole_response_has_length(self) -> None:
+        """
+        A response that the handler ends at once is sent with its
+        C{Content-Length}, in one piece; one that streams is chunked.
+        """
+        response = await http(self.port, "/?x-haiku-handler=hello.py")
+        self.assertEqual(response.headers.get("content-length"), "14")
+        self.assertNotIn("transfer-encoding", response.headers)
+        response = await http(self.port, "/?x-haiku-handler=delayed.py")
+        self.assertEqual(response.headers.get("transfer-encoding"), "chunked")
+        self.assertNotIn("content-length", response.headers)
 
     async def test_streaming(self) -> None:
         """
