@@ -64,8 +64,8 @@ class CodeCache:
         @raise HandlerFailed: (500) when it does not compile.
         """
         key = (url, hashlib.sha256(source).digest())
-        code = self._codes.get(key)
-        if code is None:
+        entry = self._codes.get(key)
+        if entry is None:
             try:
                 code = compile(source, url, "exec", flags=_COMPILE_FLAGS, dont_inherit=True)
             except (SyntaxError, ValueError) as e:
@@ -73,14 +73,15 @@ class CodeCache:
                 raise HandlerFailed(
                     500, f"Handler {url} could not be compiled: {one_line(e)}\n{detail}"
                 ) from e
-            self._codes[key] = code
+            text = source.decode("utf-8", "replace")
+            entry = self._codes[key] = (code, (len(text), None, text.splitlines(True), url))
             if len(self._codes) > self._size:
                 self._codes.popitem(last=False)
         else:
             self._codes.move_to_end(key)
-        text = source.decode("utf-8", "replace")
-        linecache.cache[url] = (len(text), None, text.splitlines(True), url)
-        return code
+        # Its lines, for tracebacks (a handler may have changed the cache).
+        linecache.cache[url] = entry[1]
+        return entry[0]
 
 
 def _streams_body(head: dict[str, Any]) -> bool:
@@ -354,7 +355,7 @@ class Worker:
         if kind == wire.CHALLENGE:
             self.send(wire.encode(wire.ANSWER, payload))
         elif kind == wire.REQUEST:
-            self._head = json.loads(payload)
+            self._head = json.loads(payload.decode("utf-8"))
             self._body = []
             if _streams_body(self._head):
                 head, self._head = self._head, None

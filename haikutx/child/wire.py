@@ -89,11 +89,17 @@ def encode(kind: int, payload: bytes = b"") -> bytes:
     return _HEADER.pack(len(payload) + 1, kind) + payload
 
 
+#: One compact encoder for every frame (C{json.dumps} with separators
+#: makes a new one per call).
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def encode_json(kind: int, value: Any) -> bytes:
     """
     Encode one frame whose payload is C{value} as compact JSON.
     """
-    return encode(kind, json.dumps(value, separators=(",", ":")).encode("utf-8"))
+    payload = _ENCODE(value).encode("utf-8")
+    return _HEADER.pack(len(payload) + 1, kind) + payload
 
 
 class FrameReader:
