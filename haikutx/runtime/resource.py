@@ -61,6 +61,9 @@ _LOGGED_HERE = "haiku_logged"
 _IDENTITY = "haiku_handler"
 _TENANT = "haiku_tenant"
 
+#: Set on a request to its query string's parameters, name to last value.
+_QUERY = "haiku_query"
+
 #: Seconds a client refused with 429 is told to wait.
 RETRY_OVERLOADED = 1
 
@@ -112,12 +115,17 @@ def request_parameter(request: Request, name: str) -> str | None:
     header = request.getHeader(name)
     if header:
         return header
-    query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
-    value = None
-    for key, item in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
-        if key == name:
-            value = item
-    return value
+    query = getattr(request, _QUERY, None)
+    if query is None:
+        # Parsed once per request, whichever parameter is asked first.
+        uri = request.uri
+        query = (
+            dict(parse_qsl(uri.split(b"?", 1)[1].decode("latin-1"), keep_blank_values=True))
+            if b"?" in uri
+            else {}
+        )
+        setattr(request, _QUERY, query)
+    return query.get(name)
 
 
 def send_error(request: Request, status: int, message: str) -> None:
