@@ -157,6 +157,7 @@ class Exchange:
         pool: WorkerPool,
         handler: HandlerSource,
         max_time: float,
+        watch_client: bool = True,
     ) -> None:
         self._reactor = reactor
         self._request = request
@@ -172,24 +173,34 @@ class Exchange:
         self._source: Any = None
         #: Body bytes received in the current read of the child's channel.
         self._held: list[bytes] = []
-        request.notifyFinish().addErrback(self._disconnected)
+        self._child: Any = None
+        #: Whether the child's channel was paced by the client's (L{_pace}).
+        self._paced = False
+        if watch_client:
+            request.notifyFinish().addErrback(self.client_gone)
 
     def start(self, head: dict[str, Any], body: RequestBody) -> None:
         """
         Send the request to the worker and start the clock.
         """
         self._timer = self._reactor.callLater(self._max_time, self._timed_out)
-        child = getattr(self._worker, "child", None)
+        self._child = getattr(self._worker, "child", None)
         self._worker.run(self, head, body)
-        source = getattr(child, "transport", None)
+
+    def _pace(self) -> None:
+        """
+        Have a client that does not read pause the child's channel, once
+        the server holds RESPONSE_BUFFER bytes of the response for it
+        (from the first part of a response that streams: one written whole
+        needs no pacing).
+        """
+        source = getattr(self._child, "transport", None)
         if (
             hasattr(source, "pauseProducing")
             and not self.done.called
             and self._request.channel is not None
             and self._request.producer is None
         ):
-            # A client that does not read pauses the child's channel, once
-            # the server holds RESPONSE_BUFFER bytes of the response for it.
             self._source = _Valve(source, RESPONSE_BUFFER)
             self._request.registerProducer(self._source, True)
 
@@ -205,7 +216,10 @@ class Exchange:
             self._request.unregisterProducer()
         source.resumeProducing()
 
-    def _disconnected(self, reason: Any) -> None:
+    def client_gone(self, reason: Any) -> None:
+        """
+        The client went away before the response ended.
+        """
         self._client_gone = True
         self._release_source()
         if self._timer is None or self.done.called or self._worker.kind != "stdio":
@@ -258,6 +272,9 @@ class Exchange:
         self._held.append(data)
 
     def flush(self) -> None:
+        self._write_held(streaming=True)
+
+    def _write_held(self, streaming: bool) -> None:
         held = self._held
         if not held:
             return
@@ -265,6 +282,9 @@ class Exchange:
         held.clear()
         if self._client_gone:
             return
+        if streaming and self._source is None and not self._paced:
+            self._paced = True
+            self._pace()
         if self._source is not None:
             self._source.wrote(len(data))
         if self._manual_chunks:
@@ -285,7 +305,7 @@ class Exchange:
             request.responseHeaders.setRawHeaders(
                 b"content-length", [b"%d" % sum(map(len, self._held))]
             )
-        self.flush()
+        self._write_held(streaming=False)
         self._release_source()
         if not self._client_gone:
             if self._manual_chunks:
@@ -304,7 +324,7 @@ class Exchange:
         self._complete(self.status or 200)
 
     def fail(self, status: int, message: str) -> None:
-        self.flush()
+        self._write_held(streaming=False)
         self._pool.release(self._worker)
         self._answer(status, message)
 
@@ -362,6 +382,19 @@ class Exchange:
             )
         if not self.done.called:
             self.done.callback(status)
+
+
+class _ClientWatch:
+    """
+    What a request's client going away does now (C{then}): first give up
+    its wait for a worker, then end its exchange.
+    """
+
+    def __init__(self, then: Any) -> None:
+        self.then = then
+
+    def __call__(self, reason: Any) -> None:
+        self.then(reason)
 
 
 def _field_name(name: str) -> bytes | None:
@@ -567,8 +600,12 @@ class HandlerResource(Resource):
         acquiring = scheduler.acquire(
             tenant, self._limits.max_time, handler_kind(language.name)
         )
-        # A client that leaves while waiting gives up its place in the queue.
-        request.notifyFinish().addErrback(lambda _: acquiring.cancel())
+        watch = None
+        if not acquiring.called:
+            # A client that leaves while waiting gives up its place in the
+            # queue (and later, its exchange ends: one watch for both).
+            watch = _ClientWatch(lambda _: acquiring.cancel())
+            request.notifyFinish().addErrback(watch)
         try:
             turn = await acquiring
         except CancelledError:
@@ -604,8 +641,11 @@ class HandlerResource(Resource):
             head["argv"] = argv
             body = _body(request)
             exchange = Exchange(
-                self._reactor, request, worker, self._pool, handler, self._limits.max_time
+                self._reactor, request, worker, self._pool, handler, self._limits.max_time,
+                watch_client=watch is None,
             )
+            if watch is not None:
+                watch.then = exchange.client_gone
             exchange.start(head, body)
             status = await exchange.done
         finally:
