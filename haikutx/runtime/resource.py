@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 from twisted.web.http import NO_BODY_CODES, toChunk
 from twisted.web.resource import Resource
@@ -22,6 +23,7 @@ from zope.interface import implementer
 from haikutx.child.console import console_mode
 from haikutx.config import Limits
 from haikutx.interfaces import IExchange
+from haikutx.languages import UnknownLanguage, detect
 from haikutx.net.http1 import HOP_BY_HOP
 from haikutx.net.urls import redact_url
 from haikutx.runtime.body import DEFAULT_MAX_BODY, LimitedRequest, RequestBody, body_too_large
@@ -317,7 +319,9 @@ class Exchange:
                     if raw is not None and raw.lower() not in _UNFRAMED
                 )
                 self._request.write(b"0\r\n" + lines + b"\r\n")
-            self._request.finish()
+            transport = request.channel.transport
+            request.finish()
+            _send_now(transport)
         # The worker first: the request's turn, given back when it is
         # done, finds the worker idle.
         self._pool.release(self._worker)
@@ -382,6 +386,19 @@ class Exchange:
             )
         if not self.done.called:
             self.done.callback(status)
+
+
+def _send_now(transport: Any) -> None:
+    """
+    Send what a TCP connection holds now, instead of at the reactor's next
+    turn: the client has its response before the server does the
+    request's bookkeeping (its turn given to the next request, its
+    accounting, its log event).  What the socket does not take is sent
+    when it is writable, as always; an error is the reactor's to handle
+    then (the data stays, and the descriptor is still watched).
+    """
+    if isinstance(transport, Connection) and not transport.disconnecting:
+        transport.doWrite()
 
 
 class _ClientWatch:
@@ -660,8 +677,6 @@ class HandlerResource(Resource):
             for a language whose interpreter is not installed, 500 for code
             that cannot be passed to it.
         """
-        from haikutx.languages import UnknownLanguage, detect
-
         override = request_parameter(request, LANGUAGE)
         try:
             language = detect(self._languages, override, handler.url, handler.source)

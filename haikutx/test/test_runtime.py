@@ -441,6 +441,37 @@ class LogTests(TestCase):
         self.assertEqual(len(lines), 1, lines)
         self.assertIn('"GET /_haiku/status HTTP/1.1" 200', lines[0])
 
+    async def test_response_sent_before_event(self) -> None:
+        """
+        The response is on its way to the client when the request's event
+        is emitted: the bookkeeping after an answer does not delay it.
+        """
+        import socket
+
+        from twisted.logger import globalLogPublisher
+
+        port, _ = start_runtime(self, HANDLERS)
+        client = socket.create_connection(("127.0.0.1", port))
+        self.addCleanup(client.close)
+        seen: list[bytes] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("handler_url") == "hello.py" and "status" in event:
+                try:
+                    seen.append(client.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+                except BlockingIOError:
+                    seen.append(b"")
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        client.sendall(b"GET /?x-haiku-handler=hello.py HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(100):
+            if seen:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(len(seen), 1)
+        self.assertTrue(seen[0].endswith(b"\r\n\r\nHello, world!\n"), seen[0])
+
     async def test_event_text(self) -> None:
         """
         The request event's text is made when it is emitted: a text log
