@@ -486,7 +486,8 @@ class LogTests(TestCase):
         self.assertEqual((await http(port, "/?x-haiku-handler=b%7Br%7Dace%7B%7D.py")).status, 200)
         [served] = [e for e in events if e.get("handler_url") == "b{r}ace{}.py"]
         self.assertEqual(
-            formatEvent(served), f"127.0.0.1 GET b{{r}}ace{{}}.py -> 200 in {served['duration']:.3f}s"
+            formatEvent(served),
+            f"127.0.0.1 GET b{{r}}ace{{}}.py -> 200 in {served['duration']:.3f}s",
         )
         self.assertEqual((served["status"], served["answer"]), (200, 200))
 
