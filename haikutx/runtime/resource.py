@@ -7,6 +7,7 @@ worker's response to the client.
 
 from __future__ import annotations
 
+import gc
 import re
 from typing import Any
 from urllib.parse import parse_qsl
@@ -103,6 +104,29 @@ class RuntimeSite(Site):
     def log(self, request: Request) -> None:
         if not getattr(request, _LOGGED_HERE, False):
             super().log(request)
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        freeze_startup_heap()
+
+
+_heap_frozen = False
+
+
+def freeze_startup_heap() -> None:
+    """
+    Move every object the process has made so far out of the cyclic
+    garbage collector's sight (C{gc.freeze}), once per process, when the
+    runtime starts serving: the modules, plugins and services made at start
+    live as long as the server, and each collection would otherwise walk
+    them all again (a hello request's path collects every 35 requests or
+    so, and a full collection walks every object).
+    """
+    global _heap_frozen
+    if not _heap_frozen:
+        _heap_frozen = True
+        gc.collect()
+        gc.freeze()
 
 
 def request_parameter(request: Request, name: str) -> str | None:

@@ -441,6 +441,17 @@ class LogTests(TestCase):
         self.assertEqual(len(lines), 1, lines)
         self.assertIn('"GET /_haiku/status HTTP/1.1" 200', lines[0])
 
+    def test_startup_heap_frozen(self) -> None:
+        """
+        Once the runtime's site has started, the objects made before are
+        out of the garbage collector's sight (collections do not walk them
+        on every request's path).
+        """
+        import gc
+
+        start_runtime(self, HANDLERS)
+        self.assertGreater(gc.get_freeze_count(), 0)
+
     async def test_response_sent_before_event(self) -> None:
         """
         The response is on its way to the client when the request's event
