@@ -537,6 +537,8 @@ class HandlerResource(Resource):
         self._handler = handler
         self._debug = debug
         self.counters = {"requests": 0, "errors": 0}
+        # The class's logger bound to this resource once, not at each event.
+        self.log = self.log
 
     def render(self, request: Request) -> Any:
         self.counters["requests"] += 1
