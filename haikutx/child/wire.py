@@ -102,6 +102,11 @@ def encode_json(kind: int, value: Any) -> bytes:
     return _HEADER.pack(len(payload) + 1, kind) + payload
 
 
+#: The payload of a L{FINISH} frame without trailers, and that frame.
+NO_TRAILERS = b'{"trailers":[]}'
+FINISH_NO_TRAILERS = encode(FINISH, NO_TRAILERS)
+
+
 class FrameReader:
     """
     Split a byte stream into frames.

@@ -57,9 +57,6 @@ CHANNEL_GRACE = 1.0
 
 _PID = struct.Struct(">I")
 
-#: The end of a response without trailers, as a child sends it.
-_NO_TRAILERS = b'{"trailers":[]}'
-
 
 def handler_kind(language: str) -> str:
     """
@@ -436,7 +433,9 @@ class WorkerProtocol(ProcessProtocol):
         elif kind == wire.DATA:
             exchange.data(payload)
         elif kind == wire.FINISH:
-            trailers = [] if payload == _NO_TRAILERS else _pairs(json.loads(payload)["trailers"])
+            trailers = (
+                [] if payload == wire.NO_TRAILERS else _pairs(json.loads(payload)["trailers"])
+            )
             child.exchange = None
             self._end_body(child)
             exchange.finish(trailers)
