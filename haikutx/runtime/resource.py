@@ -690,10 +690,25 @@ class HandlerResource(Resource):
             if watch is not None:
                 watch.then = exchange.client_gone
             exchange.start(head, body)
-            status = await exchange.done
-        finally:
+        except BaseException:
             scheduler.release(turn)
-        self._served(request, handler.url, status, started, worker.pid)
+            raise
+        # The answer ends the request in a callback, not by resuming this
+        # coroutine (which costs a trip through inlineCallbacks).
+        exchange.done.addCallback(
+            self._answered, request, handler.url, turn, worker.pid, started
+        ).addErrback(self._crashed, request, name)
+
+    def _answered(
+        self, status: int | None, request: Request, url: str, turn: Any, worker_pid: int | None,
+        started: float,
+    ) -> None:
+        """
+        The exchange of C{request} is over: give back its turn, emit its
+        event.
+        """
+        self.scheduler.release(turn)
+        self._served(request, url, status, started, worker_pid)
 
     def _language(self, request: Request, handler: HandlerSource) -> tuple[Any, Any]:
         """
