@@ -343,9 +343,10 @@ class Exchange:
                     if raw is not None and raw.lower() not in _UNFRAMED
                 )
                 self._request.write(b"0\r\n" + lines + b"\r\n")
-            transport = request.channel.transport
+            channel = request.channel
             request.finish()
-            _send_now(transport)
+            if channel is not None:
+                _send_now(channel.transport)
         # The worker first: the request's turn, given back when it is
         # done, finds the worker idle.
         self._pool.release(self._worker)
@@ -419,7 +420,8 @@ def _send_now(transport: Any) -> None:
     request's bookkeeping (its turn given to the next request, its
     accounting, its log event).  What the socket does not take is sent
     when it is writable, as always; an error is the reactor's to handle
-    then (the data stays, and the descriptor is still watched).
+    then (the data stays, and the descriptor is still watched).  A TLS
+    connection is one too: its ciphertext is in the same buffer.
     """
     if isinstance(transport, Connection) and not transport.disconnecting:
         transport.doWrite()
