@@ -1,6 +1,10 @@
 """
-The runtime's own cost per request, without sockets, HTTP parsing or
-worker processes: C{HandlerResource.render} on real C{twisted.web}
+The runtime's own cost per request, in one process, in CPU time: steady
+figures on a shared machine, where requests/s under wrk follow the others'
+load.  Three paths (C{--path}):
+
+C{resource} (the default): the resource layer alone, without sockets, HTTP
+parsing or worker processes: C{HandlerResource.render} on real C{twisted.web}
 requests (a C{DummyChannel}), a real L{WorkerPool} of fake workers that
 answer when told, a loader that has the handler in memory, and log events
 formatted to C{/dev/null}. Sixteen requests are kept in flight, as
@@ -13,6 +17,20 @@ that two versions of the code are compared in one run::
 
     git archive main | tar -x -C /tmp/tenant-before
     /work/venv/bin/python bench/request_path_bench.py --tree /tmp/tenant-before --tree .
+
+C{server}: the server's whole path but the reactor and the TCP socket: a
+real C{HTTPChannel} of the runtime's site (on a C{StringTransport}) parses
+each request, the resource, scheduler and pool run it, a real
+C{WorkerProtocol} sends it on a C{ChannelTransport} over a socketpair, and
+the bench, as the child, answers each request with the frames a hello
+handler's child sends (head, body and end in one write); sixteen requests
+at a time over four workers, log events formatted by a text observer to
+C{/dev/null}.  Counted per request: the server's part only.
+
+C{child}: a child's whole path: a real L{haikutx.child.runner.Worker} (no
+sandbox) serves the hello handler over a socketpair, the bench sending the
+next request from the same loop as each answer ends.  Counted per request:
+the child's part and the bench's few calls.
 """
 
 from __future__ import annotations
@@ -107,6 +125,144 @@ print(f"{best * 1e6:.1f}")
 '''
 
 
+SERVER = r'''
+import socket, sys, time
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.web.resource import Resource
+
+globalLogBeginner.beginLoggingTo(
+    [textFileLogObserver(open(os.devnull, "w"))], redirectStandardIO=False
+)
+
+from haikutx.child import wire
+from haikutx.languages import find_languages
+from haikutx.runtime.channels import ChannelTransport, ChildProtocol
+from haikutx.runtime.loader import HandlerSource
+from haikutx.runtime.pool import WorkerPool
+from haikutx.runtime.resource import HandlerResource, RuntimeSite
+from haikutx.runtime.scheduler import Scheduler
+from haikutx.runtime.worker import WorkerProtocol
+from haikutx.service import RuntimeRoot
+
+
+class Loader:
+    source = HandlerSource(url="hello.py", source=(
+        b"res.write_head(200, {'Content-Type': 'text/plain'})\n"
+        b"res.end('Hello, world!\\n')\n"))
+
+    def load(self, name):
+        return succeed(self.source)
+
+
+pool = WorkerPool(reactor, 4, 0, spawner=object())
+children = []
+for i in range(4):
+    worker = WorkerProtocol(reactor, lambda w: None, lambda w, c: None, 1000.0, 1000.0)
+    worker.pid = 1000 + i
+    ours, theirs = socket.socketpair()
+    child = ChildProtocol(worker, 2000 + i, -1)
+    child.makeConnection(ChannelTransport(reactor, ours.detach(), child))
+    worker.child, worker._children[child.pid], worker.state = child, child, "idle"
+    pool.workers.add(worker)
+    pool._idle.append(worker)
+    theirs.setblocking(False)
+    children.append((theirs, child))
+resource = HandlerResource(reactor, pool, Loader(), languages=find_languages(),
+                           scheduler=Scheduler(reactor, pool, 4, 64))
+site = RuntimeSite(RuntimeRoot(resource, Resource(), None), reactor=reactor)
+site.startFactory()
+REQUEST = b"GET /?x-haiku-handler=hello.py HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+ANSWER = (
+    wire.encode_json(wire.HEAD, {"status": 200, "headers": [["Content-Type", "text/plain"]]})
+    + wire.encode(wire.DATA, b"Hello, world!\n") + wire.encode_json(wire.FINISH, {"trailers": []})
+)
+clients = []
+for i in range(16):
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000 + i))
+    protocol = site.buildProtocol(None)
+    protocol.makeConnection(transport)
+    clients.append((protocol, transport))
+
+
+def sixteen():
+    for protocol, _ in clients:
+        protocol.dataReceived(REQUEST)
+    answered = True
+    while answered:
+        answered = False
+        for theirs, child in children:
+            try:
+                theirs.recv(65536)
+            except BlockingIOError:
+                continue
+            answered = True
+            theirs.sendall(ANSWER)
+            child.transport.doRead()
+    for _, transport in clients:
+        if not transport.value().endswith((b"Hello, world!\n", b"0\r\n\r\n")):
+            raise SystemExit(repr(transport.value()[-300:]))
+        transport.clear()
+
+
+for _ in range(50):
+    sixteen()
+count, repeat = int(sys.argv[1]) // 16, int(sys.argv[2])
+best = float("inf")
+for _ in range(repeat):
+    started = time.process_time()
+    for _ in range(count):
+        sixteen()
+    best = min(best, (time.process_time() - started) / (count * 16))
+print(f"{best * 1e6:.1f}")
+'''
+
+CHILD = r'''
+import socket, sys, time
+from haikutx.child import runner, wire
+
+HEAD = {
+    "method": "GET", "url": "/?x-haiku-handler=hello.py",
+    "headers": [["Host", "127.0.0.1:8080"], ["User-Agent", "wrk"]],
+    "remote_addr": "127.0.0.1", "protocol": "HTTP/1.1", "handler_url": "hello.py",
+    "source": "res.write_head(200, {'Content-Type': 'text/plain'})\nres.end('Hello, world!\\n')\n",
+    "console": "none", "max_console": 4096, "debug": False, "body_length": 0,
+    "language": "python", "argv": None,
+}
+
+
+def serve(count):
+    ours, theirs = socket.socketpair()
+    worker = runner.Worker(count, theirs.fileno())
+    reader = wire.FrameReader()
+    request = wire.encode_json(wire.REQUEST, HEAD) + wire.encode(wire.BODY_END)
+
+    def answered():
+        for kind, _ in reader.feed(ours.recv(65536)):
+            if kind in (wire.FINISH, wire.FAIL):
+                ours.sendall(request)
+
+    worker.loop.add_reader(ours.fileno(), answered)
+    ours.sendall(request)
+    started = time.process_time()
+    worker.run()
+    spent = time.process_time() - started
+    worker.loop.close()
+    ours.close()
+    theirs.close()
+    return spent / count
+
+
+serve(200)
+print(f"{min(serve(int(sys.argv[1])) for _ in range(int(sys.argv[2]))) * 1e6:.1f}")
+'''
+
+DRIVERS = {"resource": DRIVER, "server": SERVER, "child": CHILD}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tree", action="append", type=Path,
@@ -114,13 +270,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternations of the trees")
     parser.add_argument("--requests", type=int, default=2000, help="requests per run")
     parser.add_argument("--repeat", type=int, default=7, help="runs per round (best kept)")
+    parser.add_argument("--path", choices=sorted(DRIVERS), default="resource",
+                        help="what is measured (see above)")
     options = parser.parse_args()
     trees = [t.resolve() for t in (options.tree or [Path(__file__).resolve().parent.parent])]
     results: dict[str, list[float]] = {str(tree): [] for tree in trees}
     for round_ in range(options.rounds):
         for tree in trees:
             out = subprocess.run(
-                [sys.executable, "-c", "import os\n" + DRIVER,
+                [sys.executable, "-c", "import os\n" + DRIVERS[options.path],
                  str(options.requests), str(options.repeat)],
                 cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)),
                 capture_output=True, text=True, check=True,

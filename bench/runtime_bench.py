@@ -5,8 +5,11 @@ serves requests until it dies), against a raw twisted.web hello-world site
 as the baseline. For each connection count a fresh server is started,
 checked for the right body, warmed up with 20 sequential requests, driven
 by wrk (one bounded run), checked again, then stopped with SIGTERM (a fresh
-server per run, so that one run cannot spoil the next). Prints requests/s, p50 and p99 side by side, with ratios to the raw
-Twisted site, and errors (non-2xx responses and socket errors).
+server per run, so that one run cannot spoil the next). Prints requests/s,
+p50 and p99 side by side, with ratios to the raw Twisted site, errors
+(non-2xx responses and socket errors), and the CPU time per request of the
+server's process and of its worker processes (from C{/proc}, before and
+after the wrk run: the steadier figure on a shared machine).
 
 Run from the repository root with the project venv::
 
@@ -65,6 +68,9 @@ class Run:
     @ivar p99: 99th percentile latency in ms.
     @ivar requests: requests completed.
     @ivar errors: human-readable errors ("" when none).
+    @ivar server_us: CPU time of the server's own process per request, in µs.
+    @ivar workers_us: CPU time of the server's descendants (zygotes, their
+        children, reaped or not, egress relays) per request, in µs.
     """
 
     rate: float
@@ -72,6 +78,43 @@ class Run:
     p99: float
     requests: int
     errors: str
+    server_us: float = 0.0
+    workers_us: float = 0.0
+
+
+_TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str]:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    # Fields after the command's closing parenthesis: state, ppid, ...
+    return text[text.rindex(")") + 2 :].split()
+
+
+def cpu_ticks(root: int) -> tuple[int, int]:
+    """
+    CPU ticks (user + system) of process C{root} itself, and of all its
+    live descendants with the children they reaped.
+    """
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                children.setdefault(int(_stat(int(entry))[1]), []).append(int(entry))
+            except (OSError, IndexError):
+                continue
+    fields = _stat(root)
+    own = int(fields[11]) + int(fields[12])
+    rest, todo = 0, list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, ()))
+        try:
+            f = _stat(pid)
+        except OSError:
+            continue
+        rest += sum(int(f[i]) for i in (11, 12, 13, 14))
+    return own, rest
 
 
 def free_port() -> int:
@@ -134,7 +177,7 @@ def parse_wrk(out: str) -> Run:
         names = ("connect", "read", "write", "timeout")
         errors.extend(
             f"{count} {name}"
-            for name, count in zip(names, socket_errors.groups())
+            for name, count in zip(names, socket_errors.groups(), strict=True)
             if count != "0"
         )
     return Run(rate, p50, p99, requests, ", ".join(errors))
@@ -185,14 +228,22 @@ def bench_level(
         # Warm-up, sequential so that no request is left queued at its end.
         for _ in range(20):
             wait_ready(port, process)
+        before = cpu_ticks(process.pid)
         run = wrk(port, seconds, count)
+        after = cpu_ticks(process.pid)
         if process.poll() is not None:
             raise SystemExit(f"{name}: server died during the run")
+        run = attr.evolve(
+            run,
+            server_us=(after[0] - before[0]) * _TICK_US / max(run.requests, 1),
+            workers_us=(after[1] - before[1]) * _TICK_US / max(run.requests, 1),
+        )
         after = after_run(port)
         if after:
             run = attr.evolve(run, errors=", ".join(filter(None, [run.errors, after])))
         print(f"  {name:<14} c={count:<3} {run.rate:9.1f} req/s  "
               f"p50 {run.p50:7.2f} ms  p99 {run.p99:7.2f} ms  "
+              f"CPU/req server {run.server_us:6.0f} us, workers {run.workers_us:6.0f} us  "
               f"{run.errors or 'no errors'}", flush=True)
         return run
     finally:
@@ -215,8 +266,9 @@ def ratio(value: float, base: float) -> str:
 def table(results: dict[str, dict[int, Run]], connections: list[int]) -> str:
     raw = results["raw Twisted"]
     lines = [
-        "| server | conns | requests/s | × raw | p50 ms | × raw | p99 ms | × raw | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| server | conns | requests/s | × raw | p50 ms | × raw | p99 ms | × raw "
+        "| server µs/req | workers µs/req | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, runs in results.items():
         for count in connections:
@@ -225,6 +277,7 @@ def table(results: dict[str, dict[int, Run]], connections: list[int]) -> str:
                 f"| {name} | {count} | {run.rate:,.0f} | {ratio(run.rate, base.rate)} "
                 f"| {run.p50:.2f} | {ratio(run.p50, base.p50)} "
                 f"| {run.p99:.2f} | {ratio(run.p99, base.p99)} "
+                f"| {run.server_us:.0f} | {run.workers_us:.0f} "
                 f"| {run.errors or 'none'} |"
             )
     return "\n".join(lines)

@@ -35,7 +35,13 @@ class IExchange(Interface):
 
     def data(data):
         """
-        The handler sent part of its body.
+        The handler sent part of its body (it may be held until L{flush}).
+        """
+
+    def flush():
+        """
+        The end of one read of the worker's channel: write the body received
+        in it.
         """
 
     def finish(trailers):

@@ -52,17 +52,31 @@ class Request:
     @ivar remote_addr: the client's address.
     """
 
+    path: str
+    query: dict[str, str]
+    headers: Headers
+
     def __init__(self, head: dict[str, Any], body: bytes) -> None:
         self.method: str = head["method"]
         self.url: str = head["url"]
-        parts = urlsplit(self.url)
-        self.path: str = parts.path
-        self._query_string = parts.query
-        self.query: dict[str, str] = parse_query(parts.query)
-        self.headers = Headers(head["headers"])
+        self._header_pairs = head["headers"]
         self.remote_addr: str = head.get("remote_addr", "")
         self._body = body
         self._params: dict[str, Any] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # path, query and headers are made when first read (most handlers
+        # read few of them); from then on they are plain attributes.
+        if name == "headers":
+            self.headers = Headers(self._header_pairs)
+            return self.headers
+        if name in ("path", "query", "_query_string"):
+            parts = urlsplit(self.url)
+            self.path = parts.path
+            self._query_string = parts.query
+            self.query = parse_query(parts.query)
+            return getattr(self, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def body(self) -> bytes:

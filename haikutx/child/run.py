@@ -187,7 +187,11 @@ class HandlerRun(ResponseSink):
             self.body(self.console.text().encode("utf-8"))
         elif self._mode == "trailer":
             trailers.append([CONSOLE_HEADER, encode_console(self.console.text())])
-        self._worker.send(wire.encode_json(wire.FINISH, {"trailers": trailers}))
+        self._worker.send(
+            wire.encode_json(wire.FINISH, {"trailers": trailers})
+            if trailers
+            else wire.FINISH_NO_TRAILERS
+        )
         self._finish_run()
 
     def _finish_run(self) -> None:
@@ -196,6 +200,13 @@ class HandlerRun(ResponseSink):
             timer.cancel()
         self._timers.clear()
         self._worker.run_finished(self)
+
+    def has_tasks(self) -> bool:
+        """
+        Whether tasks the handler started may still run (L{abandon} cancels
+        them).
+        """
+        return bool(self._tasks)
 
     def abandon(self) -> None:
         """

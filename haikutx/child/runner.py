@@ -39,6 +39,9 @@ from haikutx.child.run import HandlerFailed, HandlerRun, one_line
 #: The child's end of its channel to the server.
 CHANNEL = 3
 
+#: Bytes of frames queued for the server before they are written at once.
+FLUSH_SIZE = 64 * 1024
+
 __all__ = ["CHANNEL", "CodeCache", "HandlerFailed", "HandlerRun", "PythonRun", "Worker"]
 
 _COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
@@ -61,8 +64,8 @@ class CodeCache:
         @raise HandlerFailed: (500) when it does not compile.
         """
         key = (url, hashlib.sha256(source).digest())
-        code = self._codes.get(key)
-        if code is None:
+        entry = self._codes.get(key)
+        if entry is None:
             try:
                 code = compile(source, url, "exec", flags=_COMPILE_FLAGS, dont_inherit=True)
             except (SyntaxError, ValueError) as e:
@@ -70,14 +73,15 @@ class CodeCache:
                 raise HandlerFailed(
                     500, f"Handler {url} could not be compiled: {one_line(e)}\n{detail}"
                 ) from e
-            self._codes[key] = code
+            text = source.decode("utf-8", "replace")
+            entry = self._codes[key] = (code, (len(text), None, text.splitlines(True), url))
             if len(self._codes) > self._size:
                 self._codes.popitem(last=False)
         else:
             self._codes.move_to_end(key)
-        text = source.decode("utf-8", "replace")
-        linecache.cache[url] = (len(text), None, text.splitlines(True), url)
-        return code
+        # Its lines, for tracebacks (a handler may have changed the cache).
+        linecache.cache[url] = entry[1]
+        return entry[0]
 
 
 def _streams_body(head: dict[str, Any]) -> bool:
@@ -235,6 +239,11 @@ class Worker:
         self._in = control_in
         self._out = control_in if control_out is None else control_out
         self._reader = wire.FrameReader()
+        self._outgoing: list[bytes] = []
+        self._outgoing_size = 0
+        self._flush_due = False
+        #: Whether the loop is in L{_readable} (which flushes at its end).
+        self._reading = False
         self._codes = CodeCache()
         self._served = 0
         self._head: dict[str, Any] | None = None
@@ -275,10 +284,34 @@ class Worker:
 
     def send(self, frame: bytes) -> None:
         """
-        Write one frame to the server (blocking: the channel is the
+        Queue one frame for the server.  The frames queued are written
+        together (L{flush}) once the loop's current callback is done, when
+        a response ends, or when L{FLUSH_SIZE} bytes are queued: a
+        response written at once goes out in one write, which the server
+        takes in one read.
+        """
+        self._outgoing.append(frame)
+        self._outgoing_size += len(frame)
+        if self._outgoing_size >= FLUSH_SIZE:
+            self.flush()
+        elif not self._flush_due and not self._reading:
+            # Written from a task, a timer or a pipe's callback.
+            self._flush_due = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """
+        Write the queued frames to the server (blocking: the channel is the
         back-pressure).
         """
-        view = memoryview(frame)
+        self._flush_due = False
+        outgoing = self._outgoing
+        if not outgoing:
+            return
+        data = outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
+        outgoing.clear()
+        self._outgoing_size = 0
+        view = memoryview(data)
         while view:
             written = os.write(self._out, view)
             view = view[written:]
@@ -293,6 +326,11 @@ class Worker:
             self.loop.run_forever()
         finally:
             sys.stdout, sys.stderr = self._stdout, self._stderr
+            if not self.server_gone:
+                try:
+                    self.flush()
+                except OSError:
+                    pass
 
     def _readable(self) -> None:
         try:
@@ -305,14 +343,19 @@ class Worker:
             self.server_gone = True
             self.loop.stop()
             return
-        for kind, payload in self._reader.feed(data):
-            self._frame(kind, payload)
+        self._reading = True
+        try:
+            for kind, payload in self._reader.feed(data):
+                self._frame(kind, payload)
+        finally:
+            self._reading = False
+            self.flush()
 
     def _frame(self, kind: int, payload: bytes) -> None:
         if kind == wire.CHALLENGE:
             self.send(wire.encode(wire.ANSWER, payload))
         elif kind == wire.REQUEST:
-            self._head = json.loads(payload)
+            self._head = json.loads(payload.decode("utf-8"))
             self._body = []
             if _streams_body(self._head):
                 head, self._head = self._head, None
@@ -370,11 +413,15 @@ class Worker:
         if self.current is run:
             self.current = None
         sys.stdout, sys.stderr = self._stdout, self._stderr
+        # The response is complete: it goes out now, whatever the handler
+        # does next.
+        self.flush()
         self._served += 1
         if self.max_requests and self._served >= self.max_requests:
             self.loop.stop()
             return
-        self.loop.call_soon(run.abandon)
+        if run.has_tasks():
+            self.loop.call_soon(run.abandon)
 
     def _unhandled(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         error = context.get("exception")

@@ -89,16 +89,22 @@ def encode(kind: int, payload: bytes = b"") -> bytes:
     return _HEADER.pack(len(payload) + 1, kind) + payload
 
 
-#: One encoder for every frame: C{json.dumps} with C{separators} makes a
-#: new encoder per call (in a fresh child, some 60 more pages written).
-_JSON = json.JSONEncoder(separators=(",", ":"))
+#: One compact encoder for every frame (C{json.dumps} with separators
+#: makes a new one per call).
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def encode_json(kind: int, value: Any) -> bytes:
     """
     Encode one frame whose payload is C{value} as compact JSON.
     """
-    return encode(kind, _JSON.encode(value).encode("utf-8"))
+    payload = _ENCODE(value).encode("utf-8")
+    return _HEADER.pack(len(payload) + 1, kind) + payload
+
+
+#: The payload of a L{FINISH} frame without trailers, and that frame.
+NO_TRAILERS = b'{"trailers":[]}'
+FINISH_NO_TRAILERS = encode(FINISH, NO_TRAILERS)
 
 
 class FrameReader:

@@ -35,6 +35,8 @@ LINGER = 5.0
 #: Bodies up to this size are written with the request in one go.
 _INLINE = wire.CHUNK
 
+_BODY_END = wire.encode(wire.BODY_END)
+
 
 def body_too_large(max_body: int) -> str:
     """
@@ -263,6 +265,10 @@ class BodyFeed:
         """
         Send C{head_frame} and then C{body}.
         """
+        if not body or (isinstance(body, RequestBody) and body.size() == 0):
+            # No body (most requests): the request and its end in one write.
+            self._write(head_frame + _BODY_END)
+            return
         reader = body.open() if isinstance(body, RequestBody) else _BodyReader(data=body)
         first = reader.read(_INLINE)
         frames = [head_frame]
@@ -270,7 +276,7 @@ class BodyFeed:
             frames.append(wire.encode(wire.BODY, first))
         if len(first) < _INLINE:
             reader.close()
-            frames.append(wire.encode(wire.BODY_END))
+            frames.append(_BODY_END)
             self._write(b"".join(frames))
             return
         self._write(b"".join(frames))
@@ -308,7 +314,7 @@ class BodyFeed:
         if self.done:
             return
         self._close()
-        self._write(wire.encode(wire.BODY_END))
+        self._write(_BODY_END)
 
     def _close(self) -> None:
         if self.done:

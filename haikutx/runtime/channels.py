@@ -69,10 +69,15 @@ class ChildProtocol(Protocol):
         try:
             for kind, payload in self._reader.feed(data):
                 if self.closed:
-                    return
+                    break
                 self.slot._child_frame(self, kind, payload)
         except (wire.FrameError, ValueError, KeyError, TypeError) as e:
             self.slot.kill_child(self, f"sent a malformed frame: {e}")
+        # What the response's body brought in this read goes to its client
+        # now (a response that ended in it has been written whole).
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.flush()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if not self.closed:

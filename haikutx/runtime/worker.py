@@ -433,7 +433,9 @@ class WorkerProtocol(ProcessProtocol):
         elif kind == wire.DATA:
             exchange.data(payload)
         elif kind == wire.FINISH:
-            trailers = _pairs(json.loads(payload)["trailers"])
+            trailers = (
+                [] if payload == wire.NO_TRAILERS else _pairs(json.loads(payload)["trailers"])
+            )
             child.exchange = None
             self._end_body(child)
             exchange.finish(trailers)

@@ -44,6 +44,9 @@ class RecordingExchange:
     def data(self, data):
         self.events.append(("data", data))
 
+    def flush(self):
+        pass
+
     def finish(self, trailers):
         self.events.append(("finish", trailers))
 

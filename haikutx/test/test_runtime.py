@@ -442,6 +442,67 @@ class LogTests(TestCase):
         self.assertEqual(len(lines), 1, lines)
         self.assertIn('"GET /_haiku/status HTTP/1.1" 200', lines[0])
 
+    def test_startup_heap_frozen(self) -> None:
+        """
+        Once the runtime's site has started, the objects made before are
+        out of the garbage collector's sight (collections do not walk them
+        on every request's path).
+        """
+        import gc
+
+        start_runtime(self, HANDLERS)
+        self.assertGreater(gc.get_freeze_count(), 0)
+
+    async def test_response_sent_before_event(self) -> None:
+        """
+        The response is on its way to the client when the request's event
+        is emitted: the bookkeeping after an answer does not delay it.
+        """
+        import socket
+
+        from twisted.logger import globalLogPublisher
+
+        port, _ = start_runtime(self, HANDLERS)
+        client = socket.create_connection(("127.0.0.1", port))
+        self.addCleanup(client.close)
+        seen: list[bytes] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("handler_url") == "hello.py" and "status" in event:
+                try:
+                    seen.append(client.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+                except BlockingIOError:
+                    seen.append(b"")
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        client.sendall(b"GET /?x-haiku-handler=hello.py HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(100):
+            if seen:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(len(seen), 1)
+        self.assertTrue(seen[0].endswith(b"\r\n\r\nHello, world!\n"), seen[0])
+
+    async def test_event_text(self) -> None:
+        """
+        The request event's text is made when it is emitted: a text log
+        shows it as is, braces in the handler's name included.
+        """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        port, _ = start_runtime(self, {"b{r}ace{}.py": "res.end('ok')\n"})
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.assertEqual((await http(port, "/?x-haiku-handler=b%7Br%7Dace%7B%7D.py")).status, 200)
+        [served] = [e for e in events if e.get("handler_url") == "b{r}ace{}.py"]
+        self.assertEqual(
+            formatEvent(served),
+            f"127.0.0.1 GET b{{r}}ace{{}}.py -> 200 in {served['duration']:.3f}s",
+        )
+        self.assertEqual((served["status"], served["answer"]), (200, 200))
+
 
 class ClientGoneTests(TestCase):
     """
@@ -625,6 +686,18 @@ class HandlerAPITests(TestCase):
         response = await http(self.port, "/?x-haiku-handler=await.py")
         self.assertEqual((response.status, response.text), (202, "awaited"))
         self.assertEqual(response.headers["x-slept"], "yes")
+
+    async def test_whole_response_has_length(self) -> None:
+        """
+        A response that the handler ends at once is sent with its
+        C{Content-Length}, in one piece; one that streams is chunked.
+        """
+        response = await http(self.port, "/?x-haiku-handler=hello.py")
+        self.assertEqual(response.headers.get("content-length"), "14")
+        self.assertNotIn("transfer-encoding", response.headers)
+        response = await http(self.port, "/?x-haiku-handler=delayed.py")
+        self.assertEqual(response.headers.get("transfer-encoding"), "chunked")
+        self.assertNotIn("content-length", response.headers)
 
     async def test_streaming(self) -> None:
         """
