@@ -164,10 +164,15 @@ class Response:
 
     def write(self, data: str | bytes) -> None:
         """
-        Send part of the body (C{str} is UTF-8 encoded).
+        Send part of the body (C{str} is UTF-8 encoded) at once: it reaches
+        the client even if the handler then computes without yielding.
 
         @raise RuntimeError: after C{end}.
         """
+        self._write(data)
+        self._sink.flush()
+
+    def _write(self, data: str | bytes) -> None:
         if self.finished:
             raise RuntimeError("write after end")
         if not self.headers_sent:
@@ -184,7 +189,8 @@ class Response:
         if self.finished:
             return
         if data is not None:
-            self.write(data)
+            # Sent with the end, in one write.
+            self._write(data)
         elif not self.headers_sent:
             self._send_head()
         self.finished = True
@@ -219,6 +225,12 @@ class ResponseSink:
 
     def end(self) -> None:
         raise NotImplementedError()
+
+    def flush(self) -> None:
+        """
+        Send what was written so far now, not at the end of the handler's
+        current step.
+        """
 
 
 class Console:

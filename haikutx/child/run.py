@@ -176,6 +176,9 @@ class HandlerRun(ResponseSink):
         for start in range(0, len(data), wire.CHUNK):
             self._worker.send(wire.encode(wire.DATA, data[start : start + wire.CHUNK]))
 
+    def flush(self) -> None:
+        self._worker.flush()
+
     def end(self) -> None:
         if self.done:
             return

@@ -63,6 +63,13 @@ HANDLERS = {
         "res.write('Hello, ')\n"
         "set_timeout(lambda: res.end('world!\\n'), 600)\n"
     ),
+    "blocking-stream.py": (
+        "import time\n"
+        "res.write_head(200, {'Content-Type': 'text/plain'})\n"
+        "res.write('Hello, ')\n"
+        "time.sleep(0.6)\n"
+        "res.end('world!\\n')\n"
+    ),
     "request.py": (
         "import json\n"
         "res.write_head(200, {'Content-Type': 'application/json'})\n"
@@ -705,6 +712,17 @@ class HandlerAPITests(TestCase):
         writes the second.
         """
         response = await http(self.port, "/?x-haiku-handler=delayed.py")
+        self.assertEqual(response.text, "Hello, world!\n")
+        first = next(t for t, data in response.arrivals if b"Hello, " in data)
+        last = next(t for t, data in response.arrivals if b"world!" in data)
+        self.assertGreater(last - first, 0.4)
+
+    async def test_streaming_without_yielding(self) -> None:
+        """
+        A C{res.write} reaches the client at once, even when the handler
+        then computes without yielding to its loop.
+        """
+        response = await http(self.port, "/?x-haiku-handler=blocking-stream.py")
         self.assertEqual(response.text, "Hello, world!\n")
         first = next(t for t, data in response.arrivals if b"Hello, " in data)
         last = next(t for t, data in response.arrivals if b"world!" in data)
