@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from haikutx.gate.apps import Application, void_page
 from haikutx.gate.backends import BackendProtocol
-from haikutx.gate.request import RequestBody, forwarded_head
+from haikutx.gate.request import NO_BODY, RequestBody, forwarded_head
 from haikutx.gate.routing import Route, count_request, route_request
 from haikutx.gate.states import State
 from haikutx.net.http1 import BodyFramer, Head
@@ -72,7 +72,12 @@ class Dispatch:
             client.refuse(where.status, where.message, list(where.headers))
             return False
         upgrade = b"upgrade" in head.connection and head.get(b"upgrade") is not None
-        client.body = RequestBody(BodyFramer.for_request(head))
+        # Most requests have no body: they share L{NO_BODY}, which holds no
+        # state, and skip its checks.
+        if head.chunked or head.content_length:
+            client.body = body = RequestBody(BodyFramer.for_request(head))
+        else:
+            client.body = body = NO_BODY
         side = client.side
         side.response.start(method, http10, head.keep_alive, upgrade)
         out = forwarded_head(
@@ -82,7 +87,7 @@ class Dispatch:
         # The body bytes that came with the head are checked now, so they go
         # out with it (one write), and a malformed chunk is refused before
         # anything is forwarded.
-        if not client.check_body():
+        if body is not NO_BODY and not client.check_body():
             return False
         backend = side.kept(where.port) or self._factory.pool.take(where.port)
         if backend is not None:
@@ -164,8 +169,11 @@ class Dispatch:
             self._app.request_started()
         client = self._client
         body = client.body
-        head += body.take_checked(client.buffer)
-        done = body.done
+        if body is NO_BODY:
+            done = True
+        else:
+            head += body.take_checked(client.buffer)
+            done = body.done
         # Sent again on a new connection if a reused one closes unanswered:
         # only a request without a body whose method is idempotent.
         client.side.attach(backend, head, retry=done and self._method in IDEMPOTENT)

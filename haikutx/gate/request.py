@@ -68,7 +68,9 @@ def forwarded_head(
     # chunked (which such a client cannot read).
     out = [head.method, b" ", target, b" ", head.version, b"\r\n"]
     host = None
-    for name, value in end_to_end(head):
+    # Without hop-by-hop fields (Transfer-Encoding aside) every field goes on.
+    fields = end_to_end(head) if head.hop or head.chunked else head.headers
+    for name, value in fields:
         if name in CLIENT_IDENTITY:
             continue
         if name == b"host":
@@ -140,3 +142,9 @@ class RequestBody:
         data = bytes(buffer[:end])
         del buffer[:end]
         return data
+
+
+#: The body of a request without one (no C{Content-Length}, or 0, and not
+#: chunked): shared by all connections, as it holds no state (its framer is
+#: done, so checking and taking leave it as it is).
+NO_BODY = RequestBody(BodyFramer("none"))

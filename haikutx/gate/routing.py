@@ -45,18 +45,25 @@ def route(target: bytes, names: NamesFile, single_port: int | None = None) -> Ro
     @param single_port: C{--gate-target}: forward everything here, unchanged.
     @return: the route.
     """
-    if not target.startswith(b"/"):
+    if target[:1] != b"/":
         return Route(status=400, message="only origin-form request targets")
     if single_port is not None:
-        return Route(port=single_port, target=target)
-    path, qmark, query = target.partition(b"?")
-    first, slash, rest = path[1:].partition(b"/")
-    forwarded = b"/" + rest + qmark + query
+        return Route(single_port, target)
+    # The first path segment ends at the second "/" or at "?" (or the end).
+    cut = target.find(b"/", 1)
+    query = target.find(b"?", 1)
+    if cut < 0 or 0 <= query < cut:
+        cut = query if query >= 0 else len(target)
+        first = target[1:cut]
+        forwarded = b"/" + target[cut:]
+    else:
+        first = target[1:cut]
+        forwarded = target[cut:]
     if first.isdigit():
         port = int(first)
         if not 1024 <= port <= 65535:
             return Route(status=403, message=f"port {port} is not in 1024-65535")
-        return Route(port=port, target=forwarded)
+        return Route(port, forwarded)
     entry = names.get(first.decode("utf-8", "replace")) if first else None
     if entry is None:
         entry = names.default

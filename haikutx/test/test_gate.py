@@ -36,8 +36,10 @@ import twisted
 from haikutx.config import Config
 from haikutx.gate.apps import Application
 from haikutx.gate.names import NamesEntry, NamesFile
+from haikutx.gate.request import forwarded_head
 from haikutx.gate.routing import route
 from haikutx.gate.service import GateService
+from haikutx.net.http1 import parse_request_head
 from haikutx.service import build_service
 from haikutx.tap import Options
 
@@ -386,6 +388,55 @@ class RouteTests(SynchronousTestCase):
         r = route(b"/8081/x", self.names, 7000)
         self.assertEqual((r.port, r.target), (7000, b"/8081/x"))
         self.assertEqual(route(b"http://x/", NamesFile()).status, 400)
+
+
+class ForwardedHeadTests(SynchronousTestCase):
+    """
+    L{forwarded_head}: the head an application gets, with and without the
+    hop-by-hop fields it must lose.
+    """
+
+    def forwarded(self, head: bytes) -> list[bytes]:
+        return forwarded_head(
+            parse_request_head(head), b"/x", 8081, b"127.0.0.1", False, b"g:1", False
+        ).split(b"\r\n")
+
+    def test_plain(self) -> None:
+        """
+        Without hop-by-hop fields every field goes on, in order, but the
+        client's identity claims, which the gate's own replace.
+        """
+        lines = self.forwarded(
+            b"GET /8081/x HTTP/1.1\r\nHost: h\r\nX-Real-IP: 6.6.6.6\r\nA: 1\r\n"
+            b"Forwarded: for=6.6.6.6\r\nB: 2\r\n\r\n"
+        )
+        self.assertEqual(lines, [
+            b"GET /x HTTP/1.1", b"host: h", b"a: 1", b"b: 2", b"x-forwarded-for: 127.0.0.1",
+            b"x-forwarded-proto: http", b"x-forwarded-host: h", b"", b"",
+        ])
+
+    def test_chunked(self) -> None:
+        """
+        A chunked request (no other hop-by-hop field) goes on with one
+        C{Transfer-Encoding}, the gate's.
+        """
+        lines = self.forwarded(
+            b"POST /8081/x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        self.assertEqual([x for x in lines if x.startswith(b"transfer-encoding")],
+                         [b"transfer-encoding: chunked"])
+
+    def test_connection_named(self) -> None:
+        """
+        C{Connection}, the fields it names and the other hop-by-hop fields
+        are dropped.
+        """
+        lines = self.forwarded(
+            b"GET /8081/x HTTP/1.1\r\nHost: h\r\nConnection: x-a\r\nX-A: 1\r\n"
+            b"Keep-Alive: 5\r\nX-B: 2\r\n\r\n"
+        )
+        self.assertEqual(lines[:3], [b"GET /x HTTP/1.1", b"host: h", b"x-b: 2"])
+        self.assertNotIn(b"x-a: 1", lines)
 
 
 class IdleTests(SynchronousTestCase):
