@@ -36,7 +36,14 @@ from haikutx.gate.dispatch import Dispatch
 from haikutx.gate.request import RequestBody, take_request_head
 from haikutx.gate.response import ApplicationSide
 from haikutx.gate.states import TRANSITIONS, State, check_transition
-from haikutx.net.http1 import BadMessage, BodyFramer, reason, simple_response
+from haikutx.net.http1 import (
+    BadMessage,
+    BodyFramer,
+    LastHead,
+    parse_request_head,
+    reason,
+    simple_response,
+)
 from haikutx.tls import OffersHTTP11
 
 #: Client bytes buffered while a request waits for its response (pipelining)
@@ -59,6 +66,7 @@ class GateProtocol(Protocol):
         self._reactor = factory.reactor
         self.buffer = bytearray()
         self.state = State.HEAD
+        self._parse_head = LastHead(parse_request_head)
         #: The body of the request being read.
         self.body = RequestBody(BodyFramer("none"))
         #: The application connection of the current request.
@@ -179,7 +187,7 @@ class GateProtocol(Protocol):
 
     def _read_head(self) -> bool:
         try:
-            head = take_request_head(self.buffer)
+            head = take_request_head(self.buffer, self._parse_head)
         except BadMessage as e:
             self._bad_request(e)
             return False

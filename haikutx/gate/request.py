@@ -6,6 +6,8 @@ head, then the body, checked as it passes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from haikutx.net.http1 import BadMessage, BodyFramer, Head, end_to_end, head_end, parse_request_head
 
 #: Largest request head accepted, in bytes (larger: 431).
@@ -19,10 +21,14 @@ CLIENT_IDENTITY = frozenset(
 )
 
 
-def take_request_head(buffer: bytearray) -> Head | None:
+def take_request_head(
+    buffer: bytearray, parse: Callable[[bytes], Head] = parse_request_head
+) -> Head | None:
     """
     Take the request head at the start of C{buffer} (after the empty lines
     RFC 9112 2.2 allows before it) out of it, parsed.
+
+    @param parse: the parser (a connection's L{LastHead}).
 
     @return: the head, or C{None} when it has not all arrived.
     @raise BadMessage: for a malformed head (400), or one larger than
@@ -35,7 +41,7 @@ def take_request_head(buffer: bytearray) -> Head | None:
         raise BadMessage(f"request head larger than {MAX_HEAD} bytes", 431)
     if end < 0:
         return None
-    head = parse_request_head(buffer[:end])
+    head = parse(bytes(buffer[:end]))
     del buffer[:end]
     return head
 

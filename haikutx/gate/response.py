@@ -21,6 +21,7 @@ from haikutx.gate.states import State
 from haikutx.net.http1 import (
     BadMessage,
     BodyFramer,
+    LastHead,
     end_to_end,
     head_end,
     parse_response_head,
@@ -215,6 +216,7 @@ class ResponseReader:
         self._buffer = bytearray()
         self._rest = b""
         self._framer = BodyFramer("none")
+        self._parse_head = LastHead(parse_response_head)
         self._rechunk = False
         self._method = b""
         self._http10 = False
@@ -333,7 +335,7 @@ class ResponseReader:
                     else:
                         self._buffer = bytearray(data)
                     return None
-                head = parse_response_head(data[:end])
+                head = self._parse_head(data[:end])
             except BadMessage as e:
                 if interim:
                     write(client.transport, interim)

@@ -41,7 +41,7 @@ headers that belong to one connection, and L{reason}, the reason phrases.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
 from typing import NamedTuple
 
@@ -331,6 +331,37 @@ def parse_response_head(head: bytes | bytearray) -> Head:
         version, tuple(fields), length, chunked, connection, hop, b"", b"", int(status),
         phrase or b"",
     )
+
+
+class LastHead:
+    """
+    A head parser (L{parse_request_head}, L{parse_response_head}) that
+    remembers the last head it parsed: the same bytes again, as one
+    connection sends them request after request (a poller, a benchmark, an
+    application's identical answers within one second of C{Date}), give the
+    same L{Head} without parsing again. A head is a function of its bytes
+    alone, so nothing is less strict; a head that is refused is not
+    remembered.
+    """
+
+    __slots__ = ("_parse", "_raw", "_head")
+
+    def __init__(self, parse: Callable[[bytes], Head]) -> None:
+        self._parse = parse
+        self._raw: bytes | None = None
+        self._head: Head | None = None
+
+    def __call__(self, raw: bytes) -> Head:
+        """
+        Parse C{raw} (as the parser does).
+
+        @raise BadMessage: as the parser does.
+        """
+        if raw == self._raw:
+            return self._head  # type: ignore[return-value]
+        head = self._parse(raw)
+        self._raw, self._head = raw, head
+        return head
 
 
 def end_to_end(head: Head) -> list[tuple[bytes, bytes]]:

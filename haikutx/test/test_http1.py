@@ -15,6 +15,7 @@ from haikutx.net.http1 import (
     HOP_BY_HOP,
     BadMessage,
     BodyFramer,
+    LastHead,
     end_to_end,
     head_end,
     parse_request_head,
@@ -332,3 +333,42 @@ class FieldSectionTests(SynchronousTestCase):
             self.assertRaises(BadMessage, http1._section, section)
         else:
             self.assertEqual(http1._section(section), expected)
+
+
+class LastHeadTests(SynchronousTestCase):
+    """
+    L{LastHead} parses as its parser does, remembering only the last head
+    it accepted.
+    """
+
+    def test_same_bytes(self) -> None:
+        """
+        The same bytes again give the same L{Head} without calling the
+        parser; other bytes are parsed.
+        """
+        calls = []
+
+        def parse(raw: bytes) -> http1.Head:
+            calls.append(raw)
+            return parse_request_head(raw)
+
+        last = LastHead(parse)
+        first = last(GOOD)
+        self.assertIs(last(bytes(GOOD)), first)
+        other = last(b"GET /other HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual((other.target, len(calls)), (b"/other", 2))
+        self.assertEqual(last(GOOD), parse_request_head(GOOD))
+        self.assertEqual(len(calls), 3)
+
+    def test_refused(self) -> None:
+        """
+        A refused head is refused every time, and the head before it is
+        still the one remembered.
+        """
+        last = LastHead(parse_response_head)
+        good = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+        head = last(good)
+        bad = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"
+        for _ in range(2):
+            self.assertRaises(BadMessage, last, bad)
+        self.assertIs(last(good), head)
