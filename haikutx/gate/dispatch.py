@@ -39,7 +39,7 @@ class Dispatch:
     @ivar where: the L{Route} of the current request, or C{None}.
     """
 
-    __slots__ = ("_client", "_factory", "_dialing", "_app", "_method", "where")
+    __slots__ = ("_client", "_factory", "_dialing", "_app", "_method", "_last", "where")
 
     log = Logger()
 
@@ -49,6 +49,12 @@ class Dispatch:
         self._dialing: Deferred[BackendProtocol] | None = None
         self._app: Application | None = None
         self._method = b""
+        #: The last forwarded request's head, the names file it was routed
+        #: by, its route and the head sent on: the same L{Head} (see
+        #: L{haikutx.net.http1.LastHead}) by the same names goes the same
+        #: way with the same head (this connection's client, address and
+        #: scheme do not change).
+        self._last: tuple[Head, Any, Route, bytes] | None = None
         self.where: Route | None = None
 
     def dispatch(self, head: Head) -> bool:
@@ -62,7 +68,14 @@ class Dispatch:
         self._method = method = head.method
         http10 = head.version == b"HTTP/1.0"
         gate = self._factory.gate
-        self.where = where = route_request(head, gate.methods, gate.names, gate.target)
+        names = gate.names
+        last = self._last
+        if last is not None and last[0] is head and last[1] is names:
+            _, _, where, out = last
+            self.where = where
+        else:
+            self.where = where = route_request(head, gate.methods, names, gate.target)
+            out = b""
         if where.status:
             if where.status >= 400:
                 self.log.warn("{method} {target} refused: {status} {reason}",
@@ -80,10 +93,12 @@ class Dispatch:
             client.body = body = NO_BODY
         side = client.side
         side.response.start(method, http10, head.keep_alive, upgrade)
-        out = forwarded_head(
-            head, where.target, where.port, client.peer, client.https, client.address,
-            upgrade,
-        )
+        if not out:
+            out = forwarded_head(
+                head, where.target, where.port, client.peer, client.https, client.address,
+                upgrade,
+            )
+            self._last = (head, names, where, out)
         # The body bytes that came with the head are checked now, so they go
         # out with it (one write), and a malformed chunk is refused before
         # anything is forwarded.

@@ -996,6 +996,26 @@ class NamesTests(_Integration):
         self.assertEqual(set(map(int, uids)), {nobody.pw_uid})
         self.assertEqual((directory / "app.log").stat().st_uid, nobody.pw_uid)
 
+    async def test_reload_same_head(self) -> None:
+        """
+        The same request head again on a kept-alive connection goes where
+        the names file in force says, after a reload too.
+        """
+        a, b = self.backend("a"), self.backend("b")
+        path = self.names_file(f"app {a}\n")
+        gate_service, gate = self.gate(names_path=path)
+        client = await self.client(gate)
+        tags = []
+        for text in (None, f"app {b}\n", None):
+            if text is not None:
+                path.write_text(text)
+                self.assertTrue(gate_service.reload())
+            client.request(b"GET", b"/app/x")
+            _, _, body = await client.response()
+            tags.append(json.loads(body)["tag"])
+        self.assertEqual(tags, ["a", "b", "b"])
+        self.assertFalse(client.lost.called)
+
     async def test_sighup_reload(self) -> None:
         """
         SIGHUP reloads the names file; a bad new file keeps the old one and
