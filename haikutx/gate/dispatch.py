@@ -24,7 +24,7 @@ from haikutx.gate.backends import BackendProtocol
 from haikutx.gate.request import NO_BODY, RequestBody, forwarded_head
 from haikutx.gate.routing import Route, count_request, route_request
 from haikutx.gate.states import State
-from haikutx.net.http1 import BodyFramer, Head
+from haikutx.net.http1 import REMEMBERED_HEAD, BodyFramer, Head
 
 #: Methods whose request (without a body) may be sent twice (RFC 9110 9.2.2).
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
@@ -98,7 +98,8 @@ class Dispatch:
                 head, where.target, where.port, client.peer, client.https, client.address,
                 upgrade,
             )
-            self._last = (head, names, where, out)
+            # Kept only while small: an idle connection holds little.
+            self._last = (head, names, where, out) if len(out) <= REMEMBERED_HEAD else None
         # The body bytes that came with the head are checked now, so they go
         # out with it (one write), and a malformed chunk is refused before
         # anything is forwarded.

@@ -333,6 +333,10 @@ def parse_response_head(head: bytes | bytearray) -> Head:
     )
 
 
+#: Longest head L{LastHead} remembers, in bytes.
+REMEMBERED_HEAD = 4096
+
+
 class LastHead:
     """
     A head parser (L{parse_request_head}, L{parse_response_head}) that
@@ -341,7 +345,8 @@ class LastHead:
     application's identical answers within one second of C{Date}), give the
     same L{Head} without parsing again. A head is a function of its bytes
     alone, so nothing is less strict; a head that is refused is not
-    remembered.
+    remembered, nor one longer than L{REMEMBERED_HEAD} (an idle connection
+    holds no more than that).
     """
 
     __slots__ = ("_parse", "_raw", "_head")
@@ -360,7 +365,8 @@ class LastHead:
         if raw == self._raw:
             return self._head  # type: ignore[return-value]
         head = self._parse(raw)
-        self._raw, self._head = raw, head
+        if len(raw) <= REMEMBERED_HEAD:
+            self._raw, self._head = raw, head
         return head
 
 

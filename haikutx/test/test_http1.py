@@ -372,3 +372,21 @@ class LastHeadTests(SynchronousTestCase):
         for _ in range(2):
             self.assertRaises(BadMessage, last, bad)
         self.assertIs(last(good), head)
+
+    def test_long_not_remembered(self) -> None:
+        """
+        A head longer than L{http1.REMEMBERED_HEAD} is parsed every time and
+        not kept.
+        """
+        calls = []
+
+        def parse(raw: bytes) -> http1.Head:
+            calls.append(raw)
+            return parse_request_head(raw)
+
+        last = LastHead(parse)
+        long = b"GET / HTTP/1.1\r\nHost: h\r\nX: %s\r\n\r\n" % (
+            b"a" * http1.REMEMBERED_HEAD)
+        self.assertEqual(last(long), last(long))
+        self.assertEqual(len(calls), 2)
+        self.assertIsNone(last._raw)
