@@ -6,7 +6,7 @@ response, and retires the child.  Reports wall time per child and the CPU
 of the zygote and its children per child (RUSAGE_CHILDREN once the zygote
 has exited), for option variants.
 
-    .venv/bin/python bench/zygote_cycle.py [--count 300]
+    .venv/bin/python bench/zygote_cycle.py [--count 300] [--base OTHER_TREE] [--quick]
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -54,15 +53,34 @@ def frames(sock: socket.socket, reader: wire.FrameReader, fds: list[int]):
         yield from reader.feed(data)
 
 
-def run(count: int, options: dict) -> tuple[float, float]:
+def _stat(pid: int) -> tuple[int, int, int, int]:
+    """
+    A process's own and its reaped children's CPU (clock ticks) and minor
+    faults, from C{/proc/PID/stat}: (cpu, children's cpu, faults, children's
+    faults).
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    minflt, cminflt = int(fields[7]), int(fields[8])
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return utime + stime, cutime + cstime, minflt, cminflt
+
+
+def run(count: int, options: dict, root: Path = ROOT) -> dict[str, float]:
+    """
+    Serve C{count} children from a zygote of the tree at C{root}: wall time,
+    CPU and page faults per child, the zygote's and its children's apart,
+    counted from the first child on (the zygote's start-up excluded), and
+    the zygote's anonymous memory.
+    """
     server, zygote = socket.socketpair()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    process = _start({zygote.fileno(): 3}, ["haikutx.child", json.dumps(options)], ROOT)
+    process = _start({zygote.fileno(): 3}, ["haikutx.child", json.dumps(options)], root)
     zygote.close()
     fds: list[int] = []
     stream = frames(server, wire.FrameReader(), fds)
     served = 0
     start = None
+    first = memory = None
     request = wire.encode_json(wire.REQUEST, HEAD) + wire.encode(wire.BODY_END)
     for kind, payload in stream:
         if kind != wire.CHILD:
@@ -72,6 +90,12 @@ def run(count: int, options: dict) -> tuple[float, float]:
         os.close(fds.pop(0))  # the child's pidfd
         if start is None:
             start = time.perf_counter()
+            first = _stat(process.pid)
+            with open(f"/proc/{process.pid}/smaps_rollup") as f:
+                memory = {
+                    line.split(":")[0]: int(line.split()[1])
+                    for line in f if line.startswith(("Rss:", "Anonymous:"))
+                }
         child.sendall(request)
         reader = wire.FrameReader()
         done = False
@@ -80,77 +104,56 @@ def run(count: int, options: dict) -> tuple[float, float]:
                 done = done or k in (wire.FINISH, wire.FAIL)
         child.close()
         served += 1
-        if served == count:
+        if served == count + 1:
             break
         server.sendall(wire.encode_json(wire.RETIRE, {"pid": pid}))
-    wall = (time.perf_counter() - start) / (count - 1)
+    wall = (time.perf_counter() - start) / count
+    # Every child but the last has been retired; wait for their reaping.
+    time.sleep(0.2)
+    last = _stat(process.pid)
     server.close()
     process.wait()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / count
-    return wall * 1000, cpu * 1000
-
-
-def run_old(count: int, options: dict, root: Path) -> tuple[float, float]:
-    """
-    The same cycle with the zygote of before this change (READY on fd 4,
-    requests on fd 3, the child leaves by itself after its quota of 1).
-    """
-    to_zygote_r, to_zygote_w = os.pipe()
-    from_zygote_r, from_zygote_w = os.pipe()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-
-    process = _start(
-        {to_zygote_r: 3, from_zygote_w: 4}, ["haikutx.child", "1", json.dumps(options)], root
-    )
-    os.close(to_zygote_r)
-    os.close(from_zygote_w)
-    reader = wire.FrameReader()
-    request = wire.encode_json(wire.REQUEST, HEAD) + wire.encode(wire.BODY_END)
-    served = 0
-    start = None
-    while served < count:
-        data = os.read(from_zygote_r, 65536)
-        if not data:
-            break
-        for kind, _ in reader.feed(data):
-            if kind == wire.READY:
-                if start is None:
-                    start = time.perf_counter()
-                os.write(to_zygote_w, request)
-            elif kind in (wire.FINISH, wire.FAIL):
-                served += 1
-    wall = (time.perf_counter() - start) / (count - 1)
-    os.close(to_zygote_w)
-    process.wait()
-    os.close(from_zygote_r)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / count
-    return wall * 1000, cpu * 1000
+    tick = os.sysconf("SC_CLK_TCK")
+    delta = [b - a for a, b in zip(first, last, strict=True)]
+    return {
+        "wall": wall * 1000,
+        "zygote_cpu": delta[0] / tick / count * 1000,
+        "child_cpu": delta[1] / tick / count * 1000,
+        "zygote_faults": delta[2] / count,
+        "child_faults": delta[3] / count,
+        "rss_kb": memory["Rss"],
+        "anon_kb": memory["Anonymous"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--old", help="a source tree with the zygote of before")
+    parser.add_argument("--base", help="another source tree to run alternately (A/B)")
+    parser.add_argument("--quick", action="store_true", help="the all-layers variant only")
     options = parser.parse_args()
     count = options.count
     base = {"slot": 0, "base_uid": 2_000_000_000, "max_threads": 64}
-    variants = {
-        "all layers, IPC namespace per child": lambda: run(count, dict(base)),
-        "all layers, IPC namespace per zygote": lambda: run(
-            count, dict(base, ipc_per_child=False)),
-        "no sandbox": lambda: run(count, {"sandbox": False}),
-    }
-    if options.old:
-        variants["before: all layers"] = lambda: run_old(count, dict(base), Path(options.old))
-        variants["before: no sandbox"] = lambda: run_old(
-            count, {"sandbox": False}, Path(options.old))
+    variants = {"all layers, IPC namespace per child": dict(base)}
+    if not options.quick:
+        variants["all layers, IPC namespace per zygote"] = dict(base, ipc_per_child=False)
+        variants["no sandbox"] = {"sandbox": False}
+    trees = {"": ROOT}
+    if options.base:
+        trees = {"this: ": ROOT, "base: ": Path(options.base).resolve()}
     for _ in range(options.rounds):
-        for name, measure in variants.items():
-            wall, cpu = measure()
-            print(f"{name:40} {wall:6.3f} ms wall/child  {cpu:6.3f} ms CPU/child", flush=True)
+        for name, settings in variants.items():
+            for label, root in trees.items():
+                r = run(count, settings, root)
+                print(
+                    f"{label}{name:38} {r['wall']:6.3f} ms wall/child  CPU/child "
+                    f"{r['zygote_cpu'] + r['child_cpu']:6.3f} ms (zygote {r['zygote_cpu']:.3f}"
+                    f" + child {r['child_cpu']:.3f})  faults/child zygote "
+                    f"{r['zygote_faults']:.0f} + child {r['child_faults']:.0f}  "
+                    f"zygote RSS {r['rss_kb']} kB, anonymous {r['anon_kb']} kB",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
