@@ -16,7 +16,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
-from twisted.web.http import NO_BODY_CODES, toChunk
+from twisted.web.http import NO_BODY_CODES, HTTPChannel, _GenericHTTPChannelProtocol, toChunk
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
@@ -76,6 +76,31 @@ RETRY_OVERLOADED = 1
 DEFAULT_LIMITS = Limits()
 
 
+class RuntimeChannel(HTTPChannel):
+    """
+    An L{HTTPChannel} that asks its transport for the connection's local
+    address once: C{twisted.web}'s L{Request} asks for it on every request
+    (a C{getsockname} system call each time on TCP), and a connection's
+    local address does not change.
+    """
+
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        host = self._host
+        if host is None:
+            host = self._host = self.transport.getHost()
+        return host
+
+
+def _runtime_channel_protocol(site: Site) -> _GenericHTTPChannelProtocol:
+    """
+    The protocol of a L{RuntimeSite}'s connection: C{twisted.web}'s own
+    (HTTP/1.1, or HTTP/2 when negotiated) on a L{RuntimeChannel}.
+    """
+    return _GenericHTTPChannelProtocol(RuntimeChannel())
+
+
 class RuntimeSite(Site):
     """
     A L{Site} whose access log leaves out the requests L{HandlerResource}
@@ -92,6 +117,7 @@ class RuntimeSite(Site):
     """
 
     requestFactory = LimitedRequest
+    protocol = _runtime_channel_protocol
 
     def __init__(
         self, resource: Any, *args: Any, max_body: int = DEFAULT_MAX_BODY,

@@ -511,6 +511,50 @@ class LogTests(TestCase):
         self.assertEqual((served["status"], served["answer"]), (200, 200))
 
 
+class SiteTests(TestCase):
+    """
+    The runtime's site.
+    """
+
+    def test_local_address_asked_once_per_connection(self) -> None:
+        """
+        Requests on one connection ask its transport for the local address
+        once (a system call each on TCP), and each request still has it.
+        (A L{StringTransport}, so that the asking is counted.)
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        from haikutx.runtime.resource import RuntimeSite
+
+        class Counting(StringTransport):
+            asked = 0
+
+            def getHost(self) -> Any:
+                self.asked += 1
+                return super().getHost()
+
+        hosts = []
+
+        class Page(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                hosts.append(request.getHost())
+                return b"ok"
+
+        site = RuntimeSite(Page(), reactor=reactor)
+        transport = Counting(hostAddress=IPv4Address("TCP", "127.0.0.1", 8080))
+        protocol = site.buildProtocol(None)
+        protocol.makeConnection(transport)
+        for _ in range(3):
+            protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        protocol.connectionLost(None)
+        self.assertEqual(transport.value().count(b"200 OK"), 3)
+        self.assertEqual(hosts, [IPv4Address("TCP", "127.0.0.1", 8080)] * 3)
+        self.assertEqual(transport.asked, 1)
+
+
 class ClientGoneTests(TestCase):
     """
     A client that goes away while its request waits for a worker loses
