@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import gc
 import re
+from time import time
 from typing import Any
 from urllib.parse import parse_qsl
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.tcp import Connection
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.web.http import NO_BODY_CODES, HTTPChannel, _GenericHTTPChannelProtocol, toChunk
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -636,15 +637,28 @@ class HandlerResource(Resource):
         # The event's text is made here, once, with no field left for the
         # observer to format (a log format's fields cost it several times
         # as much); the fields are all in the event for structured logs.
-        self.log.info(
-            _literal(f"{client} {method} {handler_url} -> {answer} in {duration:.3f}s"),
-            client=client,
-            method=method,
-            handler_url=handler_url,
-            status=status,
-            answer=answer,
-            duration=duration,
-            worker_pid=worker_pid,
+        # The event is the one Logger.info would make, given to the
+        # logger's observer directly: emit checks its (constant) level
+        # against every level, sorted anew, on each call.
+        log = self.log
+        log.observer(
+            {
+                "client": client,
+                "method": method,
+                "handler_url": handler_url,
+                "status": status,
+                "answer": answer,
+                "duration": duration,
+                "worker_pid": worker_pid,
+                "log_logger": log,
+                "log_level": LogLevel.info,
+                "log_namespace": log.namespace,
+                "log_source": log.source,
+                "log_format": _literal(
+                    f"{client} {method} {handler_url} -> {answer} in {duration:.3f}s"
+                ),
+                "log_time": time(),
+            }
         )
 
     async def _serve(self, request: Request, name: str) -> None:

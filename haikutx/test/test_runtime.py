@@ -440,6 +440,12 @@ class LogTests(TestCase):
         )
         self.assertEqual(served["worker_pid"], next(iter(pool.workers)).pid)
         self.assertGreater(served["duration"], 0)
+        # The fields Logger.emit gives every event.
+        import time
+
+        self.assertEqual(served["log_logger"].namespace, namespace)
+        self.assertEqual(type(served["log_source"]).__name__, "HandlerResource")
+        self.assertLess(abs(served["log_time"] - time.time()), 60)
         self.assertEqual(
             (refused["handler_url"], refused["status"], refused["log_level"].name),
             ("missing.py", 404, "warn"),
