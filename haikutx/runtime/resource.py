@@ -68,6 +68,10 @@ _TENANT = "haiku_tenant"
 #: Set on a request to its query string's parameters, name to last value.
 _QUERY = "haiku_query"
 
+#: Handlers whose language a L{HandlerResource} remembers (their code with
+#: it: a bound on what it keeps).
+_DETECTED = 64
+
 #: Seconds a client refused with 429 is told to wait.
 RETRY_OVERLOADED = 1
 
@@ -566,6 +570,8 @@ class HandlerResource(Resource):
         self._handler = handler
         self._debug = debug
         self.counters = {"requests": 0, "errors": 0}
+        #: (URL, language override) to (code, language): L{_detect}.
+        self._detected: dict[tuple[str, str | None], tuple[bytes, Any]] = {}
         # The class's logger bound to this resource once, not at each event.
         self.log = self.log
 
@@ -762,7 +768,7 @@ class HandlerResource(Resource):
         """
         override = request_parameter(request, LANGUAGE)
         try:
-            language = detect(self._languages, override, handler.url, handler.source)
+            language = self._detect(override, handler)
         except UnknownLanguage:
             known = ", ".join(language.name for language in self._languages)
             raise HandlerLoadError(
@@ -783,6 +789,26 @@ class HandlerResource(Resource):
                 500, f"Handler {handler.url} could not be run: {e}"
             ) from None
         return language, argv
+
+    def _detect(self, override: str | None, handler: HandlerSource) -> Any:
+        """
+        L{detect} the handler's language, remembered for the few handlers
+        served last by their URL and C{override}: a pure function of those
+        and the code, which is compared (by identity first: a handler the
+        loader keeps is the same object each time).
+
+        @raise UnknownLanguage: as L{detect} does (not remembered).
+        """
+        key = (handler.url, override)
+        known = self._detected.get(key)
+        source = handler.source
+        if known is not None and (known[0] is source or known[0] == source):
+            return known[1]
+        language = detect(self._languages, override, handler.url, source)
+        if len(self._detected) >= _DETECTED:
+            self._detected.clear()
+        self._detected[key] = (source, language)
+        return language
 
     def _request_head(self, request: Request, handler: HandlerSource) -> dict[str, Any]:
         peer = request.getClientAddress()

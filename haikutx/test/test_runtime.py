@@ -561,6 +561,43 @@ class SiteTests(TestCase):
         self.assertEqual(transport.asked, 1)
 
 
+class LanguageMemoTests(TestCase):
+    """
+    A handler's language is worked out once for its URL, override and code.
+    """
+
+    def test_remembered_per_code(self) -> None:
+        """
+        The same handler again is not detected again; new code at the same
+        URL, or another override, is.
+        """
+        from haikutx.languages import UnknownLanguage
+        from haikutx.runtime import resource as module
+        from haikutx.runtime.loader import HandlerSource
+
+        calls = []
+        real = module.detect
+
+        def counting(*args: Any) -> Any:
+            calls.append(args[1:3])
+            return real(*args)
+
+        self.patch(module, "detect", counting)
+        resource = HandlerResource(reactor, None, None, scheduler=object())  # type: ignore
+        python = HandlerSource(url="h", source=b"res.end('x')\n")
+        names = [resource._detect(None, python).name for _ in range(3)]
+        names.append(resource._detect(None, HandlerSource(url="h", source=b"res.end('x')\n")).name)
+        ruby = HandlerSource(url="h", source=b"#!/usr/bin/env ruby\nputs 1\n")
+        names.append(resource._detect(None, ruby).name)
+        names.append(resource._detect("lua", ruby).name)
+        names.append(resource._detect("lua", ruby).name)
+        self.assertEqual(names, ["python"] * 4 + ["ruby", "lua", "lua"])
+        self.assertEqual(calls, [(None, "h"), (None, "h"), ("lua", "h")])
+        for _ in range(2):
+            self.assertRaises(UnknownLanguage, resource._detect, "cobol", ruby)
+        self.assertEqual(len(calls), 5)
+
+
 class ClientGoneTests(TestCase):
     """
     A client that goes away while its request waits for a worker loses
