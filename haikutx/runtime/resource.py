@@ -727,10 +727,10 @@ class HandlerResource(Resource):
             # it has a worker (a refused request costs none of it): when the
             # client goes away, twisted.web closes the request's content, and
             # a client that left while waiting cancelled the wait above.
-            head = self._request_head(request, handler)
+            body = _body(request)
+            head = self._request_head(request, handler, body.size())
             head["language"] = language.name
             head["argv"] = argv
-            body = _body(request)
             exchange = Exchange(
                 self._reactor, request, worker, self._pool, handler, self._limits.max_time,
                 watch_client=watch is None,
@@ -810,7 +810,9 @@ class HandlerResource(Resource):
         self._detected[key] = (source, language)
         return language
 
-    def _request_head(self, request: Request, handler: HandlerSource) -> dict[str, Any]:
+    def _request_head(
+        self, request: Request, handler: HandlerSource, body_length: int
+    ) -> dict[str, Any]:
         peer = request.getClientAddress()
         return {
             "method": request.method.decode("latin-1"),
@@ -827,7 +829,7 @@ class HandlerResource(Resource):
             "console": console_mode(request_parameter(request, CONSOLE)),
             "max_console": self._limits.max_console,
             "debug": self._debug,
-            "body_length": RequestBody.of(request).size(),
+            "body_length": body_length,
         }
 
     def _crashed(self, failure: Any, request: Request, name: str) -> None:
