@@ -574,6 +574,9 @@ class HandlerResource(Resource):
         self._detected: dict[tuple[str, str | None], tuple[bytes, Any]] = {}
         # The class's logger bound to this resource once, not at each event.
         self.log = self.log
+        #: The request event's system: what a text log shows for an event
+        #: without one (its namespace and level), made once, not per event.
+        self._log_system = f"{self.log.namespace}#{LogLevel.info.name}"
 
     def render(self, request: Request) -> Any:
         self.counters["requests"] += 1
@@ -645,7 +648,8 @@ class HandlerResource(Resource):
         # as much); the fields are all in the event for structured logs.
         # The event is the one Logger.info would make, given to the
         # logger's observer directly: emit checks its (constant) level
-        # against every level, sorted anew, on each call.
+        # against every level, sorted anew, on each call.  Its system is
+        # given, the one a text log would otherwise make for each event.
         log = self.log
         log.observer(
             {
@@ -664,6 +668,7 @@ class HandlerResource(Resource):
                     f"{client} {method} {handler_url} -> {answer} in {duration:.3f}s"
                 ),
                 "log_time": time(),
+                "log_system": self._log_system,
             }
         )
 

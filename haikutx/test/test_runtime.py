@@ -446,6 +446,12 @@ class LogTests(TestCase):
         self.assertEqual(served["log_logger"].namespace, namespace)
         self.assertEqual(type(served["log_source"]).__name__, "HandlerResource")
         self.assertLess(abs(served["log_time"] - time.time()), 60)
+        # Its system given as a text log shows one not given, made once.
+        from twisted.logger import formatEventAsClassicLogText
+
+        self.assertEqual(served["log_system"], namespace + "#info")
+        self.assertIn(f"[{namespace}#info] 127.0.0.1 GET hello.py -> 200 in ",
+                      formatEventAsClassicLogText(served))
         self.assertEqual(
             (refused["handler_url"], refused["status"], refused["log_level"].name),
             ("missing.py", 404, "warn"),
