@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import gc
 import re
+from time import time
 from typing import Any
 from urllib.parse import parse_qsl
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.tcp import Connection
-from twisted.logger import Logger
-from twisted.web.http import NO_BODY_CODES, toChunk
+from twisted.logger import Logger, LogLevel
+from twisted.web.http import NO_BODY_CODES, HTTPChannel, _GenericHTTPChannelProtocol, toChunk
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
@@ -67,6 +68,10 @@ _TENANT = "haiku_tenant"
 #: Set on a request to its query string's parameters, name to last value.
 _QUERY = "haiku_query"
 
+#: Handlers whose language a L{HandlerResource} remembers (their code with
+#: it: a bound on what it keeps).
+_DETECTED = 64
+
 #: Seconds a client refused with 429 is told to wait.
 RETRY_OVERLOADED = 1
 
@@ -74,6 +79,31 @@ RETRY_OVERLOADED = 1
 #: The limits a L{HandlerResource} holds handlers to unless told others
 #: (a frozen value, so one instance serves every default).
 DEFAULT_LIMITS = Limits()
+
+
+class RuntimeChannel(HTTPChannel):
+    """
+    An L{HTTPChannel} that asks its transport for the connection's local
+    address once: C{twisted.web}'s L{Request} asks for it on every request
+    (a C{getsockname} system call each time on TCP), and a connection's
+    local address does not change.
+    """
+
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        host = self._host
+        if host is None:
+            host = self._host = self.transport.getHost()
+        return host
+
+
+def _runtime_channel_protocol(site: Site) -> _GenericHTTPChannelProtocol:
+    """
+    The protocol of a L{RuntimeSite}'s connection: C{twisted.web}'s own
+    (HTTP/1.1, or HTTP/2 when negotiated) on a L{RuntimeChannel}.
+    """
+    return _GenericHTTPChannelProtocol(RuntimeChannel())
 
 
 class RuntimeSite(Site):
@@ -92,6 +122,7 @@ class RuntimeSite(Site):
     """
 
     requestFactory = LimitedRequest
+    protocol = _runtime_channel_protocol
 
     def __init__(
         self, resource: Any, *args: Any, max_body: int = DEFAULT_MAX_BODY,
@@ -539,8 +570,13 @@ class HandlerResource(Resource):
         self._handler = handler
         self._debug = debug
         self.counters = {"requests": 0, "errors": 0}
+        #: (URL, language override) to (code, language): L{_detect}.
+        self._detected: dict[tuple[str, str | None], tuple[bytes, Any]] = {}
         # The class's logger bound to this resource once, not at each event.
         self.log = self.log
+        #: The request event's system: what a text log shows for an event
+        #: without one (its namespace and level), made once, not per event.
+        self._log_system = f"{self.log.namespace}#{LogLevel.info.name}"
 
     def render(self, request: Request) -> Any:
         self.counters["requests"] += 1
@@ -610,15 +646,30 @@ class HandlerResource(Resource):
         # The event's text is made here, once, with no field left for the
         # observer to format (a log format's fields cost it several times
         # as much); the fields are all in the event for structured logs.
-        self.log.info(
-            _literal(f"{client} {method} {handler_url} -> {answer} in {duration:.3f}s"),
-            client=client,
-            method=method,
-            handler_url=handler_url,
-            status=status,
-            answer=answer,
-            duration=duration,
-            worker_pid=worker_pid,
+        # The event is the one Logger.info would make, given to the
+        # logger's observer directly: emit checks its (constant) level
+        # against every level, sorted anew, on each call.  Its system is
+        # given, the one a text log would otherwise make for each event.
+        log = self.log
+        log.observer(
+            {
+                "client": client,
+                "method": method,
+                "handler_url": handler_url,
+                "status": status,
+                "answer": answer,
+                "duration": duration,
+                "worker_pid": worker_pid,
+                "log_logger": log,
+                "log_level": LogLevel.info,
+                "log_namespace": log.namespace,
+                "log_source": log.source,
+                "log_format": _literal(
+                    f"{client} {method} {handler_url} -> {answer} in {duration:.3f}s"
+                ),
+                "log_time": time(),
+                "log_system": self._log_system,
+            }
         )
 
     async def _serve(self, request: Request, name: str) -> None:
@@ -681,10 +732,10 @@ class HandlerResource(Resource):
             # it has a worker (a refused request costs none of it): when the
             # client goes away, twisted.web closes the request's content, and
             # a client that left while waiting cancelled the wait above.
-            head = self._request_head(request, handler)
+            body = _body(request)
+            head = self._request_head(request, handler, body.size())
             head["language"] = language.name
             head["argv"] = argv
-            body = _body(request)
             exchange = Exchange(
                 self._reactor, request, worker, self._pool, handler, self._limits.max_time,
                 watch_client=watch is None,
@@ -722,7 +773,7 @@ class HandlerResource(Resource):
         """
         override = request_parameter(request, LANGUAGE)
         try:
-            language = detect(self._languages, override, handler.url, handler.source)
+            language = self._detect(override, handler)
         except UnknownLanguage:
             known = ", ".join(language.name for language in self._languages)
             raise HandlerLoadError(
@@ -744,7 +795,29 @@ class HandlerResource(Resource):
             ) from None
         return language, argv
 
-    def _request_head(self, request: Request, handler: HandlerSource) -> dict[str, Any]:
+    def _detect(self, override: str | None, handler: HandlerSource) -> Any:
+        """
+        L{detect} the handler's language, remembered for the few handlers
+        served last by their URL and C{override}: a pure function of those
+        and the code, which is compared (by identity first: a handler the
+        loader keeps is the same object each time).
+
+        @raise UnknownLanguage: as L{detect} does (not remembered).
+        """
+        key = (handler.url, override)
+        known = self._detected.get(key)
+        source = handler.source
+        if known is not None and (known[0] is source or known[0] == source):
+            return known[1]
+        language = detect(self._languages, override, handler.url, source)
+        if len(self._detected) >= _DETECTED:
+            self._detected.clear()
+        self._detected[key] = (source, language)
+        return language
+
+    def _request_head(
+        self, request: Request, handler: HandlerSource, body_length: int
+    ) -> dict[str, Any]:
         peer = request.getClientAddress()
         return {
             "method": request.method.decode("latin-1"),
@@ -761,7 +834,7 @@ class HandlerResource(Resource):
             "console": console_mode(request_parameter(request, CONSOLE)),
             "max_console": self._limits.max_console,
             "debug": self._debug,
-            "body_length": RequestBody.of(request).size(),
+            "body_length": body_length,
         }
 
     def _crashed(self, failure: Any, request: Request, name: str) -> None:

@@ -114,6 +114,26 @@ def _pairs(value: Any) -> list[list[str]]:
     return value
 
 
+#: Valid response heads decoded lately, by their bytes, to their status
+#: and headers: a handler's head is the same bytes on every request, and
+#: what they decode to is a function of them alone (so one child's entries
+#: serve another's).  The headers are kept as a tuple of tuples (never
+#: changed), and each exchange given its own list.
+_HEADS: dict[bytes, tuple[int, Any]] = {}
+
+#: Heads remembered at most, and the largest remembered, in bytes.
+_HEADS_KEPT = 256
+_HEAD_KEPT_SIZE = 1024
+
+
+def _remember_head(payload: bytes, head: tuple[int, list[list[str]]]) -> None:
+    if len(payload) > _HEAD_KEPT_SIZE:
+        return
+    if len(_HEADS) >= _HEADS_KEPT:
+        _HEADS.clear()
+    _HEADS[payload] = (head[0], tuple((name, value) for name, value in head[1]))
+
+
 def _final_status(status: int) -> bool:
     """
     Whether C{status} may answer a request: not an interim one (C{1xx}),
@@ -424,12 +444,16 @@ class WorkerProtocol(ProcessProtocol):
                 self.kill_child(child, "sent a second response head")
                 return
             child.headed = True
-            head = json.loads(payload)
-            status = int(head["status"])
-            if not _final_status(status):
-                self.kill_child(child, f"sent an invalid status {status}")
-                return
-            exchange.head(status, _pairs(head["headers"]))
+            known = _HEADS.get(payload)
+            if known is None:
+                head = json.loads(payload)
+                status = int(head["status"])
+                if not _final_status(status):
+                    self.kill_child(child, f"sent an invalid status {status}")
+                    return
+                known = (status, _pairs(head["headers"]))
+                _remember_head(payload, known)
+            exchange.head(known[0], [[name, value] for name, value in known[1]])
         elif kind == wire.DATA:
             exchange.data(payload)
         elif kind == wire.FINISH:

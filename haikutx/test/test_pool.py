@@ -344,6 +344,46 @@ class WorkerProtocolTests(SynchronousTestCase):
             [("head", 201, [["a", "b"]]), ("data", b"hi"), ("finish", [])],
         )
 
+    def test_same_head_decoded_once(self) -> None:
+        """
+        A response head whose bytes came before is not decoded again: each
+        exchange gets its status and its own list of the same headers. A
+        head with an invalid status is never remembered: each kills its
+        child.
+        """
+        from haikutx.runtime import worker as module
+
+        decoded = []
+        real = module.json.loads
+
+        class Counting:
+            @staticmethod
+            def loads(payload: bytes) -> object:
+                decoded.append(payload)
+                return real(payload)
+
+        self.patch(module, "json", Counting)
+        self.patch(module, "_HEADS", {})
+        head = b'{"status": 203, "headers": [["a", "b"], ["c", "d"]]}'
+        exchanges = []
+        for _ in range(3):
+            exchange = RecordingExchange()
+            self.worker.run(exchange, {"method": "GET"}, b"")
+            self.transport.send(wire.HEAD, head)
+            self.transport.send(wire.FINISH, b'{"trailers": []}')
+            self.pool.release(self.worker)
+            exchanges.append(exchange)
+        self.assertEqual(decoded.count(head), 1)
+        heads = [exchange.events[0] for exchange in exchanges]
+        self.assertEqual(heads, [("head", 203, [["a", "b"], ["c", "d"]])] * 3)
+        self.assertIsNot(heads[1][2], heads[2][2])
+        bad = b'{"status": 101, "headers": []}'
+        self.worker.run(RecordingExchange(), {"method": "GET"}, b"")
+        child = self.transport.child
+        self.transport.send(wire.HEAD, bad)
+        self.assertEqual(child.protocol.kill_reason, "sent an invalid status 101")
+        self.assertNotIn(bad, module._HEADS)
+
     def test_heartbeat_answered(self) -> None:
         """
         A worker that echoes each challenge lives on.

@@ -440,6 +440,18 @@ class LogTests(TestCase):
         )
         self.assertEqual(served["worker_pid"], next(iter(pool.workers)).pid)
         self.assertGreater(served["duration"], 0)
+        # The fields Logger.emit gives every event.
+        import time
+
+        self.assertEqual(served["log_logger"].namespace, namespace)
+        self.assertEqual(type(served["log_source"]).__name__, "HandlerResource")
+        self.assertLess(abs(served["log_time"] - time.time()), 60)
+        # Its system given as a text log shows one not given, made once.
+        from twisted.logger import formatEventAsClassicLogText
+
+        self.assertEqual(served["log_system"], namespace + "#info")
+        self.assertIn(f"[{namespace}#info] 127.0.0.1 GET hello.py -> 200 in ",
+                      formatEventAsClassicLogText(served))
         self.assertEqual(
             (refused["handler_url"], refused["status"], refused["log_level"].name),
             ("missing.py", 404, "warn"),
@@ -509,6 +521,87 @@ class LogTests(TestCase):
             f"127.0.0.1 GET b{{r}}ace{{}}.py -> 200 in {served['duration']:.3f}s",
         )
         self.assertEqual((served["status"], served["answer"]), (200, 200))
+
+
+class SiteTests(TestCase):
+    """
+    The runtime's site.
+    """
+
+    def test_local_address_asked_once_per_connection(self) -> None:
+        """
+        Requests on one connection ask its transport for the local address
+        once (a system call each on TCP), and each request still has it.
+        (A L{StringTransport}, so that the asking is counted.)
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        from haikutx.runtime.resource import RuntimeSite
+
+        class Counting(StringTransport):
+            asked = 0
+
+            def getHost(self) -> Any:
+                self.asked += 1
+                return super().getHost()
+
+        hosts = []
+
+        class Page(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                hosts.append(request.getHost())
+                return b"ok"
+
+        site = RuntimeSite(Page(), reactor=reactor)
+        transport = Counting(hostAddress=IPv4Address("TCP", "127.0.0.1", 8080))
+        protocol = site.buildProtocol(None)
+        protocol.makeConnection(transport)
+        for _ in range(3):
+            protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        protocol.connectionLost(None)
+        self.assertEqual(transport.value().count(b"200 OK"), 3)
+        self.assertEqual(hosts, [IPv4Address("TCP", "127.0.0.1", 8080)] * 3)
+        self.assertEqual(transport.asked, 1)
+
+
+class LanguageMemoTests(TestCase):
+    """
+    A handler's language is worked out once for its URL, override and code.
+    """
+
+    def test_remembered_per_code(self) -> None:
+        """
+        The same handler again is not detected again; new code at the same
+        URL, or another override, is.
+        """
+        from haikutx.languages import UnknownLanguage
+        from haikutx.runtime import resource as module
+        from haikutx.runtime.loader import HandlerSource
+
+        calls = []
+        real = module.detect
+
+        def counting(*args: Any) -> Any:
+            calls.append(args[1:3])
+            return real(*args)
+
+        self.patch(module, "detect", counting)
+        resource = HandlerResource(reactor, None, None, scheduler=object())  # type: ignore
+        python = HandlerSource(url="h", source=b"res.end('x')\n")
+        names = [resource._detect(None, python).name for _ in range(3)]
+        names.append(resource._detect(None, HandlerSource(url="h", source=b"res.end('x')\n")).name)
+        ruby = HandlerSource(url="h", source=b"#!/usr/bin/env ruby\nputs 1\n")
+        names.append(resource._detect(None, ruby).name)
+        names.append(resource._detect("lua", ruby).name)
+        names.append(resource._detect("lua", ruby).name)
+        self.assertEqual(names, ["python"] * 4 + ["ruby", "lua", "lua"])
+        self.assertEqual(calls, [(None, "h"), (None, "h"), ("lua", "h")])
+        for _ in range(2):
+            self.assertRaises(UnknownLanguage, resource._detect, "cobol", ruby)
+        self.assertEqual(len(calls), 5)
 
 
 class ClientGoneTests(TestCase):
