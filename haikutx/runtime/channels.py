@@ -63,6 +63,9 @@ class ChildProtocol(Protocol):
         #: The L{haikutx.runtime.body.BodyFeed} sending its request's body,
         #: while it does.
         self.feed: Any = None
+        #: The valid response heads it sent, by their bytes, decoded
+        #: (L{haikutx.runtime.worker}): its own, never another child's.
+        self.heads: dict[bytes, tuple[int, Any]] = {}
         self._reader = wire.FrameReader()
 
     def dataReceived(self, data: bytes) -> None:

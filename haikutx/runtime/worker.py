@@ -114,24 +114,28 @@ def _pairs(value: Any) -> list[list[str]]:
     return value
 
 
-#: Valid response heads decoded lately, by their bytes, to their status
-#: and headers: a handler's head is the same bytes on every request, and
-#: what they decode to is a function of them alone (so one child's entries
-#: serve another's).  The headers are kept as a tuple of tuples (never
-#: changed), and each exchange given its own list.
-_HEADS: dict[bytes, tuple[int, Any]] = {}
-
-#: Heads remembered at most, and the largest remembered, in bytes.
+#: Heads one child's channel remembers at most, and the largest it
+#: remembers, in bytes.
 _HEADS_KEPT = 256
 _HEAD_KEPT_SIZE = 1024
 
 
-def _remember_head(payload: bytes, head: tuple[int, list[list[str]]]) -> None:
+def _remember_head(
+    heads: dict[bytes, tuple[int, Any]], payload: bytes, head: tuple[int, list[list[str]]]
+) -> None:
+    """
+    Remember a valid response head a child sent, by its bytes: a handler's
+    head is the same bytes on every request, and what they decode to is a
+    function of them alone.  Each child has its own (a child never learns
+    from the server's speed what another one sent); the headers are kept
+    as a tuple of tuples, never changed, and each exchange given its own
+    list.
+    """
     if len(payload) > _HEAD_KEPT_SIZE:
         return
-    if len(_HEADS) >= _HEADS_KEPT:
-        _HEADS.clear()
-    _HEADS[payload] = (head[0], tuple((name, value) for name, value in head[1]))
+    if len(heads) >= _HEADS_KEPT:
+        heads.clear()
+    heads[payload] = (head[0], tuple((name, value) for name, value in head[1]))
 
 
 def _final_status(status: int) -> bool:
@@ -444,7 +448,7 @@ class WorkerProtocol(ProcessProtocol):
                 self.kill_child(child, "sent a second response head")
                 return
             child.headed = True
-            known = _HEADS.get(payload)
+            known = child.heads.get(payload)
             if known is None:
                 head = json.loads(payload)
                 status = int(head["status"])
@@ -452,7 +456,7 @@ class WorkerProtocol(ProcessProtocol):
                     self.kill_child(child, f"sent an invalid status {status}")
                     return
                 known = (status, _pairs(head["headers"]))
-                _remember_head(payload, known)
+                _remember_head(child.heads, payload, known)
             exchange.head(known[0], [[name, value] for name, value in known[1]])
         elif kind == wire.DATA:
             exchange.data(payload)

@@ -346,7 +346,8 @@ class WorkerProtocolTests(SynchronousTestCase):
 
     def test_same_head_decoded_once(self) -> None:
         """
-        A response head whose bytes came before is not decoded again: each
+        A response head whose bytes the same child sent before is not decoded
+        again (each child's channel remembers its own): each
         exchange gets its status and its own list of the same headers. A
         head with an invalid status is never remembered: each kills its
         child.
@@ -363,7 +364,6 @@ class WorkerProtocolTests(SynchronousTestCase):
                 return real(payload)
 
         self.patch(module, "json", Counting)
-        self.patch(module, "_HEADS", {})
         head = b'{"status": 203, "headers": [["a", "b"], ["c", "d"]]}'
         exchanges = []
         for _ in range(3):
@@ -381,8 +381,10 @@ class WorkerProtocolTests(SynchronousTestCase):
         self.worker.run(RecordingExchange(), {"method": "GET"}, b"")
         child = self.transport.child
         self.transport.send(wire.HEAD, bad)
+        # Remembered by that child's channel alone, the invalid one never.
+        self.assertIn(head, child.protocol.heads)
         self.assertEqual(child.protocol.kill_reason, "sent an invalid status 101")
-        self.assertNotIn(bad, module._HEADS)
+        self.assertNotIn(bad, child.protocol.heads)
 
     def test_heartbeat_answered(self) -> None:
         """
