@@ -336,17 +336,24 @@ class RunGroup:
         groups beneath it first.
         """
         for controller, directory in self.directories.items():
-            try:
-                names = os.listdir(directory)
-            except FileNotFoundError:
-                continue
-            for name in names:
-                path = os.path.join(directory, name)
-                if os.path.isdir(path):
-                    RunGroup({controller: path}).remove()
+            for path in _subgroups(directory):
+                RunGroup({controller: path}).remove()
         self.kill(wait=0.5)
         for directory in self.directories.values():
             _rmdir(directory)
+
+
+def _subgroups(directory: str) -> list[str]:
+    """
+    The paths of the groups directly beneath C{directory} (none when it
+    is gone).
+    """
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    paths = (os.path.join(directory, name) for name in names)
+    return [path for path in paths if os.path.isdir(path)]
 
 
 def _rmdir(directory: str) -> None:
@@ -425,14 +432,10 @@ class CgroupTree:
         Kill every process left in every slot and remove the groups.
         """
         for directory in self.directories.values():
-            try:
-                names = os.listdir(directory)
-            except FileNotFoundError:
+            if not os.path.isdir(directory):
                 continue
-            for name in names:
-                path = os.path.join(directory, name)
-                if os.path.isdir(path):
-                    RunGroup({"any": path}).remove()
+            for path in _subgroups(directory):
+                RunGroup({"any": path}).remove()
             _rmdir(directory)
 
 
