@@ -60,6 +60,16 @@ elif what == 'thread-spin':
             pass
     threading.Thread(target=spin, daemon=True).start()
     res.end('spinning')
+elif what == 'thread-bomb':
+    started, stop = 0, threading.Event()
+    try:
+        for _ in range(20000):
+            threading.Thread(target=stop.wait, daemon=True).start()
+            started += 1
+    except RuntimeError as e:
+        res.end('stopped at %d: %s' % (started, e))
+    else:
+        res.end('started %d' % started)
 elif what == 'console-flood':
     line = 'x' * 999
     for _ in range(50 * 1000):
@@ -191,6 +201,19 @@ class HostileHandlerTests(TestCase):
         """
         response = await self.attack("thread-spin")
         self.assertEqual(response.text, "spinning")
+
+    async def test_thread_bomb(self) -> None:
+        """
+        A Python handler, which joins no cgroup of its own, cannot start
+        threads without bound: the kernel stops it (RLIMIT_NPROC of its
+        slot's own uid, or the pids limit), and the next request is served.
+        """
+        response = await self.attack("thread-bomb")
+        self.assertTrue(response.text.startswith("stopped at "), response.text[:200])
+        started = int(response.text.split()[2].rstrip(":"))
+        self.assertLess(started, 1000)  # 63 here: RLIMIT_NPROC of 64
+        again = await self.attack("global", secret="after")
+        self.assertEqual((again.status, again.text), (200, "None"))
 
     async def test_console_flood(self) -> None:
         """
