@@ -50,6 +50,7 @@ READ_SIZE = 65536
 MAX_READS = 16
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
 
 #: The scheduling of the jobs: the usual one (the launcher's is not).
 _SCHEDULER = (os.SCHED_OTHER, os.sched_param(0))
@@ -284,13 +285,32 @@ def _ignored(number):
         return False
 
 
+def _prctl(*arguments):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(*arguments, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl")
+
+
+def _become(uid, gid, groups):
+    """
+    Become C{uid} with C{gid} and the supplementary C{groups}, for good
+    (real, effective and saved ids), and not dumpable.
+    """
+    os.setgroups(groups)
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise OSError(errno_module.EPERM, "the user did not change")
+    _prctl(_PR_SET_DUMPABLE, 0)
+
+
 def _die_with(parent):
     """
-    Ask for SIGTERM when the parent dies; exit if it already has.
+    Ask for SIGTERM when the parent dies (after any change of user: a change
+    of credentials clears that request); exit if it already has.
     """
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
     if os.getppid() != parent:
@@ -304,10 +324,13 @@ def _terminated(number, frame):
 def main(argv):
     """
     Run the launcher for the runner whose pid is C{argv[1]}: commands on
-    stdin, reports on stdout.
+    stdin, reports on stdout; as the user C{argv[2]} with the group
+    C{argv[3]} and the comma-separated groups C{argv[4]} when they are given.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminated)
+    if len(argv) > 2:
+        _become(int(argv[2]), int(argv[3]), [int(g) for g in argv[4].split(",") if g])
     _die_with(int(argv[1]))
     # A batch process's wake-up does not preempt the runner: a job is
     # started when a core is free, not in the middle of the runner's answer.

@@ -59,10 +59,11 @@ class OutputBuffer:
 
 
 @functools.lru_cache(maxsize=64)
-def _groups(uid: int, gid: int) -> str:
+def supplementary_groups(uid: int, gid: int) -> str:
     """
     The supplementary groups of C{uid} (what C{initgroups} would give it),
-    as C{setpriv --groups} takes them; looked up once, not in every job.
+    comma-separated, as C{setpriv --groups} takes them; looked up once, not
+    in every job.
     """
     try:
         name = pwd.getpwuid(uid).pw_name
@@ -96,7 +97,7 @@ def command_line(
             "setpriv",
             f"--reuid={uid}",
             f"--regid={group}",
-            f"--groups={_groups(uid, group)}",
+            f"--groups={supplementary_groups(uid, group)}",
             "--",
             executable,
             *argv[1:],

@@ -168,7 +168,7 @@ class JobRunner:
         self._max_output = max_output
         self._rules = AddressRules.from_prefixes(tuple(allow))
         self._post = post_callback or callback_poster(reactor, self._rules)
-        self._spawn = spawn if spawn is not None else default_spawner(reactor)
+        self._spawn = spawn if spawn is not None else default_spawner(reactor, uid, gid)
         self._uid = uid
         self._gid = gid
         self._environ = dict(os.environ if environ is None else environ)
@@ -509,7 +509,11 @@ class JobRunner:
     async def _start_process(self, process: JobProcess) -> None:
         job = process.job
         try:
-            await process.start(self._spawn, self._environ, self._uid, self._gid)
+            if self._spawn.switches_user:
+                # Its launcher is the jobs' user already.
+                await process.start(self._spawn, self._environ)
+            else:
+                await process.start(self._spawn, self._environ, self._uid, self._gid)
         except OSError as e:
             self._running.pop(job.id, None)
             self.log.warn("job {job_id}: {reason}", job_id=job.id, reason=str(e))

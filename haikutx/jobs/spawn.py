@@ -10,6 +10,12 @@ C{SIGCHLD} or reap per job, and a runner that dies takes its jobs with it:
 the launcher kills them when its pipe from the runner closes.
 L{ReactorSpawner} calls C{spawnProcess} (for reactors without real
 processes, such as test clocks).
+
+Jobs that run as another user (C{--user}) get a launcher that is that user:
+it starts each command with one C{posix_spawn}, with no C{setpriv} between
+(an C{exec} and most of a job's cost). The jobs can signal such a launcher,
+as they can signal each other: one that dies is started again (its jobs end
+as failed), one that is stopped gets C{SIGCONT} within L{CONTINUE_INTERVAL}.
 """
 
 from __future__ import annotations
@@ -30,11 +36,18 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from haikutx.jobs.process import supplementary_groups
+
 
 class Spawn(Protocol):
     """
     Starts processes for the job runner.
+
+    @ivar switches_user: whether the processes it starts already run as the
+        jobs' user (else a job for another user goes through C{setpriv}).
     """
+
+    switches_user: bool
 
     def __call__(
         self, protocol: Any, executable: str, argv: list[str], environ: dict[str, str]
@@ -69,11 +82,20 @@ class Spawn(Protocol):
 #: Seconds a command found on C{PATH} is not looked up again.
 WHICH_TTL = 1.0
 
+#: Seconds between the C{SIGCONT}s a launcher run as the jobs' user gets
+#: (a job can stop it).
+CONTINUE_INTERVAL = 1.0
+
 
 class ReactorSpawner:
     """
     Starts processes with the reactor's C{spawnProcess}.
+
+    @ivar switches_user: C{False}: processes are started as this process's
+        user; a job to be run as another goes through C{setpriv}.
     """
+
+    switches_user = False
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
@@ -185,13 +207,35 @@ class LauncherSpawner:
     Starts jobs through the launcher process (L{LAUNCHER}), one per runner,
     started by L{start} and started again if it ever dies (the jobs it ran
     then end as failed).
+
+    @ivar switches_user: whether the launcher itself runs as the jobs' user
+        (a C{uid} was given): jobs are then started as they are, without
+        C{setpriv}.
     """
 
     log = Logger()
 
-    def __init__(self, reactor: Any, python: str = sys.executable) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        python: str = sys.executable,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> None:
+        """
+        @param uid: the user the launcher (and so every job) runs as, or
+            C{None}: this process's.
+        @param gid: its group (default: C{uid}); its supplementary groups
+            are the user's own.
+        """
         self._reactor = reactor
         self._python = python
+        self._user: list[str] = []
+        if uid is not None:
+            group = gid if gid is not None else uid
+            self._user = [str(uid), str(group), supplementary_groups(uid, group)]
+        self.switches_user = bool(self._user)
+        self._continue: Any = None
         self._transport: Any = None
         self._protocol: _LauncherProtocol | None = None
         self._handles = itertools.count(1)
@@ -218,10 +262,25 @@ class LauncherSpawner:
         self._transport = self._reactor.spawnProcess(
             self._protocol,
             self._python,
-            [self._python, "-I", LAUNCHER, str(os.getpid())],
+            [self._python, "-I", LAUNCHER, str(os.getpid()), *self._user],
             env={},
             childFDs={0: "w", 1: "r", 2: "r"},
         )
+        if self.switches_user and self._continue is None:
+            self._continue = self._reactor.callLater(CONTINUE_INTERVAL, self._keep_going)
+
+    def _keep_going(self) -> None:
+        """
+        Continue the launcher, in case a job stopped it; again later.
+        """
+        self._continue = None
+        if self._transport is None or self._stopping:
+            return
+        try:
+            self._transport.signalProcess(signal.SIGCONT)
+        except (ProcessExitedAlready, OSError):
+            pass
+        self._continue = self._reactor.callLater(CONTINUE_INTERVAL, self._keep_going)
 
     def stop(self) -> Deferred[None]:
         """
@@ -231,6 +290,9 @@ class LauncherSpawner:
         @return: a L{Deferred} that fires once it has exited.
         """
         self._stopping = True
+        if self._continue is not None and self._continue.active():
+            self._continue.cancel()
+        self._continue = None
         if self._transport is None:
             return succeed(None)
         if self._stopped is None:
@@ -344,12 +406,15 @@ class LauncherSpawner:
         return d
 
 
-def default_spawner(reactor: Any) -> LauncherSpawner | ReactorSpawner:
+def default_spawner(
+    reactor: Any, uid: int | None = None, gid: int | None = None
+) -> LauncherSpawner | ReactorSpawner:
     """
-    L{LauncherSpawner} on a real POSIX reactor, else L{ReactorSpawner}.
+    L{LauncherSpawner} (run as C{uid}/C{gid} when given) on a real POSIX
+    reactor, else L{ReactorSpawner}.
     """
     from twisted.internet.posixbase import PosixReactorBase
 
     if isinstance(reactor, PosixReactorBase) and hasattr(os, "pidfd_open"):
-        return LauncherSpawner(reactor)
+        return LauncherSpawner(reactor, uid=uid, gid=gid)
     return ReactorSpawner(reactor)

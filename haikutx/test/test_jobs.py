@@ -886,6 +886,100 @@ class JobAPITests(_HTTPTestCase):
         done = await self._until_finished(job["id"])
         self.assertEqual(done["stdout"].strip(), str(uid))
 
+    async def _as_nobody(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root")
+        uid, gid = command_user(None)
+        runner = await self._server(uid=uid, gid=gid)
+        return runner, uid, gid
+
+    async def _launcher_pid(self, runner):
+        # The launcher has switched user once it answers.
+        await runner._spawn.which("true", os.environ.get("PATH"))
+        return runner._spawn._transport.pid
+
+    async def test_launcher_is_the_user(self) -> None:
+        """
+        Jobs run as another user get a launcher that is that user for good
+        (real, effective and saved ids, its groups) and not dumpable, and
+        that starts each command itself (no C{setpriv} between): the job's
+        parent is the launcher, its ids and groups are the user's own.
+        """
+        from haikutx.jobs.process import supplementary_groups
+
+        runner, uid, gid = await self._as_nobody()
+        launcher = await self._launcher_pid(runner)
+        status = Path(f"/proc/{launcher}/status").read_text()
+        lines = dict(line.split(":", 1) for line in status.splitlines())
+        self.assertEqual(lines["Uid"].split(), [str(uid)] * 4)
+        self.assertEqual(lines["Gid"].split(), [str(gid)] * 4)
+        self.assertEqual(lines["CapEff"].strip(), "0" * 16)
+        self.assertEqual(
+            sorted(lines["Groups"].split()),
+            sorted(supplementary_groups(uid, gid).split(",")),
+        )
+        script = (
+            "echo $PPID; grep -E '^(Uid|Gid|Groups|CapPrm|CapEff):' /proc/$$/status;"
+            " cat /proc/$PPID/cmdline | tr '\\0' ' '"
+        )
+        _, job = await self._post({"command": "sh", "args": ["-c", script]})
+        done = await self._until_finished(job["id"])
+        ppid, *rest = done["stdout"].splitlines()
+        self.assertEqual(int(ppid), launcher)
+        seen = dict(line.split(":", 1) for line in rest[:5])
+        self.assertEqual(seen["Uid"].split(), [str(uid)] * 4)
+        self.assertEqual(seen["Gid"].split(), [str(gid)] * 4)
+        self.assertEqual(seen["CapPrm"].strip(), "0" * 16)
+        self.assertEqual(seen["CapEff"].strip(), "0" * 16)
+        self.assertIn("launcher.py", rest[5])
+        self.assertNotIn("setpriv", done["stdout"])
+
+    async def test_job_cannot_reach_launcher_pipes(self) -> None:
+        """
+        Hostile: a job (the launcher's user) cannot list or open the
+        launcher's descriptors (its pipes to the runner) nor read its memory:
+        the launcher is not dumpable.
+        """
+        runner, uid, gid = await self._as_nobody()
+        launcher = await self._launcher_pid(runner)
+        script = (
+            "ls /proc/$PPID/fd && echo LISTED;"
+            " cat /proc/$PPID/fd/0 < /dev/null && echo OPENED;"
+            " head -c1 /proc/$PPID/mem && echo READ;"
+            " cat /proc/$PPID/environ && echo ENVIRON; exit 0"
+        )
+        _, job = await self._post({"command": "sh", "args": ["-c", script]})
+        done = await self._until_finished(job["id"])
+        for word in ("LISTED", "OPENED", "READ", "ENVIRON"):
+            self.assertNotIn(word, done["stdout"], done)
+        self.assertIn("ermission denied", done["stderr"])
+        self.assertEqual(runner._spawn._transport.pid, launcher)
+
+    async def test_job_stops_launcher(self) -> None:
+        """
+        Hostile: a job that stops its launcher (SIGSTOP, which it may send:
+        it is the same user) does not stop the runner: the launcher is
+        continued and the next job runs.
+        """
+        runner, uid, gid = await self._as_nobody()
+        _, job = await self._post({"command": "sh", "args": ["-c", "kill -STOP $PPID"]})
+        await self._until_finished(job["id"])
+        _, again = await self._post({"command": "echo", "args": "again"})
+        self.assertEqual((await self._until_finished(again["id"]))["stdout"], "again\n")
+
+    async def test_job_kills_launcher(self) -> None:
+        """
+        Hostile: a job that kills its launcher ends as failed (neither code
+        nor signal), and the next job runs on a launcher started again, as
+        the same user.
+        """
+        runner, uid, gid = await self._as_nobody()
+        _, job = await self._post({"command": "sh", "args": ["-c", "kill -KILL $PPID; sleep 5"]})
+        done = await self._until_finished(job["id"])
+        self.assertEqual((done["code"], done["signal"]), (None, None))
+        _, again = await self._post({"command": "id", "args": "-u"})
+        self.assertEqual((await self._until_finished(again["id"]))["stdout"], f"{uid}\n")
+
     async def test_callback_ipv6_literal(self) -> None:
         """
         A callback to an IPv6 literal (C{http://[::1]:PORT/}) allowed by an
