@@ -18,8 +18,10 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from haikutx.jobs.channel import JobChannel
 from haikutx.jobs.job import job_to_json
 from haikutx.jobs.runner import JobRefused, JobRunner
+from haikutx.jobs.send import send_pending
 
 #: Largest request body the API reads, in bytes (larger gets 413).
 MAX_REQUEST_BODY = 64 * 1024
@@ -119,13 +121,16 @@ class JobsResource(Resource):
             C{Authorization: Bearer <token>}.
         """
         super().__init__()
-        self._runner = runner
-        self._token = token.encode("utf-8") if token is not None else None
+        self.runner = runner
+        self.token = token.encode("utf-8") if token is not None else None
         #: The JSON body of the jobs polled lately, by id, with the value it
         #: was made from (jobs are frozen: the same value, the same body).
         self._bodies: dict[str, tuple[Any, bytes]] = {}
 
-    def _body_of(self, job: Any) -> bytes:
+    def body_of(self, job: Any) -> bytes:
+        """
+        The JSON body of C{job}, made once for each value of the job.
+        """
         cached = self._bodies.get(job.id)
         if cached is not None and cached[0] is job:
             return cached[1]
@@ -137,7 +142,7 @@ class JobsResource(Resource):
 
     def render(self, request: Request) -> Any:
         request.setHeader(b"content-type", b"application/json")
-        if self._token is not None and not self._authorized(request):
+        if self.token is not None and not self._authorized(request):
             request.setHeader(b"www-authenticate", b'Bearer realm="haikutx jobs"')
             return _body(request, 401, {"message": "Unauthorized"})
         if getattr(request, "too_large", False):
@@ -153,10 +158,10 @@ class JobsResource(Resource):
         if request.method == b"GET":
             # The common poll, answered at once when the runner knows the job.
             match = _JOB_PATH.match(request.path)
-            known = None if match is None else self._runner.peek(match.group(1).decode())
+            known = None if match is None else self.runner.peek(match.group(1).decode())
             if known is not None:
                 request.setResponseCode(200)
-                return self._body_of(known)
+                return self.body_of(known)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         d = Deferred.fromCoroutine(self._handle(request))
@@ -168,8 +173,12 @@ class JobsResource(Resource):
                 request.setResponseCode(status)
                 # A length, not chunks: the whole answer in one write.
                 request.setHeader(b"content-length", b"%d" % len(body))
+                transport = request.channel.transport
                 request.write(body)
                 request.finish()
+                # Sent now, not at the reactor's next turn: the client has
+                # its answer before the job's log event is written.
+                send_pending(transport)
 
         def crashed(failure: Failure) -> None:
             self.log.failure("job API request failed", failure)
@@ -182,11 +191,11 @@ class JobsResource(Resource):
         return NOT_DONE_YET
 
     def _authorized(self, request: Request) -> bool:
-        assert self._token is not None
+        assert self.token is not None
         header = request.getHeader(b"authorization") or b""
         scheme, _, given = header.partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(
-            given.strip(), self._token
+            given.strip(), self.token
         )
 
     async def _handle(self, request: Request) -> tuple[int, dict[str, Any]]:
@@ -200,11 +209,11 @@ class JobsResource(Resource):
         if match is None:
             return 404, NOT_FOUND
         job_id = match.group(1).decode("ascii")
-        await self._runner.wait_ready()
+        await self.runner.wait_ready()
         if method == b"GET":
-            job = await self._runner.get(job_id)
+            job = await self.runner.get(job_id)
         else:
-            job = await self._runner.cancel(job_id)
+            job = await self.runner.cancel(job_id)
         if job is None:
             return 404, NOT_FOUND
         return 200, job_to_json(job)
@@ -212,7 +221,7 @@ class JobsResource(Resource):
     async def _create(self, request: Request) -> tuple[int, dict[str, Any]]:
         try:
             command, arguments, callback = parse_job_request(request.content.read())
-            job = await self._runner.submit(command, arguments, callback)
+            job = await self.runner.submit(command, arguments, callback)
         except JobRefused as e:
             self.log.warn("job refused: {reason}", reason=str(e))
             return 400, {"message": "Bad Request", "error": str(e)}
@@ -233,6 +242,7 @@ class JobSite(Site):
     """
 
     requestFactory = _LimitedRequest
+    protocol = JobChannel
     noisy = False
 
     def log(self, request: Request) -> None:

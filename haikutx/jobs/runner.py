@@ -360,12 +360,9 @@ class JobRunner:
             if direct:
                 self._reserved -= 1
         _counted("accepted")
-        self.log.info(
-            "job {job_id} accepted: {command} {arguments}",
-            job_id=job.id,
-            command=command,
-            arguments=list(arguments),
-        )
+        # Logged once the answer is out (at the reactor's next turn, before
+        # anything the job's start brings back).
+        self._reactor.callLater(0, self._log_accepted, job)
         if not direct:
             if not self._store.shared and stored.state == QUEUED:
                 self._queued[stored.id] = stored
@@ -377,6 +374,14 @@ class JobRunner:
         else:
             self._run(stored)
         return stored
+
+    def _log_accepted(self, job: Job) -> None:
+        self.log.info(
+            "job {job_id} accepted: {command} {arguments}",
+            job_id=job.id,
+            command=job.command,
+            arguments=job.arguments,
+        )
 
     async def get(self, job_id: str) -> Job | None:
         """

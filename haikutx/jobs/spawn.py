@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from haikutx.jobs.process import supplementary_groups
+from haikutx.jobs.send import send_now
 
 
 class Spawn(Protocol):
@@ -331,7 +332,10 @@ class LauncherSpawner:
         if self._transport is None:
             return
         body = marshal.dumps(message)
-        self._transport.write(_HEADER.pack(len(body)) + body)
+        writer = self._transport.pipes.get(0)
+        if writer is None:
+            return
+        send_now(writer, _HEADER.pack(len(body)) + body)
 
     def _received(self, message: tuple[Any, ...]) -> None:
         kind, handle = message[0], message[1]

@@ -538,12 +538,12 @@ class TimerTests(SynchronousTestCase):
         clock, runner = self._runner()
         resource = JobsResource(runner)
         job = self._submit(runner, "true", [])
-        body = resource._body_of(job)
+        body = resource.body_of(job)
         self.assertEqual(json.loads(body)["id"], job.id)
-        self.assertIs(resource._body_of(job), body)
+        self.assertIs(resource.body_of(job), body)
         runner._running[job.id].ended(0, None)
         finished = runner.peek(job.id)
-        self.assertEqual(json.loads(resource._body_of(finished))["state"], "finished")
+        self.assertEqual(json.loads(resource.body_of(finished))["state"], "finished")
 
     def test_metrics(self) -> None:
         """
@@ -1188,6 +1188,8 @@ class RunnerStartTests(TestCase):
             service.startService()
             await runner.wait_ready()
             job = await runner.submit("true", [], None)
+            # "accepted" is logged at the reactor's next turn.
+            await deferLater(reactor, 0)
         self.addCleanup(service.stopService)
         warnings = [e for e in events if e["log_level"] == LogLevel.warn]
         self.assertTrue(any("whitelist" in e["log_format"] for e in warnings))

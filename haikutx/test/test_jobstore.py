@@ -532,3 +532,39 @@ class GroupCommitTests(SynchronousTestCase):
         self.reactor.turn()
         pool.run_one()
         self.successResultOf(idle)
+
+
+class DatabaseThreadTests(TestCase):
+    """
+    L{DatabaseThread} runs what it is given in one thread of its own, in
+    order, and gives the results (or failures) back in the reactor's thread.
+    """
+
+    async def test_one_thread_in_order(self) -> None:
+        import threading
+
+        from twisted.internet.threads import deferToThreadPool
+
+        from haikutx.jobs.store.thread import DatabaseThread
+
+        thread = DatabaseThread("test-db")
+        thread.start()
+        self.addCleanup(thread.stop)
+        seen: list[tuple[int, str]] = []
+
+        def work(n: int) -> int:
+            seen.append((n, threading.current_thread().name))
+            if n == 3:
+                raise ValueError("three")
+            return n * 10
+
+        results = [deferToThreadPool(reactor, thread, work, n) for n in range(5)]
+        self.assertEqual(await results[0], 0)
+        self.assertEqual(await results[4], 40)
+        with self.assertRaises(ValueError):
+            await results[3]
+        self.assertEqual([n for n, _ in seen], [0, 1, 2, 3, 4])
+        self.assertEqual({name for _, name in seen}, {"test-db"})
+        thread.stop()
+        self.assertFalse(thread.started)
+        self.assertEqual([t.name for t in threading.enumerate() if t.name == "test-db"], [])

@@ -17,7 +17,6 @@ from attrs import evolve
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from haikutx.interfaces import IJobStore
@@ -31,6 +30,7 @@ from haikutx.jobs.job import (  # noqa: F401 (re-exported for older imports)
 )
 from haikutx.jobs.store.batch import GroupCommit, Operation
 from haikutx.jobs.store.rows import COLUMNS, INSERTED, UPDATED, from_row, to_row
+from haikutx.jobs.store.thread import DatabaseThread
 
 _SELECTED = ", ".join(COLUMNS)
 
@@ -119,8 +119,8 @@ class SQLiteJobStore:
         """
         self._reactor = reactor
         self._path = path
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="haikutx-jobstore")
-        self._read_pool = ThreadPool(minthreads=1, maxthreads=1, name="haikutx-jobstore-read")
+        self._pool = DatabaseThread("haikutx-jobstore")
+        self._read_pool = DatabaseThread("haikutx-jobstore-read")
         self._reader: sqlite3.Connection | None = None
         self._checkpoints: Any = None
         self._connection: sqlite3.Connection | None = None
