@@ -20,11 +20,18 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from haikutx.jobs.channel import JobChannel
 from haikutx.jobs.job import job_to_json
+from haikutx.jobs.request import MAX_REQUEST_BODY, parse_job_request, split_args
 from haikutx.jobs.runner import JobRefused, JobRunner
 from haikutx.jobs.send import send_pending
 
-#: Largest request body the API reads, in bytes (larger gets 413).
-MAX_REQUEST_BODY = 64 * 1024
+__all__ = [
+    "MAX_REQUEST_BODY",
+    "JobSite",
+    "JobsResource",
+    "job_site",
+    "parse_job_request",
+    "split_args",
+]
 
 _JOB_PATH = re.compile(rb"^/([0-9a-f]{40})/?$")
 
@@ -32,52 +39,6 @@ NOT_FOUND = {"message": "Not Found"}
 
 #: Jobs whose JSON body the API keeps for the next poll.
 CACHED_BODIES = 1024
-
-
-def split_args(args: object) -> list[str]:
-    """
-    The argument list of a job request's C{args}.
-
-    @param args: a string (split on runs of white space, with no empty
-        arguments at the ends, unlike http-runner), a list of strings (taken
-        as is, so arguments with spaces work) or C{None} (no arguments).
-    @return: the arguments.
-    @raise JobRefused: for anything else.
-    """
-    if args is None:
-        return []
-    if isinstance(args, str):
-        return args.split()
-    if isinstance(args, list) and all(isinstance(a, str) for a in args):
-        return list(args)
-    raise JobRefused("args must be a string or a list of strings")
-
-
-def parse_job_request(body: bytes) -> tuple[str, list[str], str | None]:
-    """
-    The command, arguments and callback of a C{POST /} body.
-
-    @raise JobRefused: when it is not a JSON object with a string
-        C{command}, or C{args}/C{callback} have the wrong types.
-    """
-    try:
-        request = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise JobRefused("the request body is not UTF-8") from None
-    except ValueError as e:
-        raise JobRefused(f"invalid JSON: {e}") from None
-    if not isinstance(request, dict):
-        raise JobRefused("the request body must be a JSON object")
-    command = request.get("command")
-    if command is None:
-        raise JobRefused("command is missing")
-    if not isinstance(command, str) or not command:
-        raise JobRefused("command must be a non-empty string")
-    arguments = split_args(request.get("args"))
-    callback = request.get("callback")
-    if callback is not None and not isinstance(callback, str):
-        raise JobRefused("callback must be a string")
-    return command, arguments, callback or None
 
 
 class _LimitedRequest(Request):
@@ -194,9 +155,7 @@ class JobsResource(Resource):
         assert self.token is not None
         header = request.getHeader(b"authorization") or b""
         scheme, _, given = header.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(
-            given.strip(), self.token
-        )
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
 
     async def _handle(self, request: Request) -> tuple[int, dict[str, Any]]:
         method = request.method

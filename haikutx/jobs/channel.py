@@ -1,15 +1,18 @@
 # -*- test-case-name: haikutx.test.test_jobs -*-
 """
-The job API's HTTP channel: Twisted's L{HTTPChannel}, with the exchange
-clients repeat most (a poll, C{GET /<id>} of a job the runner knows) answered
-as soon as its bytes arrive, without a L{Request}: one parse of the head, the
-job's JSON (kept while the job is unchanged) and one C{send}.
+The job API's HTTP channel: Twisted's L{HTTPChannel}, with the two exchanges
+clients repeat (a poll, C{GET /<id>} of a job the runner knows, and a valid
+C{POST /}) answered without a L{Request}: one parse of the head, the job's
+JSON (kept while the job is unchanged) and one C{send}. While a submission
+is being committed, what else arrives on the connection waits, and is read
+once its 202 is sent.
 
-Anything else, and a poll the fast path is not sure of (another method, a
-body, C{Connection}, C{Expect}, HTTP/1.0, a request already under way on the
-connection, part of a request, pipelined requests, a job the runner does
-not hold, a missing or wrong token), goes through Twisted as before, so the
-answers are the same either way.
+Anything else, and a request the fast path is not sure of (another method or
+path, C{Connection}, C{Expect}, C{Transfer-Encoding}, HTTP/1.0, a request
+already under way on the connection, part of a request, pipelined requests,
+a job the runner does not hold, a missing or wrong token, a job the runner
+would refuse), goes through Twisted as before, so the answers (and the
+access-log lines) are the same either way.
 """
 
 from __future__ import annotations
@@ -19,9 +22,14 @@ import re
 import time
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.server import version as SERVER_VERSION
 
+from haikutx.jobs.request import MAX_REQUEST_BODY, parse_job_request
+from haikutx.jobs.runner import JobRefused
 from haikutx.jobs.send import send_now
 
 #: Largest request head the fast path reads (larger: Twisted's own parse).
@@ -33,8 +41,11 @@ _JOB_TARGET = re.compile(rb"^/([0-9a-f]{40})/?(?:\?[\x21-\x7e]*)?$")
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 #: Header fields after which Twisted handles the request itself.
-_NOT_FAST = frozenset(
-    (b"content-length", b"transfer-encoding", b"expect", b"connection", b"upgrade")
+_NOT_FAST = frozenset((b"transfer-encoding", b"expect", b"connection", b"upgrade"))
+
+_HEAD = (
+    b"HTTP/1.1 %s\r\nServer: %s\r\nDate: %s\r\n"
+    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
 )
 
 _END = b"\r\n\r\n"
@@ -66,7 +77,11 @@ class JobChannel(HTTPChannel):
     site's resource is a L{haikutx.jobs.api.JobsResource}.
     """
 
+    log = Logger()
     _host: Any = None
+    #: What arrived while a submission answered here is committed.
+    _held: list[bytes] | None = None
+    _lost = False
 
     def getHost(self) -> Any:
         """
@@ -78,23 +93,30 @@ class JobChannel(HTTPChannel):
         return self._host
 
     def dataReceived(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held.append(data)
+            return
         if self._answered(data):
             self.resetTimeout()
             return
         super().dataReceived(data)
 
+    def connectionLost(self, reason: Any) -> None:
+        self._lost = True
+        self._held = None
+        super().connectionLost(reason)
+
     def _answered(self, data: bytes) -> bool:
         """
-        Answer C{data} at once when it is exactly one poll of a job the
-        runner holds, on an idle connection.
+        Answer C{data} here when it is exactly one poll of a job the runner
+        holds, or one valid submission, on an idle connection.
 
-        @return: whether it was answered.
+        @return: whether it was (or is being) answered.
         """
+        end = data.find(_END)
         if (
-            not data.startswith(b"GET /")
-            or len(data) > MAX_HEAD
-            or not data.endswith(_END)
-            or data.find(_END) != len(data) - 4
+            end < 0
+            or end + 4 > MAX_HEAD
             or self._handlingRequest
             or self.requests
             or not self.line_mode
@@ -102,7 +124,8 @@ class JobChannel(HTTPChannel):
             or not self.persistent
         ):
             return False
-        head = data[:-4]
+        head = data[:end]
+        body = data[end + 4 :]
         bare = head.replace(b"\r\n", b"")
         if b"\r" in bare or b"\n" in bare or b"\0" in bare:
             return False
@@ -110,37 +133,80 @@ class JobChannel(HTTPChannel):
         parts = lines[0].split(b" ")
         if len(parts) != 3 or parts[2] != b"HTTP/1.1":
             return False
-        match = _JOB_TARGET.match(parts[1])
-        if match is None:
-            return False
-        authorization = None
+        fields: dict[bytes, bytes] = {}
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
             if not colon or _TOKEN.match(name) is None:
                 return False
             name = name.lower()
-            if name in _NOT_FAST:
+            if name in _NOT_FAST or name in fields:
                 return False
-            if name == b"authorization":
-                if authorization is not None:
-                    return False
-                authorization = value.strip()
+            fields[name] = value.strip(b" \t")
         resource = self.site.resource
         token = resource.token
         if token is not None:
+            authorization = fields.get(b"authorization")
             if authorization is None:
                 return False
             scheme, _, given = authorization.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), token):
                 return False
+        if parts[0] == b"GET":
+            if body or b"content-length" in fields:
+                return False
+            return self._poll(resource, parts[1])
+        if parts[0] == b"POST" and parts[1] == b"/":
+            return self._submit(resource, fields.get(b"content-length"), body)
+        return False
+
+    def _poll(self, resource: Any, target: bytes) -> bool:
+        match = _JOB_TARGET.match(target)
+        if match is None:
+            return False
         job = resource.runner.peek(match.group(1).decode("ascii"))
         if job is None:
             return False
-        body = resource.body_of(job)
-        send_now(
-            self.transport,
-            b"HTTP/1.1 200 OK\r\nServer: %s\r\nDate: %s\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (SERVER_VERSION, _DATE.now(), len(body), body),
+        self._send(b"200 OK", resource.body_of(job))
+        return True
+
+    def _submit(self, resource: Any, length: bytes | None, body: bytes) -> bool:
+        if length is None or not length.isdigit() or int(length) != len(body):
+            return False
+        runner = resource.runner
+        if len(body) > MAX_REQUEST_BODY or not runner.ready:
+            return False
+        try:
+            command, arguments, callback = parse_job_request(body)
+            runner.check(command, arguments, callback)
+        except JobRefused:
+            # Refused by Twisted's path, with its 400 and access-log line.
+            return False
+        self._held = []
+        submitted = Deferred.fromCoroutine(runner.submit(command, arguments, callback))
+        submitted.addCallbacks(
+            lambda job: self._answer(b"202 Accepted", resource.body_of(job)),
+            self._failed,
         )
         return True
+
+    def _failed(self, failure: Failure) -> None:
+        self.log.failure("job API request failed", failure)
+        self._answer(b"500 Internal Server Error", b'{"message": "Internal Server Error"}')
+
+    def _answer(self, status: bytes, body: bytes) -> None:
+        """
+        Send the answer of a submission, then read what arrived meanwhile.
+        """
+        if self._lost:
+            return
+        held, self._held = self._held, None
+        self._send(status, body)
+        self.resetTimeout()
+        if held:
+            self.dataReceived(b"".join(held))
+
+    def _send(self, status: bytes, body: bytes) -> None:
+        send_now(
+            self.transport,
+            _HEAD % (status, SERVER_VERSION, _DATE.now(), len(body)) + body,
+        )

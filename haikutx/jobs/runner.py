@@ -313,12 +313,17 @@ class JobRunner:
 
     # -- API --
 
-    async def submit(self, command: str, arguments: list[str], callback: str | None) -> Job:
+    @property
+    def ready(self) -> bool:
         """
-        Accept a job: it is queued, durably, and runs when a running slot
-        (of any runner sharing the store) frees up.
+        Whether L{start} has recovered the store's jobs.
+        """
+        return self._ready
 
-        @return: the job as stored.
+    def check(self, command: str, arguments: list[str], callback: str | None) -> None:
+        """
+        Refuse a job L{submit} would refuse.
+
         @raise JobRefused: for a command outside the whitelist, a bad
             callback URL, or NUL characters.
         """
@@ -331,6 +336,17 @@ class JobRunner:
                 check_callback_url(callback, self._rules)
             except CallbackRefused as e:
                 raise JobRefused(str(e)) from None
+
+    async def submit(self, command: str, arguments: list[str], callback: str | None) -> Job:
+        """
+        Accept a job: it is queued, durably, and runs when a running slot
+        (of any runner sharing the store) frees up.
+
+        @return: the job as stored.
+        @raise JobRefused: for a command outside the whitelist, a bad
+            callback URL, or NUL characters.
+        """
+        self.check(command, arguments, callback)
         await self.wait_ready()
         now = self._reactor.seconds()
         job = Job(
@@ -626,9 +642,17 @@ class JobRunner:
             try:
                 while True:
                     self._evict_again = False
-                    for job_id in await self._store.evict(self._max_jobs):
+                    evicted = await self._store.evict(self._max_jobs)
+                    for job_id in evicted:
                         self._recent.pop(job_id, None)
-                        self.log.info("job {job_id} evicted", job_id=job_id)
+                    if evicted:
+                        # One event for the jobs of one eviction (one per job
+                        # cost as much as the job's other events together).
+                        self.log.info(
+                            "{count} finished jobs evicted: {job_ids}",
+                            count=len(evicted),
+                            job_ids=evicted,
+                        )
                     if not self._evict_again or self._stopping:
                         return
             finally:

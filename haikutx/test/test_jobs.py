@@ -450,8 +450,16 @@ class TimerTests(SynchronousTestCase):
         self.assertEqual(third.state, "running")
         runner._running[third.id].ended(0, None)
         self.assertEqual(len(store.jobs), 3)
-        clock.advance(1)
+        from twisted.logger import capturedLogs
+
+        with capturedLogs() as events:
+            clock.advance(1)
         self.assertEqual(list(store.jobs), [third.id])
+        # One event for the jobs evicted together, naming them.
+        evictions = [e for e in events if "evicted" in e["log_format"]]
+        self.assertEqual(len(evictions), 1)
+        self.assertEqual(evictions[0]["count"], 2)
+        self.assertEqual(sorted(evictions[0]["job_ids"]), sorted([first.id, second.id]))
 
     def test_recent_jobs_without_store(self) -> None:
         """

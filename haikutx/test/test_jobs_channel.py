@@ -117,9 +117,7 @@ class FastPollTests(SynchronousTestCase):
         """
         self.runner._running[self.job.id].ended(0, None)
         channel, transport, made = self._channel()
-        channel.dataReceived(
-            b"GET /" + self.job.id.encode() + b"/?x=1 HTTP/1.1\r\nHost: x\r\n\r\n"
-        )
+        channel.dataReceived(b"GET /" + self.job.id.encode() + b"/?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
         status, _, body = _response(transport.value())
         self.assertEqual((status, made), (200, []))
         self.assertEqual(json.loads(body)["state"], "finished")
@@ -206,9 +204,8 @@ class FastPollTests(SynchronousTestCase):
 
     def test_after_a_request_in_progress(self) -> None:
         """
-        A poll arriving while a request of the same connection is being
-        answered waits for it (Twisted keeps it), and is answered after it
-        (at once, when Twisted gives it back).
+        A poll arriving while a submission of the same connection is being
+        committed waits for it, and is answered after its 202.
         """
         channel, transport, made = self._channel()
         body = b'{"command": "echo"}'
@@ -225,7 +222,99 @@ class FastPollTests(SynchronousTestCase):
         later.callback(None)
         statuses = re.findall(rb"HTTP/1.1 (\d+)", transport.value())
         self.assertEqual(statuses, [b"202", b"200"])
-        self.assertEqual(len(made), 1)
+        self.assertEqual(made, [])
+
+    def _post(self, body: bytes, extra: bytes = b"") -> bytes:
+        return (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+        )
+
+    def test_submit_fast(self) -> None:
+        """
+        A valid submission is answered 202 without a request object, with
+        the same status, header names and body shape as Twisted's answer;
+        the job is the runner's.
+        """
+        channel, transport, made = self._channel()
+        channel.dataReceived(self._post(b'{"command": "echo", "args": "fast"}'))
+        status, headers, body = _response(transport.value())
+        self.assertEqual((status, made), (202, []))
+        job = json.loads(body)
+        self.assertEqual((job["command"], job["arguments"]), ("echo", ["fast"]))
+        self.assertIsNotNone(self.runner.peek(job["id"]))
+        other, other_transport, other_made = self._channel()
+        other.dataReceived(
+            self._post(b'{"command": "echo", "args": "slow"}', b"Connection: keep-alive\r\n")
+        )
+        slow = _response(other_transport.value())
+        self.assertEqual(other_made, [True])
+        self.assertEqual((slow[0], sorted(slow[1])), (status, sorted(headers)))
+        self.assertEqual(sorted(json.loads(slow[2])), sorted(job))
+
+    def test_submit_refused_by_twisted(self) -> None:
+        """
+        A submission the runner would refuse, or one the fast path is not
+        sure of, goes through Twisted: its 400 (or 401), its answer.
+        """
+        self.runner.whitelist = frozenset(["echo"])
+        for data, status in (
+            (self._post(b'{"command": "rm"}'), 400),
+            (self._post(b"not json"), 400),
+            (self._post(b'{"command": "echo", "args": 3}'), 400),
+            (self._post(b'{"command": "echo"}')[:-3], None),
+            (self._post(b'{"command": "echo"}', b"Transfer-Encoding: chunked\r\n"), 400),
+            (self._post(b'{"command": "echo"}').replace(b"POST / ", b"POST /x "), 501),
+        ):
+            channel, transport, made = self._channel()
+            channel.dataReceived(data)
+            self.assertEqual(made, [True], data)
+            if status is not None:
+                self.assertEqual(_response(transport.value())[0], status, data)
+        channel, transport, made = self._channel(token="s3cret")
+        channel.dataReceived(self._post(b'{"command": "echo"}'))
+        self.assertEqual((_response(transport.value())[0], made), (401, [True]))
+        channel, transport, made = self._channel(token="s3cret")
+        channel.dataReceived(
+            self._post(b'{"command": "echo"}', b"Authorization: Bearer s3cret\r\n")
+        )
+        self.assertEqual((_response(transport.value())[0], made), (202, []))
+
+    def test_submit_store_fails(self) -> None:
+        """
+        A submission whose store fails is answered 500, and logged.
+        """
+        from twisted.internet.defer import fail
+
+        self.runner._store.add = lambda job: fail(RuntimeError("disk"))  # type: ignore[method-assign]
+        channel, transport, made = self._channel()
+        channel.dataReceived(self._post(b'{"command": "echo"}'))
+        self.assertEqual(_response(transport.value())[0], 500)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        # The connection goes on.
+        channel.dataReceived(self._poll())
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 1)
+
+    def test_submit_then_gone(self) -> None:
+        """
+        A client that goes away while its submission is committed gets no
+        write; the job is accepted all the same.
+        """
+        later: Deferred = Deferred()
+        store = self.runner._store
+        add = store.add
+        added = []
+
+        def slow_add(job):
+            return later.addCallback(lambda _: add(job)).addCallback(lambda j: added.append(j) or j)
+
+        store.add = slow_add  # type: ignore[method-assign]
+        channel, transport, made = self._channel()
+        channel.dataReceived(self._post(b'{"command": "echo"}'))
+        channel.connectionLost(None)
+        later.callback(None)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(len(added), 1)
 
     def test_host_asked_once(self) -> None:
         """
