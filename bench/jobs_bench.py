@@ -12,7 +12,9 @@ same run:
    jobs per second and time from POST to seen finished.
 
 Each POST and submit-and-poll run also prints the CPU time of the server
-and its job launcher (not of the jobs) per job.
+and its job launcher per job, and that of the jobs themselves (the
+launcher's reaped children: the command and, before the launcher ran as the
+jobs' user, the C{setpriv} in front of it).
 
 A fresh server for each measurement. Run from the repository root:
 
@@ -131,25 +133,27 @@ def job_runner(tmp: Path, port: int, extra: list[str]) -> subprocess.Popen:
     )
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
     """
-    The CPU time (user + system) of C{pid} and of its live children (the
-    job launcher), in seconds; jobs themselves are not counted.
+    The CPU time (user + system) of C{pid} and of its live job launcher, and
+    that of the launcher's reaped children (the jobs), in seconds.
     """
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    total = jobs = 0.0
     pids = [pid]
     for task in Path(f"/proc/{pid}/task").iterdir():
         pids += [int(c) for c in (task / "children").read_text().split()]
     for one in pids:
         try:
             fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+            if one != pid and b"launcher" not in Path(f"/proc/{one}/cmdline").read_bytes():
+                continue
         except FileNotFoundError:
             continue
-        if one != pid and b"launcher" not in Path(f"/proc/{one}/cmdline").read_bytes():
-            continue
         total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
+        if one != pid:
+            jobs += (int(fields[13]) + int(fields[14])) / ticks
+    return total, jobs
 
 
 def wrk(url: str, seconds: int, connections: int, script: Path | None = None):
@@ -203,7 +207,9 @@ def main() -> None:
                 wait_up(f"http://127.0.0.1:{port}/" + "0" * 40, process)
                 before = cpu_seconds(process.pid)
                 run = wrk(f"http://127.0.0.1:{port}/", options.seconds, connections, post_lua)
-                cpu = cpu_seconds(process.pid) - before
+                time.sleep(0.5)
+                after = cpu_seconds(process.pid)
+                cpu, jobs_cpu = after[0] - before[0], after[1] - before[1]
             finally:
                 stop(process)
             results[f"post c{connections}"] = run
@@ -211,8 +217,9 @@ def main() -> None:
             accepted = run.rate * options.seconds
             print(f"POST -> 202 c{connections}: {run.rate:,.0f}/s p50 {run.p50:.2f} ms "
                   f"= {100 * run.rate / raw.rate:.1f} % of raw Twisted {run.errors or ''}"
-                  f"(server + launcher CPU {1000 * cpu / max(accepted, 1):.2f} ms per "
-                  f"accepted job)", flush=True)
+                  f"(server + launcher CPU {1000 * cpu / max(accepted, 1):.2f} ms, "
+                  f"jobs {1000 * jobs_cpu / max(accepted, 1):.2f} ms per accepted job)",
+                  flush=True)
 
         port = free_port()
         process = job_runner(tmp, port, extra)
@@ -224,7 +231,9 @@ def main() -> None:
                  str(options.seconds), str(options.interval)],
                 capture_output=True, text=True, check=True, timeout=options.seconds + 120,
             ).stdout
-            cpu = cpu_seconds(process.pid) - before
+            time.sleep(0.5)
+            after = cpu_seconds(process.pid)
+            cpu, jobs_cpu = after[0] - before[0], after[1] - before[1]
         finally:
             stop(process)
         polled = json.loads(out)
@@ -234,7 +243,8 @@ def main() -> None:
         p90 = times[int(len(times) * 0.9)] * 1000 if times else float("nan")
         print(f"submit and poll, {options.clients} clients: {rate:,.0f} jobs/s, "
               f"p50 {p50:.1f} ms, p90 {p90:.1f} ms, errors {len(polled['errors'])} "
-              f"(server + launcher CPU {1000 * cpu / max(polled['jobs'], 1):.2f} ms per job)",
+              f"(server + launcher CPU {1000 * cpu / max(polled['jobs'], 1):.2f} ms, "
+              f"jobs {1000 * jobs_cpu / max(polled['jobs'], 1):.2f} ms per job)",
               flush=True)
 
 

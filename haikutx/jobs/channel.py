@@ -35,6 +35,10 @@ from haikutx.jobs.send import send_now
 #: Largest request head the fast path reads (larger: Twisted's own parse).
 MAX_HEAD = 8192
 
+#: Bytes read while a submission is committed, beyond which the connection
+#: is not read until it is answered.
+MAX_HELD = 16384
+
 _JOB_TARGET = re.compile(rb"^/([0-9a-f]{40})/?(?:\?[\x21-\x7e]*)?$")
 
 #: A header field's name (RFC 9110's token).
@@ -81,6 +85,8 @@ class JobChannel(HTTPChannel):
     _host: Any = None
     #: What arrived while a submission answered here is committed.
     _held: list[bytes] | None = None
+    _held_size = 0
+    _paused = False
     _lost = False
 
     def getHost(self) -> Any:
@@ -95,6 +101,11 @@ class JobChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._held is not None:
             self._held.append(data)
+            self._held_size += len(data)
+            if self._held_size > MAX_HELD and not self._paused:
+                # Like Twisted's channel: no more reads until the answer.
+                self._paused = True
+                self.transport.pauseProducing()
             return
         if self._answered(data):
             self.resetTimeout()
@@ -181,7 +192,7 @@ class JobChannel(HTTPChannel):
         except JobRefused:
             # Refused by Twisted's path, with its 400 and access-log line.
             return False
-        self._held = []
+        self._held, self._held_size = [], 0
         submitted = Deferred.fromCoroutine(runner.submit(command, arguments, callback))
         submitted.addCallbacks(
             lambda job: self._answer(b"202 Accepted", resource.body_of(job)),
@@ -199,9 +210,12 @@ class JobChannel(HTTPChannel):
         """
         if self._lost:
             return
-        held, self._held = self._held, None
+        held, self._held, self._held_size = self._held, None, 0
         self._send(status, body)
         self.resetTimeout()
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
         if held:
             self.dataReceived(b"".join(held))
 

@@ -316,6 +316,29 @@ class FastPollTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"")
         self.assertEqual(len(added), 1)
 
+    def test_held_bounded(self) -> None:
+        """
+        What a client sends while its submission is committed is held up to
+        a bound; beyond it the connection is not read until the answer, and
+        everything held is then answered in order.
+        """
+        from haikutx.jobs.channel import MAX_HELD
+
+        later: Deferred = Deferred()
+        store = self.runner._store
+        add = store.add
+        store.add = lambda job: later.addCallback(lambda _: add(job))  # type: ignore[method-assign]
+        channel, transport, made = self._channel()
+        channel.dataReceived(self._post(b'{"command": "echo"}'))
+        polls = MAX_HELD // len(self._poll()) + 2
+        for _ in range(polls):
+            channel.dataReceived(self._poll())
+        self.assertEqual(transport.producerState, "paused")
+        later.callback(None)
+        self.assertEqual(transport.producerState, "producing")
+        statuses = re.findall(rb"HTTP/1.1 (\d+)", transport.value())
+        self.assertEqual(statuses, [b"202"] + [b"200"] * polls)
+
     def test_host_asked_once(self) -> None:
         """
         The local address is asked of the transport once per connection.
