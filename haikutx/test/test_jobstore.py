@@ -484,23 +484,6 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual([self.successResultOf(d) for d in done], [0, 1, 2])
         self.assertEqual(transactions, [[0, 1, 2]])
 
-    def test_durable_at_once(self) -> None:
-        """
-        A durable operation (an accepted job, whose 202 waits for it) with
-        the pool idle starts at once, not at the end of the reactor's turn;
-        what follows it in that turn shares the next transaction.
-        """
-        pool, batch, transactions = self._batch()
-        first = batch.submit(lambda c: "insert", durable=True)
-        self.assertEqual(len(pool.calls), 1)
-        after = [batch.submit(lambda c: "result"), batch.submit(lambda c: "claim")]
-        pool.run_one()
-        self.assertEqual(self.successResultOf(first), "insert")
-        pool.run_one()
-        self.assertEqual([self.successResultOf(d) for d in after], ["result", "claim"])
-        self.assertEqual(transactions, [["insert"], ["result", "claim"]])
-        self.assertEqual(self.reactor.later, [])
-
     def test_unsynced_first(self) -> None:
         """
         Operations that need no sync, submitted ahead of one that does, are

@@ -71,16 +71,11 @@ class GroupCommit:
         done: Deferred[Any] = Deferred()
         self._pending.append((operation, durable, done))
         if not self._busy:
+            # Not at once: at the end of this turn of the reactor, so that
+            # what is submitted together (a job's result and the claim of
+            # the next, the jobs of one read) shares a transaction.
             self._busy = True
-            if durable:
-                # At once: an answer waits for it (a 202 for its job), and
-                # what comes after it shares the next transaction.
-                self._next()
-            else:
-                # At the end of this turn of the reactor, so that what is
-                # submitted together (a job's result and the claim of the
-                # next) shares a transaction.
-                self._reactor.callLater(0, self._next)
+            self._reactor.callLater(0, self._next)
         return done
 
     def idle(self) -> Deferred[None]:
