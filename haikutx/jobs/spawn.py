@@ -225,14 +225,16 @@ class LauncherSpawner:
     ) -> None:
         """
         @param uid: the user the launcher (and so every job) runs as, or
-            C{None}: this process's.
+            C{None}: this process's (also when this process is not root).
         @param gid: its group (default: C{uid}); its supplementary groups
             are the user's own.
         """
         self._reactor = reactor
         self._python = python
         self._user: list[str] = []
-        if uid is not None:
+        if uid is not None and os.geteuid() == 0:
+            # Only root can become another user; otherwise jobs go the way
+            # they went before (C{setpriv}, which fails for them alike).
             group = gid if gid is not None else uid
             self._user = [str(uid), str(group), supplementary_groups(uid, group)]
         self.switches_user = bool(self._user)

@@ -190,6 +190,28 @@ class CommandUserTests(SynchronousTestCase):
         self.assertRaises(KeyError, command_user, "no-such-user-xyz", euid=0)
 
 
+class LauncherUserTests(SynchronousTestCase):
+    """
+    The launcher becomes the jobs' user only when this process can (root).
+    """
+
+    def test_root_switches(self) -> None:
+        from haikutx.jobs import spawn
+
+        self.patch(spawn.os, "geteuid", lambda: 0)
+        launcher = spawn.LauncherSpawner(Clock(), uid=65534, gid=65533)
+        self.assertTrue(launcher.switches_user)
+        self.assertEqual(launcher._user[:2], ["65534", "65533"])
+
+    def test_not_root_keeps_the_old_way(self) -> None:
+        from haikutx.jobs import spawn
+
+        self.patch(spawn.os, "geteuid", lambda: 1000)
+        launcher = spawn.LauncherSpawner(Clock(), uid=65534, gid=65533)
+        self.assertFalse(launcher.switches_user)
+        self.assertEqual(launcher._user, [])
+
+
 class FinalStateTests(SynchronousTestCase):
     """
     L{final_state} names the C{haiku_jobs_total} state of a finished job.
