@@ -2,7 +2,8 @@
 """
 The job API's HTTP channel: Twisted's L{HTTPChannel}, with the two exchanges
 clients repeat (a poll, C{GET /<id>} of a job the runner knows, and a valid
-C{POST /}) answered without a L{Request}: one parse of the head, the job's
+C{POST /}) answered without a L{Request}: one parse of the head (by the
+strict parser the gate uses, L{haikutx.net.http1.parse_request_head}), the job's
 JSON (kept while the job is unchanged) and one C{send}. While a submission
 is being committed, what else arrives on the connection waits, and is read
 once its 202 is sent.
@@ -31,6 +32,7 @@ from twisted.web.server import version as SERVER_VERSION
 from haikutx.jobs.request import MAX_REQUEST_BODY, parse_job_request
 from haikutx.jobs.runner import JobRefused
 from haikutx.jobs.send import send_now
+from haikutx.net.http1 import BadMessage, parse_request_head
 
 #: Largest request head the fast path reads (larger: Twisted's own parse).
 MAX_HEAD = 8192
@@ -41,11 +43,9 @@ MAX_HELD = 16384
 
 _JOB_TARGET = re.compile(rb"^/([0-9a-f]{40})/?(?:\?[\x21-\x7e]*)?$")
 
-#: A header field's name (RFC 9110's token).
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-
-#: Header fields after which Twisted handles the request itself.
-_NOT_FAST = frozenset((b"transfer-encoding", b"expect", b"connection", b"upgrade"))
+#: Header fields after which Twisted handles the request itself (the
+#: hop-by-hop ones, C{Connection} among them, are in L{Head.hop}).
+_NOT_FAST = frozenset((b"expect", b"upgrade"))
 
 _HEAD = (
     b"HTTP/1.1 %s\r\nServer: %s\r\nDate: %s\r\n"
@@ -135,24 +135,16 @@ class JobChannel(HTTPChannel):
             or not self.persistent
         ):
             return False
-        head = data[:end]
+        try:
+            head = parse_request_head(data[: end + 4], require_host=False)
+        except BadMessage:
+            return False  # Twisted answers it, with its 400
+        if head.version != b"HTTP/1.1" or head.hop or head.chunked:
+            return False
+        fields = dict(head.headers)
+        if len(fields) != len(head.headers) or not _NOT_FAST.isdisjoint(fields):
+            return False
         body = data[end + 4 :]
-        bare = head.replace(b"\r\n", b"")
-        if b"\r" in bare or b"\n" in bare or b"\0" in bare:
-            return False
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3 or parts[2] != b"HTTP/1.1":
-            return False
-        fields: dict[bytes, bytes] = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or _TOKEN.match(name) is None:
-                return False
-            name = name.lower()
-            if name in _NOT_FAST or name in fields:
-                return False
-            fields[name] = value.strip(b" \t")
         resource = self.site.resource
         token = resource.token
         if token is not None:
@@ -162,12 +154,12 @@ class JobChannel(HTTPChannel):
             scheme, _, given = authorization.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), token):
                 return False
-        if parts[0] == b"GET":
-            if body or b"content-length" in fields:
+        if head.method == b"GET":
+            if body or head.content_length is not None:
                 return False
-            return self._poll(resource, parts[1])
-        if parts[0] == b"POST" and parts[1] == b"/":
-            return self._submit(resource, fields.get(b"content-length"), body)
+            return self._poll(resource, head.target)
+        if head.method == b"POST" and head.target == b"/":
+            return self._submit(resource, head.content_length, body)
         return False
 
     def _poll(self, resource: Any, target: bytes) -> bool:
@@ -180,8 +172,8 @@ class JobChannel(HTTPChannel):
         self._send(b"200 OK", resource.body_of(job))
         return True
 
-    def _submit(self, resource: Any, length: bytes | None, body: bytes) -> bool:
-        if length is None or not length.isdigit() or int(length) != len(body):
+    def _submit(self, resource: Any, length: int | None, body: bytes) -> bool:
+        if length != len(body):
             return False
         runner = resource.runner
         if len(body) > MAX_REQUEST_BODY or not runner.ready:

@@ -170,6 +170,10 @@ class FastPollTests(SynchronousTestCase):
             (self._poll(extra=b"X: a\x00b\r\n"), 400),
             (self._poll(extra=b"X: a\nb\r\n"), 400),
             (self._poll(extra=b" folded\r\n"), 200),
+            # what the shared strict parser (haikutx.net.http1) refuses
+            (self._poll(extra=b"Host : y\r\n"), 400),
+            (self._poll(extra=b"Keep-Alive: 5\r\n"), 200),
+            (self._poll(extra=b"Accept: a\r\nAccept: b\r\n"), 200),
         ]
         for data, status in cases:
             channel, transport, made = self._channel()
