@@ -243,8 +243,8 @@ def _confiner(sandbox: Any, worker: runner.Worker) -> Any:
 _OWN_UID = False
 
 #: The worker each child serves with, made once by L{main} before the
-#: first fork (each child gets its own copy, and renews its loop's
-#: descriptors, L{runner.Worker.renew_loop_descriptors}).
+#: first fork (each child gets its own copy; its event loop's descriptors
+#: are made in the child, if it ever runs the loop).
 _next_worker: runner.Worker | None = None
 
 
@@ -314,9 +314,7 @@ def _child(sandbox: Any, channel: int, output: int, zygote: int) -> None:
         worker = runner.Worker(0, runner.CHANNEL)
         if sandbox is not None:
             worker.confine = _confiner(sandbox, worker)
-    else:
-        # Its confiner was made with it, in the zygote.
-        worker.renew_loop_descriptors()
+    # (Else its confiner was made with it, in the zygote.)
     worker.run()
     sys.stdout.flush()
     os._exit(0)
@@ -585,24 +583,54 @@ _WARM_UP_HEAD = {
 }
 
 
-def _serve_warm_up_requests(count: int, seconds: float = 5.0) -> None:
+def _warm_up_request(source: str) -> bytes:
     """
-    Serve C{count} requests of the zygote's own warm-up handler through a
-    real L{runner.Worker} over a socketpair, one at a time, as the server
-    would.  Besides readying every function of a request's path, this
-    specializes their bytecode (CPython 3.11 rewrites an instruction's
-    inline cache as it runs, some 50 times before it settles), so that a
-    child's request writes to fewer of the pages it inherited, each of
-    which the kernel would copy for it.
+    A warm-up request's frames, for a handler of the zygote's own.
+    """
+    head = dict(_WARM_UP_HEAD, source=source)
+    return wire.encode_json(wire.REQUEST, head) + wire.encode(wire.BODY_END)
+
+
+def _serve_warm_up_requests(count: int) -> None:
+    """
+    Serve C{count} requests of the zygote's own synchronous warm-up
+    handler through a real L{runner.Worker} over a socketpair, as the
+    server would: the worker serves them on its synchronous path, as a
+    child serves such a handler.  Besides readying every function of a
+    request's path, this specializes their bytecode (CPython 3.11 rewrites
+    an instruction's inline cache as it runs, some 50 times before it
+    settles), so that a child's request writes to fewer of the pages it
+    inherited, each of which the kernel would copy for it.
 
     Measured on the 2-core VM (300 children, no sandbox): a child's CPU from
     fork to exit 4.4 ms without, 3.5–3.6 ms with 64 warm-up requests; its
     page faults 460 against 380.
     """
     server, child = socket.socketpair()
+    worker = runner.Worker(0, child.fileno())
+    try:
+        # Every request at once, then the end: the worker reads them,
+        # answers each and returns at the end (the answers wait unread).
+        server.sendall(_warm_up_request(_WARM_UP_HEAD["source"]) * count)
+        server.shutdown(socket.SHUT_WR)
+        worker.run()
+    finally:
+        worker.loop.close()
+        server.close()
+        child.close()
+        linecache.cache.pop("<warm-up>", None)
+
+
+def _serve_warm_up_awaiting(count: int, seconds: float = 5.0) -> None:
+    """
+    Serve C{count} requests of the zygote's own awaiting warm-up handler
+    (L{_WARM_UP_AWAITING}), one at a time, on a worker's asyncio loop, for
+    the path of handlers that await.
+    """
+    server, child = socket.socketpair()
     worker = runner.Worker(count, child.fileno())
     reader = wire.FrameReader()
-    request = wire.encode_json(wire.REQUEST, _WARM_UP_HEAD) + wire.encode(wire.BODY_END)
+    request = _warm_up_request(_WARM_UP_AWAITING)
 
     def answered() -> None:
         data = server.recv(65536)
@@ -626,12 +654,22 @@ def _serve_warm_up_requests(count: int, seconds: float = 5.0) -> None:
         linecache.cache.pop("<warm-up>", None)
 
 
+#: The zygote's own warm-up handler that awaits (L{_serve_warm_up_awaiting}).
+_WARM_UP_AWAITING = (
+    "import asyncio\nawait asyncio.sleep(0)\n"
+    "res.write_head(200, {'Content-Type': 'text/plain'})\nres.end(req.method)\n"
+)
+
+#: Requests of the awaiting warm-up handler the zygote serves itself.
+WARM_UP_AWAITING_REQUESTS = 16
+
+
 def _warm_up() -> None:
     """
     Do once, before the first fork, what every child would otherwise do
     for the first time: import what is imported lazily, make the first
     calls through ctypes and asyncio, compile a handler, serve requests
-    (L{_serve_warm_up_requests}).
+    (L{_serve_warm_up_awaiting}, L{_serve_warm_up_requests}).
 
     Measured on a 2-core VM: a child's first event loop costs 2.7 ms cold
     and 0.2 ms warm.
@@ -641,6 +679,7 @@ def _warm_up() -> None:
     libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)
     asyncio.new_event_loop().close()
     json.loads(json.dumps({"warm": [1, 2.0, None, True]}))
+    _serve_warm_up_awaiting(WARM_UP_AWAITING_REQUESTS)
     _serve_warm_up_requests(WARM_UP_REQUESTS)
 
 
