@@ -32,6 +32,7 @@ fork; see L{_warm_up}.
 
 from __future__ import annotations
 
+import _random
 import asyncio
 import ctypes
 import gc
@@ -60,6 +61,9 @@ EXIT_SERVER_GONE = 3
 
 #: A child's exit status when the sandbox could not be applied.
 EXIT_SANDBOX_FAILED = 70
+
+#: A child's exit status when zygote code failed in it.
+EXIT_CHILD_FAILED = 1
 
 #: Output bytes forwarded per child; the rest is dropped (and said so).
 MAX_OUTPUT = 64 * 1024
@@ -101,7 +105,13 @@ def fork() -> int:
     if pid == 0:
         generator = sys.modules.get("random")
         if generator is not None:
-            generator.seed()
+            # What Random.seed() does, without its Python frame (which
+            # writes 30 more of the zygote's pages): fresh state from
+            # os.urandom, and no cached Gaussian.
+            shared = generator._inst
+            _random.Random.seed(shared, None)
+            if shared.gauss_next is not None:
+                shared.gauss_next = None
     return pid
 
 
@@ -419,11 +429,15 @@ class Zygote:
             self._sandbox.new_ipc_namespace()
         pid = self._fork_process()
         if pid == 0:
-            # Detached, so that no socket object closes a number reused later.
-            self._control.detach()
-            server_end.detach()
-            _child(self._sandbox, child_end.detach(), write, self._zygote)
-            os._exit(0)
+            # This frame never returns, and never unwinds: no socket
+            # object of the zygote's is ever closed in the child, where
+            # its number may be another descriptor by then.
+            try:
+                _child(self._sandbox, child_end.fileno(), write, self._zygote)
+            except BaseException:
+                sys.excepthook(*sys.exc_info())
+            finally:
+                os._exit(EXIT_CHILD_FAILED)
         child_end.close()
         os.close(write)
         # Never block on a child's pipe: an event of a batch may name a

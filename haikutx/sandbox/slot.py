@@ -92,16 +92,18 @@ class SlotSandbox:
     def enter_zygote(self) -> None:
         """
         Apply the layers common to all children to the zygote itself, once:
-        C{no_new_privs}, the Landlock domain, the seccomp filter, and the
-        emptied capability bounding set (children then only switch their
-        ids).  The ruleset descriptor is closed here.
+        C{no_new_privs}, the Landlock domain, the seccomp filter, and what
+        their switch of identity would repeat (the emptied capability
+        bounding set, no supplementary groups, C{keep_caps}:
+        L{privileges.prepare_children}); children then only switch their
+        ids.  The ruleset descriptor is closed here.
 
         @raise SandboxError: if a layer fails to apply (the zygote must exit).
         """
         self.common.apply_to_zygote()
         if self.common._identity is not None:
             try:
-                privileges.drop_bounding_set(self.common._identity)
+                privileges.prepare_children(self.common._identity)
             except OSError as e:
                 raise SandboxError(f"sandbox: {e}") from e
         self._zygote_entered = True
@@ -132,7 +134,7 @@ class SlotSandbox:
             close_fds_except(keep_fds)
             privileges.apply_limits(common._limits)
             if common._identity is not None:
-                privileges.switch_identity(common._identity, bounding_set_dropped=True)
+                privileges.switch_identity(common._identity, zygote_prepared=True)
             prctl(PR_SET_PDEATHSIG, parent_death_signal)
         except OSError as e:
             raise SandboxError(f"sandbox: {e}") from e

@@ -175,6 +175,21 @@ await asyncio.sleep(float(req.query.get('wait', '2')))
 res.end()
 """
 
+#: Reports its process's identity: ids, supplementary groups, the
+#: keep-capabilities flag, and whether it can get root back.
+IDENTITY = r"""
+import ctypes, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+try:
+    os.setresuid(0, 0, 0)
+    regained = True
+except OSError:
+    regained = False
+res.end(json.dumps({'uids': os.getresuid(), 'gids': os.getresgid(),
+                    'groups': os.getgroups(), 'keep_caps': libc.prctl(7, 0, 0, 0, 0),
+                    'root': regained}))
+"""
+
 #: System V and POSIX IPC, both families: write (do=put) or read (do=get)
 #: under a fixed key, and the /dev/shm and /dev/mqueue file systems.
 IPC = r"""
@@ -298,6 +313,7 @@ class IsolationTests(TestCase):
                 "landlock.py": LANDLOCK,
                 "reader.py": READER,
                 "hold.py": HOLD,
+                "identity.py": IDENTITY,
                 "ipc.py": IPC,
             },
             workers=1,
@@ -468,6 +484,23 @@ class IsolationTests(TestCase):
         self.assertEqual(sorted(inside), sorted(held), "the handler sees other descriptors")
         self.assertEqual(inside[0], stat.S_IFCHR)
         self.assertEqual((inside[1], inside[3]), (stat.S_IFIFO, stat.S_IFSOCK))
+
+    async def test_identity(self) -> None:
+        """
+        A handler's process runs as its slot's uid and gid, real, effective
+        and saved alike, with no supplementary groups and the
+        keep-capabilities flag clear (the zygote set that flag and dropped
+        the groups once for all its children), and cannot become root.
+        """
+        for _ in range(2):
+            response = await http(self.port, "/?x-haiku-handler=identity.py")
+            self.assertEqual(response.status, 200, response.text)
+            report = json.loads(response.body)
+            uid, gid = report["uids"][0], report["gids"][0]
+            self.assertNotEqual(uid, 0)
+            self.assertNotEqual(gid, 0)
+            self.assertEqual(report, {"uids": [uid] * 3, "gids": [gid] * 3, "groups": [],
+                                      "keep_caps": 0, "root": False})
 
     async def test_no_ipc(self) -> None:
         """
