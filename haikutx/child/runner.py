@@ -72,7 +72,7 @@ class CodeCache:
 
         @raise HandlerFailed: (500) when it does not compile.
         """
-        key = (url, hashlib.sha256(source).digest())
+        key = (url, hashlib.blake2b(source, digest_size=32).digest())
         entry = self._codes.get(key)
         if entry is None:
             try:

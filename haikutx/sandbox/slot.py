@@ -63,6 +63,14 @@ class SlotSandbox:
     ipc: str = "not entered"
     ipc_per_child: bool = False
     _zygote_entered: bool = False
+    #: The Landlock layers of a child's own (made once, here).
+    _python_domain: landlock.OwnDomain | None = None
+    _stdio_domain: landlock.OwnDomain | None = None
+
+    def __post_init__(self) -> None:
+        if self.landlock_abi:
+            self._python_domain = landlock.OwnDomain(self.landlock_abi, deny_exec=True)
+            self._stdio_domain = landlock.OwnDomain(self.landlock_abi, deny_exec=False)
 
     # In the zygote
 
@@ -148,8 +156,8 @@ class SlotSandbox:
         @raise SandboxError: if a layer fails.
         """
         try:
-            if self.landlock_abi:
-                landlock.enter_own_domain(self.landlock_abi, deny_exec=True)
+            if self._python_domain is not None:
+                self._python_domain.enter()
             if self.python_filter is not None:
                 seccomp.install(self.python_filter)
         except OSError as e:
@@ -165,8 +173,8 @@ class SlotSandbox:
         @raise SandboxError: if a layer fails.
         """
         try:
-            if self.landlock_abi:
-                landlock.enter_own_domain(self.landlock_abi, deny_exec=False)
+            if self._stdio_domain is not None:
+                self._stdio_domain.enter()
         except OSError as e:
             raise SandboxError(f"sandbox: {e}") from e
 

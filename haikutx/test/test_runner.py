@@ -382,3 +382,51 @@ class RuntimeTests(TestCase):
         """
         await self._runtime(0)
         await self._check_all()
+
+
+class FrameTests(TestCase):
+    """
+    What a run sends is what the json module would have made.
+    """
+
+    def test_head_frame(self) -> None:
+        """
+        The C{HEAD} frame made by hand is byte for byte the one
+        C{wire.encode_json} makes, for odd statuses and headers too.
+        """
+        from haikutx.child.run import _encode_head
+
+        cases = [
+            (200, []),
+            (201, [["Content-Type", "text/plain"], ["X-Two", "a"], ["X-Two", "b"]]),
+            (200, [["X-Odd", 'é "quoted" \\ \n \x00 \u2028 \ud800 \U0001f600']]),
+            ("202", [["A", "b"]]),
+            (True, []),
+            (2.5, [["A", "b"]]),
+        ]
+        for status, pairs in cases:
+            self.assertEqual(
+                _encode_head(status, pairs),
+                wire.encode_json(wire.HEAD, {"status": status, "headers": pairs}),
+                (status, pairs),
+            )
+
+
+class CodeCacheTests(TestCase):
+    """
+    A process compiles each handler's source once.
+    """
+
+    def test_same_source_compiled_once(self) -> None:
+        """
+        The same URL and source give the same code object; a changed
+        source under the same URL is compiled anew.
+        """
+        from haikutx.child.runner import CodeCache
+
+        codes = CodeCache()
+        first = codes.compile("h.py", b"x = 1\n")
+        self.assertIs(codes.compile("h.py", b"x = 1\n"), first)
+        changed = codes.compile("h.py", b"x = 2\n")
+        self.assertIsNot(changed, first)
+        self.assertIsNot(codes.compile("other.py", b"x = 1\n"), first)
