@@ -48,7 +48,8 @@ import threading
 import time
 from typing import Any
 
-from haikutx.child import runner, wire
+from haikutx.child import forker, runner, wire
+from haikutx.child.forker import Forker
 from haikutx.sandbox._libc import PR_SET_PDEATHSIG, close_fds_except, libc
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -103,16 +104,23 @@ def fork() -> int:
         error = ctypes.get_errno()
         raise OSError(error, f"fork: {os.strerror(error)}")
     if pid == 0:
-        generator = sys.modules.get("random")
-        if generator is not None:
-            # What Random.seed() does, without its Python frame (which
-            # writes 30 more of the zygote's pages): fresh state from
-            # os.urandom, and no cached Gaussian.
-            shared = generator._inst
-            _random.Random.seed(shared, None)
-            if shared.gauss_next is not None:
-                shared.gauss_next = None
+        _reseed()
     return pid
+
+
+def _reseed() -> None:
+    """
+    In a freshly forked child: random numbers of its own (what
+    C{random.seed()} does, without its Python frame, which writes 30 more
+    of the zygote's pages: fresh state from C{os.urandom}, and no cached
+    Gaussian).
+    """
+    generator = sys.modules.get("random")
+    if generator is not None:
+        shared = generator._inst
+        _random.Random.seed(shared, None)
+        if shared.gauss_next is not None:
+            shared.gauss_next = None
 
 
 def _prepare(options: dict[str, Any]) -> Any:
@@ -382,12 +390,21 @@ class Zygote:
         self._current: _Child | None = None
         # Chosen once: the zygote starts no thread.
         self._fork_process = fork if threading.active_count() == 1 else os.fork
+        #: What forks the children, once L{serve} has started it.
+        self._forker: Forker | None = None
 
     def serve(self) -> None:
         """
         Serve until the server closes the channel; then kill every child.
         """
         self._poll.register(self._control.fileno(), select.POLLIN)
+        if self._fork_process is fork and forker.available():
+            self._forker = Forker.start(
+                fork,
+                self._run_child,
+                self._sandbox.new_ipc_namespace if self._sandbox is not None else None,
+            )
+            self._poll.register(self._forker.pidfd, select.POLLIN)
         self._fork()
         while True:
             try:
@@ -404,6 +421,11 @@ class Zygote:
                         self._stop()
                         return
                     continue
+                if self._forker is not None and fd == self._forker.pidfd:
+                    # It never ends by itself: no child can be forked now.
+                    os.write(2, b"the zygote's forker has ended\n")
+                    self._stop()
+                    return
                 entry = self._by_fd.get(fd)
                 if entry is None:
                     continue
@@ -419,9 +441,32 @@ class Zygote:
         else:
             self._control.sendall(frame)
 
+    def _run_child(self, channel: int, output: int) -> None:
+        """
+        Become the child the forker has just forked (L{_child}); never
+        returns.
+        """
+        _reseed()
+        _child(self._sandbox, channel, output, self._zygote)
+
     def _fork(self) -> None:
         """
-        Fork the next child, with a channel and an output pipe of its own.
+        Fork the next child, with a channel and an output pipe of its own:
+        by the forker (L{haikutx.child.forker}), or here.
+        """
+        if self._forker is not None:
+            pid, server_fd, read = self._forker.fork()
+            server_end = socket.socket(fileno=server_fd)
+        else:
+            pid, server_end, read = self._fork_here()
+        self._forked(pid, server_end, read)
+
+    def _fork_here(self) -> tuple[int, socket.socket, int]:
+        """
+        Fork the next child from this process.
+
+        @return: its pid, the server's end of its channel and the reading
+            end of its output pipe.
         """
         server_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         read, write = os.pipe()
@@ -440,6 +485,13 @@ class Zygote:
                 os._exit(EXIT_CHILD_FAILED)
         child_end.close()
         os.close(write)
+        return pid, server_end, read
+
+    def _forked(self, pid: int, server_end: socket.socket, read: int) -> None:
+        """
+        Take charge of a child just forked: watch its end and its output,
+        and pass the server its channel.
+        """
         # Never block on a child's pipe: an event of a batch may name a
         # descriptor number closed and reused since.
         os.set_blocking(read, False)
@@ -564,6 +616,8 @@ class Zygote:
             self._fork()
 
     def _stop(self) -> None:
+        if self._forker is not None:
+            self._forker.close()
         for child in list(self._children.values()):
             try:
                 os.kill(child.pid, signal.SIGKILL)

@@ -365,8 +365,8 @@ class IsolationTests(TestCase):
     async def test_nothing_outlives_its_zygote(self) -> None:
         """
         When a zygote dies (here: killed), its child dies too, even one that
-        stopped reading its channel, and so does its egress relay: no
-        process of the slot is left running.
+        stopped reading its channel, and so do its egress relay and its
+        forker: no process of the slot is left running.
         """
         pending = Deferred.fromCoroutine(http(self.port, "/?x-haiku-handler=linger.py"))
         await until(lambda: self.pool.status()["workers"].get("busy") == 1, 10)
@@ -374,7 +374,8 @@ class IsolationTests(TestCase):
         zygote = worker.pid
         await until(lambda: _answering(worker), 5, lambda: "the handler did not start")
         mine = [pid for pid in _all_pids() if _parent(pid) == zygote]
-        self.assertEqual(len(mine), 2, mine)  # the child and the egress relay
+        # The child, the egress relay and the forker.
+        self.assertEqual(len(mine), 3, mine)
         os.kill(zygote, 9)
         await pending
 
@@ -484,6 +485,53 @@ class IsolationTests(TestCase):
         self.assertEqual(sorted(inside), sorted(held), "the handler sees other descriptors")
         self.assertEqual(inside[0], stat.S_IFCHR)
         self.assertEqual((inside[1], inside[3]), (stat.S_IFIFO, stat.S_IFSOCK))
+
+    async def test_forker_holds_nothing(self) -> None:
+        """
+        A zygote's children are forked by its forker, a process of the
+        zygote's own that holds nothing but its channel to the zygote and
+        the zygote's standard streams, none of them an open file a handler
+        holds; the handler's process is the zygote's child (which reaps it
+        and whose death kills it), under the zygote's name.
+        """
+        if os.uname().machine != "x86_64":
+            raise SkipTest("kcmp's number is x86_64's here")
+        pending = Deferred.fromCoroutine(http(self.port, "/?x-haiku-handler=hold.py&wait=3"))
+        await until(lambda: self.pool.status()["workers"].get("busy") == 1, 10)
+        worker = next(iter(self.pool.workers))
+        child, zygote = worker.child_pid, worker.pid
+        await until(lambda: _fd_targets(child).get(3, "").startswith("socket:"), 5)
+        forkers = _forkers(zygote)
+        self.assertEqual(len(forkers), 1, forkers)
+        forker = forkers[0]
+        self.assertEqual(_parent(child), zygote)
+        self.assertEqual(_comm(child), _comm(zygote))
+        held = _fd_targets(forker)
+        self.assertEqual(sorted(held)[:3], [0, 1, 2], held)
+        self.assertEqual(len(held), 4, held)
+        self.assertTrue(held[max(held)].startswith("socket:"), held)
+        for fd in held:
+            for mine in _fd_targets(child):
+                self.assertFalse(_same_file(forker, fd, child, mine),
+                                 f"the forker's fd {fd} is the handler's fd {mine}")
+        response = await pending
+        self.assertEqual(response.status, 200)
+
+    async def test_forker_killed(self) -> None:
+        """
+        A zygote whose forker has died ends at once (with its children),
+        and its slot is started again: the next requests are served.
+        """
+        await self.victim("before")
+        worker = next(iter(self.pool.workers))
+        zygote = worker.pid
+        [forker] = _forkers(zygote)
+        os.kill(forker, 9)
+        await until(lambda: not _alive(zygote), 10, lambda: "the zygote lives on")
+        await until(lambda: any(w.pid not in (None, zygote) for w in self.pool.workers), 10)
+        await ready(self.pool)
+        for token in ("after", "again"):
+            await self.victim(token)
 
     async def test_identity(self) -> None:
         """
@@ -641,6 +689,21 @@ def _parent(pid: int) -> int:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except OSError:
         return 0
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _forkers(zygote: int) -> list[int]:
+    """
+    The zygote's forker(s): its children named C{haiku-forker}.
+    """
+    return [pid for pid in _all_pids() if _parent(pid) == zygote and _comm(pid) == "haiku-forker"]
 
 
 def _alive(pid: int) -> bool:

@@ -338,6 +338,11 @@ HANDLERS = {
     "await.py": "import asyncio\nawait asyncio.sleep(0.01)\nres.end('awaited')\n",
     "late.py": "res.write('a')\nset_timeout(lambda: res.end('b'), 10)\n",
     "after-end.py": "res.end('ended')\nres.write('more')\n",
+    "random.py": (
+        "import os, random, ssl\n"
+        "res.end(' '.join([str(random.getrandbits(64)), ssl.RAND_bytes(8).hex(),"
+        " os.urandom(8).hex(), str(os.getpid())]))\n"
+    ),
 }
 
 
@@ -375,6 +380,21 @@ class RuntimeTests(TestCase):
         """
         await self._runtime(1)
         await self._check_all()
+
+    async def test_random_per_process(self) -> None:
+        """
+        C{-r 1}: each process (forked by its zygote's forker, without the
+        C library's fork) has random numbers of its own: Python's, OpenSSL's
+        and the kernel's.
+        """
+        await self._runtime(1)
+        answers = []
+        for _ in range(3):
+            response = await http(self.port, "/?x-haiku-handler=random.py")
+            self.assertEqual(response.status, 200, response.text)
+            answers.append(response.text.split())
+        for column in zip(*answers, strict=True):
+            self.assertEqual(len(set(column)), 3, answers)
 
     async def test_reused_process(self) -> None:
         """
