@@ -93,6 +93,27 @@ class CodeCache:
         return entry[0]
 
 
+#: The json module's own scanner, without json.loads' frames and its two
+#: regular expressions (their pages are a forked child's to copy).
+_scan_json = json.decoder.JSONDecoder().scan_once
+
+
+def _load_head(payload: bytes) -> Any:
+    """
+    A request head from its JSON (the server's compact form, which starts
+    with its object); anything else goes through C{json.loads}, which
+    raises as it would have.
+    """
+    text = payload.decode("utf-8")
+    try:
+        head, end = _scan_json(text, 0)
+    except StopIteration:
+        end = -1
+    if end != len(text):
+        return json.loads(text)
+    return head
+
+
 def _streams_body(head: dict[str, Any]) -> bool:
     """
     Whether a request's run starts before its body is in: a stdio handler
@@ -473,7 +494,7 @@ class Worker:
         if kind == wire.CHALLENGE:
             self.send(wire.encode(wire.ANSWER, payload))
         elif kind == wire.REQUEST:
-            self._head = json.loads(payload.decode("utf-8"))
+            self._head = _load_head(payload)
             self._body = []
             if _streams_body(self._head):
                 head, self._head = self._head, None
