@@ -99,6 +99,19 @@ def _zygote_stat(pid: int, forkers: list[int]) -> tuple[int, int, int, int]:
     return cpu, children_cpu, faults, children_faults
 
 
+def _zygote_stat_at(parts: dict[int, tuple[int, int, int, int]],
+                    forkers: list[int]) -> tuple[int, int, int, int]:
+    """
+    L{_zygote_stat} from figures read earlier (C{parts}, by pid; the
+    zygote's first).
+    """
+    zygote = next(iter(parts))
+    cpu, children_cpu, faults, children_faults = parts[zygote]
+    for forker in forkers:
+        cpu, faults = cpu + parts[forker][0], faults + parts[forker][2]
+    return cpu, children_cpu, faults, children_faults
+
+
 def run(count: int, options: dict, root: Path = ROOT) -> dict[str, float]:
     """
     Serve C{count} children from a zygote of the tree at C{root}: wall time,
@@ -114,6 +127,8 @@ def run(count: int, options: dict, root: Path = ROOT) -> dict[str, float]:
     served = 0
     start = None
     first = memory = None
+    first_parts: dict[int, tuple[int, int, int, int]] = {}
+    forkers: list[int] = []
     request = wire.encode_json(wire.REQUEST, HEAD) + wire.encode(wire.BODY_END)
     for kind, payload in stream:
         if kind != wire.CHILD:
@@ -124,7 +139,7 @@ def run(count: int, options: dict, root: Path = ROOT) -> dict[str, float]:
         if start is None:
             start = time.perf_counter()
             forkers = _forkers(process.pid)
-            first = _zygote_stat(process.pid, forkers)
+            first_parts = {pid: _stat(pid) for pid in [process.pid, *forkers]}
             with open(f"/proc/{process.pid}/smaps_rollup") as f:
                 memory = {
                     line.split(":")[0]: int(line.split()[1])
@@ -144,6 +159,9 @@ def run(count: int, options: dict, root: Path = ROOT) -> dict[str, float]:
     wall = (time.perf_counter() - start) / count
     # Every child but the last has been retired; wait for their reaping.
     time.sleep(0.2)
+    # (A child just forked bears the forker's name for a moment.)
+    forkers = [pid for pid in _forkers(process.pid) if pid in forkers]
+    first = _zygote_stat_at(first_parts, forkers)
     last = _zygote_stat(process.pid, forkers)
     server.close()
     process.wait()

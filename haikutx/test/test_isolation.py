@@ -501,9 +501,7 @@ class IsolationTests(TestCase):
         worker = next(iter(self.pool.workers))
         child, zygote = worker.child_pid, worker.pid
         await until(lambda: _fd_targets(child).get(3, "").startswith("socket:"), 5)
-        forkers = _forkers(zygote)
-        self.assertEqual(len(forkers), 1, forkers)
-        forker = forkers[0]
+        forker = await _the_forker(zygote)
         self.assertEqual(_parent(child), zygote)
         self.assertEqual(_comm(child), _comm(zygote))
         held = _fd_targets(forker)
@@ -525,7 +523,7 @@ class IsolationTests(TestCase):
         await self.victim("before")
         worker = next(iter(self.pool.workers))
         zygote = worker.pid
-        [forker] = _forkers(zygote)
+        forker = await _the_forker(zygote)
         os.kill(forker, 9)
         await until(lambda: not _alive(zygote), 10, lambda: "the zygote lives on")
         await until(lambda: any(w.pid not in (None, zygote) for w in self.pool.workers), 10)
@@ -704,6 +702,16 @@ def _forkers(zygote: int) -> list[int]:
     The zygote's forker(s): its children named C{haiku-forker}.
     """
     return [pid for pid in _all_pids() if _parent(pid) == zygote and _comm(pid) == "haiku-forker"]
+
+
+async def _the_forker(zygote: int) -> int:
+    """
+    The zygote's forker (waiting, bounded, while a child it has just
+    forked has not yet taken the zygote's name back).
+    """
+    await until(lambda: len(_forkers(zygote)) == 1, 5,
+                lambda: f"the zygote's forkers: {_forkers(zygote)}")
+    return _forkers(zygote)[0]
 
 
 def _alive(pid: int) -> bool:
