@@ -24,6 +24,7 @@ Standard library only, so that the process starts and forks fast.
 
 from __future__ import annotations
 
+import _thread
 import ast
 import asyncio
 import builtins
@@ -444,11 +445,13 @@ class Worker:
         """
         Whether the asyncio loop has something to do, or may have: a run
         not finished, a body still arriving, callbacks or timers queued,
-        or descriptors that something made it make.
+        descriptors that something made it make, or threads.
         """
         if self.current is not None or self._streaming is not None:
             return True
-        if self._descriptors.opened:
+        if self._descriptors.opened or _thread._count():
+            # (A handler's thread may hand the loop work at any time: the
+            # loop wakes for it, a blocking read would not.)
             return True
         loop: Any = self.loop
         if loop._ready:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -50,7 +51,7 @@ class _WorkerProcess:
     A worker serving on one end of a socketpair in a process of its own.
     """
 
-    def __init__(self, case: TestCase, max_requests: int = 0) -> None:
+    def __init__(self, case: TestCase, max_requests: int = 0, stderr: Any = None) -> None:
         self._server, child = socket.socketpair()
         self._server.settimeout(WAIT)
         self.process = subprocess.Popen(
@@ -58,7 +59,7 @@ class _WorkerProcess:
              "import sys\nfrom haikutx.child.runner import Worker\n"
              f"Worker({max_requests}, int(sys.argv[1])).run()\n",
              str(child.fileno())],
-            pass_fds=(child.fileno(),), cwd=ROOT,
+            pass_fds=(child.fileno(),), cwd=ROOT, stderr=stderr,
             env=dict(os.environ, PYTHONPATH=str(ROOT)),
         )
         child.close()
@@ -71,6 +72,8 @@ class _WorkerProcess:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+        if self.process.stderr is not None:
+            self.process.stderr.close()
 
     def send(self, data: bytes) -> None:
         self._server.sendall(data)
@@ -269,6 +272,29 @@ class SynchronousPathTests(TestCase):
             worker = _WorkerProcess(self)
             self.assertEqual(worker.serve(source, f"/?pause={pause}"), (200, "from a thread"))
             self.assertEqual(worker.serve(HELLO), (200, "hello"))
+
+    def test_thread_after_answer(self) -> None:
+        """
+        A thread a handler left running after its answer hands the loop a
+        callback: the loop runs it then, not only when the next frame
+        arrives.
+        """
+        worker = _WorkerProcess(self, stderr=subprocess.PIPE)
+        source = (
+            "import asyncio, os, threading, time\n"
+            "loop = asyncio.get_running_loop()\n"
+            "def later():\n"
+            "    time.sleep(0.05)\n"
+            "    loop.call_soon_threadsafe(os.write, 2, b'late\\n')\n"
+            "threading.Thread(target=later).start()\n"
+            "res.end('answered')\n"
+        )
+        self.assertEqual(worker.serve(source), (200, "answered"))
+        assert worker.process.stderr is not None
+        ready, _, _ = select.select([worker.process.stderr], [], [], WAIT)
+        self.assertTrue(ready, "the callback did not run")
+        self.assertEqual(worker.process.stderr.readline(), b"late\n")
+        self.assertEqual(worker.serve(HELLO), (200, "hello"))
 
     def test_challenges_between_and_during_runs(self) -> None:
         """
