@@ -33,7 +33,6 @@ import inspect
 import json
 import linecache
 import os
-import selectors
 import sys
 import threading
 import traceback
@@ -43,6 +42,7 @@ from typing import Any
 
 from haikutx.child import wire
 from haikutx.child.api import Console
+from haikutx.child.lazyloop import LoopDescriptors
 from haikutx.child.params import parses_body
 from haikutx.child.run import HandlerFailed, HandlerRun, one_line
 
@@ -148,62 +148,6 @@ class _ConsoleStream:
 
     def isatty(self) -> bool:
         return False
-
-
-class _Unopened:
-    """
-    Stands for one of an event loop's descriptors (its selector, the two
-    ends of its self-pipe) until something uses it: then the loop's
-    descriptors are made (L{_LoopDescriptors.open}) and the use goes on
-    with the real object.  A process that serves only synchronous
-    handlers never makes them.
-    """
-
-    __slots__ = ("_descriptors", "_name")
-
-    def __init__(self, descriptors: _LoopDescriptors, name: str) -> None:
-        self._descriptors = descriptors
-        self._name = name
-
-    def __getattr__(self, attribute: str) -> Any:
-        loop = self._descriptors.open()
-        return getattr(getattr(loop, self._name), attribute)
-
-
-class _LoopDescriptors:
-    """
-    An event loop's descriptors, made when first needed: the loop is made
-    with them, which are closed at once and replaced by L{_Unopened}
-    stand-ins.  So a worker made before a fork (by the zygote, for its
-    next child) carries none of its maker's descriptors, and its child
-    makes its own only if it runs the loop or a handler uses it.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop: Any = loop
-        self._lock = threading.Lock()
-        self.opened = False
-        loop = self._loop
-        loop._close_self_pipe()
-        loop._selector.close()
-        loop._selector = _Unopened(self, "_selector")
-        loop._ssock = _Unopened(self, "_ssock")
-        loop._csock = _Unopened(self, "_csock")
-
-    def open(self) -> Any:
-        """
-        Make the loop's selector and self-pipe (once; a handler's thread
-        may get here first).
-
-        @return: the loop.
-        """
-        with self._lock:
-            if not self.opened:
-                loop = self._loop
-                loop._selector = selectors.DefaultSelector()
-                loop._make_self_pipe()
-                self.opened = True
-        return self._loop
 
 
 class _Interval:
@@ -323,7 +267,7 @@ class Worker:
         self.max_requests = max_requests
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(self._unhandled)
-        self._descriptors = _LoopDescriptors(self.loop)
+        self._descriptors = LoopDescriptors(self.loop)
         #: The request quota is reached: serve no more.
         self._stopped = False
         self._in = control_in
