@@ -11,7 +11,7 @@ arrives; a handler that answers before it returns (C{res.end} called, no
 task, timer or callback left) never starts the asyncio loop, whose
 descriptors (an epoll and a self-pipe) are not even made.  The first
 handler that leaves something for later (a coroutine, a timer, a task, a
-stdio interpreter) moves the process to its asyncio loop for good
+thread, a stdio interpreter) moves the process to its asyncio loop for good
 (L{Worker.run}).  Either way, heartbeat challenges are answered by the
 code that runs handler code, between handlers, so a handler that blocks
 stops the answers and is caught.
