@@ -104,8 +104,9 @@ class Forker:
         @param fork: how the zygote forks (the forker's own fork).
         @param run_child: called in each child with its channel and the
             writing end of its output pipe; never returns.
-        @param before_fork: called in the forker before each fork (a new
-            IPC namespace for the next child), or C{None}.
+        @param before_fork: called in the forker before each fork (what is
+            the next child's alone: its random numbers, its IPC namespace),
+            or C{None}.
         """
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         zygote = os.getpid()
