@@ -175,6 +175,46 @@ await asyncio.sleep(float(req.query.get('wait', '2')))
 res.end()
 """
 
+#: Probes every process up to a little beyond its own pid with signal 0
+#: (C{kill} and C{pidfd_send_signal}): which ones it could signal; then
+#: sends SIGKILL both ways to the pids named in its query (its zygote and
+#: the zygote's forker: only those, should the sandbox fail).
+SIGNAL_ALL = r"""
+import ctypes, json, os, signal
+me = os.getpid()
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def pidfd_signal(pid, number):
+    fd = libc.syscall(434, ctypes.c_int(pid), ctypes.c_uint(0))  # pidfd_open
+    if fd < 0:
+        return False
+    try:
+        return libc.syscall(424, ctypes.c_int(fd), ctypes.c_int(number), None,
+                            ctypes.c_uint(0)) == 0  # pidfd_send_signal
+    finally:
+        os.close(fd)
+reachable = []
+for pid in range(1, me + 200):
+    if pid == me:
+        continue
+    try:
+        os.kill(pid, 0)
+        reachable.append(pid)
+    except OSError:
+        if pidfd_signal(pid, 0):
+            reachable.append(pid)
+killed = []
+for pid in [int(p) for p in req.query['kill'].split(',')]:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+    except OSError:
+        pass
+    if pidfd_signal(pid, signal.SIGKILL):
+        killed.append(pid)
+res.end(json.dumps({'reachable': reachable, 'killed': killed}))
+"""
+
 #: Reports its process's identity: ids, supplementary groups, the
 #: keep-capabilities flag, and whether it can get root back.
 IDENTITY = r"""
@@ -314,6 +354,7 @@ class IsolationTests(TestCase):
                 "reader.py": READER,
                 "hold.py": HOLD,
                 "identity.py": IDENTITY,
+                "signal-all.py": SIGNAL_ALL,
                 "ipc.py": IPC,
             },
             workers=1,
@@ -530,6 +571,27 @@ class IsolationTests(TestCase):
         await ready(self.pool)
         for token in ("after", "again"):
             await self.victim(token)
+
+    async def test_forker_out_of_reach(self) -> None:
+        """
+        A handler that probes every process by number (up to beyond its
+        own) with C{kill} and C{pidfd_send_signal} can signal none, and its
+        C{SIGKILL}s to its zygote and the zygote's forker fail: both live
+        on, and the next request is served.
+        """
+        await self.victim("before")
+        worker = next(iter(self.pool.workers))
+        zygote = worker.pid
+        forker = await _the_forker(zygote)
+        response = await http(
+            self.port, f"/?x-haiku-handler=signal-all.py&kill={zygote},{forker}"
+        )
+        self.assertEqual(response.status, 200, response.text)
+        self.assertEqual(json.loads(response.body), {"reachable": [], "killed": []})
+        self.assertTrue(_alive(forker) and _alive(zygote))
+        self.assertIn(worker, self.pool.workers)
+        self.assertEqual(worker.pid, zygote)
+        await self.victim("after")
 
     async def test_identity(self) -> None:
         """
