@@ -48,6 +48,7 @@ class Usage:
     """
 
     ppid: int
+    name: str
     cpu: float
     faults: int
     reaped_cpu: float
@@ -57,12 +58,14 @@ class Usage:
 def _stat(pid: int) -> Usage | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+            text = f.read()
     except OSError:
         return None
+    name, rest = text.split("(", 1)[1].rsplit(")", 1)
+    fields = rest.split()
     minflt, cminflt = int(fields[7]), int(fields[8])
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return Usage(int(fields[1]), (utime + stime) / _TICK, minflt,
+    return Usage(int(fields[1]), name, (utime + stime) / _TICK, minflt,
                  (cutime + cstime) / _TICK, cminflt)
 
 
@@ -93,7 +96,10 @@ def split_usage(root: int) -> dict[str, tuple[float, int]]:
         add("zygotes", usage.cpu, usage.faults)
         add("children", usage.reaped_cpu, usage.reaped_faults)
     for usage in table.values():
-        if usage.ppid in zygotes:
+        if usage.ppid in zygotes and usage.name == "haiku-forker":
+            # A zygote's forker does the zygote's forking.
+            add("zygotes", usage.cpu, usage.faults)
+        elif usage.ppid in zygotes:
             # Live children: their own children (a stdio handler's) are
             # not counted; hello has none.
             add("children", usage.cpu + usage.reaped_cpu, usage.faults + usage.reaped_faults)

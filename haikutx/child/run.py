@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import traceback
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any, Protocol
 
 from haikutx.child import wire
@@ -38,6 +39,23 @@ def one_line(error: BaseException) -> str:
     """
     text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     return text.replace("\r", " ").replace("\n", " ")
+
+
+def _encode_head(status: Any, pairs: list[list[str]]) -> bytes:
+    """
+    The L{wire.HEAD} frame of a response: what C{wire.encode_json} makes of
+    C{{"status": status, "headers": pairs}}, made by hand for an int status
+    and string pairs (the json module's encoder, made anew for each call,
+    writes pages a forked child would copy).
+    """
+    if type(status) is int and all(
+        type(name) is str and type(value) is str for name, value in pairs
+    ):
+        quote = encode_basestring_ascii
+        headers = ",".join([f"[{quote(name)},{quote(value)}]" for name, value in pairs])
+        payload = f'{{"status":{status},"headers":[{headers}]}}'.encode("ascii")
+        return wire.encode(wire.HEAD, payload)
+    return wire.encode_json(wire.HEAD, {"status": status, "headers": pairs})
 
 
 class RunHost(Protocol):
@@ -163,12 +181,7 @@ class HandlerRun(ResponseSink):
         self._send_head(response)
 
     def _send_head(self, response: Response) -> None:
-        self._worker.send(
-            wire.encode_json(
-                wire.HEAD,
-                {"status": response.status_code, "headers": response.header_pairs()},
-            )
-        )
+        self._worker.send(_encode_head(response.status_code, response.header_pairs()))
 
     def body(self, data: bytes) -> None:
         if self.done or self._mode == "body":

@@ -1,21 +1,30 @@
 # -*- test-case-name: haikutx.test.test_runtime -*-
 """
 A child process's main loop: it reads requests from its own channel (fd 3,
-L{haikutx.child.wire}), runs each Python handler on an asyncio loop
-(L{PythonRun}) or hands it to an interpreter (L{haikutx.child.stdio}), and
-writes the response back on the same channel.
+L{haikutx.child.wire}), runs each Python handler (L{PythonRun}) or hands it
+to an interpreter (L{haikutx.child.stdio}), and writes the response back on
+the same channel.
+
+A process serves synchronously for as long as its handlers do: it reads
+its channel with blocking reads and runs each handler as its request
+arrives; a handler that answers before it returns (C{res.end} called, no
+task, timer or callback left) never starts the asyncio loop, whose
+descriptors (an epoll and a self-pipe) are not even made.  The first
+handler that leaves something for later (a coroutine, a timer, a task, a
+thread, a stdio interpreter) moves the process to its asyncio loop for good
+(L{Worker.run}).  Either way, heartbeat challenges are answered by the
+code that runs handler code, between handlers, so a handler that blocks
+stops the answers and is caught.
 
 The child decides nothing about its own lifecycle: it serves until the
 server closes its channel, and its zygote, told by the server, kills it.
-
-Heartbeat challenges are answered from the same loop that runs handler
-code, so a handler that blocks the loop stops the answers and is caught.
 
 Standard library only, so that the process starts and forks fast.
 """
 
 from __future__ import annotations
 
+import _thread
 import ast
 import asyncio
 import builtins
@@ -24,8 +33,8 @@ import inspect
 import json
 import linecache
 import os
-import selectors
 import sys
+import threading
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,6 +42,7 @@ from typing import Any
 
 from haikutx.child import wire
 from haikutx.child.api import Console
+from haikutx.child.lazyloop import LoopDescriptors
 from haikutx.child.params import parses_body
 from haikutx.child.run import HandlerFailed, HandlerRun, one_line
 
@@ -63,7 +73,7 @@ class CodeCache:
 
         @raise HandlerFailed: (500) when it does not compile.
         """
-        key = (url, hashlib.sha256(source).digest())
+        key = (url, hashlib.blake2b(source, digest_size=32).digest())
         entry = self._codes.get(key)
         if entry is None:
             try:
@@ -82,6 +92,27 @@ class CodeCache:
         # Its lines, for tracebacks (a handler may have changed the cache).
         linecache.cache[url] = entry[1]
         return entry[0]
+
+
+#: The json module's own scanner, without json.loads' frames and its two
+#: regular expressions (their pages are a forked child's to copy).
+_scan_json = json.decoder.JSONDecoder().scan_once
+
+
+def _load_head(payload: bytes) -> Any:
+    """
+    A request head from its JSON (the server's compact form, which starts
+    with its object); anything else goes through C{json.loads}, which
+    raises as it would have.
+    """
+    text = payload.decode("utf-8")
+    try:
+        head, end = _scan_json(text, 0)
+    except StopIteration:
+        end = -1
+    if end != len(text):
+        return json.loads(text)
+    return head
 
 
 def _streams_body(head: dict[str, Any]) -> bool:
@@ -236,6 +267,9 @@ class Worker:
         self.max_requests = max_requests
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(self._unhandled)
+        self._descriptors = LoopDescriptors(self.loop)
+        #: The request quota is reached: serve no more.
+        self._stopped = False
         self._in = control_in
         self._out = control_in if control_out is None else control_out
         self._reader = wire.FrameReader()
@@ -264,23 +298,6 @@ class Worker:
         #: own uid, its signals scoped to its Landlock domain).
         self.end_run_processes: Callable[[], None] | None = None
         self._stdout, self._stderr = sys.stdout, sys.stderr
-
-    def renew_loop_descriptors(self) -> None:
-        """
-        Give the event loop descriptors of this process's own, in a child
-        forked from the process that made this worker (the zygote makes a
-        child's worker before the fork, so that no child repeats that
-        work): a new epoll instance and self-pipe, made after the child
-        closed every inherited descriptor.  The loop's former selector and
-        sockets are kept, never closed: their numbers may be reused by now.
-        """
-        loop: Any = self.loop
-        self._inherited = (loop._selector, loop._ssock, loop._csock)
-        loop._ssock.detach()
-        loop._csock.detach()
-        loop._internal_fds -= 1
-        loop._selector = selectors.DefaultSelector()
-        loop._make_self_pipe()
 
     def send(self, frame: bytes) -> None:
         """
@@ -319,11 +336,13 @@ class Worker:
     def run(self) -> None:
         """
         Serve until the server closes the channel (or the request quota, if
-        one was given, is reached).
+        one was given, is reached): synchronously while every handler
+        answers before it returns, then on the asyncio loop.
         """
-        self.loop.add_reader(self._in, self._readable)
         try:
-            self.loop.run_forever()
+            if self._serve_synchronously():
+                self.loop.add_reader(self._in, self._readable)
+                self.loop.run_forever()
         finally:
             sys.stdout, sys.stderr = self._stdout, self._stderr
             if not self.server_gone:
@@ -331,6 +350,66 @@ class Worker:
                     self.flush()
                 except OSError:
                     pass
+
+    def _serve_synchronously(self) -> bool:
+        """
+        Read the channel with blocking reads and handle its frames, for as
+        long as nothing is left for the asyncio loop to do.  Handler code
+        runs with the loop as the running loop, as it would on the loop.
+
+        @return: whether the loop must take over; C{False} when the server
+            has gone or the worker has stopped.
+        """
+        loop: Any = self.loop
+        # Running, as far as handler code can tell (run_forever's marks).
+        loop._thread_id = threading.get_ident()
+        asyncio._set_running_loop(loop)
+        try:
+            while not self._stopped and not loop._stopping:
+                try:
+                    data = os.read(self._in, 1 << 16)
+                except OSError:
+                    data = b""
+                if not data:
+                    self.server_gone = True
+                    return False
+                try:
+                    self._handle(data)
+                except Exception as e:
+                    # As the loop would have: to its exception handler.
+                    self._unhandled(loop, {"message": "unhandled", "exception": e})
+                if self._loop_has_work():
+                    return not self._stopped
+            return False
+        finally:
+            asyncio._set_running_loop(None)
+            loop._thread_id = None
+
+    def _loop_has_work(self) -> bool:
+        """
+        Whether the asyncio loop has something to do, or may have: a run
+        not finished, a body still arriving, callbacks or timers queued,
+        descriptors that something made it make, or threads.
+        """
+        if self.current is not None or self._streaming is not None:
+            return True
+        if self._descriptors.opened or _thread._count():
+            # (A handler's thread may hand the loop work at any time: the
+            # loop wakes for it, a blocking read would not.)
+            return True
+        loop: Any = self.loop
+        if loop._ready:
+            return True
+        scheduled = loop._scheduled
+        if scheduled:
+            if any(not handle.cancelled() for handle in scheduled):
+                return True
+            # Only the cancelled timers of finished runs: drop them.
+            for handle in scheduled:
+                handle._scheduled = False
+            scheduled.clear()
+            loop._timer_cancelled_count = 0
+        return False
 
     def _readable(self) -> None:
         try:
@@ -343,6 +422,13 @@ class Worker:
             self.server_gone = True
             self.loop.stop()
             return
+        self._handle(data)
+
+    def _handle(self, data: bytes) -> None:
+        """
+        Handle the frames of bytes read from the channel, then write what
+        they made.
+        """
         self._reading = True
         try:
             for kind, payload in self._reader.feed(data):
@@ -355,7 +441,7 @@ class Worker:
         if kind == wire.CHALLENGE:
             self.send(wire.encode(wire.ANSWER, payload))
         elif kind == wire.REQUEST:
-            self._head = json.loads(payload.decode("utf-8"))
+            self._head = _load_head(payload)
             self._body = []
             if _streams_body(self._head):
                 head, self._head = self._head, None
@@ -418,6 +504,7 @@ class Worker:
         self.flush()
         self._served += 1
         if self.max_requests and self._served >= self.max_requests:
+            self._stopped = True
             self.loop.stop()
             return
         if run.has_tasks():

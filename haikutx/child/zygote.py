@@ -27,16 +27,14 @@ Standard library only (no Twisted): forking a small process is fast.
 Everything a child would otherwise do first, and slowly, in each fresh
 process (lazy imports, first calls through ctypes, a garbage collection
 that touches every inherited object) is done once here before the first
-fork; see L{_warm_up}.
+fork; see L{haikutx.child.warmup}.
 """
 
 from __future__ import annotations
 
-import asyncio
+import _random
 import ctypes
-import gc
 import json
-import linecache
 import os
 import select
 import signal
@@ -47,7 +45,8 @@ import threading
 import time
 from typing import Any
 
-from haikutx.child import runner, wire
+from haikutx.child import forker, runner, warmup, wire
+from haikutx.child.forker import Forker
 from haikutx.sandbox._libc import PR_SET_PDEATHSIG, close_fds_except, libc
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -60,6 +59,9 @@ EXIT_SERVER_GONE = 3
 
 #: A child's exit status when the sandbox could not be applied.
 EXIT_SANDBOX_FAILED = 70
+
+#: A child's exit status when zygote code failed in it.
+EXIT_CHILD_FAILED = 1
 
 #: Output bytes forwarded per child; the rest is dropped (and said so).
 MAX_OUTPUT = 64 * 1024
@@ -99,10 +101,24 @@ def fork() -> int:
         error = ctypes.get_errno()
         raise OSError(error, f"fork: {os.strerror(error)}")
     if pid == 0:
-        generator = sys.modules.get("random")
-        if generator is not None:
-            generator.seed()
+        _reseed()
     return pid
+
+
+def _reseed() -> None:
+    """
+    Random numbers of its own for a freshly forked child, or for the next
+    child the forker forks (what C{random.seed()} does, without its Python
+    frame, which writes 30 more pages: fresh state from C{os.urandom}, and
+    no cached Gaussian).  Done in the forker, it costs the forker 12 pages
+    per child and spares the child 22.
+    """
+    generator = sys.modules.get("random")
+    if generator is not None:
+        shared = generator._inst
+        _random.Random.seed(shared, None)
+        if shared.gauss_next is not None:
+            shared.gauss_next = None
 
 
 def _prepare(options: dict[str, Any]) -> Any:
@@ -243,8 +259,8 @@ def _confiner(sandbox: Any, worker: runner.Worker) -> Any:
 _OWN_UID = False
 
 #: The worker each child serves with, made once by L{main} before the
-#: first fork (each child gets its own copy, and renews its loop's
-#: descriptors, L{runner.Worker.renew_loop_descriptors}).
+#: first fork (each child gets its own copy; its event loop's descriptors
+#: are made in the child, if it ever runs the loop).
 _next_worker: runner.Worker | None = None
 
 
@@ -314,9 +330,7 @@ def _child(sandbox: Any, channel: int, output: int, zygote: int) -> None:
         worker = runner.Worker(0, runner.CHANNEL)
         if sandbox is not None:
             worker.confine = _confiner(sandbox, worker)
-    else:
-        # Its confiner was made with it, in the zygote.
-        worker.renew_loop_descriptors()
+    # (Else its confiner was made with it, in the zygote.)
     worker.run()
     sys.stdout.flush()
     os._exit(0)
@@ -374,12 +388,17 @@ class Zygote:
         self._current: _Child | None = None
         # Chosen once: the zygote starts no thread.
         self._fork_process = fork if threading.active_count() == 1 else os.fork
+        #: What forks the children, once L{serve} has started it.
+        self._forker: Forker | None = None
 
     def serve(self) -> None:
         """
         Serve until the server closes the channel; then kill every child.
         """
         self._poll.register(self._control.fileno(), select.POLLIN)
+        if self._fork_process is fork and forker.available():
+            self._forker = Forker.start(fork, self._run_child, self._before_fork)
+            self._poll.register(self._forker.pidfd, select.POLLIN)
         self._fork()
         while True:
             try:
@@ -396,6 +415,11 @@ class Zygote:
                         self._stop()
                         return
                     continue
+                if self._forker is not None and fd == self._forker.pidfd:
+                    # It never ends by itself: no child can be forked now.
+                    os.write(2, b"the zygote's forker has ended\n")
+                    self._stop()
+                    return
                 entry = self._by_fd.get(fd)
                 if entry is None:
                     continue
@@ -411,9 +435,40 @@ class Zygote:
         else:
             self._control.sendall(frame)
 
+    def _run_child(self, channel: int, output: int) -> None:
+        """
+        Become the child the forker has just forked (L{_child}); never
+        returns.
+        """
+        _child(self._sandbox, channel, output, self._zygote)
+
+    def _before_fork(self) -> None:
+        """
+        In the forker, before each fork: random numbers for the next child
+        alone, and its IPC namespace.
+        """
+        _reseed()
+        if self._sandbox is not None:
+            self._sandbox.new_ipc_namespace()
+
     def _fork(self) -> None:
         """
-        Fork the next child, with a channel and an output pipe of its own.
+        Fork the next child, with a channel and an output pipe of its own:
+        by the forker (L{haikutx.child.forker}), or here.
+        """
+        if self._forker is not None:
+            pid, server_fd, read = self._forker.fork()
+            server_end = socket.socket(fileno=server_fd)
+        else:
+            pid, server_end, read = self._fork_here()
+        self._forked(pid, server_end, read)
+
+    def _fork_here(self) -> tuple[int, socket.socket, int]:
+        """
+        Fork the next child from this process.
+
+        @return: its pid, the server's end of its channel and the reading
+            end of its output pipe.
         """
         server_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         read, write = os.pipe()
@@ -421,13 +476,24 @@ class Zygote:
             self._sandbox.new_ipc_namespace()
         pid = self._fork_process()
         if pid == 0:
-            # Detached, so that no socket object closes a number reused later.
-            self._control.detach()
-            server_end.detach()
-            _child(self._sandbox, child_end.detach(), write, self._zygote)
-            os._exit(0)
+            # This frame never returns, and never unwinds: no socket
+            # object of the zygote's is ever closed in the child, where
+            # its number may be another descriptor by then.
+            try:
+                _child(self._sandbox, child_end.fileno(), write, self._zygote)
+            except BaseException:
+                sys.excepthook(*sys.exc_info())
+            finally:
+                os._exit(EXIT_CHILD_FAILED)
         child_end.close()
         os.close(write)
+        return pid, server_end, read
+
+    def _forked(self, pid: int, server_end: socket.socket, read: int) -> None:
+        """
+        Take charge of a child just forked: watch its end and its output,
+        and pass the server its channel.
+        """
         # Never block on a child's pipe: an event of a batch may name a
         # descriptor number closed and reused since.
         os.set_blocking(read, False)
@@ -552,6 +618,8 @@ class Zygote:
             self._fork()
 
     def _stop(self) -> None:
+        if self._forker is not None:
+            self._forker.close()
         for child in list(self._children.values()):
             try:
                 os.kill(child.pid, signal.SIGKILL)
@@ -562,98 +630,6 @@ class Zygote:
                 os.waitpid(child.pid, 0)
             except ChildProcessError:
                 pass
-
-
-#: Requests the zygote serves itself before its first fork (L{_warm_up}).
-WARM_UP_REQUESTS = 64
-
-#: The warm-up requests' head, shaped like the server's.
-_WARM_UP_HEAD = {
-    "method": "GET",
-    "url": "/?x-haiku-handler=%3Cwarm-up%3E",
-    "headers": [["Host", "localhost"], ["User-Agent", "warm-up"], ["Accept", "*/*"]],
-    "remote_addr": "127.0.0.1",
-    "protocol": "HTTP/1.1",
-    "handler_url": "<warm-up>",
-    # The zygote's own code, not a handler's: the zygote runs no handler code.
-    "source": "res.write_head(200, {'Content-Type': 'text/plain'})\nres.end(req.method)\n",
-    "language": "python",
-    "console": "none",
-    "max_console": 4096,
-    "debug": False,
-    "body_length": 0,
-}
-
-
-def _serve_warm_up_requests(count: int, seconds: float = 5.0) -> None:
-    """
-    Serve C{count} requests of the zygote's own warm-up handler through a
-    real L{runner.Worker} over a socketpair, one at a time, as the server
-    would.  Besides readying every function of a request's path, this
-    specializes their bytecode (CPython 3.11 rewrites an instruction's
-    inline cache as it runs, some 50 times before it settles), so that a
-    child's request writes to fewer of the pages it inherited, each of
-    which the kernel would copy for it.
-
-    Measured on the 2-core VM (300 children, no sandbox): a child's CPU from
-    fork to exit 4.4 ms without, 3.5–3.6 ms with 64 warm-up requests; its
-    page faults 460 against 380.
-    """
-    server, child = socket.socketpair()
-    worker = runner.Worker(count, child.fileno())
-    reader = wire.FrameReader()
-    request = wire.encode_json(wire.REQUEST, _WARM_UP_HEAD) + wire.encode(wire.BODY_END)
-
-    def answered() -> None:
-        data = server.recv(65536)
-        if not data:
-            worker.loop.stop()
-            return
-        for kind, _ in reader.feed(data):
-            if kind in (wire.FINISH, wire.FAIL):
-                server.sendall(request)
-
-    worker.loop.add_reader(server.fileno(), answered)
-    # A bound, should a warm-up request never finish.
-    worker.loop.call_later(seconds, worker.loop.stop)
-    server.sendall(request)
-    try:
-        worker.run()
-    finally:
-        worker.loop.close()
-        server.close()
-        child.close()
-        linecache.cache.pop("<warm-up>", None)
-
-
-def _warm_up() -> None:
-    """
-    Do once, before the first fork, what every child would otherwise do
-    for the first time: import what is imported lazily, make the first
-    calls through ctypes and asyncio, compile a handler, serve requests
-    (L{_serve_warm_up_requests}).
-
-    Measured on a 2-core VM: a child's first event loop costs 2.7 ms cold
-    and 0.2 ms warm.
-    """
-    # The zygote has no parent-death signal: setting none is a no-op call
-    # that readies the ctypes function each child calls first.
-    libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)
-    asyncio.new_event_loop().close()
-    json.loads(json.dumps({"warm": [1, 2.0, None, True]}))
-    _serve_warm_up_requests(WARM_UP_REQUESTS)
-
-
-def _freeze() -> None:
-    """
-    Collect the garbage and freeze what is left (L{gc.freeze}), so that no
-    child's collection walks, and so copies, the pages it inherited: a full
-    collection in a child costs 19 ms unfrozen, 0.3 ms frozen.
-    """
-    gc.collect()
-    if "trim" in os.environ.get("ZYGX", ""):
-        ctypes.CDLL(None).malloc_trim(0)
-    gc.freeze()
 
 
 def main(argv: list[str]) -> None:
@@ -691,7 +667,7 @@ def main(argv: list[str]) -> None:
         else:
             processes = _run_group(options)
         report["layers"]["processes"] = processes
-    _warm_up()
+    warmup.warm_up()
     if sandbox is not None:
         try:
             sandbox.enter_zygote()
@@ -703,7 +679,7 @@ def main(argv: list[str]) -> None:
     _next_worker = runner.Worker(0, runner.CHANNEL)
     if sandbox is not None:
         _next_worker.confine = _confiner(sandbox, _next_worker)
-    _freeze()
+    warmup.freeze()
     Zygote(control, sandbox).serve()
     os._exit(0)
 

@@ -69,7 +69,11 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     @return: the call's result.
     @raise OSError: if it fails.
     """
-    return check(libc.prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
+    result = libc.prctl(option, arg2, arg3, arg4, arg5)
+    if result < 0:
+        # (The message is made only then: a forked child calls this.)
+        check(result, f"prctl({option})")
+    return result
 
 
 PR_SET_NO_NEW_PRIVS = 38

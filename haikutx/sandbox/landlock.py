@@ -273,14 +273,65 @@ def restrict_self(ruleset_fd: int) -> None:
     )
 
 
+class OwnDomain:
+    """
+    A Landlock layer of a process's own, made and dropped by that process
+    (L{enter}); its arguments are made once, where it is prepared (a
+    zygote, for all its children), so that a forked child only makes the
+    system calls.  The layer scopes signals and abstract unix sockets to
+    the process and its children (ABI 6+), so that it cannot signal its
+    zygote or a sibling, and with C{deny_exec} forbids executing any file.
+
+    @ivar adds: whether entering it adds a layer (C{False} when the ABI
+        has nothing to add).
+    """
+
+    def __init__(self, abi: int, deny_exec: bool) -> None:
+        """
+        @param abi: the Landlock ABI (from L{abi_version}).
+        @param deny_exec: also deny C{execve} of every file.
+        """
+        handled_fs = ACCESS_FS_EXECUTE if deny_exec and abi >= 1 else 0
+        scopes = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0
+        self.adds = bool(handled_fs or scopes)
+        size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+        self._attr = _RulesetAttr(
+            handled_access_fs=handled_fs, handled_access_net=0, scoped=scopes
+        )
+        self._create = (
+            syscall_number("landlock_create_ruleset"),
+            ctypes.byref(self._attr),
+            ctypes.c_size_t(size),
+            ctypes.c_uint32(0),
+        )
+        self._restrict = syscall_number("landlock_restrict_self")
+        self._flags = ctypes.c_uint32(0)
+        self._syscall = libc.syscall
+
+    def enter(self) -> bool:
+        """
+        Stack the layer on the calling process: its ruleset descriptor is
+        closed before this returns, so no handler ever holds one.
+
+        @return: whether a layer was added.
+        @raise OSError: if the kernel refuses.
+        """
+        if not self.adds:
+            return False
+        fd = check(self._syscall(*self._create), "landlock_create_ruleset")
+        try:
+            check(
+                self._syscall(self._restrict, ctypes.c_int(fd), self._flags),
+                "landlock_restrict_self",
+            )
+        finally:
+            os.close(fd)
+        return True
+
+
 def enter_own_domain(abi: int, deny_exec: bool) -> bool:
     """
-    Stack a Landlock layer of the calling process's own, made and dropped
-    here: its ruleset descriptor is closed before this returns, so no
-    handler ever holds one.  The layer scopes signals and abstract unix
-    sockets to this process and its children (ABI 6+), so that it cannot
-    signal its zygote or a sibling, and with C{deny_exec} forbids
-    executing any file.
+    Stack a Landlock layer of the calling process's own (L{OwnDomain}).
 
     @param abi: the Landlock ABI (from L{abi_version}).
     @param deny_exec: also deny C{execve} of every file.
@@ -288,23 +339,4 @@ def enter_own_domain(abi: int, deny_exec: bool) -> bool:
         to add).
     @raise OSError: if the kernel refuses.
     """
-    handled_fs = ACCESS_FS_EXECUTE if deny_exec and abi >= 1 else 0
-    scopes = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0
-    if not handled_fs and not scopes:
-        return False
-    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
-    attr = _RulesetAttr(handled_access_fs=handled_fs, handled_access_net=0, scoped=scopes)
-    fd = check(
-        libc.syscall(
-            syscall_number("landlock_create_ruleset"),
-            ctypes.byref(attr),
-            ctypes.c_size_t(size),
-            ctypes.c_uint32(0),
-        ),
-        "landlock_create_ruleset",
-    )
-    try:
-        restrict_self(fd)
-    finally:
-        os.close(fd)
-    return True
+    return OwnDomain(abi, deny_exec).enter()

@@ -125,6 +125,9 @@ class PreparedIdentity:
         self._data[0].permitted = mask
         self._data[0].inheritable = mask if ambient else 0
         self._header_ref = ctypes.byref(self._header)
+        # Looked up here, once: the C library's first lookup of a name
+        # (dlsym, and the new function object) writes 40 pages of a child.
+        self._capset = libc.capset
 
 
 def drop_bounding_set(prepared: PreparedIdentity) -> None:
@@ -144,7 +147,25 @@ def drop_bounding_set(prepared: PreparedIdentity) -> None:
             check(-1, "PR_CAPBSET_DROP")
 
 
-def switch_identity(prepared: PreparedIdentity, bounding_set_dropped: bool = False) -> None:
+def prepare_children(prepared: PreparedIdentity) -> None:
+    """
+    In a zygote, once, what every child's switch to the prepared identity
+    would repeat and the children inherit: the emptied bounding set
+    (L{drop_bounding_set}), no supplementary groups, and C{keep_caps} set
+    when a capability is to be kept (a securebit, inherited by C{fork};
+    only a change of uid away from 0 reads it, which the zygote never
+    makes).  Its children then switch with C{zygote_prepared=True}
+    (L{switch_identity}).
+
+    @raise OSError: if a step fails (the caller must exit).
+    """
+    drop_bounding_set(prepared)
+    os.setgroups([])
+    if prepared.identity.keep_read_capability:
+        prctl(PR_SET_KEEPCAPS, 1)
+
+
+def switch_identity(prepared: PreparedIdentity, zygote_prepared: bool = False) -> None:
     """
     Become the prepared identity for good (real, effective and saved ids;
     no supplementary groups), keeping at most C{CAP_DAC_READ_SEARCH} (in
@@ -152,21 +173,21 @@ def switch_identity(prepared: PreparedIdentity, bounding_set_dropped: bool = Fal
     C{execve} of an interpreter). Must be called as root.
 
     @param prepared: from L{PreparedIdentity}, made in the zygote.
-    @param bounding_set_dropped: the zygote already emptied the bounding
-        set (L{drop_bounding_set}), which this process inherited.
+    @param zygote_prepared: the zygote already did L{prepare_children},
+        whose effects this process inherited.
     @raise OSError: if a step fails (the caller must then exit).
     """
     identity = prepared.identity
     keep = identity.keep_read_capability
-    if not bounding_set_dropped:
+    if not zygote_prepared:
         drop_bounding_set(prepared)
-    if keep:
-        prctl(PR_SET_KEEPCAPS, 1)
-    os.setgroups([])
+        if keep:
+            prctl(PR_SET_KEEPCAPS, 1)
+        os.setgroups([])
     os.setresgid(identity.gid, identity.gid, identity.gid)
     os.setresuid(identity.uid, identity.uid, identity.uid)
     if keep:
-        check(libc.capset(prepared._header_ref, prepared._data), "capset")
+        check(prepared._capset(prepared._header_ref, prepared._data), "capset")
         prctl(PR_SET_KEEPCAPS, 0)
         if prepared.ambient:
             prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_DAC_READ_SEARCH)

@@ -63,6 +63,14 @@ class SlotSandbox:
     ipc: str = "not entered"
     ipc_per_child: bool = False
     _zygote_entered: bool = False
+    #: The Landlock layers of a child's own (made once, here).
+    _python_domain: landlock.OwnDomain | None = None
+    _stdio_domain: landlock.OwnDomain | None = None
+
+    def __post_init__(self) -> None:
+        if self.landlock_abi:
+            self._python_domain = landlock.OwnDomain(self.landlock_abi, deny_exec=True)
+            self._stdio_domain = landlock.OwnDomain(self.landlock_abi, deny_exec=False)
 
     # In the zygote
 
@@ -92,16 +100,18 @@ class SlotSandbox:
     def enter_zygote(self) -> None:
         """
         Apply the layers common to all children to the zygote itself, once:
-        C{no_new_privs}, the Landlock domain, the seccomp filter, and the
-        emptied capability bounding set (children then only switch their
-        ids).  The ruleset descriptor is closed here.
+        C{no_new_privs}, the Landlock domain, the seccomp filter, and what
+        their switch of identity would repeat (the emptied capability
+        bounding set, no supplementary groups, C{keep_caps}:
+        L{privileges.prepare_children}); children then only switch their
+        ids.  The ruleset descriptor is closed here.
 
         @raise SandboxError: if a layer fails to apply (the zygote must exit).
         """
         self.common.apply_to_zygote()
         if self.common._identity is not None:
             try:
-                privileges.drop_bounding_set(self.common._identity)
+                privileges.prepare_children(self.common._identity)
             except OSError as e:
                 raise SandboxError(f"sandbox: {e}") from e
         self._zygote_entered = True
@@ -132,7 +142,7 @@ class SlotSandbox:
             close_fds_except(keep_fds)
             privileges.apply_limits(common._limits)
             if common._identity is not None:
-                privileges.switch_identity(common._identity, bounding_set_dropped=True)
+                privileges.switch_identity(common._identity, zygote_prepared=True)
             prctl(PR_SET_PDEATHSIG, parent_death_signal)
         except OSError as e:
             raise SandboxError(f"sandbox: {e}") from e
@@ -146,8 +156,8 @@ class SlotSandbox:
         @raise SandboxError: if a layer fails.
         """
         try:
-            if self.landlock_abi:
-                landlock.enter_own_domain(self.landlock_abi, deny_exec=True)
+            if self._python_domain is not None:
+                self._python_domain.enter()
             if self.python_filter is not None:
                 seccomp.install(self.python_filter)
         except OSError as e:
@@ -163,8 +173,8 @@ class SlotSandbox:
         @raise SandboxError: if a layer fails.
         """
         try:
-            if self.landlock_abi:
-                landlock.enter_own_domain(self.landlock_abi, deny_exec=False)
+            if self._stdio_domain is not None:
+                self._stdio_domain.enter()
         except OSError as e:
             raise SandboxError(f"sandbox: {e}") from e
 

@@ -175,6 +175,61 @@ await asyncio.sleep(float(req.query.get('wait', '2')))
 res.end()
 """
 
+#: Probes every process up to a little beyond its own pid with signal 0
+#: (C{kill} and C{pidfd_send_signal}): which ones it could signal; then
+#: sends SIGKILL both ways to the pids named in its query (its zygote and
+#: the zygote's forker: only those, should the sandbox fail).
+SIGNAL_ALL = r"""
+import ctypes, json, os, signal
+me = os.getpid()
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def pidfd_signal(pid, number):
+    fd = libc.syscall(434, ctypes.c_int(pid), ctypes.c_uint(0))  # pidfd_open
+    if fd < 0:
+        return False
+    try:
+        return libc.syscall(424, ctypes.c_int(fd), ctypes.c_int(number), None,
+                            ctypes.c_uint(0)) == 0  # pidfd_send_signal
+    finally:
+        os.close(fd)
+reachable = []
+for pid in range(1, me + 200):
+    if pid == me:
+        continue
+    try:
+        os.kill(pid, 0)
+        reachable.append(pid)
+    except OSError:
+        if pidfd_signal(pid, 0):
+            reachable.append(pid)
+killed = []
+for pid in [int(p) for p in req.query['kill'].split(',')]:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+    except OSError:
+        pass
+    if pidfd_signal(pid, signal.SIGKILL):
+        killed.append(pid)
+res.end(json.dumps({'reachable': reachable, 'killed': killed}))
+"""
+
+#: Reports its process's identity: ids, supplementary groups, the
+#: keep-capabilities flag, and whether it can get root back.
+IDENTITY = r"""
+import ctypes, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+try:
+    os.setresuid(0, 0, 0)
+    regained = True
+except OSError:
+    regained = False
+res.end(json.dumps({'uids': os.getresuid(), 'gids': os.getresgid(),
+                    'groups': os.getgroups(), 'keep_caps': libc.prctl(7, 0, 0, 0, 0),
+                    'root': regained}))
+"""
+
 #: System V and POSIX IPC, both families: write (do=put) or read (do=get)
 #: under a fixed key, and the /dev/shm and /dev/mqueue file systems.
 IPC = r"""
@@ -298,6 +353,8 @@ class IsolationTests(TestCase):
                 "landlock.py": LANDLOCK,
                 "reader.py": READER,
                 "hold.py": HOLD,
+                "identity.py": IDENTITY,
+                "signal-all.py": SIGNAL_ALL,
                 "ipc.py": IPC,
             },
             workers=1,
@@ -349,8 +406,8 @@ class IsolationTests(TestCase):
     async def test_nothing_outlives_its_zygote(self) -> None:
         """
         When a zygote dies (here: killed), its child dies too, even one that
-        stopped reading its channel, and so does its egress relay: no
-        process of the slot is left running.
+        stopped reading its channel, and so do its egress relay and its
+        forker: no process of the slot is left running.
         """
         pending = Deferred.fromCoroutine(http(self.port, "/?x-haiku-handler=linger.py"))
         await until(lambda: self.pool.status()["workers"].get("busy") == 1, 10)
@@ -358,7 +415,8 @@ class IsolationTests(TestCase):
         zygote = worker.pid
         await until(lambda: _answering(worker), 5, lambda: "the handler did not start")
         mine = [pid for pid in _all_pids() if _parent(pid) == zygote]
-        self.assertEqual(len(mine), 2, mine)  # the child and the egress relay
+        # The child, the egress relay and the forker.
+        self.assertEqual(len(mine), 3, mine)
         os.kill(zygote, 9)
         await pending
 
@@ -468,6 +526,89 @@ class IsolationTests(TestCase):
         self.assertEqual(sorted(inside), sorted(held), "the handler sees other descriptors")
         self.assertEqual(inside[0], stat.S_IFCHR)
         self.assertEqual((inside[1], inside[3]), (stat.S_IFIFO, stat.S_IFSOCK))
+
+    async def test_forker_holds_nothing(self) -> None:
+        """
+        A zygote's children are forked by its forker, a process of the
+        zygote's own that holds nothing but its channel to the zygote and
+        the zygote's standard streams, none of them an open file a handler
+        holds; the handler's process is the zygote's child (which reaps it
+        and whose death kills it), under the zygote's name.
+        """
+        if os.uname().machine != "x86_64":
+            raise SkipTest("kcmp's number is x86_64's here")
+        pending = Deferred.fromCoroutine(http(self.port, "/?x-haiku-handler=hold.py&wait=3"))
+        await until(lambda: self.pool.status()["workers"].get("busy") == 1, 10)
+        worker = next(iter(self.pool.workers))
+        child, zygote = worker.child_pid, worker.pid
+        await until(lambda: _fd_targets(child).get(3, "").startswith("socket:"), 5)
+        forker = await _the_forker(zygote)
+        self.assertEqual(_parent(child), zygote)
+        self.assertEqual(_comm(child), _comm(zygote))
+        held = _fd_targets(forker)
+        self.assertEqual(sorted(held)[:3], [0, 1, 2], held)
+        self.assertEqual(len(held), 4, held)
+        self.assertTrue(held[max(held)].startswith("socket:"), held)
+        for fd in held:
+            for mine in _fd_targets(child):
+                self.assertFalse(_same_file(forker, fd, child, mine),
+                                 f"the forker's fd {fd} is the handler's fd {mine}")
+        response = await pending
+        self.assertEqual(response.status, 200)
+
+    async def test_forker_killed(self) -> None:
+        """
+        A zygote whose forker has died ends at once (with its children),
+        and its slot is started again: the next requests are served.
+        """
+        await self.victim("before")
+        worker = next(iter(self.pool.workers))
+        zygote = worker.pid
+        forker = await _the_forker(zygote)
+        os.kill(forker, 9)
+        await until(lambda: not _alive(zygote), 10, lambda: "the zygote lives on")
+        await until(lambda: any(w.pid not in (None, zygote) for w in self.pool.workers), 10)
+        await ready(self.pool)
+        for token in ("after", "again"):
+            await self.victim(token)
+
+    async def test_forker_out_of_reach(self) -> None:
+        """
+        A handler that probes every process by number (up to beyond its
+        own) with C{kill} and C{pidfd_send_signal} can signal none, and its
+        C{SIGKILL}s to its zygote and the zygote's forker fail: both live
+        on, and the next request is served.
+        """
+        await self.victim("before")
+        worker = next(iter(self.pool.workers))
+        zygote = worker.pid
+        forker = await _the_forker(zygote)
+        response = await http(
+            self.port, f"/?x-haiku-handler=signal-all.py&kill={zygote},{forker}"
+        )
+        self.assertEqual(response.status, 200, response.text)
+        self.assertEqual(json.loads(response.body), {"reachable": [], "killed": []})
+        self.assertTrue(_alive(forker) and _alive(zygote))
+        self.assertIn(worker, self.pool.workers)
+        self.assertEqual(worker.pid, zygote)
+        await self.victim("after")
+
+    async def test_identity(self) -> None:
+        """
+        A handler's process runs as its slot's uid and gid, real, effective
+        and saved alike, with no supplementary groups and the
+        keep-capabilities flag clear (the zygote set that flag and dropped
+        the groups once for all its children), and cannot become root.
+        """
+        for _ in range(2):
+            response = await http(self.port, "/?x-haiku-handler=identity.py")
+            self.assertEqual(response.status, 200, response.text)
+            report = json.loads(response.body)
+            uid, gid = report["uids"][0], report["gids"][0]
+            self.assertNotEqual(uid, 0)
+            self.assertNotEqual(gid, 0)
+            self.assertEqual(report, {"uids": [uid] * 3, "gids": [gid] * 3, "groups": [],
+                                      "keep_caps": 0, "root": False})
 
     async def test_no_ipc(self) -> None:
         """
@@ -608,6 +749,31 @@ def _parent(pid: int) -> int:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except OSError:
         return 0
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _forkers(zygote: int) -> list[int]:
+    """
+    The zygote's forker(s): its children named C{haiku-forker}.
+    """
+    return [pid for pid in _all_pids() if _parent(pid) == zygote and _comm(pid) == "haiku-forker"]
+
+
+async def _the_forker(zygote: int) -> int:
+    """
+    The zygote's forker (waiting, bounded, while a child it has just
+    forked has not yet taken the zygote's name back).
+    """
+    await until(lambda: len(_forkers(zygote)) == 1, 5,
+                lambda: f"the zygote's forkers: {_forkers(zygote)}")
+    return _forkers(zygote)[0]
 
 
 def _alive(pid: int) -> bool:
