@@ -1,4 +1,4 @@
-# -*- test-case-name: haikutx.test.test_child -*-
+# -*- test-case-name: haikutx.test.test_runtime -*-
 """
 The objects a Python handler sees: C{req}, C{res} and C{console} (SPEC §3.1).
 
