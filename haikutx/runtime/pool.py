@@ -20,11 +20,12 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from haikutx.interfaces import IWorkerSpawner
 from haikutx.runtime.channels import ChannelTransport
+from haikutx.runtime.events import EventEmitter
 from haikutx.runtime.worker import (
     CHILD_FDS,
     ZYGOTE_FD,
@@ -262,6 +263,12 @@ class WorkerPool(Service):
         self._respawn: IDelayedCall | None = None
         self.counters = {"started": 0, "recycled": 0, "died": 0, "killed": 0}
         self.sandbox: dict[str, Any] | None = None
+        # The class's logger bound to this pool once, not at each event.
+        self.log = self.log
+        self._emit_routine = EventEmitter(self.log, LogLevel.debug)
+        self._emit_recycle = EventEmitter(self.log, LogLevel.info)
+        #: The routine recycle's reason, made once (L{_quota_reason}).
+        self._quota = (max_requests, f"served its quota of {max_requests} requests")
 
     # Service
 
@@ -358,15 +365,12 @@ class WorkerPool(Service):
             is always retired by the server, never trusted to leave.
         """
         routine = self.max_requests == 1 and reason == self._quota_reason()
-        text = f"worker {worker.pid} recycling its process {worker.child_pid}: {reason}"
-        # The event's text is made here, with no field left for the
-        # observer to format (it would, through string.Formatter, after
-        # every request of --maxrequests 1); its fields are in the event.
-        (self.log.debug if routine else self.log.info)(
-            text.replace("{", "{{").replace("}", "}}"),
-            worker_pid=worker.pid,
-            child_pid=worker.child_pid,
-            reason=reason,
+        # At debug level for the routine recycle, which follows every
+        # request of --maxrequests 1: its text made here, once, and every
+        # field in the event (EventEmitter).
+        (self._emit_routine if routine else self._emit_recycle)(
+            f"worker {worker.pid} recycling its process {worker.child_pid}: {reason}",
+            {"worker_pid": worker.pid, "child_pid": worker.child_pid, "reason": reason},
         )
         worker.state = "recycling"
         self.counters["recycled"] += 1
@@ -374,7 +378,12 @@ class WorkerPool(Service):
         worker.expect_child()
 
     def _quota_reason(self) -> str:
-        return f"served its quota of {self.max_requests} requests"
+        quota = self._quota
+        if quota[0] != self.max_requests:
+            quota = self._quota = (
+                self.max_requests, f"served its quota of {self.max_requests} requests"
+            )
+        return quota[1]
 
     def _child_ended(self, worker: WorkerProtocol, child: ChildProtocol, cause: str) -> None:
         """

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import re
-from time import time
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -29,6 +28,7 @@ from haikutx.languages import UnknownLanguage, detect
 from haikutx.net.http1 import HOP_BY_HOP
 from haikutx.net.urls import redact_url
 from haikutx.runtime.body import DEFAULT_MAX_BODY, LimitedRequest, RequestBody, body_too_large
+from haikutx.runtime.events import EventEmitter
 from haikutx.runtime.loader import HandlerLoadError, HandlerSource
 from haikutx.runtime.pool import PoolBusy, WorkerPool
 from haikutx.runtime.scheduler import Overloaded, Scheduler
@@ -574,9 +574,7 @@ class HandlerResource(Resource):
         self._detected: dict[tuple[str, str | None], tuple[bytes, Any]] = {}
         # The class's logger bound to this resource once, not at each event.
         self.log = self.log
-        #: The request event's system: what a text log shows for an event
-        #: without one (its namespace and level), made once, not per event.
-        self._log_system = f"{self.log.namespace}#{LogLevel.info.name}"
+        self._emit_served = EventEmitter(self.log, LogLevel.info)
 
     def render(self, request: Request) -> Any:
         self.counters["requests"] += 1
@@ -643,15 +641,9 @@ class HandlerResource(Resource):
         handler_url = _shown(name)
         answer = status if status is not None else "client went away"
         duration = self._reactor.seconds() - started
-        # The event's text is made here, once, with no field left for the
-        # observer to format (a log format's fields cost it several times
-        # as much); the fields are all in the event for structured logs.
-        # The event is the one Logger.info would make, given to the
-        # logger's observer directly: emit checks its (constant) level
-        # against every level, sorted anew, on each call.  Its system is
-        # given, the one a text log would otherwise make for each event.
-        log = self.log
-        log.observer(
+        # Its text made here, once; every field in the event (EventEmitter).
+        self._emit_served(
+            f"{client} {method} {handler_url} -> {answer} in {duration:.3f}s",
             {
                 "client": client,
                 "method": method,
@@ -660,16 +652,7 @@ class HandlerResource(Resource):
                 "answer": answer,
                 "duration": duration,
                 "worker_pid": worker_pid,
-                "log_logger": log,
-                "log_level": LogLevel.info,
-                "log_namespace": log.namespace,
-                "log_source": log.source,
-                "log_format": _literal(
-                    f"{client} {method} {handler_url} -> {answer} in {duration:.3f}s"
-                ),
-                "log_time": time(),
-                "log_system": self._log_system,
-            }
+            },
         )
 
     async def _serve(self, request: Request, name: str) -> None:
@@ -851,15 +834,6 @@ def _shown(name: str | None) -> str:
     C{-} when the request named none.
     """
     return "-" if name is None else redact_url(name)
-
-
-def _literal(text: str) -> str:
-    """
-    C{text} as a log format that formats to itself (its braces doubled).
-    """
-    if "{" in text or "}" in text:
-        return text.replace("{", "{{").replace("}", "}}")
-    return text
 
 
 def _client(request: Request) -> str:
