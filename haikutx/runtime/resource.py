@@ -226,7 +226,11 @@ class Exchange:
         self._client_gone = False
         self.status: int | None = None
         self.done: Deferred[int] = Deferred()
+        #: The request's time limit: the worker's (L{Deadline}), which
+        #: serves one request at a time, or a timer of its own.
+        self._limit: Any = None
         self._timer: IDelayedCall | None = None
+        self._timing = False
         self._source: Any = None
         #: Body bytes received in the current read of the child's channel.
         self._held: list[bytes] = []
@@ -240,7 +244,12 @@ class Exchange:
         """
         Send the request to the worker and start the clock.
         """
-        self._timer = self._reactor.callLater(self._max_time, self._timed_out)
+        self._timing = True
+        limit = self._limit = getattr(self._worker, "time_limit", None)
+        if limit is not None:
+            limit.set(self._max_time, self._timed_out)
+        else:
+            self._timer = self._reactor.callLater(self._max_time, self._timed_out)
         self._child = getattr(self._worker, "child", None)
         self._worker.run(self, head, body)
 
@@ -279,12 +288,11 @@ class Exchange:
         """
         self._client_gone = True
         self._release_source()
-        if self._timer is None or self.done.called or self._worker.kind != "stdio":
+        if not self._timing or self.done.called or self._worker.kind != "stdio":
             return
         # A stdio run whose client has gone ends now, and every process it
         # started with it (its child is killed; its cgroup emptied).
-        self._timer.cancel()
-        self._timer = None
+        self._stop_clock()
         self._worker.detach(self)
         self.done.callback(None)  # type: ignore[arg-type]
         self._worker.kill("its client went away")
@@ -394,6 +402,7 @@ class Exchange:
     # Failures
 
     def _timed_out(self) -> None:
+        self._timing = False
         self._timer = None
         self._worker.detach(self)
         self._answer(
@@ -428,10 +437,22 @@ class Exchange:
                 send_error(request, status, message)
         self._complete(status, message)
 
-    def _complete(self, status: int, message: str | None = None) -> None:
-        if self._timer is not None and self._timer.active():
+    def _stop_clock(self) -> None:
+        """
+        Give up the request's time limit (its worker's, if it is still
+        this request's: the worker may serve the next one already).
+        """
+        if not self._timing:
+            return
+        self._timing = False
+        if self._limit is not None:
+            self._limit.clear(self._timed_out)
+        elif self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def _complete(self, status: int, message: str | None = None) -> None:
+        self._stop_clock()
         if message is not None:
             self.log.warn(
                 "{handler_url} -> {status}: {reason}",

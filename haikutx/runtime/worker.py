@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from haikutx.child import wire
 from haikutx.runtime.body import BodyFeed, RequestBody
 from haikutx.runtime.channels import ChannelTransport, ChildProtocol, ZygoteChannel
+from haikutx.runtime.timers import Deadline
 
 __all__ = [
     "CHILD_FDS",
@@ -219,7 +220,15 @@ class WorkerProtocol(ProcessProtocol):
         self._reader = wire.FrameReader()
         self._lines: dict[int, bytes] = {1: b"", 2: b""}
         self._child_lines: dict[int, bytes] = {}
+        #: The next heartbeat challenge of the current child.
+        self._challenge = Deadline(reactor, self._challenge_child)
+        #: The wait for the answer to a challenge.
         self._heartbeat: IDelayedCall | None = None
+        #: The wait for the zygote's next child (L{expect_child}).
+        self._fresh = Deadline(reactor, self._no_fresh_child)
+        #: The time limit of the request the slot runs, set by its
+        #: exchange (one request at a time: one timer for all of them).
+        self.time_limit = Deadline(reactor)
         self._zygote: Any = None
         self._zygote_grace: IDelayedCall | None = None
         self._children: dict[int, ChildProtocol] = {}
@@ -227,7 +236,6 @@ class WorkerProtocol(ProcessProtocol):
         self.pid: int | None = None
         self.child: ChildProtocol | None = None
         self.slot = 0
-        self.deadline: IDelayedCall | None = None
         self.sandbox: dict[str, Any] | None = None
         self.served = 0
         self.children_started = 0
@@ -277,7 +285,9 @@ class WorkerProtocol(ProcessProtocol):
         cause = self.kill_reason or describe_exit(reason)
         self.state = "dead"
         self._stop_heartbeat()
-        self._cancel_deadline()
+        self._challenge.stop()
+        self._fresh.stop()
+        self.time_limit.stop()
         if self._zygote_grace is not None and self._zygote_grace.active():
             self._zygote_grace.cancel()
         self.log.info(
@@ -425,12 +435,10 @@ class WorkerProtocol(ProcessProtocol):
         """
         Kill the zygote if its next child does not come in time.
         """
-        self._cancel_deadline()
-        self.deadline = self._reactor.callLater(
-            self._fresh_timeout,
-            self.kill_zygote,
-            "did not start a fresh process after its last request",
-        )
+        self._fresh.set(self._fresh_timeout)
+
+    def _no_fresh_child(self) -> None:
+        self.kill_zygote("did not start a fresh process after its last request")
 
     # A child's channel
 
@@ -633,12 +641,11 @@ class WorkerProtocol(ProcessProtocol):
     def _schedule_heartbeat(self) -> None:
         self._stop_heartbeat()
         if self.state != "dead" and self.child is not None:
-            self._heartbeat = self._reactor.callLater(self._interval, self._challenge_child)
+            self._challenge.set(self._interval)
 
     def _challenge_child(self) -> None:
         child = self.child
         if child is None:
-            self._heartbeat = None
             return
         if _reading_paused(child):
             # Its client is slow: the child waits on a full channel, and
@@ -662,11 +669,10 @@ class WorkerProtocol(ProcessProtocol):
         )
 
     def _cancel_deadline(self) -> None:
-        if self.deadline is not None and self.deadline.active():
-            self.deadline.cancel()
-        self.deadline = None
+        self._fresh.clear()
 
     def _stop_heartbeat(self) -> None:
+        self._challenge.clear()
         if self._heartbeat is not None and self._heartbeat.active():
             self._heartbeat.cancel()
         self._heartbeat = None

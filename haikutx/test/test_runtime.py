@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -390,6 +390,81 @@ class TimeLimitTests(TestCase):
         )
         response = await http(self.port, "/?x-haiku-handler=hello.py")
         self.assertEqual(response.status, 200)
+
+
+class SharedTimeLimitTests(SynchronousTestCase):
+    """
+    A slot's requests share one time limit (the worker's): the request
+    that ends gives up only its own, never that of the next request its
+    worker was handed to meanwhile.
+    """
+
+    def test_next_request_keeps_its_limit(self) -> None:
+        """
+        A request answered after its worker went on to the next request
+        (the pool hands it out as it is released) leaves that request's
+        limit in force: it still runs out, answered 500, and its worker is
+        killed.
+        """
+        import io
+
+        from twisted.internet.task import Clock
+        from twisted.web.server import Request
+        from twisted.web.test.requesthelper import DummyChannel
+
+        from haikutx.runtime.loader import HandlerSource
+        from haikutx.runtime.resource import Exchange
+        from haikutx.runtime.timers import Deadline
+
+        clock = Clock()
+
+        class Worker:
+            pid = 1
+            kind = "python"
+            child = None
+
+            def __init__(self) -> None:
+                self.time_limit = Deadline(clock)
+                self.killed: list[str] = []
+
+            def run(self, exchange: Any, head: Any, body: Any) -> None:
+                pass
+
+            def detach(self, exchange: Any) -> None:
+                pass
+
+            def kill(self, reason: str) -> None:
+                self.killed.append(reason)
+
+        def request() -> Request:
+            request = Request(DummyChannel(), False)
+            request.method, request.clientproto = b"GET", b"HTTP/1.1"
+            request.uri = b"/?x-haiku-handler=a.py"
+            request.content = io.BytesIO(b"")
+            return request
+
+        worker = Worker()
+        handler = HandlerSource(url="a.py", source=b"")
+        second = Exchange(clock, request(), worker, None, handler, 5.0)  # type: ignore[arg-type]
+
+        class Pool:
+            def release(self, released: Any) -> None:
+                # Handed on at once, as to a request waiting for it.
+                second.start({}, b"")  # type: ignore[arg-type]
+
+        first = Exchange(clock, request(), worker, Pool(), handler, 5.0)  # type: ignore[arg-type]
+        first.start({}, b"")  # type: ignore[arg-type]
+        clock.advance(1)
+        first.head(200, [])
+        first.finish([])
+        self.assertEqual(self.successResultOf(first.done), 200)
+        clock.advance(4.9)
+        self.assertNoResult(second.done)
+        self.assertEqual(worker.killed, [])
+        clock.advance(0.1)
+        self.assertEqual(self.successResultOf(second.done), 500)
+        self.assertEqual(worker.killed, ["exceeded the time limit of its request"])
+        self.assertFalse(worker.time_limit.pending)
 
 
 class LogTests(TestCase):
