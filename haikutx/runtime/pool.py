@@ -26,6 +26,7 @@ from zope.interface import implementer
 from haikutx.interfaces import IWorkerSpawner
 from haikutx.runtime.channels import ChannelTransport
 from haikutx.runtime.events import EventEmitter
+from haikutx.runtime.timers import Deadline
 from haikutx.runtime.worker import (
     CHILD_FDS,
     ZYGOTE_FD,
@@ -34,8 +35,9 @@ from haikutx.runtime.worker import (
     ZygoteChannel,
 )
 
-#: A request waiting for a worker, and the handler kind it will run.
-_Waiter = tuple[Deferred[WorkerProtocol], str | None]
+#: A request waiting for a worker, the handler kind it will run, and when
+#: it gives up.
+_Waiter = tuple[Deferred[WorkerProtocol], str | None, float]
 
 
 class PoolBusy(Exception):
@@ -259,6 +261,9 @@ class WorkerPool(Service):
         self.workers: set[WorkerProtocol] = set()
         self._idle: deque[WorkerProtocol] = deque()
         self._waiters: deque[_Waiter] = deque()
+        #: The time limit of the first waiter to give up (one timer for all
+        #: of them, kept while requests come and go).
+        self._wait_limit = Deadline(reactor, self._give_up)
         self._failures = 0
         self._respawn: IDelayedCall | None = None
         self.counters = {"started": 0, "recycled": 0, "died": 0, "killed": 0}
@@ -281,6 +286,7 @@ class WorkerPool(Service):
         super().stopService()
         if self._respawn is not None and self._respawn.active():
             self._respawn.cancel()
+        self._wait_limit.stop()
         while self._waiters:
             self._waiters.popleft()[0].errback(PoolBusy("the runtime is stopping"))
         ended = []
@@ -336,7 +342,7 @@ class WorkerPool(Service):
         """
         waiting = False
         for entry in list(self._waiters):
-            waiter, kind = entry
+            waiter, kind, _ = entry
             if waiter.called:
                 self._waiters.remove(entry)
                 continue
@@ -469,9 +475,11 @@ class WorkerPool(Service):
             elif other is None:
                 other = worker
         waiter: Deferred[WorkerProtocol] = Deferred(self._forget)
-        self._waiters.append((waiter, kind))
-        timer = self._reactor.callLater(timeout, self._give_up, waiter)
-        waiter.addBoth(_cancel_timer, timer)
+        limit = self._wait_limit
+        due = self._reactor.seconds() + timeout
+        self._waiters.append((waiter, kind, due))
+        if not limit.pending or due < limit.due:
+            limit.set(timeout)
         if other is not None:
             self._idle.remove(other)
             self._recycle(
@@ -487,9 +495,19 @@ class WorkerPool(Service):
                 return True
         return False
 
-    def _give_up(self, waiter: Deferred[WorkerProtocol]) -> None:
-        if self._forget(waiter):
-            waiter.errback(PoolBusy("all workers are busy"))
+    def _give_up(self) -> None:
+        """
+        Fail with L{PoolBusy} every waiter whose time is up, and watch for
+        the next one's.
+        """
+        now = self._reactor.seconds()
+        expired = [entry for entry in self._waiters if entry[2] <= now]
+        for entry in expired:
+            self._waiters.remove(entry)
+        if self._waiters:
+            self._wait_limit.set(min(entry[2] for entry in self._waiters) - now)
+        for entry in expired:
+            entry[0].errback(PoolBusy("all workers are busy"))
 
     def release(self, worker: WorkerProtocol) -> None:
         """

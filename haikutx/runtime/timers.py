@@ -53,6 +53,13 @@ class Deadline:
         """
         return self._due is not None
 
+    @property
+    def due(self) -> float | None:
+        """
+        When the limit set runs out (in the clock's seconds), if one is.
+        """
+        return self._due
+
     def set(self, seconds: float, expired: Callable[[], Any] | None = None) -> None:
         """
         Run out C{seconds} from now, instead of any limit set before.

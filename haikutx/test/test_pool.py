@@ -114,6 +114,33 @@ class PoolTests(SynchronousTestCase):
         self.ready(0)
         self.assertEqual(pool.status()["workers"], {"idle": 1})
 
+    def test_waiters_time_out_each_at_its_time(self) -> None:
+        """
+        Each waiting request fails at its own timeout, whatever the order
+        in which they came, served or not by then; a cancelled one never
+        does.
+        """
+        pool = self.make_pool(size=1)
+        first = pool.acquire(5)
+        sooner = pool.acquire(2)
+        cancelled = pool.acquire(1)
+        cancelled.cancel()
+        self.failureResultOf(cancelled)
+        self.clock.advance(1.5)
+        later = pool.acquire(4)
+        self.clock.advance(0.5)
+        self.failureResultOf(sooner, PoolBusy)
+        self.assertNoResult(first)
+        self.clock.advance(2.9)
+        self.assertNoResult(first)
+        self.clock.advance(0.1)
+        self.failureResultOf(first, PoolBusy)
+        self.assertNoResult(later)
+        self.ready(0)
+        self.assertEqual(self.successResultOf(later).state, "idle")
+        self.clock.advance(10)
+        self.assertEqual(pool.status()["waiting"], 0)
+
     def test_recycle(self) -> None:
         """
         A worker released at its quota closes its child's channel, tells
