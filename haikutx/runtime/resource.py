@@ -16,6 +16,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES, HTTPChannel, _GenericHTTPChannelProtocol, toChunk
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -614,8 +615,10 @@ class HandlerResource(Resource):
             # Served by a Site whose requests do not refuse it before reading.
             self._refuse(request, 413, body_too_large(self._limits.max_body), name)
             return NOT_DONE_YET
-        served = Deferred.fromCoroutine(self._serve(request, name))
-        served.addErrback(self._crashed, request, name)
+        try:
+            self._serve(request, name)
+        except Exception:
+            self._crashed(Failure(), request, name)
         return NOT_DONE_YET
 
     def _account(self, request: Request, status: int | None, started: float) -> None:
@@ -676,14 +679,33 @@ class HandlerResource(Resource):
             },
         )
 
-    async def _serve(self, request: Request, name: str) -> None:
+    # A request's way, step by step: each step runs at once when what it
+    # waits for is at hand (a handler in the loader's memory, a free turn),
+    # else as that Deferred's callback; an error in any step is _crashed.
+    # (A coroutine would cost a trip through inlineCallbacks at each await.)
+
+    def _serve(self, request: Request, name: str) -> None:
         started = self._reactor.seconds()
         setattr(request, _IDENTITY, handler_identity(name))
-        try:
-            handler = await self._loader.load(name)
-        except HandlerLoadError as e:
-            self._refuse(request, e.status, e.message, name, started)
+        loading = self._loader.load(name)
+        if loading.called and not isinstance(loading.result, Failure):
+            self._loaded(loading.result, request, name, started)
             return
+        loading.addCallbacks(
+            self._loaded, self._not_loaded,
+            callbackArgs=(request, name, started), errbackArgs=(request, name, started),
+        ).addErrback(self._crashed, request, name)
+
+    def _not_loaded(self, failure: Failure, request: Request, name: str, started: float) -> None:
+        failure.trap(HandlerLoadError)
+        self._refuse(request, failure.value.status, failure.value.message, name, started)
+
+    def _loaded(
+        self, handler: HandlerSource, request: Request, name: str, started: float
+    ) -> None:
+        """
+        The handler is loaded: find its language, then wait for a turn.
+        """
         if request._disconnected:
             self._served(request, name, None, started, None)
             return
@@ -700,36 +722,63 @@ class HandlerResource(Resource):
         acquiring = scheduler.acquire(
             tenant, self._limits.max_time, handler_kind(language.name)
         )
+        if acquiring.called and not isinstance(acquiring.result, Failure):
+            self._granted(
+                acquiring.result, request, handler, language, argv, name, started, None
+            )
+            return
         watch = None
         if not acquiring.called:
             # A client that leaves while waiting gives up its place in the
             # queue (and later, its exchange ends: one watch for both).
             watch = _ClientWatch(lambda _: acquiring.cancel())
             request.notifyFinish().addErrback(watch)
-        try:
-            turn = await acquiring
-        except CancelledError:
+        acquiring.addCallbacks(
+            self._granted, self._not_granted,
+            callbackArgs=(request, handler, language, argv, name, started, watch),
+            errbackArgs=(request, handler, name, started),
+        ).addErrback(self._crashed, request, name)
+
+    def _not_granted(
+        self, failure: Failure, request: Request, handler: HandlerSource, name: str,
+        started: float,
+    ) -> Failure | None:
+        """
+        No turn: the client left while waiting, the handler has too many
+        requests already (429), or no worker came in time (503).
+        """
+        if failure.check(CancelledError):
             self._served(request, handler.url, None, started, None)
-            return
-        except Overloaded as e:
+        elif failure.check(Overloaded):
+            tenant = failure.value.tenant
             request.responseHeaders.setRawHeaders(
                 b"retry-after", [b"%d" % RETRY_OVERLOADED]
             )
             self._refuse(
                 request, 429,
-                f"Too many requests for handler {handler.url}: {e.tenant.running} "
-                f"running and {len(e.tenant.waiting)} waiting already; try again later.",
+                f"Too many requests for handler {handler.url}: {tenant.running} "
+                f"running and {len(tenant.waiting)} waiting already; try again later.",
                 name, started,
             )
-            return
-        except PoolBusy as e:
+        elif failure.check(PoolBusy):
             request.responseHeaders.setRawHeaders(
                 b"retry-after", [b"%d" % max(1, round(self._limits.max_time))]
             )
             self._refuse(
-                request, 503, f"Service unavailable: {e}; try again later.", name, started
+                request, 503, f"Service unavailable: {failure.value}; try again later.",
+                name, started,
             )
-            return
+        else:
+            return failure
+        return None
+
+    def _granted(
+        self, turn: Any, request: Request, handler: HandlerSource, language: Any, argv: Any,
+        name: str, started: float, watch: _ClientWatch | None,
+    ) -> None:
+        """
+        A turn and a worker: send the request to it.
+        """
         worker = turn.worker
         try:
             # Everything the worker needs is taken from the request now, once
@@ -748,10 +797,8 @@ class HandlerResource(Resource):
                 watch.then = exchange.client_gone
             exchange.start(head, body)
         except BaseException:
-            scheduler.release(turn)
+            self.scheduler.release(turn)
             raise
-        # The answer ends the request in a callback, not by resuming this
-        # coroutine (which costs a trip through inlineCallbacks).
         exchange.done.addCallback(
             self._answered, request, handler.url, turn, worker.pid, started
         ).addErrback(self._crashed, request, name)
