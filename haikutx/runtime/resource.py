@@ -34,6 +34,7 @@ from haikutx.runtime.loader import HandlerLoadError, HandlerSource
 from haikutx.runtime.pool import PoolBusy, WorkerPool
 from haikutx.runtime.scheduler import Overloaded, Scheduler
 from haikutx.runtime.tenants import handler_identity
+from haikutx.runtime.timers import Deadline
 from haikutx.runtime.worker import WorkerProtocol, handler_kind
 
 HANDLER = "x-haiku-handler"
@@ -88,15 +89,53 @@ class RuntimeChannel(HTTPChannel):
     address once: C{twisted.web}'s L{Request} asks for it on every request
     (a C{getsockname} system call each time on TCP), and a connection's
     local address does not change.
+
+    Its idle timeout (L{TimeoutMixin}'s, given up while each request is
+    answered and set again after it) keeps one reactor timer for the
+    connection's life (a L{Deadline}), not a new one per request.
     """
 
     _host: Any = None
+    _idle: Deadline | None = None
 
     def getHost(self) -> Any:
         host = self._host
         if host is None:
             host = self._host = self.transport.getHost()
         return host
+
+    def setTimeout(self, period: float | None) -> float | None:
+        """
+        Time the connection out after C{period} idle seconds (C{None}: no
+        more), as L{TimeoutMixin.setTimeout} does.  (Given up, its timer
+        fires once more, to no effect, unless set again: for a connection
+        handed over to HTTP/2, whose channel times out on its own.)
+
+        @return: the period before.
+        """
+        previous, self.timeOut = self.timeOut, period
+        idle = self._idle
+        if period is None:
+            if idle is not None:
+                idle.clear()
+        else:
+            if idle is None:
+                idle = self._idle = Deadline(self.factory.reactor, self.timeoutConnection)
+            idle.set(period)
+        return previous
+
+    def resetTimeout(self) -> None:
+        """
+        Restart the idle timeout, if it is running (L{TimeoutMixin}).
+        """
+        idle = self._idle
+        if idle is not None and idle.pending and self.timeOut is not None:
+            idle.set(self.timeOut)
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        if self._idle is not None:
+            self._idle.stop()
 
 
 def _runtime_channel_protocol(site: Site) -> _GenericHTTPChannelProtocol:

@@ -45,6 +45,8 @@ class Deadline:
         self._expired = expired
         self._due: float | None = None
         self._call: IDelayedCall | None = None
+        #: When the reactor timer fires.
+        self._at = 0.0
 
     @property
     def pending(self) -> bool:
@@ -69,15 +71,16 @@ class Deadline:
         """
         if expired is not None:
             self._expired = expired
-        call = self._call
-        if call is None:
+        due = self._clock.seconds() + seconds
+        if self._call is None:
             call = self._call = self._clock.callLater(seconds, self._fire)
-        elif call.getTime() > self._clock.seconds() + seconds:
+        elif self._at > due:
+            call = self._call
             call.reset(seconds)
         else:
-            self._due = self._clock.seconds() + seconds
+            self._due = due
             return
-        self._due = call.getTime()
+        self._due = self._at = call.getTime()
 
     def clear(self, expired: Callable[[], Any] | None = None) -> None:
         """
@@ -108,7 +111,7 @@ class Deadline:
         left = due - self._clock.seconds()
         if left > 0:
             call = self._call = self._clock.callLater(left, self._fire)
-            self._due = call.getTime()
+            self._due = self._at = call.getTime()
             return
         expired, self._expired = self._expired, self._fixed
         self._due = None

@@ -467,6 +467,63 @@ class SharedTimeLimitTests(SynchronousTestCase):
         self.assertFalse(worker.time_limit.pending)
 
 
+class IdleTimeoutTests(SynchronousTestCase):
+    """
+    A runtime connection's idle timeout (L{RuntimeChannel}'s, one timer
+    for the connection's life) behaves as twisted.web's.
+    """
+
+    def test_idle_timeout(self) -> None:
+        """
+        An idle connection is closed C{timeout} seconds after its last
+        bytes; never while a request is answered; again C{timeout} seconds
+        after each answer; its timer is gone once the connection is.
+        """
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+        from twisted.web.server import NOT_DONE_YET
+
+        from haikutx.runtime.resource import RuntimeSite
+
+        answering: list[Any] = []
+
+        class Slow(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> Any:
+                answering.append(request)
+                return NOT_DONE_YET
+
+        clock = Clock()
+        site = RuntimeSite(Slow(), reactor=clock, timeout=10)
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        clock.advance(9)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        clock.advance(9)
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"\r\n")
+        clock.advance(100)
+        self.assertFalse(transport.disconnecting)
+        for _ in range(3):
+            answering.pop().finish()
+            clock.advance(9.5)
+            self.assertFalse(transport.disconnecting)
+            channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            clock.advance(30)
+            self.assertFalse(transport.disconnecting)
+        answering.pop().finish()
+        clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        channel.connectionLost(None)
+        self.assertEqual(
+            [call for call in clock.getDelayedCalls() if "Deadline" in repr(call.func)], []
+        )
+
+
 class LogTests(TestCase):
     """
     One structured event per request (SPEC §7), and no second line for it
