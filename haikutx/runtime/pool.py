@@ -452,6 +452,18 @@ class WorkerPool(Service):
 
     # Requests
 
+    def take(self, kind: str | None = None) -> WorkerProtocol | None:
+        """
+        An idle worker that can run handlers of C{kind}, taken at once, or
+        C{None} (then L{acquire} waits for one): the common case, without
+        a L{Deferred}.
+        """
+        for worker in self._idle:
+            if worker.state == "idle" and _suits(worker, kind):
+                self._idle.remove(worker)
+                return worker
+        return None
+
     def acquire(
         self, timeout: float, kind: str | None = None
     ) -> Deferred[WorkerProtocol]:

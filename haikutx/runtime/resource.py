@@ -758,9 +758,12 @@ class HandlerResource(Resource):
         scheduler = self.scheduler
         tenant = scheduler.tenants.lookup(getattr(request, _IDENTITY))
         setattr(request, _TENANT, tenant)
-        acquiring = scheduler.acquire(
-            tenant, self._limits.max_time, handler_kind(language.name)
-        )
+        kind = handler_kind(language.name)
+        turn = scheduler.take(tenant, kind)
+        if turn is not None:
+            self._granted(turn, request, handler, language, argv, name, started, None)
+            return
+        acquiring = scheduler.acquire(tenant, self._limits.max_time, kind)
         if acquiring.called and not isinstance(acquiring.result, Failure):
             self._granted(
                 acquiring.result, request, handler, language, argv, name, started, None
