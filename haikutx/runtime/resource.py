@@ -18,6 +18,7 @@ from twisted.internet.tcp import Connection
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES, HTTPChannel, _GenericHTTPChannelProtocol, toChunk
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
@@ -104,6 +105,22 @@ class RuntimeChannel(HTTPChannel):
             host = self._host = self.transport.getHost()
         return host
 
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        """
+        Write a response head as L{HTTPChannel.writeHeaders} does, in one
+        piece: a sequence's pieces (four per header) are each checked to be
+        bytes in Python by the transport, a piece of ours once.
+        """
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head.extend((name, b": ", value, b"\r\n"))
+        head.append(b"\r\n")
+        self.transport.write(b"".join(head))
+
     def setTimeout(self, period: float | None) -> float | None:
         """
         Time the connection out after C{period} idle seconds (C{None}: no
@@ -120,7 +137,10 @@ class RuntimeChannel(HTTPChannel):
                 idle.clear()
         else:
             if idle is None:
-                idle = self._idle = Deadline(self.factory.reactor, self.timeoutConnection)
+                clock = getattr(self.factory, "reactor", None)
+                if clock is None:
+                    from twisted.internet import reactor as clock
+                idle = self._idle = Deadline(clock, self.timeoutConnection)
             idle.set(period)
         return previous
 

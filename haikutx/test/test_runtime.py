@@ -524,6 +524,43 @@ class IdleTimeoutTests(SynchronousTestCase):
         )
 
 
+class ResponseHeadTests(SynchronousTestCase):
+    """
+    L{RuntimeChannel} writes a response head as twisted.web does.
+    """
+
+    def test_same_bytes(self) -> None:
+        """
+        The head written is byte for byte twisted.web's, in one write.
+        """
+        from twisted.internet.testing import StringTransport
+        from twisted.web.http import HTTPChannel
+        from twisted.web.http_headers import Headers
+
+        from haikutx.runtime.resource import RuntimeChannel
+
+        headers = Headers()
+        headers.addRawHeader(b"content-type", b"text/plain")
+        headers.addRawHeader(b"x-two", b"a")
+        headers.addRawHeader(b"x-two", b"b")
+        headers.addRawHeader(b"Content-Length", b"14")
+        written = []
+        for channel in (HTTPChannel(), RuntimeChannel()):
+            transport = StringTransport()
+            channel.makeConnection(transport)
+            channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+            channel.writeHeaders(b"HTTP/1.0", b"404", b"Not Found", Headers())
+            written.append(transport.value())
+            channel.connectionLost(None)
+        self.assertEqual(written[0], written[1])
+        self.assertTrue(written[1].startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"))
+        transport = StringTransport()
+        channel = RuntimeChannel()
+        channel.makeConnection(transport)
+        self.assertRaises(TypeError, channel.writeHeaders, b"HTTP/1.1", b"200", "OK", headers)
+        channel.connectionLost(None)
+
+
 class LogTests(TestCase):
     """
     One structured event per request (SPEC §7), and no second line for it
