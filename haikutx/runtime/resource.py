@@ -31,6 +31,7 @@ from haikutx.net.http1 import HOP_BY_HOP
 from haikutx.net.urls import redact_url
 from haikutx.runtime.body import DEFAULT_MAX_BODY, LimitedRequest, RequestBody, body_too_large
 from haikutx.runtime.events import EventEmitter
+from haikutx.runtime.frames import RequestFrames
 from haikutx.runtime.loader import HandlerLoadError, HandlerSource
 from haikutx.runtime.pool import PoolBusy, WorkerPool
 from haikutx.runtime.scheduler import Overloaded, Scheduler
@@ -285,6 +286,9 @@ class Exchange:
         self._manual_chunks = False
         self._client_gone = False
         self.status: int | None = None
+        #: The request's C{REQUEST} frame, when made before it is sent
+        #: (L{haikutx.runtime.frames}).
+        self.frame: bytes | None = None
         self.done: Deferred[int] = Deferred()
         #: The request's time limit: the worker's (L{Deadline}), which
         #: serves one request at a time, or a timer of its own.
@@ -300,9 +304,13 @@ class Exchange:
         if watch_client:
             request.notifyFinish().addErrback(self.client_gone)
 
-    def start(self, head: dict[str, Any], body: RequestBody) -> None:
+    def start(
+        self, head: dict[str, Any], body: RequestBody, frame: bytes | None = None
+    ) -> None:
         """
         Send the request to the worker and start the clock.
+
+        @param frame: the request's C{REQUEST} frame, if made already.
         """
         self._timing = True
         limit = self._limit = getattr(self._worker, "time_limit", None)
@@ -311,6 +319,7 @@ class Exchange:
         else:
             self._timer = self._reactor.callLater(self._max_time, self._timed_out)
         self._child = getattr(self._worker, "child", None)
+        self.frame = frame
         self._worker.run(self, head, body)
 
     def _pace(self) -> None:
@@ -656,6 +665,7 @@ class HandlerResource(Resource):
         # The class's logger bound to this resource once, not at each event.
         self.log = self.log
         self._emit_served = EventEmitter(self.log, LogLevel.info)
+        self._frames = RequestFrames()
 
     def render(self, request: Request) -> Any:
         self.counters["requests"] += 1
@@ -848,16 +858,16 @@ class HandlerResource(Resource):
             # client goes away, twisted.web closes the request's content, and
             # a client that left while waiting cancelled the wait above.
             body = _body(request)
-            head = self._request_head(request, handler, body.size())
+            head = self._request_head(request, body.size())
             head["language"] = language.name
-            head["argv"] = argv
+            frame = self._frames.frame(head, handler, argv)
             exchange = Exchange(
                 self._reactor, request, worker, self._pool, handler, self._limits.max_time,
                 watch_client=watch is None,
             )
             if watch is not None:
                 watch.then = exchange.client_gone
-            exchange.start(head, body)
+            exchange.start(head, body, frame)
         except BaseException:
             self.scheduler.release(turn)
             raise
@@ -928,9 +938,11 @@ class HandlerResource(Resource):
         self._detected[key] = (source, language)
         return language
 
-    def _request_head(
-        self, request: Request, handler: HandlerSource, body_length: int
-    ) -> dict[str, Any]:
+    def _request_head(self, request: Request, body_length: int) -> dict[str, Any]:
+        """
+        The request's members of its C{REQUEST} frame (the handler's are
+        L{RequestFrames}').
+        """
         peer = request.getClientAddress()
         return {
             "method": request.method.decode("latin-1"),
@@ -942,8 +954,6 @@ class HandlerResource(Resource):
             ],
             "remote_addr": getattr(peer, "host", ""),
             "protocol": request.clientproto.decode("latin-1"),
-            "handler_url": handler.url,
-            "source": handler.source.decode("utf-8", "surrogateescape"),
             "console": console_mode(request_parameter(request, CONSOLE)),
             "max_console": self._limits.max_console,
             "debug": self._debug,

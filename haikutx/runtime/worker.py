@@ -542,6 +542,9 @@ class WorkerProtocol(ProcessProtocol):
         @param head: the request head (L{haikutx.child.wire.REQUEST}).
         @param body: the request body, sent in chunks as the channel takes
             them (L{BodyFeed}).
+
+        The C{REQUEST} frame sent is the exchange's C{frame}, if it has one
+        made already (L{haikutx.runtime.frames}); else C{head}, encoded.
         """
         assert self.state == "idle" and self.child is not None, self.state
         self.state = "busy"
@@ -557,7 +560,10 @@ class WorkerProtocol(ProcessProtocol):
         child.console_left = limit if limit > 0 or not head.get("debug") else None
         consumer = child.transport if hasattr(child.transport, "registerProducer") else None
         child.feed = BodyFeed(child.send, consumer)
-        child.feed.start(wire.encode_json(wire.REQUEST, head), body)
+        frame = getattr(exchange, "frame", None)
+        if frame is None:
+            frame = wire.encode_json(wire.REQUEST, head)
+        child.feed.start(frame, body)
 
     def retire(self) -> None:
         """
