@@ -127,6 +127,17 @@ class HandlerLoader:
         self._local: dict[str, tuple[float, HandlerSource]] = {}
         self._local_bytes = 0
 
+    def cached(self, name: str) -> HandlerSource | None:
+        """
+        The local handler C{name} if its code is in memory and fresh (as
+        L{load} would give it at once), else C{None}: without a
+        L{Deferred}.
+        """
+        cached = self._local.get(name)
+        if cached is not None and cached[0] > self._reactor.seconds():
+            return cached[1]
+        return None
+
     def load(self, name: str) -> Deferred[HandlerSource]:
         """
         Load the handler C{name}.

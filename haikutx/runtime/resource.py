@@ -656,6 +656,8 @@ class HandlerResource(Resource):
         self._pool = pool
         self.scheduler = scheduler if scheduler is not None else Scheduler(reactor, pool)
         self._loader = loader
+        #: A loader's handler at hand, if it can say so without a Deferred.
+        self._cached = getattr(loader, "cached", None)
         self._limits = limits
         self._handler = handler
         self._debug = debug
@@ -756,6 +758,11 @@ class HandlerResource(Resource):
     def _serve(self, request: Request, name: str) -> None:
         started = self._reactor.seconds()
         setattr(request, _IDENTITY, handler_identity(name))
+        cached = self._cached
+        handler = cached(name) if cached is not None else None
+        if handler is not None:
+            self._loaded(handler, request, name, started)
+            return
         loading = self._loader.load(name)
         if loading.called and not isinstance(loading.result, Failure):
             self._loaded(loading.result, request, name, started)

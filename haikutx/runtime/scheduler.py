@@ -221,6 +221,13 @@ class Scheduler:
         """
         turn.tenant.running += 1
         self.granted += 1
+        take = getattr(self._pool, "take", None)
+        worker = take(turn.kind) if take is not None else None
+        if worker is not None:
+            # An idle worker at once, without a Deferred.
+            turn.worker = worker
+            turn.result.callback(turn)
+            return
         acquiring = self._pool.acquire(timeout, turn.kind)
         if acquiring.called and not isinstance(acquiring.result, Failure):
             # An idle worker at once, the common case: no callbacks needed.

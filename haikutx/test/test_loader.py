@@ -65,6 +65,23 @@ class LocalCacheTests(TestCase):
         self.clock.advance(0.2)
         self.assertEqual((await loader.load("h.py")).source, b"res.end('two')")
 
+    async def test_cached(self) -> None:
+        """
+        L{HandlerLoader.cached} gives what L{HandlerLoader.load} would give
+        at once from memory, and nothing else: not before the first load,
+        not once stale, never with C{fresh_for=0}.
+        """
+        loader = self.loader(fresh_for=5)
+        self.write("h.py", "res.end('one')")
+        self.assertIsNone(loader.cached("h.py"))
+        loaded = await loader.load("h.py")
+        self.assertIs(loader.cached("h.py"), loaded)
+        self.clock.advance(5)
+        self.assertIsNone(loader.cached("h.py"))
+        loader = self.loader(fresh_for=0)
+        await loader.load("h.py")
+        self.assertIsNone(loader.cached("h.py"))
+
     async def test_zero_reads_every_time(self) -> None:
         """
         With C{fresh_for=0} every load reads the file.
