@@ -302,7 +302,7 @@ class Exchange:
         #: Whether the child's channel was paced by the client's (L{_pace}).
         self._paced = False
         if watch_client:
-            request.notifyFinish().addErrback(self.client_gone)
+            _watch_lost(request, self.client_gone)
 
     def start(
         self, head: dict[str, Any], body: RequestBody, frame: bytes | None = None
@@ -811,7 +811,7 @@ class HandlerResource(Resource):
             # A client that leaves while waiting gives up its place in the
             # queue (and later, its exchange ends: one watch for both).
             watch = _ClientWatch(lambda _: acquiring.cancel())
-            request.notifyFinish().addErrback(watch)
+            _watch_lost(request, watch)
         acquiring.addCallbacks(
             self._granted, self._not_granted,
             callbackArgs=(request, handler, language, argv, name, started, watch),
@@ -989,3 +989,16 @@ def _client(request: Request) -> str:
 
 def _body(request: Request) -> RequestBody:
     return RequestBody.of(request)
+
+
+def _watch_lost(request: Request, lost: Any) -> None:
+    """
+    Have C{lost} called with the reason if C{request}'s client goes away
+    before its response is finished: by a L{LimitedRequest} itself, else
+    through C{notifyFinish}.
+    """
+    watch = getattr(request, "watch_lost", None)
+    if watch is not None:
+        watch(lost)
+    else:
+        request.notifyFinish().addErrback(lost)
