@@ -72,6 +72,9 @@ _TENANT = "haiku_tenant"
 #: Set on a request to its query string's parameters, name to last value.
 _QUERY = "haiku_query"
 
+#: Set on a request to its C{x-haiku-*} headers, by lower-case name.
+_HEADERS = "haiku_headers"
+
 #: Handlers whose language a L{HandlerResource} remembers (their code with
 #: it: a bound on what it keeps).
 _DETECTED = 64
@@ -230,7 +233,20 @@ def request_parameter(request: Request, name: str) -> str | None:
     @param name: the parameter's (lower-case) name.
     @return: its value, or C{None}.
     """
-    header = request.getHeader(name)
+    headers = getattr(request, _HEADERS, None)
+    if headers is None:
+        # The request's x-haiku-* headers found in one pass, whichever
+        # parameter is asked first (not a header lookup for each).
+        headers = {}
+        for raw, values in request.requestHeaders.getAllRawHeaders():
+            if raw[:8].lower() == b"x-haiku-" and values:
+                headers[raw.lower()] = values
+        setattr(request, _HEADERS, headers)
+    if name.startswith("x-haiku-"):
+        values = headers.get(name.encode("latin-1")) if headers else None
+        header = values[-1].decode("utf-8") if values else None
+    else:
+        header = request.getHeader(name)
     if header:
         return header
     query = getattr(request, _QUERY, None)

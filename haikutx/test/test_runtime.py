@@ -561,6 +561,44 @@ class ResponseHeadTests(SynchronousTestCase):
         channel.connectionLost(None)
 
 
+class RequestParameterTests(SynchronousTestCase):
+    """
+    L{request_parameter}: a C{x-haiku-*} header if given and not empty,
+    else the query string's last value.
+    """
+
+    def test_parameters(self) -> None:
+        """
+        A non-empty header wins, whatever its case; an empty one is not
+        given; the query string's last value, percent-decoded as UTF-8;
+        the last of repeated headers; any other header as twisted.web
+        gives it.
+        """
+        from twisted.web.server import Request
+        from twisted.web.test.requesthelper import DummyChannel
+
+        from haikutx.runtime.resource import request_parameter
+
+        request = Request(DummyChannel(), False)
+        request.uri = (
+            b"/?x-haiku-handler=q.py&x-haiku-language=ruby&x-haiku-language=lua"
+            b"&x-haiku-console=h%C3%A9"
+        )
+        request.requestHeaders.addRawHeader(b"X-HAIKU-HANDLER", b"h\xc3\xa9.py")
+        request.requestHeaders.addRawHeader(b"x-haiku-language", b"")
+        request.requestHeaders.addRawHeader(b"x-other", b"no")
+        self.assertEqual(request_parameter(request, "x-haiku-handler"), "h\u00e9.py")
+        self.assertEqual(request_parameter(request, "x-haiku-language"), "lua")
+        self.assertEqual(request_parameter(request, "x-haiku-console"), "h\u00e9")
+        self.assertIsNone(request_parameter(request, "x-haiku-missing"))
+        self.assertEqual(request_parameter(request, "x-other"), "no")
+        bare = Request(DummyChannel(), False)
+        bare.uri = b"/"
+        bare.requestHeaders.addRawHeader(b"X-Haiku-Handler", b"one.py")
+        bare.requestHeaders.addRawHeader(b"X-Haiku-Handler", b"two.py")
+        self.assertEqual(request_parameter(bare, "x-haiku-handler"), "two.py")
+
+
 class LogTests(TestCase):
     """
     One structured event per request (SPEC §7), and no second line for it
