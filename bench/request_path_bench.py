@@ -31,6 +31,18 @@ C{child}: a child's whole path: a real L{haikutx.child.runner.Worker} (no
 sandbox) serves the hello handler over a socketpair, the bench sending the
 next request from the same loop as each answer ends.  Counted per request:
 the child's part and the bench's few calls.
+
+C{fresh}: the server's side of C{-r 1}, one fresh child per request: the
+same HTTP path as C{server}, with the real reactor, a real L{WorkerPool}
+(C{--maxrequests 1}, four slots) and L{WorkerProtocol}s whose zygotes are
+a stand-in process (standard library only, spawned as a zygote is): it
+answers each child's request with hello's frames at once, and for each
+C{RETIRE} passes the next child's channel and a pidfd (of a zombie of its
+own, so the server's C{SIGKILL} harms nothing) in a C{CHILD} frame, as
+the zygote does.  No process is forked per request: what is counted is
+the server's process only (the stand-in runs apart), sixteen requests in
+flight.  C{--profile FILE} writes the cProfile statistics of one run
+instead (Python calls per request: divide by C{--requests}).
 """
 
 from __future__ import annotations
@@ -81,6 +93,10 @@ class Loader:
 
     def load(self, name):
         return succeed(self.source)
+
+    def cached(self, name):
+        # What HandlerLoader.cached gives for a local handler in memory.
+        return self.source
 
 
 pool = WorkerPool(reactor, 8, 0, spawner=object())
@@ -156,6 +172,10 @@ class Loader:
 
     def load(self, name):
         return succeed(self.source)
+
+    def cached(self, name):
+        # What HandlerLoader.cached gives for a local handler in memory.
+        return self.source
 
 
 pool = WorkerPool(reactor, 4, 0, spawner=object())
@@ -260,7 +280,200 @@ serve(200)
 print(f"{min(serve(int(sys.argv[1])) for _ in range(int(sys.argv[2]))) * 1e6:.1f}")
 '''
 
-DRIVERS = {"resource": DRIVER, "server": SERVER, "child": CHILD}
+
+#: The stand-in zygote of the C{fresh} path (its channel is its fd 3).
+STAND_IN = r"""
+import os, selectors, socket, struct
+HEADER = struct.Struct(">IB")
+def frame(kind, payload=b""):
+    return HEADER.pack(len(payload) + 1, kind) + payload
+ANSWER = (frame(ord("H"), b'{"status":200,"headers":[["Content-Type","text/plain"]]}')
+          + frame(ord("D"), b"Hello, world!\n") + frame(ord("F"), b'{"trailers":[]}'))
+control = socket.socket(fileno=3)
+zombie = os.fork()
+if zombie == 0:
+    os._exit(0)
+select_ = selectors.DefaultSelector()
+buffer = bytearray()
+children = {}
+pids = iter(range(100000, 10**9))
+
+def fork():
+    ours, theirs = socket.socketpair()
+    pidfd = os.pidfd_open(zombie)
+    pid = next(pids)
+    socket.send_fds(control, [frame(ord("N"), b'{"pid":%d}' % pid)], [theirs.fileno(), pidfd])
+    theirs.close()
+    os.close(pidfd)
+    children[pid] = ours
+    select_.register(ours, selectors.EVENT_READ, pid)
+
+def serve(pid):
+    sock = children[pid]
+    data = sock.recv(65536)
+    if not data:
+        select_.unregister(sock)
+        sock.close()
+        children.pop(pid)
+    elif data.endswith(frame(ord("E"))):
+        sock.sendall(ANSWER)
+
+def commands():
+    data = control.recv(65536)
+    if not data:
+        raise SystemExit
+    buffer.extend(data)
+    while len(buffer) >= 5:
+        length, kind = HEADER.unpack_from(buffer)
+        if len(buffer) < 4 + length:
+            break
+        del buffer[:4 + length]
+        if kind == ord("Q"):
+            fork()
+
+control.sendall(frame(ord("S"), b'{"layers":{"all":"disabled"}}'))
+fork()
+select_.register(control, selectors.EVENT_READ, None)
+while True:
+    for key, _ in select_.select():
+        if key.data is None:
+            commands()
+        elif key.data in children:
+            serve(key.data)
+"""
+
+FRESH = r"""
+import socket, sys, time
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.web.resource import Resource
+
+globalLogBeginner.beginLoggingTo(
+    [textFileLogObserver(open(os.devnull, "w"))], redirectStandardIO=False
+)
+
+from haikutx.languages import find_languages
+from haikutx.runtime.channels import ChannelTransport
+from haikutx.runtime.loader import HandlerSource
+from haikutx.runtime.pool import WorkerPool
+from haikutx.runtime.resource import HandlerResource, RuntimeSite
+from haikutx.runtime.scheduler import Scheduler
+from haikutx.runtime.worker import CHILD_FDS, ZYGOTE_FD, ZygoteChannel
+from haikutx.service import RuntimeRoot
+
+STAND_IN = sys.argv[3]
+
+
+class Loader:
+    source = HandlerSource(url="hello.py", source=(
+        b"res.write_head(200, {'Content-Type': 'text/plain'})\n"
+        b"res.end('Hello, world!\\n')\n"))
+
+    def load(self, name):
+        return succeed(self.source)
+
+    def cached(self, name):
+        # What HandlerLoader.cached gives for a local handler in memory.
+        return self.source
+
+
+class StandInSpawner:
+    def spawn(self, protocol, max_requests):
+        server_end, zygote_end = socket.socketpair()
+        fds = dict(CHILD_FDS)
+        fds[ZYGOTE_FD] = zygote_end.fileno()
+        reactor.spawnProcess(protocol, sys.executable, [sys.executable, "-c", STAND_IN],
+                             env=None, childFDs=fds)
+        channel = ZygoteChannel(reactor, protocol)
+        channel.makeConnection(
+            ChannelTransport(reactor, server_end.detach(), channel, receive_fds=True))
+        zygote_end.close()
+
+
+pool = WorkerPool(reactor, 4, 1, spawner=StandInSpawner())
+resource = HandlerResource(reactor, pool, Loader(), languages=find_languages(),
+                           scheduler=Scheduler(reactor, pool, 4, 64))
+site = RuntimeSite(RuntimeRoot(resource, Resource(), None), reactor=reactor)
+REQUEST = b"GET /?x-haiku-handler=hello.py HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+state = {"left": 0, "answered": 0}
+
+
+class Client(StringTransport):
+    def write(self, data):
+        StringTransport.write(self, data)
+        if data.endswith(b"Hello, world!\n"):
+            self.clear()
+            state["answered"] += 1
+            if state["left"] > 0:
+                state["left"] -= 1
+                reactor.callLater(0, self.protocol.dataReceived, REQUEST)
+            elif state["answered"] == state["goal"]:
+                reactor.callLater(0, next_phase)
+
+
+clients = []
+count, repeat = int(sys.argv[1]), int(sys.argv[2])
+profile = sys.argv[4] if len(sys.argv) > 4 else ""
+results = []
+
+
+def run(requests):
+    state.update(left=requests - 16, answered=0, goal=requests)
+    for client in clients:
+        client.protocol.dataReceived(REQUEST)
+
+
+def phases():
+    # A warm-up, then the measured runs (or the one profiled).
+    yield 320
+    for _ in range(1 if profile else repeat):
+        yield count
+
+
+steps = phases()
+started = [0.0]
+
+
+def next_phase():
+    if started[0]:
+        results.append((time.process_time() - started[0]) / count)
+    requests = next(steps, None)
+    if requests is None:
+        if profile:
+            profiler.disable()
+            profiler.dump_stats(profile)
+        reactor.stop()
+        return
+    if started[0] or requests == count:
+        if profile:
+            profiler.enable()
+        started[0] = time.process_time()
+    run(requests)
+
+
+def start():
+    site.startFactory()
+    pool.startService()
+    for i in range(16):
+        transport = Client(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000 + i))
+        transport.protocol = site.buildProtocol(None)
+        transport.protocol.makeConnection(transport)
+        clients.append(transport)
+    reactor.callLater(0.5, next_phase)
+
+
+if profile:
+    import cProfile
+    profiler = cProfile.Profile()
+reactor.callWhenRunning(start)
+reactor.run()
+print(f"{min(results) * 1e6:.1f}" if results else "0")
+"""
+
+DRIVERS = {"resource": DRIVER, "server": SERVER, "child": CHILD, "fresh": FRESH}
 
 
 def main() -> None:
@@ -272,6 +485,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7, help="runs per round (best kept)")
     parser.add_argument("--path", choices=sorted(DRIVERS), default="resource",
                         help="what is measured (see above)")
+    parser.add_argument("--profile", default="",
+                        help="with --path fresh: write one run's cProfile statistics here")
     options = parser.parse_args()
     trees = [t.resolve() for t in (options.tree or [Path(__file__).resolve().parent.parent])]
     results: dict[str, list[float]] = {str(tree): [] for tree in trees}
@@ -279,7 +494,7 @@ def main() -> None:
         for tree in trees:
             out = subprocess.run(
                 [sys.executable, "-c", "import os\n" + DRIVERS[options.path],
-                 str(options.requests), str(options.repeat)],
+                 str(options.requests), str(options.repeat), STAND_IN, options.profile],
                 cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)),
                 capture_output=True, text=True, check=True,
             ).stdout

@@ -60,6 +60,9 @@ class LimitedRequest(Request):
     _body_received = 0
     _body_refused = False
     _linger: IDelayedCall | None = None
+    #: Called with the reason if the connection is lost before the
+    #: response is finished (L{watch_lost}).
+    _on_lost: Any = None
 
     def _max_body(self) -> int:
         return int(getattr(getattr(self.channel, "site", None), "max_body", DEFAULT_MAX_BODY))
@@ -87,11 +90,23 @@ class LimitedRequest(Request):
             return
         super().requestReceived(command, path, version)
 
+    def watch_lost(self, lost: Any) -> None:
+        """
+        Have C{lost} called with the reason if the client goes away before
+        the response is finished, as an errback of C{notifyFinish} would be,
+        without its L{Deferred} (one per request); instead of any callable
+        given before.
+        """
+        self._on_lost = lost
+
     def connectionLost(self, reason: Any) -> None:
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
         self._linger = None
         super().connectionLost(reason)
+        lost, self._on_lost = self._on_lost, None
+        if lost is not None and not self.finished:
+            lost(reason)
 
     def _refuse_body(self, remaining: int | None) -> None:
         """

@@ -159,6 +159,9 @@ class ChannelTransport:
         self._producer: Any = None
         self._producing = False
         self._writes = 0
+        #: Whether the reactor watches the socket for writing (what it did
+        #: not take waits in C{_pending}).
+        self._writing = False
         self.disconnected = False
         #: Whether reading is paused (L{pauseProducing}).
         self.paused = False
@@ -262,9 +265,13 @@ class ChannelTransport:
                     return
                 self._pending = self._pending[sent:]
                 if self._pending:
-                    self._reactor.addWriter(self)
+                    if not self._writing:
+                        self._writing = True
+                        self._reactor.addWriter(self)
                     return
-            self._reactor.removeWriter(self)
+            if self._writing:
+                self._writing = False
+                self._reactor.removeWriter(self)
             if self._producer is None or self._producing:
                 return
             # Drained: pull the producer's next piece (in this loop, not by
@@ -281,8 +288,11 @@ class ChannelTransport:
     def _close(self, reason: Exception) -> None:
         if self.disconnected:
             return
-        self._reactor.removeReader(self)
-        self._reactor.removeWriter(self)
+        if not self.paused:
+            self._reactor.removeReader(self)
+        if self._writing:
+            self._writing = False
+            self._reactor.removeWriter(self)
         self.disconnected = True
         self._socket.close()
         producer, self._producer = self._producer, None

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from attrs import frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath, InsecurePath
 from zope.interface import implementer
 
@@ -125,7 +126,21 @@ class HandlerLoader:
         self._fresh_for = fresh_for
         self._cache_bytes = cache_bytes
         self._local: dict[str, tuple[float, HandlerSource]] = {}
+        #: Local handlers being read (with C{fresh_for}), and the requests
+        #: waiting for that read.
+        self._reading: dict[str, list[Deferred[HandlerSource]]] = {}
         self._local_bytes = 0
+
+    def cached(self, name: str) -> HandlerSource | None:
+        """
+        The local handler C{name} if its code is in memory and fresh (as
+        L{load} would give it at once), else C{None}: without a
+        L{Deferred}.
+        """
+        cached = self._local.get(name)
+        if cached is not None and cached[0] > self._reactor.seconds():
+            return cached[1]
+        return None
 
     def load(self, name: str) -> Deferred[HandlerSource]:
         """
@@ -136,7 +151,31 @@ class HandlerLoader:
             if cached[0] > self._reactor.seconds():
                 return succeed(cached[1])
             self._forget(name)
-        return Deferred.fromCoroutine(self._load(name))
+        sharing = self._reading.get(name)
+        if sharing is not None:
+            # The file is being read for another request: one read for all.
+            waiter: Deferred[HandlerSource] = Deferred()
+            sharing.append(waiter)
+            return waiter
+        try:
+            local = self._fresh_for > 0 and classify(name) == "local"
+        except HandlerLoadError:
+            local = False  # refused by _load, as any other load
+        if not local:
+            return Deferred.fromCoroutine(self._load(name))
+        self._reading[name] = []
+        return Deferred.fromCoroutine(self._load(name)).addBoth(self._share, name)
+
+    def _share(self, result: Any, name: str) -> Any:
+        """
+        Give the requests that waited for C{name}'s read what it gave.
+        """
+        for waiter in self._reading.pop(name, ()):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+        return result
 
     def _remember(self, name: str, handler: HandlerSource) -> None:
         size = len(handler.source)

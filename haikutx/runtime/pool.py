@@ -20,11 +20,13 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from haikutx.interfaces import IWorkerSpawner
 from haikutx.runtime.channels import ChannelTransport
+from haikutx.runtime.events import EventEmitter
+from haikutx.runtime.timers import Deadline
 from haikutx.runtime.worker import (
     CHILD_FDS,
     ZYGOTE_FD,
@@ -33,8 +35,9 @@ from haikutx.runtime.worker import (
     ZygoteChannel,
 )
 
-#: A request waiting for a worker, and the handler kind it will run.
-_Waiter = tuple[Deferred[WorkerProtocol], str | None]
+#: A request waiting for a worker, the handler kind it will run, and when
+#: it gives up.
+_Waiter = tuple[Deferred[WorkerProtocol], str | None, float]
 
 
 class PoolBusy(Exception):
@@ -258,10 +261,19 @@ class WorkerPool(Service):
         self.workers: set[WorkerProtocol] = set()
         self._idle: deque[WorkerProtocol] = deque()
         self._waiters: deque[_Waiter] = deque()
+        #: The time limit of the first waiter to give up (one timer for all
+        #: of them, kept while requests come and go).
+        self._wait_limit = Deadline(reactor, self._give_up)
         self._failures = 0
         self._respawn: IDelayedCall | None = None
         self.counters = {"started": 0, "recycled": 0, "died": 0, "killed": 0}
         self.sandbox: dict[str, Any] | None = None
+        # The class's logger bound to this pool once, not at each event.
+        self.log = self.log
+        self._emit_routine = EventEmitter(self.log, LogLevel.debug)
+        self._emit_recycle = EventEmitter(self.log, LogLevel.info)
+        #: The routine recycle's reason, made once (L{_quota_reason}).
+        self._quota = (max_requests, f"served its quota of {max_requests} requests")
 
     # Service
 
@@ -274,6 +286,7 @@ class WorkerPool(Service):
         super().stopService()
         if self._respawn is not None and self._respawn.active():
             self._respawn.cancel()
+        self._wait_limit.stop()
         while self._waiters:
             self._waiters.popleft()[0].errback(PoolBusy("the runtime is stopping"))
         ended = []
@@ -329,7 +342,7 @@ class WorkerPool(Service):
         """
         waiting = False
         for entry in list(self._waiters):
-            waiter, kind = entry
+            waiter, kind, _ = entry
             if waiter.called:
                 self._waiters.remove(entry)
                 continue
@@ -358,15 +371,12 @@ class WorkerPool(Service):
             is always retired by the server, never trusted to leave.
         """
         routine = self.max_requests == 1 and reason == self._quota_reason()
-        text = f"worker {worker.pid} recycling its process {worker.child_pid}: {reason}"
-        # The event's text is made here, with no field left for the
-        # observer to format (it would, through string.Formatter, after
-        # every request of --maxrequests 1); its fields are in the event.
-        (self.log.debug if routine else self.log.info)(
-            text.replace("{", "{{").replace("}", "}}"),
-            worker_pid=worker.pid,
-            child_pid=worker.child_pid,
-            reason=reason,
+        # At debug level for the routine recycle, which follows every
+        # request of --maxrequests 1: its text made here, once, and every
+        # field in the event (EventEmitter).
+        (self._emit_routine if routine else self._emit_recycle)(
+            f"worker {worker.pid} recycling its process {worker.child_pid}: {reason}",
+            {"worker_pid": worker.pid, "child_pid": worker.child_pid, "reason": reason},
         )
         worker.state = "recycling"
         self.counters["recycled"] += 1
@@ -374,7 +384,12 @@ class WorkerPool(Service):
         worker.expect_child()
 
     def _quota_reason(self) -> str:
-        return f"served its quota of {self.max_requests} requests"
+        quota = self._quota
+        if quota[0] != self.max_requests:
+            quota = self._quota = (
+                self.max_requests, f"served its quota of {self.max_requests} requests"
+            )
+        return quota[1]
 
     def _child_ended(self, worker: WorkerProtocol, child: ChildProtocol, cause: str) -> None:
         """
@@ -437,6 +452,18 @@ class WorkerPool(Service):
 
     # Requests
 
+    def take(self, kind: str | None = None) -> WorkerProtocol | None:
+        """
+        An idle worker that can run handlers of C{kind}, taken at once, or
+        C{None} (then L{acquire} waits for one): the common case, without
+        a L{Deferred}.
+        """
+        for worker in self._idle:
+            if worker.state == "idle" and _suits(worker, kind):
+                self._idle.remove(worker)
+                return worker
+        return None
+
     def acquire(
         self, timeout: float, kind: str | None = None
     ) -> Deferred[WorkerProtocol]:
@@ -460,9 +487,11 @@ class WorkerPool(Service):
             elif other is None:
                 other = worker
         waiter: Deferred[WorkerProtocol] = Deferred(self._forget)
-        self._waiters.append((waiter, kind))
-        timer = self._reactor.callLater(timeout, self._give_up, waiter)
-        waiter.addBoth(_cancel_timer, timer)
+        limit = self._wait_limit
+        due = self._reactor.seconds() + timeout
+        self._waiters.append((waiter, kind, due))
+        if not limit.pending or due < limit.due:
+            limit.set(timeout)
         if other is not None:
             self._idle.remove(other)
             self._recycle(
@@ -478,9 +507,19 @@ class WorkerPool(Service):
                 return True
         return False
 
-    def _give_up(self, waiter: Deferred[WorkerProtocol]) -> None:
-        if self._forget(waiter):
-            waiter.errback(PoolBusy("all workers are busy"))
+    def _give_up(self) -> None:
+        """
+        Fail with L{PoolBusy} every waiter whose time is up, and watch for
+        the next one's.
+        """
+        now = self._reactor.seconds()
+        expired = [entry for entry in self._waiters if entry[2] <= now]
+        for entry in expired:
+            self._waiters.remove(entry)
+        if self._waiters:
+            self._wait_limit.set(min(entry[2] for entry in self._waiters) - now)
+        for entry in expired:
+            entry[0].errback(PoolBusy("all workers are busy"))
 
     def release(self, worker: WorkerProtocol) -> None:
         """

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import re
-from time import time
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -17,7 +16,9 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES, HTTPChannel, _GenericHTTPChannelProtocol, toChunk
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
@@ -29,10 +30,13 @@ from haikutx.languages import UnknownLanguage, detect
 from haikutx.net.http1 import HOP_BY_HOP
 from haikutx.net.urls import redact_url
 from haikutx.runtime.body import DEFAULT_MAX_BODY, LimitedRequest, RequestBody, body_too_large
+from haikutx.runtime.events import EventEmitter
+from haikutx.runtime.frames import RequestFrames
 from haikutx.runtime.loader import HandlerLoadError, HandlerSource
 from haikutx.runtime.pool import PoolBusy, WorkerPool
 from haikutx.runtime.scheduler import Overloaded, Scheduler
 from haikutx.runtime.tenants import handler_identity
+from haikutx.runtime.timers import Deadline
 from haikutx.runtime.worker import WorkerProtocol, handler_kind
 
 HANDLER = "x-haiku-handler"
@@ -68,6 +72,9 @@ _TENANT = "haiku_tenant"
 #: Set on a request to its query string's parameters, name to last value.
 _QUERY = "haiku_query"
 
+#: Set on a request to its C{x-haiku-*} headers, by lower-case name.
+_HEADERS = "haiku_headers"
+
 #: Handlers whose language a L{HandlerResource} remembers (their code with
 #: it: a bound on what it keeps).
 _DETECTED = 64
@@ -87,15 +94,72 @@ class RuntimeChannel(HTTPChannel):
     address once: C{twisted.web}'s L{Request} asks for it on every request
     (a C{getsockname} system call each time on TCP), and a connection's
     local address does not change.
+
+    Its idle timeout (L{TimeoutMixin}'s, given up while each request is
+    answered and set again after it) keeps one reactor timer for the
+    connection's life (a L{Deadline}), not a new one per request.
     """
 
     _host: Any = None
+    _idle: Deadline | None = None
 
     def getHost(self) -> Any:
         host = self._host
         if host is None:
             host = self._host = self.transport.getHost()
         return host
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        """
+        Write a response head as L{HTTPChannel.writeHeaders} does, in one
+        piece: a sequence's pieces (four per header) are each checked to be
+        bytes in Python by the transport, a piece of ours once.
+        """
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head.extend((name, b": ", value, b"\r\n"))
+        head.append(b"\r\n")
+        self.transport.write(b"".join(head))
+
+    def setTimeout(self, period: float | None) -> float | None:
+        """
+        Time the connection out after C{period} idle seconds (C{None}: no
+        more), as L{TimeoutMixin.setTimeout} does.  (Given up, its timer
+        fires once more, to no effect, unless set again: for a connection
+        handed over to HTTP/2, whose channel times out on its own.)
+
+        @return: the period before.
+        """
+        previous, self.timeOut = self.timeOut, period
+        idle = self._idle
+        if period is None:
+            if idle is not None:
+                idle.clear()
+        else:
+            if idle is None:
+                clock = getattr(self.factory, "reactor", None)
+                if clock is None:
+                    from twisted.internet import reactor as clock
+                idle = self._idle = Deadline(clock, self.timeoutConnection)
+            idle.set(period)
+        return previous
+
+    def resetTimeout(self) -> None:
+        """
+        Restart the idle timeout, if it is running (L{TimeoutMixin}).
+        """
+        idle = self._idle
+        if idle is not None and idle.pending and self.timeOut is not None:
+            idle.set(self.timeOut)
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        if self._idle is not None:
+            self._idle.stop()
 
 
 def _runtime_channel_protocol(site: Site) -> _GenericHTTPChannelProtocol:
@@ -169,7 +233,20 @@ def request_parameter(request: Request, name: str) -> str | None:
     @param name: the parameter's (lower-case) name.
     @return: its value, or C{None}.
     """
-    header = request.getHeader(name)
+    headers = getattr(request, _HEADERS, None)
+    if headers is None:
+        # The request's x-haiku-* headers found in one pass, whichever
+        # parameter is asked first (not a header lookup for each).
+        headers = {}
+        for raw, values in request.requestHeaders.getAllRawHeaders():
+            if raw[:8].lower() == b"x-haiku-" and values:
+                headers[raw.lower()] = values
+        setattr(request, _HEADERS, headers)
+    if name.startswith("x-haiku-"):
+        values = headers.get(name.encode("latin-1")) if headers else None
+        header = values[-1].decode("utf-8") if values else None
+    else:
+        header = request.getHeader(name)
     if header:
         return header
     query = getattr(request, _QUERY, None)
@@ -225,8 +302,15 @@ class Exchange:
         self._manual_chunks = False
         self._client_gone = False
         self.status: int | None = None
+        #: The request's C{REQUEST} frame, when made before it is sent
+        #: (L{haikutx.runtime.frames}).
+        self.frame: bytes | None = None
         self.done: Deferred[int] = Deferred()
+        #: The request's time limit: the worker's (L{Deadline}), which
+        #: serves one request at a time, or a timer of its own.
+        self._limit: Any = None
         self._timer: IDelayedCall | None = None
+        self._timing = False
         self._source: Any = None
         #: Body bytes received in the current read of the child's channel.
         self._held: list[bytes] = []
@@ -234,14 +318,24 @@ class Exchange:
         #: Whether the child's channel was paced by the client's (L{_pace}).
         self._paced = False
         if watch_client:
-            request.notifyFinish().addErrback(self.client_gone)
+            _watch_lost(request, self.client_gone)
 
-    def start(self, head: dict[str, Any], body: RequestBody) -> None:
+    def start(
+        self, head: dict[str, Any], body: RequestBody, frame: bytes | None = None
+    ) -> None:
         """
         Send the request to the worker and start the clock.
+
+        @param frame: the request's C{REQUEST} frame, if made already.
         """
-        self._timer = self._reactor.callLater(self._max_time, self._timed_out)
+        self._timing = True
+        limit = self._limit = getattr(self._worker, "time_limit", None)
+        if limit is not None:
+            limit.set(self._max_time, self._timed_out)
+        else:
+            self._timer = self._reactor.callLater(self._max_time, self._timed_out)
         self._child = getattr(self._worker, "child", None)
+        self.frame = frame
         self._worker.run(self, head, body)
 
     def _pace(self) -> None:
@@ -279,12 +373,11 @@ class Exchange:
         """
         self._client_gone = True
         self._release_source()
-        if self._timer is None or self.done.called or self._worker.kind != "stdio":
+        if not self._timing or self.done.called or self._worker.kind != "stdio":
             return
         # A stdio run whose client has gone ends now, and every process it
         # started with it (its child is killed; its cgroup emptied).
-        self._timer.cancel()
-        self._timer = None
+        self._stop_clock()
         self._worker.detach(self)
         self.done.callback(None)  # type: ignore[arg-type]
         self._worker.kill("its client went away")
@@ -394,6 +487,7 @@ class Exchange:
     # Failures
 
     def _timed_out(self) -> None:
+        self._timing = False
         self._timer = None
         self._worker.detach(self)
         self._answer(
@@ -428,10 +522,22 @@ class Exchange:
                 send_error(request, status, message)
         self._complete(status, message)
 
-    def _complete(self, status: int, message: str | None = None) -> None:
-        if self._timer is not None and self._timer.active():
+    def _stop_clock(self) -> None:
+        """
+        Give up the request's time limit (its worker's, if it is still
+        this request's: the worker may serve the next one already).
+        """
+        if not self._timing:
+            return
+        self._timing = False
+        if self._limit is not None:
+            self._limit.clear(self._timed_out)
+        elif self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def _complete(self, status: int, message: str | None = None) -> None:
+        self._stop_clock()
         if message is not None:
             self.log.warn(
                 "{handler_url} -> {status}: {reason}",
@@ -566,6 +672,8 @@ class HandlerResource(Resource):
         self._pool = pool
         self.scheduler = scheduler if scheduler is not None else Scheduler(reactor, pool)
         self._loader = loader
+        #: A loader's handler at hand, if it can say so without a Deferred.
+        self._cached = getattr(loader, "cached", None)
         self._limits = limits
         self._handler = handler
         self._debug = debug
@@ -574,9 +682,8 @@ class HandlerResource(Resource):
         self._detected: dict[tuple[str, str | None], tuple[bytes, Any]] = {}
         # The class's logger bound to this resource once, not at each event.
         self.log = self.log
-        #: The request event's system: what a text log shows for an event
-        #: without one (its namespace and level), made once, not per event.
-        self._log_system = f"{self.log.namespace}#{LogLevel.info.name}"
+        self._emit_served = EventEmitter(self.log, LogLevel.info)
+        self._frames = RequestFrames()
 
     def render(self, request: Request) -> Any:
         self.counters["requests"] += 1
@@ -595,8 +702,10 @@ class HandlerResource(Resource):
             # Served by a Site whose requests do not refuse it before reading.
             self._refuse(request, 413, body_too_large(self._limits.max_body), name)
             return NOT_DONE_YET
-        served = Deferred.fromCoroutine(self._serve(request, name))
-        served.addErrback(self._crashed, request, name)
+        try:
+            self._serve(request, name)
+        except Exception:
+            self._crashed(Failure(), request, name)
         return NOT_DONE_YET
 
     def _account(self, request: Request, status: int | None, started: float) -> None:
@@ -643,15 +752,9 @@ class HandlerResource(Resource):
         handler_url = _shown(name)
         answer = status if status is not None else "client went away"
         duration = self._reactor.seconds() - started
-        # The event's text is made here, once, with no field left for the
-        # observer to format (a log format's fields cost it several times
-        # as much); the fields are all in the event for structured logs.
-        # The event is the one Logger.info would make, given to the
-        # logger's observer directly: emit checks its (constant) level
-        # against every level, sorted anew, on each call.  Its system is
-        # given, the one a text log would otherwise make for each event.
-        log = self.log
-        log.observer(
+        # Its text made here, once; every field in the event (EventEmitter).
+        self._emit_served(
+            f"{client} {method} {handler_url} -> {answer} in {duration:.3f}s",
             {
                 "client": client,
                 "method": method,
@@ -660,26 +763,41 @@ class HandlerResource(Resource):
                 "answer": answer,
                 "duration": duration,
                 "worker_pid": worker_pid,
-                "log_logger": log,
-                "log_level": LogLevel.info,
-                "log_namespace": log.namespace,
-                "log_source": log.source,
-                "log_format": _literal(
-                    f"{client} {method} {handler_url} -> {answer} in {duration:.3f}s"
-                ),
-                "log_time": time(),
-                "log_system": self._log_system,
-            }
+            },
         )
 
-    async def _serve(self, request: Request, name: str) -> None:
+    # A request's way, step by step: each step runs at once when what it
+    # waits for is at hand (a handler in the loader's memory, a free turn),
+    # else as that Deferred's callback; an error in any step is _crashed.
+    # (A coroutine would cost a trip through inlineCallbacks at each await.)
+
+    def _serve(self, request: Request, name: str) -> None:
         started = self._reactor.seconds()
         setattr(request, _IDENTITY, handler_identity(name))
-        try:
-            handler = await self._loader.load(name)
-        except HandlerLoadError as e:
-            self._refuse(request, e.status, e.message, name, started)
+        cached = self._cached
+        handler = cached(name) if cached is not None else None
+        if handler is not None:
+            self._loaded(handler, request, name, started)
             return
+        loading = self._loader.load(name)
+        if loading.called and not isinstance(loading.result, Failure):
+            self._loaded(loading.result, request, name, started)
+            return
+        loading.addCallbacks(
+            self._loaded, self._not_loaded,
+            callbackArgs=(request, name, started), errbackArgs=(request, name, started),
+        ).addErrback(self._crashed, request, name)
+
+    def _not_loaded(self, failure: Failure, request: Request, name: str, started: float) -> None:
+        failure.trap(HandlerLoadError)
+        self._refuse(request, failure.value.status, failure.value.message, name, started)
+
+    def _loaded(
+        self, handler: HandlerSource, request: Request, name: str, started: float
+    ) -> None:
+        """
+        The handler is loaded: find its language, then wait for a turn.
+        """
         if request._disconnected:
             self._served(request, name, None, started, None)
             return
@@ -693,39 +811,69 @@ class HandlerResource(Resource):
         scheduler = self.scheduler
         tenant = scheduler.tenants.lookup(getattr(request, _IDENTITY))
         setattr(request, _TENANT, tenant)
-        acquiring = scheduler.acquire(
-            tenant, self._limits.max_time, handler_kind(language.name)
-        )
+        kind = handler_kind(language.name)
+        turn = scheduler.take(tenant, kind)
+        if turn is not None:
+            self._granted(turn, request, handler, language, argv, name, started, None)
+            return
+        acquiring = scheduler.acquire(tenant, self._limits.max_time, kind)
+        if acquiring.called and not isinstance(acquiring.result, Failure):
+            self._granted(
+                acquiring.result, request, handler, language, argv, name, started, None
+            )
+            return
         watch = None
         if not acquiring.called:
             # A client that leaves while waiting gives up its place in the
             # queue (and later, its exchange ends: one watch for both).
             watch = _ClientWatch(lambda _: acquiring.cancel())
-            request.notifyFinish().addErrback(watch)
-        try:
-            turn = await acquiring
-        except CancelledError:
+            _watch_lost(request, watch)
+        acquiring.addCallbacks(
+            self._granted, self._not_granted,
+            callbackArgs=(request, handler, language, argv, name, started, watch),
+            errbackArgs=(request, handler, name, started),
+        ).addErrback(self._crashed, request, name)
+
+    def _not_granted(
+        self, failure: Failure, request: Request, handler: HandlerSource, name: str,
+        started: float,
+    ) -> Failure | None:
+        """
+        No turn: the client left while waiting, the handler has too many
+        requests already (429), or no worker came in time (503).
+        """
+        if failure.check(CancelledError):
             self._served(request, handler.url, None, started, None)
-            return
-        except Overloaded as e:
+        elif failure.check(Overloaded):
+            tenant = failure.value.tenant
             request.responseHeaders.setRawHeaders(
                 b"retry-after", [b"%d" % RETRY_OVERLOADED]
             )
             self._refuse(
                 request, 429,
-                f"Too many requests for handler {handler.url}: {e.tenant.running} "
-                f"running and {len(e.tenant.waiting)} waiting already; try again later.",
+                f"Too many requests for handler {handler.url}: {tenant.running} "
+                f"running and {len(tenant.waiting)} waiting already; try again later.",
                 name, started,
             )
-            return
-        except PoolBusy as e:
+        elif failure.check(PoolBusy):
             request.responseHeaders.setRawHeaders(
                 b"retry-after", [b"%d" % max(1, round(self._limits.max_time))]
             )
             self._refuse(
-                request, 503, f"Service unavailable: {e}; try again later.", name, started
+                request, 503, f"Service unavailable: {failure.value}; try again later.",
+                name, started,
             )
-            return
+        else:
+            return failure
+        return None
+
+    def _granted(
+        self, turn: Any, request: Request, handler: HandlerSource, language: Any, argv: Any,
+        name: str, started: float, watch: _ClientWatch | None,
+    ) -> None:
+        """
+        A turn and a worker: send the request to it.
+        """
         worker = turn.worker
         try:
             # Everything the worker needs is taken from the request now, once
@@ -733,21 +881,19 @@ class HandlerResource(Resource):
             # client goes away, twisted.web closes the request's content, and
             # a client that left while waiting cancelled the wait above.
             body = _body(request)
-            head = self._request_head(request, handler, body.size())
+            head = self._request_head(request, body.size())
             head["language"] = language.name
-            head["argv"] = argv
+            frame = self._frames.frame(head, handler, argv)
             exchange = Exchange(
                 self._reactor, request, worker, self._pool, handler, self._limits.max_time,
                 watch_client=watch is None,
             )
             if watch is not None:
                 watch.then = exchange.client_gone
-            exchange.start(head, body)
+            exchange.start(head, body, frame)
         except BaseException:
-            scheduler.release(turn)
+            self.scheduler.release(turn)
             raise
-        # The answer ends the request in a callback, not by resuming this
-        # coroutine (which costs a trip through inlineCallbacks).
         exchange.done.addCallback(
             self._answered, request, handler.url, turn, worker.pid, started
         ).addErrback(self._crashed, request, name)
@@ -815,9 +961,11 @@ class HandlerResource(Resource):
         self._detected[key] = (source, language)
         return language
 
-    def _request_head(
-        self, request: Request, handler: HandlerSource, body_length: int
-    ) -> dict[str, Any]:
+    def _request_head(self, request: Request, body_length: int) -> dict[str, Any]:
+        """
+        The request's members of its C{REQUEST} frame (the handler's are
+        L{RequestFrames}').
+        """
         peer = request.getClientAddress()
         return {
             "method": request.method.decode("latin-1"),
@@ -829,8 +977,6 @@ class HandlerResource(Resource):
             ],
             "remote_addr": getattr(peer, "host", ""),
             "protocol": request.clientproto.decode("latin-1"),
-            "handler_url": handler.url,
-            "source": handler.source.decode("utf-8", "surrogateescape"),
             "console": console_mode(request_parameter(request, CONSOLE)),
             "max_console": self._limits.max_console,
             "debug": self._debug,
@@ -853,18 +999,22 @@ def _shown(name: str | None) -> str:
     return "-" if name is None else redact_url(name)
 
 
-def _literal(text: str) -> str:
-    """
-    C{text} as a log format that formats to itself (its braces doubled).
-    """
-    if "{" in text or "}" in text:
-        return text.replace("{", "{{").replace("}", "}}")
-    return text
-
-
 def _client(request: Request) -> str:
     return getattr(request.getClientAddress(), "host", "-")
 
 
 def _body(request: Request) -> RequestBody:
     return RequestBody.of(request)
+
+
+def _watch_lost(request: Request, lost: Any) -> None:
+    """
+    Have C{lost} called with the reason if C{request}'s client goes away
+    before its response is finished: by a L{LimitedRequest} itself, else
+    through C{notifyFinish}.
+    """
+    watch = getattr(request, "watch_lost", None)
+    if watch is not None:
+        watch(lost)
+    else:
+        request.notifyFinish().addErrback(lost)

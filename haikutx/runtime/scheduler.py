@@ -70,7 +70,8 @@ class Turn:
 
     tenant: Tenant
     kind: str | None
-    result: Deferred[Turn]
+    #: what the request waits on (none for a turn taken at once)
+    result: Deferred[Turn] | None
     worker: Any = None
     #: the order of arrival, for a request that waits
     since: int = 0
@@ -154,6 +155,26 @@ class Scheduler:
             turn.timer = self._clock.callLater(timeout, self._give_up, turn)
         return turn.result
 
+    def take(self, tenant: Tenant, kind: str | None = None) -> Turn | None:
+        """
+        A turn for a request of C{tenant} at once, with an idle worker, when
+        one is free to it now, as L{acquire} would grant it (the handler
+        below its cap, a turn free, a worker idle), without a L{Deferred};
+        else C{None}, and nothing changed: then ask L{acquire}.
+
+        @return: a L{Turn} whose C{worker} is set, to be given back with
+            L{release}; or C{None}.
+        """
+        if tenant.running >= self.max_concurrency or self.granted >= self._pool.size:
+            return None
+        take = getattr(self._pool, "take", None)
+        worker = take(kind) if take is not None else None
+        if worker is None:
+            return None
+        tenant.running += 1
+        self.granted += 1
+        return Turn(tenant, kind, None, worker)
+
     def status(self) -> dict[str, int]:
         """
         The scheduler's state for C{/_haiku/status}.
@@ -200,6 +221,13 @@ class Scheduler:
         """
         turn.tenant.running += 1
         self.granted += 1
+        take = getattr(self._pool, "take", None)
+        worker = take(turn.kind) if take is not None else None
+        if worker is not None:
+            # An idle worker at once, without a Deferred.
+            turn.worker = worker
+            turn.result.callback(turn)
+            return
         acquiring = self._pool.acquire(timeout, turn.kind)
         if acquiring.called and not isinstance(acquiring.result, Failure):
             # An idle worker at once, the common case: no callbacks needed.

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from haikutx.child import wire
 from haikutx.runtime.body import BodyFeed, RequestBody
 from haikutx.runtime.channels import ChannelTransport, ChildProtocol, ZygoteChannel
+from haikutx.runtime.timers import Deadline
 
 __all__ = [
     "CHILD_FDS",
@@ -40,9 +41,11 @@ __all__ = [
     "ChannelTransport",
     "WorkerProtocol",
     "ZygoteChannel",
+    "child_pid",
     "describe_exit",
     "describe_status",
     "handler_kind",
+    "retire_order",
 ]
 
 #: The zygote's end of its channel to the server, in the zygote.
@@ -138,6 +141,32 @@ def _remember_head(
     heads[payload] = (head[0], tuple((name, value) for name, value in head[1]))
 
 
+def child_pid(payload: bytes) -> int:
+    """
+    The pid a zygote's C{CHILD} frame announces.  The zygote's own form,
+    C{{"pid":N}}, is read by hand (the json module's path costs a dozen
+    calls per child); anything else is read as JSON.
+
+    @raise ValueError: if it is not a JSON object with an integer C{pid}.
+    @raise KeyError: if it has no C{pid}.
+    """
+    if payload.startswith(b'{"pid":') and payload.endswith(b"}"):
+        number = payload[7:-1]
+        if number.isdigit() and not number.startswith(b"0"):
+            return int(number)
+    return int(json.loads(payload)["pid"])
+
+
+def retire_order(pid: int, report: bool) -> bytes:
+    """
+    The C{RETIRE} frame that has the zygote kill child C{pid} (and report
+    its end, if C{report}): compact JSON, made by hand.
+    """
+    if report:
+        return wire.encode(wire.RETIRE, b'{"pid":%d,"report":true}' % pid)
+    return wire.encode(wire.RETIRE, b'{"pid":%d}' % pid)
+
+
 def _final_status(status: int) -> bool:
     """
     Whether C{status} may answer a request: not an interim one (C{1xx}),
@@ -191,7 +220,15 @@ class WorkerProtocol(ProcessProtocol):
         self._reader = wire.FrameReader()
         self._lines: dict[int, bytes] = {1: b"", 2: b""}
         self._child_lines: dict[int, bytes] = {}
+        #: The next heartbeat challenge of the current child.
+        self._challenge = Deadline(reactor, self._challenge_child)
+        #: The wait for the answer to a challenge.
         self._heartbeat: IDelayedCall | None = None
+        #: The wait for the zygote's next child (L{expect_child}).
+        self._fresh = Deadline(reactor, self._no_fresh_child)
+        #: The time limit of the request the slot runs, set by its
+        #: exchange (one request at a time: one timer for all of them).
+        self.time_limit = Deadline(reactor)
         self._zygote: Any = None
         self._zygote_grace: IDelayedCall | None = None
         self._children: dict[int, ChildProtocol] = {}
@@ -199,7 +236,6 @@ class WorkerProtocol(ProcessProtocol):
         self.pid: int | None = None
         self.child: ChildProtocol | None = None
         self.slot = 0
-        self.deadline: IDelayedCall | None = None
         self.sandbox: dict[str, Any] | None = None
         self.served = 0
         self.children_started = 0
@@ -249,7 +285,9 @@ class WorkerProtocol(ProcessProtocol):
         cause = self.kill_reason or describe_exit(reason)
         self.state = "dead"
         self._stop_heartbeat()
-        self._cancel_deadline()
+        self._challenge.stop()
+        self._fresh.stop()
+        self.time_limit.stop()
         if self._zygote_grace is not None and self._zygote_grace.active():
             self._zygote_grace.cancel()
         self.log.info(
@@ -306,7 +344,7 @@ class WorkerProtocol(ProcessProtocol):
 
     def _zygote_frame(self, kind: int, payload: bytes, fds: deque[int]) -> None:
         if kind == wire.CHILD:
-            pid = int(json.loads(payload)["pid"])
+            pid = child_pid(payload)
             descriptor = fds.popleft()
             pidfd = fds.popleft()
             child = ChildProtocol(self, pid, pidfd)
@@ -397,12 +435,10 @@ class WorkerProtocol(ProcessProtocol):
         """
         Kill the zygote if its next child does not come in time.
         """
-        self._cancel_deadline()
-        self.deadline = self._reactor.callLater(
-            self._fresh_timeout,
-            self.kill_zygote,
-            "did not start a fresh process after its last request",
-        )
+        self._fresh.set(self._fresh_timeout)
+
+    def _no_fresh_child(self) -> None:
+        self.kill_zygote("did not start a fresh process after its last request")
 
     # A child's channel
 
@@ -506,6 +542,9 @@ class WorkerProtocol(ProcessProtocol):
         @param head: the request head (L{haikutx.child.wire.REQUEST}).
         @param body: the request body, sent in chunks as the channel takes
             them (L{BodyFeed}).
+
+        The C{REQUEST} frame sent is the exchange's C{frame}, if it has one
+        made already (L{haikutx.runtime.frames}); else C{head}, encoded.
         """
         assert self.state == "idle" and self.child is not None, self.state
         self.state = "busy"
@@ -521,7 +560,10 @@ class WorkerProtocol(ProcessProtocol):
         child.console_left = limit if limit > 0 or not head.get("debug") else None
         consumer = child.transport if hasattr(child.transport, "registerProducer") else None
         child.feed = BodyFeed(child.send, consumer)
-        child.feed.start(wire.encode_json(wire.REQUEST, head), body)
+        frame = getattr(exchange, "frame", None)
+        if frame is None:
+            frame = wire.encode_json(wire.REQUEST, head)
+        child.feed.start(frame, body)
 
     def retire(self) -> None:
         """
@@ -576,8 +618,7 @@ class WorkerProtocol(ProcessProtocol):
 
     def _tell_zygote_to_end(self, child: ChildProtocol, report: bool) -> None:
         if self._zygote is not None:
-            order = {"pid": child.pid, "report": True} if report else {"pid": child.pid}
-            self._zygote.write(wire.encode_json(wire.RETIRE, order))
+            self._zygote.write(retire_order(child.pid, report))
 
     def detach(self, exchange: Any) -> None:
         """
@@ -606,12 +647,11 @@ class WorkerProtocol(ProcessProtocol):
     def _schedule_heartbeat(self) -> None:
         self._stop_heartbeat()
         if self.state != "dead" and self.child is not None:
-            self._heartbeat = self._reactor.callLater(self._interval, self._challenge_child)
+            self._challenge.set(self._interval)
 
     def _challenge_child(self) -> None:
         child = self.child
         if child is None:
-            self._heartbeat = None
             return
         if _reading_paused(child):
             # Its client is slow: the child waits on a full channel, and
@@ -635,11 +675,10 @@ class WorkerProtocol(ProcessProtocol):
         )
 
     def _cancel_deadline(self) -> None:
-        if self.deadline is not None and self.deadline.active():
-            self.deadline.cancel()
-        self.deadline = None
+        self._fresh.clear()
 
     def _stop_heartbeat(self) -> None:
+        self._challenge.clear()
         if self._heartbeat is not None and self._heartbeat.active():
             self._heartbeat.cancel()
         self._heartbeat = None

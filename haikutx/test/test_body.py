@@ -460,3 +460,48 @@ class PlainSiteTests(TestCase):
         self.assertEqual((response.status, response.text), (413, body_too_large(1000) + "\n"))
         response = await http(number, "/?x-haiku-handler=digest.py", "POST", body=b"b" * 1000)
         self.assertEqual(response.text, f"1000 {hashlib.sha256(b'b' * 1000).hexdigest()}")
+
+
+class WatchLostTests(SynchronousTestCase):
+    """
+    L{LimitedRequest.watch_lost}: what a C{notifyFinish} errback would be
+    told, without its Deferred.
+    """
+
+    def request(self) -> Any:
+        from twisted.web.test.requesthelper import DummyChannel
+
+        from haikutx.runtime.body import LimitedRequest
+
+        request = LimitedRequest(DummyChannel(), False)
+        request.method, request.clientproto, request.uri = b"GET", b"HTTP/1.1", b"/"
+        return request
+
+    def test_lost_before_the_answer(self) -> None:
+        """
+        The callable is called once with the reason when the connection is
+        lost before the response is finished; the last one given only.
+        """
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        request, told = self.request(), []
+        request.watch_lost(lambda reason: told.append(("first", reason)))
+        request.watch_lost(lambda reason: told.append(("second", reason)))
+        reason = Failure(ConnectionLost())
+        request.connectionLost(reason)
+        request.connectionLost(reason)
+        self.assertEqual(told, [("second", reason)])
+
+    def test_not_after_the_answer(self) -> None:
+        """
+        A connection lost after the response is finished calls nothing.
+        """
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        request, told = self.request(), []
+        request.watch_lost(told.append)
+        request.finish()
+        request.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(told, [])

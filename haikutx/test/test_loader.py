@@ -65,6 +65,55 @@ class LocalCacheTests(TestCase):
         self.clock.advance(0.2)
         self.assertEqual((await loader.load("h.py")).source, b"res.end('two')")
 
+    async def test_cached(self) -> None:
+        """
+        L{HandlerLoader.cached} gives what L{HandlerLoader.load} would give
+        at once from memory, and nothing else: not before the first load,
+        not once stale, never with C{fresh_for=0}.
+        """
+        loader = self.loader(fresh_for=5)
+        self.write("h.py", "res.end('one')")
+        self.assertIsNone(loader.cached("h.py"))
+        loaded = await loader.load("h.py")
+        self.assertIs(loader.cached("h.py"), loaded)
+        self.clock.advance(5)
+        self.assertIsNone(loader.cached("h.py"))
+        loader = self.loader(fresh_for=0)
+        await loader.load("h.py")
+        self.assertIsNone(loader.cached("h.py"))
+
+    async def test_one_read_for_requests_at_once(self) -> None:
+        """
+        Requests that ask for a handler while its file is being read share
+        that read: one read, the same code for all, or the same refusal.
+        """
+        from twisted.internet.defer import gatherResults
+
+        from haikutx.runtime import loader as module
+
+        reads = []
+        real = module._read_beneath
+
+        def counting(directory: str, name: str, max_size: int) -> bytes | None:
+            reads.append(name)
+            return real(directory, name, max_size)
+
+        self.patch(module, "_read_beneath", counting)
+        loader = self.loader(fresh_for=5)
+        self.write("h.py", "res.end('one')")
+        loaded = await gatherResults([loader.load("h.py") for _ in range(5)])
+        self.assertEqual([handler.source for handler in loaded], [b"res.end('one')"] * 5)
+        self.assertEqual(reads, ["h.py"])
+        missing = [loader.load("gone.py") for _ in range(3)]
+        for waiting in missing:
+            with self.assertRaises(HandlerLoadError) as caught:
+                await waiting
+            self.assertEqual(caught.exception.status, 404)
+        self.assertEqual(reads, ["h.py", "gone.py"])
+        with self.assertRaises(HandlerLoadError) as caught:
+            await loader.load("ftp://x/h.py")
+        self.assertEqual(caught.exception.status, 400)
+
     async def test_zero_reads_every_time(self) -> None:
         """
         With C{fresh_for=0} every load reads the file.

@@ -114,6 +114,33 @@ class PoolTests(SynchronousTestCase):
         self.ready(0)
         self.assertEqual(pool.status()["workers"], {"idle": 1})
 
+    def test_waiters_time_out_each_at_its_time(self) -> None:
+        """
+        Each waiting request fails at its own timeout, whatever the order
+        in which they came, served or not by then; a cancelled one never
+        does.
+        """
+        pool = self.make_pool(size=1)
+        first = pool.acquire(5)
+        sooner = pool.acquire(2)
+        cancelled = pool.acquire(1)
+        cancelled.cancel()
+        self.failureResultOf(cancelled)
+        self.clock.advance(1.5)
+        later = pool.acquire(4)
+        self.clock.advance(0.5)
+        self.failureResultOf(sooner, PoolBusy)
+        self.assertNoResult(first)
+        self.clock.advance(2.9)
+        self.assertNoResult(first)
+        self.clock.advance(0.1)
+        self.failureResultOf(first, PoolBusy)
+        self.assertNoResult(later)
+        self.ready(0)
+        self.assertEqual(self.successResultOf(later).state, "idle")
+        self.clock.advance(10)
+        self.assertEqual(pool.status()["waiting"], 0)
+
     def test_recycle(self) -> None:
         """
         A worker released at its quota closes its child's channel, tells
@@ -507,6 +534,49 @@ class WorkerProtocolTests(SynchronousTestCase):
         """
         self.worker.zygote_data(b"\xff\xff\xff\xff\x00", None)
         self.assertEqual(self.transport.signals, ["KILL"])
+
+    def test_child_frame_forms(self) -> None:
+        """
+        A C{CHILD} frame's pid is read in the zygote's compact form and in
+        any other JSON form alike; a payload that is not a JSON object with
+        an integer pid is refused as JSON refuses it.
+        """
+        from haikutx.runtime.worker import child_pid
+
+        self.assertEqual(child_pid(b'{"pid":1234}'), 1234)
+        self.assertEqual(child_pid(b'{"pid": 1234}'), 1234)
+        self.assertEqual(child_pid(b'{"pid":1234, "x": 1}'), 1234)
+        self.assertEqual(child_pid(b'{"pid":0}'), 0)
+        for bad in (b'{"pid":0012}', b'{"pid":12a}', b'{"pid":}', b"{}", b'{"pid":"x"}'):
+            self.assertRaises((ValueError, KeyError), child_pid, bad)
+
+    def test_child_frame_not_compact(self) -> None:
+        """
+        A zygote's child announced in a JSON form other than its own is
+        taken all the same; a malformed announcement kills the zygote.
+        """
+        from collections import deque
+
+        self.worker.retire()
+        self.worker.zygote_data(wire.encode(wire.CHILD, b'{"pid": 8}'), deque([-1, -1]))
+        self.assertEqual(self.worker.child_pid, 8)
+        self.assertEqual(self.transport.signals, [])
+        self.worker.retire()
+        self.worker.zygote_data(wire.encode(wire.CHILD, b'{"pid":09}'), deque([-1, -1]))
+        self.assertEqual(self.transport.signals, ["KILL"])
+
+    def test_retire_order_is_compact_json(self) -> None:
+        """
+        The C{RETIRE} orders are the compact JSON the zygote reads by hand.
+        """
+        from haikutx.runtime.worker import retire_order
+
+        self.assertEqual(
+            retire_order(77, False), wire.encode_json(wire.RETIRE, {"pid": 77})
+        )
+        self.assertEqual(
+            retire_order(77, True), wire.encode_json(wire.RETIRE, {"pid": 77, "report": True})
+        )
 
     def test_child_output_logged(self) -> None:
         """

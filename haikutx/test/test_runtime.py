@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -390,6 +390,213 @@ class TimeLimitTests(TestCase):
         )
         response = await http(self.port, "/?x-haiku-handler=hello.py")
         self.assertEqual(response.status, 200)
+
+
+class SharedTimeLimitTests(SynchronousTestCase):
+    """
+    A slot's requests share one time limit (the worker's): the request
+    that ends gives up only its own, never that of the next request its
+    worker was handed to meanwhile.
+    """
+
+    def test_next_request_keeps_its_limit(self) -> None:
+        """
+        A request answered after its worker went on to the next request
+        (the pool hands it out as it is released) leaves that request's
+        limit in force: it still runs out, answered 500, and its worker is
+        killed.
+        """
+        import io
+
+        from twisted.internet.task import Clock
+        from twisted.web.server import Request
+        from twisted.web.test.requesthelper import DummyChannel
+
+        from haikutx.runtime.loader import HandlerSource
+        from haikutx.runtime.resource import Exchange
+        from haikutx.runtime.timers import Deadline
+
+        clock = Clock()
+
+        class Worker:
+            pid = 1
+            kind = "python"
+            child = None
+
+            def __init__(self) -> None:
+                self.time_limit = Deadline(clock)
+                self.killed: list[str] = []
+
+            def run(self, exchange: Any, head: Any, body: Any) -> None:
+                pass
+
+            def detach(self, exchange: Any) -> None:
+                pass
+
+            def kill(self, reason: str) -> None:
+                self.killed.append(reason)
+
+        def request() -> Request:
+            request = Request(DummyChannel(), False)
+            request.method, request.clientproto = b"GET", b"HTTP/1.1"
+            request.uri = b"/?x-haiku-handler=a.py"
+            request.content = io.BytesIO(b"")
+            return request
+
+        worker = Worker()
+        handler = HandlerSource(url="a.py", source=b"")
+        second = Exchange(clock, request(), worker, None, handler, 5.0)  # type: ignore[arg-type]
+
+        class Pool:
+            def release(self, released: Any) -> None:
+                # Handed on at once, as to a request waiting for it.
+                second.start({}, b"")  # type: ignore[arg-type]
+
+        first = Exchange(clock, request(), worker, Pool(), handler, 5.0)  # type: ignore[arg-type]
+        first.start({}, b"")  # type: ignore[arg-type]
+        clock.advance(1)
+        first.head(200, [])
+        first.finish([])
+        self.assertEqual(self.successResultOf(first.done), 200)
+        clock.advance(4.9)
+        self.assertNoResult(second.done)
+        self.assertEqual(worker.killed, [])
+        clock.advance(0.1)
+        self.assertEqual(self.successResultOf(second.done), 500)
+        self.assertEqual(worker.killed, ["exceeded the time limit of its request"])
+        self.assertFalse(worker.time_limit.pending)
+
+
+class IdleTimeoutTests(SynchronousTestCase):
+    """
+    A runtime connection's idle timeout (L{RuntimeChannel}'s, one timer
+    for the connection's life) behaves as twisted.web's.
+    """
+
+    def test_idle_timeout(self) -> None:
+        """
+        An idle connection is closed C{timeout} seconds after its last
+        bytes; never while a request is answered; again C{timeout} seconds
+        after each answer; its timer is gone once the connection is.
+        """
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+        from twisted.web.server import NOT_DONE_YET
+
+        from haikutx.runtime.resource import RuntimeSite
+
+        answering: list[Any] = []
+
+        class Slow(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> Any:
+                answering.append(request)
+                return NOT_DONE_YET
+
+        clock = Clock()
+        site = RuntimeSite(Slow(), reactor=clock, timeout=10)
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        clock.advance(9)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        clock.advance(9)
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"\r\n")
+        clock.advance(100)
+        self.assertFalse(transport.disconnecting)
+        for _ in range(3):
+            answering.pop().finish()
+            clock.advance(9.5)
+            self.assertFalse(transport.disconnecting)
+            channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            clock.advance(30)
+            self.assertFalse(transport.disconnecting)
+        answering.pop().finish()
+        clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        channel.connectionLost(None)
+        self.assertEqual(
+            [call for call in clock.getDelayedCalls() if "Deadline" in repr(call.func)], []
+        )
+
+
+class ResponseHeadTests(SynchronousTestCase):
+    """
+    L{RuntimeChannel} writes a response head as twisted.web does.
+    """
+
+    def test_same_bytes(self) -> None:
+        """
+        The head written is byte for byte twisted.web's, in one write.
+        """
+        from twisted.internet.testing import StringTransport
+        from twisted.web.http import HTTPChannel
+        from twisted.web.http_headers import Headers
+
+        from haikutx.runtime.resource import RuntimeChannel
+
+        headers = Headers()
+        headers.addRawHeader(b"content-type", b"text/plain")
+        headers.addRawHeader(b"x-two", b"a")
+        headers.addRawHeader(b"x-two", b"b")
+        headers.addRawHeader(b"Content-Length", b"14")
+        written = []
+        for channel in (HTTPChannel(), RuntimeChannel()):
+            transport = StringTransport()
+            channel.makeConnection(transport)
+            channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+            channel.writeHeaders(b"HTTP/1.0", b"404", b"Not Found", Headers())
+            written.append(transport.value())
+            channel.connectionLost(None)
+        self.assertEqual(written[0], written[1])
+        self.assertTrue(written[1].startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"))
+        transport = StringTransport()
+        channel = RuntimeChannel()
+        channel.makeConnection(transport)
+        self.assertRaises(TypeError, channel.writeHeaders, b"HTTP/1.1", b"200", "OK", headers)
+        channel.connectionLost(None)
+
+
+class RequestParameterTests(SynchronousTestCase):
+    """
+    L{request_parameter}: a C{x-haiku-*} header if given and not empty,
+    else the query string's last value.
+    """
+
+    def test_parameters(self) -> None:
+        """
+        A non-empty header wins, whatever its case; an empty one is not
+        given; the query string's last value, percent-decoded as UTF-8;
+        the last of repeated headers; any other header as twisted.web
+        gives it.
+        """
+        from twisted.web.server import Request
+        from twisted.web.test.requesthelper import DummyChannel
+
+        from haikutx.runtime.resource import request_parameter
+
+        request = Request(DummyChannel(), False)
+        request.uri = (
+            b"/?x-haiku-handler=q.py&x-haiku-language=ruby&x-haiku-language=lua"
+            b"&x-haiku-console=h%C3%A9"
+        )
+        request.requestHeaders.addRawHeader(b"X-HAIKU-HANDLER", b"h\xc3\xa9.py")
+        request.requestHeaders.addRawHeader(b"x-haiku-language", b"")
+        request.requestHeaders.addRawHeader(b"x-other", b"no")
+        self.assertEqual(request_parameter(request, "x-haiku-handler"), "h\u00e9.py")
+        self.assertEqual(request_parameter(request, "x-haiku-language"), "lua")
+        self.assertEqual(request_parameter(request, "x-haiku-console"), "h\u00e9")
+        self.assertIsNone(request_parameter(request, "x-haiku-missing"))
+        self.assertEqual(request_parameter(request, "x-other"), "no")
+        bare = Request(DummyChannel(), False)
+        bare.uri = b"/"
+        bare.requestHeaders.addRawHeader(b"X-Haiku-Handler", b"one.py")
+        bare.requestHeaders.addRawHeader(b"X-Haiku-Handler", b"two.py")
+        self.assertEqual(request_parameter(bare, "x-haiku-handler"), "two.py")
 
 
 class LogTests(TestCase):

@@ -288,6 +288,52 @@ class CapTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
+class TakeTests(SynchronousTestCase):
+    """
+    L{Scheduler.take}: a turn at once, exactly when L{Scheduler.acquire}
+    would grant one at once, with the same accounting.
+    """
+
+    def test_take(self) -> None:
+        """
+        A handler below its cap takes a turn and an idle worker at once;
+        at its cap, or with no turn or no idle worker free, it takes
+        nothing and nothing changes; a taken turn is given back like any.
+        """
+        from haikutx.runtime.pool import WorkerPool
+        from haikutx.testing import FakeSpawner
+
+        clock = Clock()
+        pool = WorkerPool(clock, 3, 0, spawner=FakeSpawner())
+        pool.startService()
+        scheduler = Scheduler(clock, pool, max_concurrency=2, tenants=_tenants())
+        a, b = scheduler.tenants.lookup("a"), scheduler.tenants.lookup("b")
+        self.assertIsNone(scheduler.take(a))
+        for started in pool._spawner.started[:2]:
+            started.start_child()
+        first = scheduler.take(a)
+        second = scheduler.take(a)
+        assert first is not None and second is not None
+        self.assertEqual(
+            (first.worker.state, a.running, scheduler.granted, first.tenant), ("idle", 2, 2, a)
+        )
+        self.assertIsNot(first.worker, second.worker)
+        # At its cap: nothing taken, and acquire would queue it.
+        self.assertIsNone(scheduler.take(a))
+        # Below its cap but no idle worker: nothing taken, nothing counted.
+        self.assertIsNone(scheduler.take(b))
+        self.assertEqual((b.running, scheduler.granted), (0, 2))
+        pool._spawner.started[2].start_child()
+        third = scheduler.take(b)
+        assert third is not None
+        self.assertEqual((b.running, scheduler.granted), (1, 3))
+        # No turn free at all.
+        self.assertIsNone(scheduler.take(scheduler.tenants.lookup("c")))
+        scheduler.release(first)
+        scheduler.release(first)
+        self.assertEqual((a.running, scheduler.granted), (1, 2))
+
+
 class CancellationTests(SynchronousTestCase):
     """
     A request whose client left gives up everything it held at once: its

@@ -1,0 +1,62 @@
+# -*- test-case-name: haikutx.test.test_pool -*-
+"""
+The runtime's per-request log events, made cheaply: one for every request
+(L{haikutx.runtime.resource}) and, with C{--maxrequests 1}, one for every
+recycle (L{haikutx.runtime.pool}).
+
+Each is the event C{Logger.emit} would make, with its text made by the
+caller (no field left for an observer to format: a log format's fields
+cost a text observer several times as much) and given to the logger's
+observer directly: C{emit} checks its (constant) level against every level,
+sorted anew, on each call.  Its system (what a text log shows for an event
+without one: its namespace and level) is given too, made once per logger
+and level.  Every field stays in the event for structured logs.
+"""
+
+from __future__ import annotations
+
+from time import time
+from typing import Any
+
+from twisted.logger import Logger, LogLevel
+
+
+def literal(text: str) -> str:
+    """
+    C{text} as a log format that formats to itself (its braces doubled).
+    """
+    if "{" in text or "}" in text:
+        return text.replace("{", "{{").replace("}", "}}")
+    return text
+
+
+class EventEmitter:
+    """
+    Emit events of one level, with text made by the caller, through one
+    logger.
+
+    @param log: the logger (bound once: a class's L{Logger} makes a new one
+        at each attribute access).
+    @param level: the events' level.
+    """
+
+    def __init__(self, log: Logger, level: LogLevel) -> None:
+        self._log = log
+        self._level = level
+        self._system = f"{log.namespace}#{level.name}"
+
+    def __call__(self, text: str, fields: dict[str, Any]) -> None:
+        """
+        Emit one event whose text is C{text} (any braces in it are kept as
+        they are) and whose other fields are C{fields} (a new dict, which
+        becomes the event).
+        """
+        log = self._log
+        fields["log_logger"] = log
+        fields["log_level"] = self._level
+        fields["log_namespace"] = log.namespace
+        fields["log_source"] = log.source
+        fields["log_format"] = literal(text)
+        fields["log_time"] = time()
+        fields["log_system"] = self._system
+        log.observer(fields)
