@@ -159,7 +159,11 @@ from haikutx.languages import find_languages
 from haikutx.runtime.channels import ChannelTransport, ChildProtocol
 from haikutx.runtime.loader import HandlerSource
 from haikutx.runtime.pool import WorkerPool
-from haikutx.runtime.resource import HandlerResource, RuntimeSite
+from haikutx.runtime.resource import HandlerResource
+try:
+    from haikutx.runtime.site import RuntimeSite
+except ImportError:  # a tree from before haikutx.runtime.site (--tree)
+    from haikutx.runtime.resource import RuntimeSite
 from haikutx.runtime.scheduler import Scheduler
 from haikutx.runtime.worker import WorkerProtocol
 from haikutx.service import RuntimeRoot
@@ -359,7 +363,11 @@ from haikutx.languages import find_languages
 from haikutx.runtime.channels import ChannelTransport
 from haikutx.runtime.loader import HandlerSource
 from haikutx.runtime.pool import WorkerPool
-from haikutx.runtime.resource import HandlerResource, RuntimeSite
+from haikutx.runtime.resource import HandlerResource
+try:
+    from haikutx.runtime.site import RuntimeSite
+except ImportError:  # a tree from before haikutx.runtime.site (--tree)
+    from haikutx.runtime.resource import RuntimeSite
 from haikutx.runtime.scheduler import Scheduler
 from haikutx.runtime.worker import CHILD_FDS, ZYGOTE_FD, ZygoteChannel
 from haikutx.service import RuntimeRoot

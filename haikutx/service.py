@@ -27,8 +27,9 @@ from haikutx.runtime.pool import (
     PythonWorkerSpawner,
     WorkerPool,
 )
-from haikutx.runtime.resource import HandlerResource, RuntimeSite
+from haikutx.runtime.resource import HandlerResource
 from haikutx.runtime.scheduler import Scheduler
+from haikutx.runtime.site import RuntimeSite
 from haikutx.runtime.status import StatusResource
 
 

@@ -7,37 +7,29 @@ worker's response to the client.
 
 from __future__ import annotations
 
-import gc
-import re
 from typing import Any
 from urllib.parse import parse_qsl
 
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
-from twisted.internet.tcp import Connection
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.web.http import NO_BODY_CODES, HTTPChannel, _GenericHTTPChannelProtocol, toChunk
-from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
-from zope.interface import implementer
+from twisted.web.server import NOT_DONE_YET, Request
 
 from haikutx.child.console import console_mode
 from haikutx.config import Limits
-from haikutx.interfaces import IExchange
 from haikutx.languages import UnknownLanguage, detect
-from haikutx.net.http1 import HOP_BY_HOP
 from haikutx.net.urls import redact_url
-from haikutx.runtime.body import DEFAULT_MAX_BODY, LimitedRequest, RequestBody, body_too_large
+from haikutx.runtime.body import RequestBody, body_too_large
 from haikutx.runtime.events import EventEmitter
+from haikutx.runtime.exchange import ClientWatch, Exchange, send_error, watch_lost
 from haikutx.runtime.frames import RequestFrames
 from haikutx.runtime.loader import HandlerLoadError, HandlerSource
 from haikutx.runtime.pool import PoolBusy, WorkerPool
 from haikutx.runtime.scheduler import Overloaded, Scheduler
+from haikutx.runtime.site import LOGGED_HERE
 from haikutx.runtime.tenants import handler_identity
-from haikutx.runtime.timers import Deadline
-from haikutx.runtime.worker import WorkerProtocol, handler_kind
+from haikutx.runtime.worker import handler_kind
 
 HANDLER = "x-haiku-handler"
 CONSOLE = "x-haiku-console"
@@ -47,22 +39,6 @@ NO_HANDLER = (
     "The x-haiku-handler HTTP request header or query parameter must specify "
     "the URL of the handler to run."
 )
-
-#: Response headers a handler may not set: the runtime frames the response.
-#: C{Content-Length} among them: a handler's could be a lie (say 0, then
-#: write a whole forged response) that splits a keep-alive connection, so
-#: the next response its client, or a front proxy reusing the connection
-#: for another tenant, reads would be the handler's.
-_UNFRAMED = HOP_BY_HOP | {b"content-length"}
-
-_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
-
-#: Response bytes the server holds for a client that reads slowly before
-#: it stops reading the handler's channel (the handler then waits).
-RESPONSE_BUFFER = 4 * 1024 * 1024
-
-#: Set on a request for which L{HandlerResource} emits its own event.
-_LOGGED_HERE = "haiku_logged"
 
 #: Set on a request to the handler it is accounted under: its identity,
 #: then, once it asks for a worker, its tenant.
@@ -86,142 +62,6 @@ RETRY_OVERLOADED = 1
 #: The limits a L{HandlerResource} holds handlers to unless told others
 #: (a frozen value, so one instance serves every default).
 DEFAULT_LIMITS = Limits()
-
-
-class RuntimeChannel(HTTPChannel):
-    """
-    An L{HTTPChannel} that asks its transport for the connection's local
-    address once: C{twisted.web}'s L{Request} asks for it on every request
-    (a C{getsockname} system call each time on TCP), and a connection's
-    local address does not change.
-
-    Its idle timeout (L{TimeoutMixin}'s, given up while each request is
-    answered and set again after it) keeps one reactor timer for the
-    connection's life (a L{Deadline}), not a new one per request.
-    """
-
-    _host: Any = None
-    _idle: Deadline | None = None
-
-    def getHost(self) -> Any:
-        host = self._host
-        if host is None:
-            host = self._host = self.transport.getHost()
-        return host
-
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-        """
-        Write a response head as L{HTTPChannel.writeHeaders} does, in one
-        piece: a sequence's pieces (four per header) are each checked to be
-        bytes in Python by the transport, a piece of ours once.
-        """
-        if not isinstance(headers, Headers):
-            super().writeHeaders(version, code, reason, headers)
-            return
-        head = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                head.extend((name, b": ", value, b"\r\n"))
-        head.append(b"\r\n")
-        self.transport.write(b"".join(head))
-
-    def setTimeout(self, period: float | None) -> float | None:
-        """
-        Time the connection out after C{period} idle seconds (C{None}: no
-        more), as L{TimeoutMixin.setTimeout} does.  (Given up, its timer
-        fires once more, to no effect, unless set again: for a connection
-        handed over to HTTP/2, whose channel times out on its own.)
-
-        @return: the period before.
-        """
-        previous, self.timeOut = self.timeOut, period
-        idle = self._idle
-        if period is None:
-            if idle is not None:
-                idle.clear()
-        else:
-            if idle is None:
-                clock = getattr(self.factory, "reactor", None)
-                if clock is None:
-                    from twisted.internet import reactor as clock
-                idle = self._idle = Deadline(clock, self.timeoutConnection)
-            idle.set(period)
-        return previous
-
-    def resetTimeout(self) -> None:
-        """
-        Restart the idle timeout, if it is running (L{TimeoutMixin}).
-        """
-        idle = self._idle
-        if idle is not None and idle.pending and self.timeOut is not None:
-            idle.set(self.timeOut)
-
-    def connectionLost(self, reason: Any) -> None:
-        super().connectionLost(reason)
-        if self._idle is not None:
-            self._idle.stop()
-
-
-def _runtime_channel_protocol(site: Site) -> _GenericHTTPChannelProtocol:
-    """
-    The protocol of a L{RuntimeSite}'s connection: C{twisted.web}'s own
-    (HTTP/1.1, or HTTP/2 when negotiated) on a L{RuntimeChannel}.
-    """
-    return _GenericHTTPChannelProtocol(RuntimeChannel())
-
-
-class RuntimeSite(Site):
-    """
-    A L{Site} whose access log leaves out the requests L{HandlerResource}
-    answers: for each of those the runtime emits one structured event of
-    its own (SPEC §7: client, method, handler, status, duration, worker),
-    so that every request costs one log line, not two.
-
-    Its requests are L{LimitedRequest}s: a body over C{max_body} bytes is
-    refused with 413 before it is read.
-
-    @ivar max_body: the largest request body accepted, in bytes.
-    @ivar handler_name: the fixed handler the site runs, if any (named in
-        the log of a refused body).
-    """
-
-    requestFactory = LimitedRequest
-    protocol = _runtime_channel_protocol
-
-    def __init__(
-        self, resource: Any, *args: Any, max_body: int = DEFAULT_MAX_BODY,
-        handler_name: str | None = None, **kwargs: Any,
-    ) -> None:
-        super().__init__(resource, *args, **kwargs)
-        self.max_body = max_body
-        self.handler_name = handler_name
-
-    def log(self, request: Request) -> None:
-        if not getattr(request, _LOGGED_HERE, False):
-            super().log(request)
-
-    def startFactory(self) -> None:
-        super().startFactory()
-        freeze_startup_heap()
-
-
-_heap_frozen = False
-
-
-def freeze_startup_heap() -> None:
-    """
-    Move every object the process has made so far out of the cyclic
-    garbage collector's sight (C{gc.freeze}), once per process, when the
-    runtime starts serving: the modules, plugins and services made at start
-    live as long as the server, and each collection would otherwise walk
-    them all again (a hello request's path collects every 35 requests or
-    so, and a full collection walks every object).
-    """
-    global _heap_frozen
-    if not _heap_frozen:
-        _heap_frozen = True
-        gc.collect()
-        gc.freeze()
 
 
 def request_parameter(request: Request, name: str) -> str | None:
@@ -260,374 +100,6 @@ def request_parameter(request: Request, name: str) -> str | None:
         )
         setattr(request, _QUERY, query)
     return query.get(name)
-
-
-def send_error(request: Request, status: int, message: str) -> None:
-    """
-    Answer C{request} with C{status} and a plain-text C{message}.
-    """
-    body = message.encode("utf-8") + b"\n"
-    request.setResponseCode(status)
-    request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
-    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-    request.write(body)
-    request.finish()
-
-
-@implementer(IExchange)
-class Exchange:
-    """
-    One request run by one worker: writes the worker's response to the
-    client, and answers for the worker when it fails or runs out of time.
-    """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        reactor: Any,
-        request: Request,
-        worker: WorkerProtocol,
-        pool: WorkerPool,
-        handler: HandlerSource,
-        max_time: float,
-        watch_client: bool = True,
-    ) -> None:
-        self._reactor = reactor
-        self._request = request
-        self._worker = worker
-        self._pool = pool
-        self._handler = handler
-        self._max_time = max_time
-        self._manual_chunks = False
-        self._client_gone = False
-        self.status: int | None = None
-        #: The request's C{REQUEST} frame, when made before it is sent
-        #: (L{haikutx.runtime.frames}).
-        self.frame: bytes | None = None
-        self.done: Deferred[int] = Deferred()
-        #: The request's time limit: the worker's (L{Deadline}), which
-        #: serves one request at a time, or a timer of its own.
-        self._limit: Any = None
-        self._timer: IDelayedCall | None = None
-        self._timing = False
-        self._source: Any = None
-        #: Body bytes received in the current read of the child's channel.
-        self._held: list[bytes] = []
-        self._child: Any = None
-        #: Whether the child's channel was paced by the client's (L{_pace}).
-        self._paced = False
-        if watch_client:
-            _watch_lost(request, self.client_gone)
-
-    def start(
-        self, head: dict[str, Any], body: RequestBody, frame: bytes | None = None
-    ) -> None:
-        """
-        Send the request to the worker and start the clock.
-
-        @param frame: the request's C{REQUEST} frame, if made already.
-        """
-        self._timing = True
-        limit = self._limit = getattr(self._worker, "time_limit", None)
-        if limit is not None:
-            limit.set(self._max_time, self._timed_out)
-        else:
-            self._timer = self._reactor.callLater(self._max_time, self._timed_out)
-        self._child = getattr(self._worker, "child", None)
-        self.frame = frame
-        self._worker.run(self, head, body)
-
-    def _pace(self) -> None:
-        """
-        Have a client that does not read pause the child's channel, once
-        the server holds RESPONSE_BUFFER bytes of the response for it
-        (from the first part of a response that streams: one written whole
-        needs no pacing).
-        """
-        source = getattr(self._child, "transport", None)
-        if (
-            hasattr(source, "pauseProducing")
-            and not self.done.called
-            and self._request.channel is not None
-            and self._request.producer is None
-        ):
-            self._source = _Valve(source, RESPONSE_BUFFER)
-            self._request.registerProducer(self._source, True)
-
-    def _release_source(self) -> None:
-        """
-        Stop pausing the child's channel with the client's (the response is
-        over, or the client gone).
-        """
-        source, self._source = self._source, None
-        if source is None:
-            return
-        if self._request.channel is not None and self._request.producer is source:
-            self._request.unregisterProducer()
-        source.resumeProducing()
-
-    def client_gone(self, reason: Any) -> None:
-        """
-        The client went away before the response ended.
-        """
-        self._client_gone = True
-        self._release_source()
-        if not self._timing or self.done.called or self._worker.kind != "stdio":
-            return
-        # A stdio run whose client has gone ends now, and every process it
-        # started with it (its child is killed; its cgroup emptied).
-        self._stop_clock()
-        self._worker.detach(self)
-        self.done.callback(None)  # type: ignore[arg-type]
-        self._worker.kill("its client went away")
-
-    # IExchange
-
-    def head(self, status: int, headers: list[list[str]]) -> None:
-        request = self._request
-        self.status = status
-        if self._client_gone:
-            return
-        request.setResponseCode(status)
-        trailers = False
-        for name, value in headers:
-            raw = _field_name(name)
-            if raw is None or raw.lower() in _UNFRAMED:
-                continue
-            if raw.lower() == b"trailer":
-                trailers = True
-            request.responseHeaders.addRawHeader(raw, _header_value(value))
-        if trailers:
-            self._start_trailers()
-
-    def _start_trailers(self) -> None:
-        request = self._request
-        if request.clientproto != b"HTTP/1.1" or request.method == b"HEAD":
-            request.responseHeaders.removeHeader(b"trailer")
-            return
-        request.responseHeaders.removeHeader(b"content-length")
-        request.write(b"")
-        if request.chunked:
-            request.chunked = False
-            self._manual_chunks = True
-
-    def data(self, data: bytes) -> None:
-        if self._client_gone or not data:
-            # An empty chunk would be the last chunk: the response's end.
-            return
-        # Held until the end of the read that brought it (flush), so that a
-        # response whose end came in the same read is written whole, with
-        # its length, in one write.
-        self._held.append(data)
-
-    def flush(self) -> None:
-        self._write_held(streaming=True)
-
-    def _write_held(self, streaming: bool) -> None:
-        held = self._held
-        if not held:
-            return
-        data = held[0] if len(held) == 1 else b"".join(held)
-        held.clear()
-        if self._client_gone:
-            return
-        if streaming and self._source is None and not self._paced:
-            self._paced = True
-            self._pace()
-        if self._source is not None:
-            self._source.wrote(len(data))
-        if self._manual_chunks:
-            self._request.write(b"".join(toChunk(data)))
-        else:
-            self._request.write(data)
-
-    def finish(self, trailers: list[list[str]]) -> None:
-        request = self._request
-        if (
-            self._held
-            and not self._client_gone
-            and not self._manual_chunks
-            and not request.startedWriting
-            and request.code not in NO_BODY_CODES
-        ):
-            # The whole response is here: sent with its length, not chunked.
-            request.responseHeaders.setRawHeaders(
-                b"content-length", [b"%d" % sum(map(len, self._held))]
-            )
-        self._write_held(streaming=False)
-        self._release_source()
-        if not self._client_gone:
-            if self._manual_chunks:
-                lines = b"".join(
-                    raw + b": " + _header_value(value) + b"\r\n"
-                    for raw, value in (
-                        (_field_name(name), value) for name, value in trailers
-                    )
-                    if raw is not None and raw.lower() not in _UNFRAMED
-                )
-                self._request.write(b"0\r\n" + lines + b"\r\n")
-            channel = request.channel
-            request.finish()
-            if channel is not None:
-                _send_now(channel.transport)
-        # The worker first: the request's turn, given back when it is
-        # done, finds the worker idle.
-        self._pool.release(self._worker)
-        self._complete(self.status or 200)
-
-    def fail(self, status: int, message: str) -> None:
-        self._write_held(streaming=False)
-        self._pool.release(self._worker)
-        self._answer(status, message)
-
-    def lost(self, reason: str) -> None:
-        self._answer(500, f"Handler {self._handler.url} did not complete: {reason}.")
-
-    # Failures
-
-    def _timed_out(self) -> None:
-        self._timing = False
-        self._timer = None
-        self._worker.detach(self)
-        self._answer(
-            500,
-            f"Handler {self._handler.url} did not complete within the time limit "
-            f"of {self._max_time * 1000:.0f} ms",
-        )
-        self._worker.kill("exceeded the time limit of its request")
-
-    def _answer(self, status: int, message: str) -> None:
-        """
-        Answer with the runtime's error; once the head is out, all that can
-        be done is to close the connection.
-        """
-        if self.done.called:
-            return
-        self._release_source()
-        request = self._request
-        if not self._client_gone:
-            if request.startedWriting:
-                self.log.warn(
-                    "{handler_url} failed after its response started: {reason}",
-                    handler_url=self._handler.url,
-                    reason=message,
-                )
-                request.channel.transport.loseConnection()
-                status = self.status or status
-            else:
-                for name, _ in list(request.responseHeaders.getAllRawHeaders()):
-                    if name.lower() != b"x-haiku-cache":
-                        request.responseHeaders.removeHeader(name)
-                send_error(request, status, message)
-        self._complete(status, message)
-
-    def _stop_clock(self) -> None:
-        """
-        Give up the request's time limit (its worker's, if it is still
-        this request's: the worker may serve the next one already).
-        """
-        if not self._timing:
-            return
-        self._timing = False
-        if self._limit is not None:
-            self._limit.clear(self._timed_out)
-        elif self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _complete(self, status: int, message: str | None = None) -> None:
-        self._stop_clock()
-        if message is not None:
-            self.log.warn(
-                "{handler_url} -> {status}: {reason}",
-                handler_url=self._handler.url,
-                status=status,
-                reason=message.split("\n", 1)[0],
-                worker_pid=self._worker.pid,
-            )
-        if not self.done.called:
-            self.done.callback(status)
-
-
-def _send_now(transport: Any) -> None:
-    """
-    Send what a TCP connection holds now, instead of at the reactor's next
-    turn: the client has its response before the server does the
-    request's bookkeeping (its turn given to the next request, its
-    accounting, its log event).  What the socket does not take is sent
-    when it is writable, as always; an error is the reactor's to handle
-    then (the data stays, and the descriptor is still watched).  A TLS
-    connection is one too: its ciphertext is in the same buffer.
-    """
-    if isinstance(transport, Connection) and not transport.disconnecting:
-        transport.doWrite()
-
-
-class _ClientWatch:
-    """
-    What a request's client going away does now (C{then}): first give up
-    its wait for a worker, then end its exchange.
-    """
-
-    def __init__(self, then: Any) -> None:
-        self.then = then
-
-    def __call__(self, reason: Any) -> None:
-        self.then(reason)
-
-
-def _field_name(name: str) -> bytes | None:
-    """
-    A handler's header or trailer name as sent, or C{None} when it is not
-    an HTTP token (a name with CR LF in it could end the response and
-    start a forged one).
-    """
-    raw = name.encode("latin-1", "replace")
-    return raw if _TOKEN.fullmatch(raw) else None
-
-
-@implementer(IPushProducer)
-class _Valve:
-    """
-    Pauses a child's channel for a slow client, but only once the client's
-    connection holds more than C{limit} bytes written since it last drained:
-    most responses are taken whole, so their handler is done at once (its
-    time limit counts until its end), and none holds more server memory.
-    """
-
-    def __init__(self, source: Any, limit: int) -> None:
-        self._source = source
-        self._limit = limit
-        self._held = 0
-        self._full = False
-
-    def wrote(self, size: int) -> None:
-        """
-        C{size} bytes of the response went into the client's connection.
-        """
-        self._held += size
-        if self._full and self._held > self._limit:
-            self._source.pauseProducing()
-
-    def pauseProducing(self) -> None:
-        self._full = True
-        if self._held > self._limit:
-            self._source.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        # The client's connection has drained.
-        self._full = False
-        self._held = 0
-        self._source.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self._full = False
-        self._source.resumeProducing()
-
-
-def _header_value(value: str) -> bytes:
-    return value.encode("utf-8").replace(b"\r", b" ").replace(b"\n", b" ")
 
 
 class HandlerResource(Resource):
@@ -688,7 +160,7 @@ class HandlerResource(Resource):
     def render(self, request: Request) -> Any:
         self.counters["requests"] += 1
         # Every path below emits one event for this request (SPEC §7).
-        setattr(request, _LOGGED_HERE, True)
+        setattr(request, LOGGED_HERE, True)
         name = self._handler or request_parameter(request, HANDLER)
         if not name:
             if request.uri == b"/favicon.ico":
@@ -826,8 +298,8 @@ class HandlerResource(Resource):
         if not acquiring.called:
             # A client that leaves while waiting gives up its place in the
             # queue (and later, its exchange ends: one watch for both).
-            watch = _ClientWatch(lambda _: acquiring.cancel())
-            _watch_lost(request, watch)
+            watch = ClientWatch(lambda _: acquiring.cancel())
+            watch_lost(request, watch)
         acquiring.addCallbacks(
             self._granted, self._not_granted,
             callbackArgs=(request, handler, language, argv, name, started, watch),
@@ -869,7 +341,7 @@ class HandlerResource(Resource):
 
     def _granted(
         self, turn: Any, request: Request, handler: HandlerSource, language: Any, argv: Any,
-        name: str, started: float, watch: _ClientWatch | None,
+        name: str, started: float, watch: ClientWatch | None,
     ) -> None:
         """
         A turn and a worker: send the request to it.
@@ -1005,16 +477,3 @@ def _client(request: Request) -> str:
 
 def _body(request: Request) -> RequestBody:
     return RequestBody.of(request)
-
-
-def _watch_lost(request: Request, lost: Any) -> None:
-    """
-    Have C{lost} called with the reason if C{request}'s client goes away
-    before its response is finished: by a L{LimitedRequest} itself, else
-    through C{notifyFinish}.
-    """
-    watch = getattr(request, "watch_lost", None)
-    if watch is not None:
-        watch(lost)
-    else:
-        request.notifyFinish().addErrback(lost)

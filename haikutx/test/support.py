@@ -15,7 +15,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.trial.unittest import TestCase
 
 from haikutx.config import Config, Limits
-from haikutx.runtime.resource import RuntimeSite
+from haikutx.runtime.site import RuntimeSite
 from haikutx.service import build_runtime
 
 

@@ -25,7 +25,7 @@ from zope.interface import implementer
 from haikutx.child import wire
 from haikutx.config import Limits
 from haikutx.runtime.body import LINGER, BodyFeed, RequestBody, body_too_large
-from haikutx.runtime.resource import RuntimeSite
+from haikutx.runtime.site import RuntimeSite
 from haikutx.test.support import Response, _RawClient, http, start_runtime, until
 
 

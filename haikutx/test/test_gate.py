@@ -1302,7 +1302,7 @@ class LoopbackOnlyTests(_Integration):
         same pages asked directly answer 200.
         """
         from haikutx.metrics import MetricsResource
-        from haikutx.runtime.resource import RuntimeSite
+        from haikutx.runtime.site import RuntimeSite
         from haikutx.service import build_runtime
 
         pool, root, fetcher = build_runtime(
@@ -1366,7 +1366,7 @@ class TLSTests(_Integration):
         """
         from twisted.application import strports
 
-        from haikutx.runtime.resource import RuntimeSite
+        from haikutx.runtime.site import RuntimeSite
         from haikutx.service import build_runtime
 
         pool, root, fetcher = build_runtime(

@@ -412,8 +412,8 @@ class SharedTimeLimitTests(SynchronousTestCase):
         from twisted.web.server import Request
         from twisted.web.test.requesthelper import DummyChannel
 
+        from haikutx.runtime.exchange import Exchange
         from haikutx.runtime.loader import HandlerSource
-        from haikutx.runtime.resource import Exchange
         from haikutx.runtime.timers import Deadline
 
         clock = Clock()
@@ -483,7 +483,7 @@ class IdleTimeoutTests(SynchronousTestCase):
         from twisted.internet.testing import StringTransport
         from twisted.web.server import NOT_DONE_YET
 
-        from haikutx.runtime.resource import RuntimeSite
+        from haikutx.runtime.site import RuntimeSite
 
         answering: list[Any] = []
 
@@ -537,7 +537,7 @@ class ResponseHeadTests(SynchronousTestCase):
         from twisted.web.http import HTTPChannel
         from twisted.web.http_headers import Headers
 
-        from haikutx.runtime.resource import RuntimeChannel
+        from haikutx.runtime.site import RuntimeChannel
 
         headers = Headers()
         headers.addRawHeader(b"content-type", b"text/plain")
@@ -616,7 +616,7 @@ class LogTests(TestCase):
         from twisted.logger import globalLogPublisher
 
         from haikutx.config import Config
-        from haikutx.runtime.resource import RuntimeSite
+        from haikutx.runtime.site import RuntimeSite
         from haikutx.service import build_runtime
         from haikutx.test.support import write_handlers
 
@@ -747,7 +747,7 @@ class SiteTests(TestCase):
         from twisted.internet.address import IPv4Address
         from twisted.internet.testing import StringTransport
 
-        from haikutx.runtime.resource import RuntimeSite
+        from haikutx.runtime.site import RuntimeSite
 
         class Counting(StringTransport):
             asked = 0

@@ -22,7 +22,7 @@ from twisted.web.util import Redirect
 from haikutx.config import Config
 from haikutx.net.urls import redact_url
 from haikutx.runtime import fetch
-from haikutx.runtime.resource import RuntimeSite
+from haikutx.runtime.site import RuntimeSite
 from haikutx.service import build_runtime
 from haikutx.test.support import http, write_handlers
 
