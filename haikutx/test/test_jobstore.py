@@ -25,6 +25,12 @@ from haikutx.test import postgres
 from haikutx.testing import MemoryJobStore
 
 
+def _evolved(job: Job) -> Job:
+    from attrs import evolve
+
+    return evolve(job, state=RUNNING, started=1.0)
+
+
 def _job(n: int, **kw: Any) -> Job:
     return Job(id=f"{n:040x}", seq=0, command="echo", arguments=("a b", "c"), **kw)
 
@@ -273,6 +279,58 @@ class SQLiteJobStoreTests(_JobStoreTestsMixin, TestCase):
             path = Path(f"{self._path}{name}")
             self.assertTrue(path.exists(), path)
             self.assertEqual(path.stat().st_mode & 0o777, 0o600, path)
+
+    async def test_accepted_job_synced(self) -> None:
+        """
+        The commit that adds a job is followed by an C{fdatasync} of the
+        write-ahead log before L{SQLiteJobStore.add} fires; a save alone is
+        not synced.
+        """
+        from haikutx.jobs.store import sqlite as module
+
+        synced: list[int] = []
+
+        def sync(fd: int) -> None:
+            synced.append(os.fstat(fd).st_ino)
+            os.fdatasync(fd)
+
+        self.patch(module, "_sync", sync)
+        store = await self._opened()
+        job = await store.add(_job(1))
+        wal = Path(f"{self._path}-wal").stat().st_ino
+        self.assertEqual(synced, [wal])
+        await store.save(_evolved(job))
+        self.assertEqual(synced, [wal])
+        await store.add(_job(2))
+        self.assertEqual(synced, [wal, wal])
+
+    async def test_statements(self) -> None:
+        """
+        An add or a save alone in its batch is one statement (its own
+        transaction: no C{BEGIN}, no C{COMMIT}); several share one
+        transaction; the durability setting is never switched per commit.
+        """
+        store = await self._opened()
+        statements: list[str] = []
+        recorded = Deferred()
+
+        def record() -> None:
+            store._connection.set_trace_callback(
+                lambda s: statements.append(" ".join(s.split()[:2]))
+            )
+
+        store._pool.callInThreadWithCallback(
+            lambda ok, r: reactor.callFromThread(recorded.callback, None), record
+        )
+        await recorded
+        job = await store.add(_job(1))
+        await store.save(_evolved(job))
+        self.assertEqual(statements, ["INSERT INTO", "UPDATE jobs"])
+        del statements[:]
+        await DeferredList([store.add(_job(2)), store.save(_evolved(job))])
+        self.assertEqual(
+            statements, ["BEGIN IMMEDIATE", "INSERT INTO", "UPDATE jobs", "COMMIT"]
+        )
 
     async def test_checkpoints(self) -> None:
         """
