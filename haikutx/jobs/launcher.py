@@ -19,7 +19,9 @@ From the runner (stdin):
     - C{("which", handle, command, path)}: look a command up on a C{PATH}.
 
 To the runner (stdout):
-    - C{("started", handle, pid)} or C{("failed", handle, errno, text, path)};
+    - C{("started", handle, pid)} or C{("failed", handle, errno, text, path)}
+      (a start is reported within L{HOLD} seconds, with what followed it
+      meanwhile: a short job's start, output and end come in one write);
     - C{("out", handle, fd, data)}: output of fd 1 or 2;
     - C{("exited", handle)}: the job exited but its pipes are still open;
     - C{("ended", handle, wait_status)}: reaped and its pipes closed;
@@ -40,6 +42,7 @@ import shutil
 import signal
 import struct
 import sys
+import time
 
 HEADER = struct.Struct("!I")
 
@@ -51,6 +54,11 @@ MAX_READS = 16
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
+
+#: Seconds the report of a job's start may wait for more to send with it:
+#: a short job's start, output and end reach the runner in one write (one
+#: read and one wake-up of the runner instead of two).
+HOLD = 0.002
 
 #: The scheduling of the jobs: the usual one (the launcher's is not).
 _SCHEDULER = (os.SCHED_OTHER, os.sched_param(0))
@@ -84,6 +92,10 @@ class Launcher:
         self._fds = {}
         self._buffer = b""
         self._out = []
+        #: Whether only starts are waiting to be reported, and until when
+        #: they may wait.
+        self._only_starts = False
+        self._hold_until = 0.0
         self._defaults = [
             n
             for n in range(1, signal.NSIG)
@@ -96,8 +108,11 @@ class Launcher:
         """
         try:
             while True:
+                timeout = -1.0
+                if self._out:
+                    timeout = max(0.0, self._hold_until - time.monotonic())
                 try:
-                    events = self._poll.poll()
+                    events = self._poll.poll(timeout)
                 except InterruptedError:
                     continue
                 for fd, _ in events:
@@ -113,7 +128,8 @@ class Launcher:
                         self._reap(job)
                     else:
                         self._read(job, fd)
-                self._flush()
+                if not self._only_starts or time.monotonic() >= self._hold_until:
+                    self._flush()
         finally:
             self._kill_all()
 
@@ -196,9 +212,6 @@ class Launcher:
             self._fds[fd] = (job, which)
             self._poll.register(fd, select.EPOLLIN)
         self._send(("started", handle, pid))
-        # At once, not after the other starts of this turn: each takes its
-        # exec's time.
-        self._flush()
 
     # -- jobs --
 
@@ -261,10 +274,17 @@ class Launcher:
     # -- reports --
 
     def _send(self, message):
+        if message[0] == "started":
+            if not self._out:
+                self._only_starts = True
+                self._hold_until = time.monotonic() + HOLD
+        else:
+            self._only_starts = False
         body = marshal.dumps(message)
         self._out.append(HEADER.pack(len(body)) + body)
 
     def _flush(self):
+        self._only_starts = False
         if not self._out:
             return
         data = b"".join(self._out)

@@ -212,6 +212,71 @@ class LauncherUserTests(SynchronousTestCase):
         self.assertEqual(launcher._user, [])
 
 
+class LauncherHoldTests(SynchronousTestCase):
+    """
+    The launcher reports a job's start with what follows within
+    L{launcher.HOLD} seconds (a short job: start, output and end in one
+    write), and alone when nothing follows in time. The launcher's loop runs
+    in a thread of the test, on pipes of the test's own.
+    """
+
+    def _launch(self, hold: float, script: str) -> list[str]:
+        """
+        Start C{sh -c script} in a launcher holding starts for C{hold}
+        seconds; the kinds of the reports of the first write it makes.
+        """
+        import marshal
+        import select
+        import threading
+
+        from haikutx.jobs import launcher
+
+        self.patch(launcher, "HOLD", hold)
+        commands_r, commands_w = os.pipe()
+        reports_r, reports_w = os.pipe()
+        thread = threading.Thread(
+            target=launcher.Launcher(commands_r, reports_w).run, daemon=True
+        )
+        thread.start()
+
+        def stop() -> None:
+            os.close(commands_w)
+            thread.join(10)
+            for fd in (commands_r, reports_r, reports_w):
+                os.close(fd)
+
+        self.addCleanup(stop)
+        for message in (
+            ("env", {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}),
+            ("start", 1, shutil.which("sh"), ["sh", "-c", script]),
+        ):
+            body = marshal.dumps(message)
+            os.write(commands_w, launcher.HEADER.pack(len(body)) + body)
+        ready, _, _ = select.select([reports_r], [], [], 20)
+        self.assertTrue(ready, "no report within 20 s")
+        data = os.read(reports_r, 65536)
+        kinds = []
+        while data:
+            (length,) = launcher.HEADER.unpack_from(data)
+            kinds.append(marshal.loads(data[4 : 4 + length])[0])
+            data = data[4 + length :]
+        return kinds
+
+    def test_short_job_one_write(self) -> None:
+        """
+        A job that ends within the hold: its start, output and end are one
+        write.
+        """
+        self.assertEqual(self._launch(30.0, "sleep 0.2; echo x"), ["started", "out", "ended"])
+
+    def test_start_alone_after_hold(self) -> None:
+        """
+        A job still running when the hold is over: its start is reported
+        alone, before its end.
+        """
+        self.assertEqual(self._launch(0.05, "sleep 2"), ["started"])
+
+
 class FinalStateTests(SynchronousTestCase):
     """
     L{final_state} names the C{haiku_jobs_total} state of a finished job.

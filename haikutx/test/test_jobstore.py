@@ -25,6 +25,12 @@ from haikutx.test import postgres
 from haikutx.testing import MemoryJobStore
 
 
+def _evolved(job: Job) -> Job:
+    from attrs import evolve
+
+    return evolve(job, state=RUNNING, started=1.0)
+
+
 def _job(n: int, **kw: Any) -> Job:
     return Job(id=f"{n:040x}", seq=0, command="echo", arguments=("a b", "c"), **kw)
 
@@ -274,6 +280,58 @@ class SQLiteJobStoreTests(_JobStoreTestsMixin, TestCase):
             self.assertTrue(path.exists(), path)
             self.assertEqual(path.stat().st_mode & 0o777, 0o600, path)
 
+    async def test_accepted_job_synced(self) -> None:
+        """
+        The commit that adds a job is followed by an C{fdatasync} of the
+        write-ahead log before L{SQLiteJobStore.add} fires; a save alone is
+        not synced.
+        """
+        from haikutx.jobs.store import sqlite as module
+
+        synced: list[int] = []
+
+        def sync(fd: int) -> None:
+            synced.append(os.fstat(fd).st_ino)
+            os.fdatasync(fd)
+
+        self.patch(module, "_sync", sync)
+        store = await self._opened()
+        job = await store.add(_job(1))
+        wal = Path(f"{self._path}-wal").stat().st_ino
+        self.assertEqual(synced, [wal])
+        await store.save(_evolved(job))
+        self.assertEqual(synced, [wal])
+        await store.add(_job(2))
+        self.assertEqual(synced, [wal, wal])
+
+    async def test_statements(self) -> None:
+        """
+        An add or a save alone in its batch is one statement (its own
+        transaction: no C{BEGIN}, no C{COMMIT}); several share one
+        transaction; the durability setting is never switched per commit.
+        """
+        store = await self._opened()
+        statements: list[str] = []
+        recorded = Deferred()
+
+        def record() -> None:
+            store._connection.set_trace_callback(
+                lambda s: statements.append(" ".join(s.split()[:2]))
+            )
+
+        store._pool.callInThreadWithCallback(
+            lambda ok, r: reactor.callFromThread(recorded.callback, None), record
+        )
+        await recorded
+        job = await store.add(_job(1))
+        await store.save(_evolved(job))
+        self.assertEqual(statements, ["INSERT INTO", "UPDATE jobs"])
+        del statements[:]
+        await DeferredList([store.add(_job(2)), store.save(_evolved(job))])
+        self.assertEqual(
+            statements, ["BEGIN IMMEDIATE", "INSERT INTO", "UPDATE jobs", "COMMIT"]
+        )
+
     async def test_checkpoints(self) -> None:
         """
         The write-ahead log is copied into the database file about once a
@@ -453,23 +511,33 @@ class GroupCommitTests(SynchronousTestCase):
     def test_batches(self) -> None:
         """
         The first operation runs alone (at the end of the reactor's turn);
-        the ones submitted meanwhile all share the next transaction; each
-        gets its own result.
+        the ones submitted meanwhile all share the next transaction, which
+        the database thread starts itself when the first ends (no second
+        hand-over from the reactor); each gets its own result.
         """
         pool, batch, transactions = self._batch()
-        first = batch.submit(lambda c: 1)
+        others: list[Deferred[Any]] = []
+
+        def first_operation(connection: object) -> int:
+            # Submitted while the first transaction runs.
+            others.extend(batch.submit(lambda c, n=n: n) for n in range(2, 6))
+            return 1
+
+        first = batch.submit(first_operation)
         self.assertEqual(len(pool.calls), 0)
         self.reactor.turn()
-        others = [batch.submit(lambda c, n=n: n) for n in range(2, 6)]
         self.assertEqual(len(pool.calls), 1)
         pool.run_one()
         self.assertEqual(self.successResultOf(first), 1)
-        self.assertEqual(len(pool.calls), 1)
-        pool.run_one()
         self.assertEqual([self.successResultOf(d) for d in others], [2, 3, 4, 5])
         self.assertEqual(transactions, [[1], [2, 3, 4, 5]])
+        self.assertEqual((pool.calls, self.reactor.later), ([], []))
         self.assertEqual(batch.commits, 2)
         self.successResultOf(batch.idle())
+        # Idle again: the next operation is started from the reactor.
+        batch.submit(lambda c: 6)
+        self.reactor.turn()
+        self.assertEqual(len(pool.calls), 1)
 
     def test_one_turn(self) -> None:
         """
@@ -484,11 +552,11 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual([self.successResultOf(d) for d in done], [0, 1, 2])
         self.assertEqual(transactions, [[0, 1, 2]])
 
-    def test_unsynced_first(self) -> None:
+    def test_synced_together(self) -> None:
         """
-        Operations that need no sync, submitted ahead of one that does, are
-        committed first without it; the rest (in order) share the synced
-        transaction.
+        Operations that need no sync, submitted ahead of one that does, share
+        its synced transaction (the accepted job does not wait for a commit
+        of theirs first); so do the ones after it.
         """
         pool, batch, transactions = self._batch()
         done = [
@@ -498,12 +566,24 @@ class GroupCommitTests(SynchronousTestCase):
             batch.submit(lambda c: "result 2"),
         ]
         self.reactor.turn()
+        self.assertEqual(len(pool.calls), 1)
         pool.run_one()
-        self.assertEqual([self.successResultOf(d) for d in done[:2]], ["result", "claim"])
-        self.assertNoResult(done[2])
+        self.assertEqual(
+            [self.successResultOf(d) for d in done], ["result", "claim", "insert", "result 2"]
+        )
+        self.assertEqual(transactions, [["result", "claim", "insert", "result 2"]])
+        self.assertEqual(self.durable, [True])
+        self.assertEqual(batch.commits, 1)
+
+    def test_unsynced_alone(self) -> None:
+        """
+        A batch with nothing that must be synced is committed without a sync.
+        """
+        pool, batch, transactions = self._batch()
+        batch.submit(lambda c: "result")
+        self.reactor.turn()
         pool.run_one()
-        self.assertEqual(transactions, [["result", "claim"], ["insert", "result 2"]])
-        self.assertEqual(self.durable, [False, True])
+        self.assertEqual(self.durable, [False])
 
     def test_failure_isolated(self) -> None:
         """
@@ -515,7 +595,6 @@ class GroupCommitTests(SynchronousTestCase):
         self.reactor.turn()
         good = batch.submit(lambda c: 1)
         bad = batch.submit(lambda c: "bad")
-        pool.run_one()
         pool.run_one()
         self.assertEqual(self.successResultOf(good), 1)
         self.failureResultOf(bad, ValueError)

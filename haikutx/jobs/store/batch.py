@@ -10,11 +10,12 @@ while one commit is under way all share the next one.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 #: One operation: called in the database thread with the connection.
@@ -34,8 +35,14 @@ class GroupCommit:
     """
     Collects operations and runs them in batches, one transaction each, in
     a thread pool of one thread, in the order they were submitted: what is
-    submitted in one turn of the reactor, or while the previous transaction
-    runs, goes in one batch.
+    submitted in one turn of the reactor goes in one batch, and what is
+    submitted while a transaction runs goes in the next, synced when any of
+    its operations must be.
+
+    The database thread takes the next batch itself as soon as a
+    transaction ends (its results go back to the reactor meanwhile): a job
+    accepted while another transaction runs waits for that one only, not
+    for the reactor to hand it over as well.
 
     When a batch fails, its operations are run again one per transaction, so
     that one bad operation fails alone.
@@ -43,19 +50,25 @@ class GroupCommit:
     @ivar commits: the transactions run so far (batches and retries).
     """
 
+    log = Logger()
+
     def __init__(self, reactor: Any, pool: Any, transact: Transact) -> None:
         """
         @param reactor: the reactor the results are delivered in (and the
-            batches started from: L{IReactorTime.callLater}).
+            batches started from: L{IReactorTime.callLater},
+            L{IReactorThreads.callFromThread}).
         @param pool: a started L{twisted.python.threadpool.ThreadPool} of
-            one thread: the thread that owns the connection.
+            one thread (or a L{haikutx.jobs.store.thread.DatabaseThread}):
+            the thread that owns the connection.
         @param transact: runs a batch in that thread.
         """
         self._reactor = reactor
         self._pool = pool
         self._transact = transact
+        #: Shared with the database thread, under C{_lock}.
         self._pending: list[tuple[Operation, bool, Deferred[Any]]] = []
         self._busy = False
+        self._lock = threading.Lock()
         self._idle: list[Deferred[None]] = []
         self.commits = 0
 
@@ -69,13 +82,16 @@ class GroupCommit:
             transaction is committed, or fails with its error.
         """
         done: Deferred[Any] = Deferred()
-        self._pending.append((operation, durable, done))
-        if not self._busy:
-            # Not at once: at the end of this turn of the reactor, so that
-            # what is submitted together (a job's result and the claim of
-            # the next, the jobs of one read) shares a transaction.
+        with self._lock:
+            self._pending.append((operation, durable, done))
+            if self._busy:
+                # The database thread takes it when its transaction ends.
+                return done
             self._busy = True
-            self._reactor.callLater(0, self._next)
+        # Not at once: at the end of this turn of the reactor, so that what
+        # is submitted together (a job's result and the claim of the next,
+        # the jobs of one read) shares a transaction.
+        self._reactor.callLater(0, self._start)
         return done
 
     def idle(self) -> Deferred[None]:
@@ -84,35 +100,41 @@ class GroupCommit:
             far has been run.
         """
         waiter: Deferred[None] = Deferred()
-        if self._busy:
-            self._idle.append(waiter)
-        else:
-            waiter.callback(None)
+        self._idle.append(waiter)
+        if not self._busy:
+            # After the results the database thread handed back already.
+            self._reactor.callFromThread(self._maybe_idle)
         return waiter
 
-    def _next(self) -> None:
-        if not self._pending:
-            self._busy = False
-            waiters, self._idle = self._idle, []
-            for waiter in waiters:
-                waiter.callback(None)
-            return
-        self._busy = True
-        size = MAX_BATCH
-        for n, (_, flag, _) in enumerate(self._pending[:MAX_BATCH]):
-            if flag:
-                # Operations that need no sync ahead of the first that does
-                # (a result, the claim of the next job) are committed first,
-                # without waiting for the sync.
-                size = n or MAX_BATCH
-                break
-        batch = self._pending[:size]
-        del self._pending[:size]
-        durable = any(flag for _, flag, _ in batch)
-        running = deferToThreadPool(
-            self._reactor, self._pool, self._run, [op for op, _, _ in batch], durable
-        )
-        running.addBoth(self._ran, batch)
+    def _start(self) -> None:
+        self._pool.callInThreadWithCallback(self._drained, self._drain)
+
+    def _drain(self) -> None:
+        """
+        In the database thread: run batches until none is waiting.
+        """
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._busy = False
+                    break
+                batch = self._pending[:MAX_BATCH]
+                del self._pending[:MAX_BATCH]
+            durable = any(flag for _, flag, _ in batch)
+            try:
+                result: Any = self._run([op for op, _, _ in batch], durable)
+            except BaseException:
+                result = Failure()
+            self._reactor.callFromThread(self._ran, result, batch)
+            batch = result = None
+        self._reactor.callFromThread(self._maybe_idle)
+
+    def _drained(self, ok: bool, result: Any) -> None:
+        if not ok:
+            # Not expected (L{_drain} catches what a batch raises).
+            self._reactor.callFromThread(
+                self.log.failure, "job store batches stopped", result
+            )
 
     def _run(
         self, operations: list[Operation], durable: bool
@@ -141,4 +163,10 @@ class GroupCommit:
                 done.callback(value)
             else:
                 done.errback(value)
-        self._next()
+
+    def _maybe_idle(self) -> None:
+        if self._busy or self._pending or not self._idle:
+            return
+        waiters, self._idle = self._idle, []
+        for waiter in waiters:
+            waiter.callback(None)
