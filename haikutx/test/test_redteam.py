@@ -338,9 +338,9 @@ class SlowClientTests(TestCase):
         the client gets all of it.
         """
         from haikutx.config import Limits
-        from haikutx.runtime import resource
+        from haikutx.runtime import exchange
 
-        self.patch(resource, "RESPONSE_BUFFER", 16 << 20)
+        self.patch(exchange, "RESPONSE_BUFFER", 16 << 20)
 
         port, pool = start_runtime(
             self, {"firehose.py": FIREHOSE}, workers=1, max_requests=1,
