@@ -9,7 +9,11 @@ same run:
    the commit that holds the job);
 3. submit and poll: 8 clients (another process, keep-alive connections),
    each POSTs a job then GETs it every 2 ms until it is C{"finished"}:
-   jobs per second and time from POST to seen finished.
+   jobs per second and time from POST to seen finished.  Run twice unless
+   C{--maxrunning} is given: with the runner's default C{--maxrunning}
+   (2 × CPUs: with more clients than that, jobs wait for a slot, in
+   order), and with C{--maxrunning} equal to the clients, so that no job
+   waits for a slot (as with http-runner, which runs every job at once).
 
 Each POST and submit-and-poll run also prints the CPU time of the server
 and its job launcher per job, and that of the jobs themselves (the
@@ -221,31 +225,37 @@ def main() -> None:
                   f"jobs {1000 * jobs_cpu / max(accepted, 1):.2f} ms per accepted job)",
                   flush=True)
 
-        port = free_port()
-        process = job_runner(tmp, port, extra)
-        try:
-            wait_up(f"http://127.0.0.1:{port}/" + "0" * 40, process)
-            before = cpu_seconds(process.pid)
-            out = subprocess.run(
-                [sys.executable, str(poll), "127.0.0.1", str(port), str(options.clients),
-                 str(options.seconds), str(options.interval)],
-                capture_output=True, text=True, check=True, timeout=options.seconds + 120,
-            ).stdout
-            time.sleep(0.5)
-            after = cpu_seconds(process.pid)
-            cpu, jobs_cpu = after[0] - before[0], after[1] - before[1]
-        finally:
-            stop(process)
-        polled = json.loads(out)
-        times = sorted(polled["times"])
-        rate = polled["jobs"] / polled["elapsed"]
-        p50 = statistics.median(times) * 1000 if times else float("nan")
-        p90 = times[int(len(times) * 0.9)] * 1000 if times else float("nan")
-        print(f"submit and poll, {options.clients} clients: {rate:,.0f} jobs/s, "
-              f"p50 {p50:.1f} ms, p90 {p90:.1f} ms, errors {len(polled['errors'])} "
-              f"(server + launcher CPU {1000 * cpu / max(polled['jobs'], 1):.2f} ms, "
-              f"jobs {1000 * jobs_cpu / max(polled['jobs'], 1):.2f} ms per job)",
-              flush=True)
+        caps = [("--maxrunning " + options.maxrunning, [])] if options.maxrunning else [
+            ("default --maxrunning", []),
+            (f"--maxrunning {options.clients}", ["--maxrunning", str(options.clients)]),
+        ]
+        for cap, more in caps:
+            poll_extra = extra + more
+            port = free_port()
+            process = job_runner(tmp, port, poll_extra)
+            try:
+                wait_up(f"http://127.0.0.1:{port}/" + "0" * 40, process)
+                before = cpu_seconds(process.pid)
+                out = subprocess.run(
+                    [sys.executable, str(poll), "127.0.0.1", str(port), str(options.clients),
+                     str(options.seconds), str(options.interval)],
+                    capture_output=True, text=True, check=True, timeout=options.seconds + 120,
+                ).stdout
+                time.sleep(0.5)
+                after = cpu_seconds(process.pid)
+                cpu, jobs_cpu = after[0] - before[0], after[1] - before[1]
+            finally:
+                stop(process)
+            polled = json.loads(out)
+            times = sorted(polled["times"])
+            rate = polled["jobs"] / polled["elapsed"]
+            p50 = statistics.median(times) * 1000 if times else float("nan")
+            p90 = times[int(len(times) * 0.9)] * 1000 if times else float("nan")
+            print(f"submit and poll, {options.clients} clients, {cap}: {rate:,.0f} jobs/s, "
+                  f"p50 {p50:.1f} ms, p90 {p90:.1f} ms, errors {len(polled['errors'])} "
+                  f"(server + launcher CPU {1000 * cpu / max(polled['jobs'], 1):.2f} ms, "
+                  f"jobs {1000 * jobs_cpu / max(polled['jobs'], 1):.2f} ms per job)",
+                  flush=True)
 
 
 if __name__ == "__main__":
