@@ -1419,12 +1419,16 @@ class TwistdRestartTests(_TwistdTestCase):
         await deferLater(reactor, 0.7)  # more than one output flush interval
         first.send_signal(signal.SIGKILL)
         first.wait(10)
-        # The job dies with the server (its launcher kills it).
-        for _ in range(100):
+        # The job dies with the server (its launcher kills it). Bounded at
+        # 15 s, half the job's own 30 s: a job left running would still
+        # be seen alive.
+        for _ in range(300):
             if not _alive(int(pid)):
                 break
             await deferLater(reactor, 0.05)
-        self.assertFalse(_alive(int(pid)), "a job outlived its SIGKILLed server")
+        self.assertFalse(
+            _alive(int(pid)), f"a job outlived its SIGKILLed server: {_where(int(pid))}"
+        )
         second = self._start(port, state)
         await self._wait_up(url)
         kept = await self._job(url, done["id"])
@@ -1771,6 +1775,19 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return fields[0] != "Z"
+
+
+def _where(pid: int) -> str:
+    """
+    What a failure message says of a process: its state and its parent's
+    command line, if it is still there.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        parent = Path(f"/proc/{fields[1]}/cmdline").read_bytes().replace(b"\0", b" ")
+    except (OSError, IndexError):
+        return "gone"
+    return f"state {fields[0]}, parent {fields[1]} {parent[:120]!r}"
 
 
 def _kill_quietly(pid: int) -> None:
