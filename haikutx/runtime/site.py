@@ -106,7 +106,7 @@ def _runtime_channel_protocol(site: Site) -> _GenericHTTPChannelProtocol:
 
 class RuntimeSite(Site):
     """
-    A L{Site} whose access log leaves out the requests L{HandlerResource}
+    A L{Site} whose access log leaves out the requests L{haikutx.runtime.resource.HandlerResource}
     answers: for each of those the runtime emits one structured event of
     its own (SPEC §7: client, method, handler, status, duration, worker),
     so that every request costs one log line, not two.
