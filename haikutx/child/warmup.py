@@ -13,10 +13,12 @@ Standard library only (the zygote imports it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import linecache
 import socket
+from collections.abc import Iterator
 
 from haikutx.child import runner, wire
 from haikutx.sandbox._libc import PR_SET_PDEATHSIG, libc
@@ -50,6 +52,23 @@ def _warm_up_request(source: str) -> bytes:
     return wire.encode_json(wire.REQUEST, head) + wire.encode(wire.BODY_END)
 
 
+@contextlib.contextmanager
+def _worker_on_socketpair(max_requests: int) -> Iterator[tuple[socket.socket, runner.Worker]]:
+    """
+    A L{runner.Worker} serving one end of a new socketpair, and the other
+    end (the server's); both closed, and the warm-up's lines forgotten, after.
+    """
+    server, child = socket.socketpair()
+    worker = runner.Worker(max_requests, child.fileno())
+    try:
+        yield server, worker
+    finally:
+        worker.loop.close()
+        server.close()
+        child.close()
+        linecache.cache.pop("<warm-up>", None)
+
+
 def serve_requests(count: int) -> None:
     """
     Serve C{count} requests of the zygote's own synchronous warm-up
@@ -65,19 +84,12 @@ def serve_requests(count: int) -> None:
     fork to exit 4.4 ms without, 3.5–3.6 ms with 64 warm-up requests; its
     page faults 460 against 380.
     """
-    server, child = socket.socketpair()
-    worker = runner.Worker(0, child.fileno())
-    try:
+    with _worker_on_socketpair(0) as (server, worker):
         # Every request at once, then the end: the worker reads them,
         # answers each and returns at the end (the answers wait unread).
         server.sendall(_warm_up_request(_WARM_UP_HEAD["source"]) * count)
         server.shutdown(socket.SHUT_WR)
         worker.run()
-    finally:
-        worker.loop.close()
-        server.close()
-        child.close()
-        linecache.cache.pop("<warm-up>", None)
 
 
 def serve_awaiting(count: int, seconds: float = 5.0) -> None:
@@ -86,31 +98,24 @@ def serve_awaiting(count: int, seconds: float = 5.0) -> None:
     (L{_WARM_UP_AWAITING}), one at a time, on a worker's asyncio loop, for
     the path of handlers that await.
     """
-    server, child = socket.socketpair()
-    worker = runner.Worker(count, child.fileno())
     reader = wire.FrameReader()
     request = _warm_up_request(_WARM_UP_AWAITING)
+    with _worker_on_socketpair(count) as (server, worker):
 
-    def answered() -> None:
-        data = server.recv(65536)
-        if not data:
-            worker.loop.stop()
-            return
-        for kind, _ in reader.feed(data):
-            if kind in (wire.FINISH, wire.FAIL):
-                server.sendall(request)
+        def answered() -> None:
+            data = server.recv(65536)
+            if not data:
+                worker.loop.stop()
+                return
+            for kind, _ in reader.feed(data):
+                if kind in (wire.FINISH, wire.FAIL):
+                    server.sendall(request)
 
-    worker.loop.add_reader(server.fileno(), answered)
-    # A bound, should a warm-up request never finish.
-    worker.loop.call_later(seconds, worker.loop.stop)
-    server.sendall(request)
-    try:
+        worker.loop.add_reader(server.fileno(), answered)
+        # A bound, should a warm-up request never finish.
+        worker.loop.call_later(seconds, worker.loop.stop)
+        server.sendall(request)
         worker.run()
-    finally:
-        worker.loop.close()
-        server.close()
-        child.close()
-        linecache.cache.pop("<warm-up>", None)
 
 
 #: The zygote's own warm-up handler that awaits (L{serve_awaiting}).
