@@ -94,7 +94,7 @@ def _stat(pid: int) -> list[str]:
 def cpu_ticks(root: int) -> tuple[int, int]:
     """
     CPU ticks (user + system) of process C{root} itself, and of all its
-    live descendants with the children they reaped.
+    live descendants and of the children it and they reaped.
     """
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -105,7 +105,8 @@ def cpu_ticks(root: int) -> tuple[int, int]:
                 continue
     fields = _stat(root)
     own = int(fields[11]) + int(fields[12])
-    rest, todo = 0, list(children.get(root, ()))
+    # The children it reaped itself count with its descendants.
+    rest, todo = int(fields[13]) + int(fields[14]), list(children.get(root, ()))
     while todo:
         pid = todo.pop()
         todo.extend(children.get(pid, ()))
