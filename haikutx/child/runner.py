@@ -28,7 +28,6 @@ import _thread
 import ast
 import asyncio
 import builtins
-import hashlib
 import inspect
 import json
 import linecache
@@ -59,8 +58,13 @@ _COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 
 class CodeCache:
     """
-    Compiled handlers of this process, keyed by URL and source digest, so a
+    Compiled handlers of this process, keyed by URL and source, so a
     worker that serves many requests compiles each handler once.
+
+    The source itself is the key (dict lookups compare it whole when the
+    hashes match): no digest to compute, and none of a hash module's pages
+    for a freshly forked child to copy; the cache keeps each source's text
+    for tracebacks anyway.
     """
 
     def __init__(self, size: int = 64) -> None:
@@ -73,7 +77,7 @@ class CodeCache:
 
         @raise HandlerFailed: (500) when it does not compile.
         """
-        key = (url, hashlib.blake2b(source, digest_size=32).digest())
+        key = (url, source)
         entry = self._codes.get(key)
         if entry is None:
             try:
