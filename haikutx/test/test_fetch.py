@@ -39,14 +39,14 @@ from haikutx.net.outbound import (
     ProxyRefused,
     TunnelEndpoint,
 )
+from haikutx.runtime.download import bypasses_proxy
 from haikutx.runtime.fetch import (
     UNSUPPORTED_PROTOCOL,
     FetchedHandler,
     HandlerFetcher,
     HandlerFetchError,
-    bypasses_proxy,
-    freshness,
 )
+from haikutx.runtime.handler_cache import freshness
 
 reactor: Any = _global_reactor
 SOURCE = b"def handle(req, res):\n    res.end('hello')\n"

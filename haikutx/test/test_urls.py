@@ -21,7 +21,7 @@ from twisted.web.util import Redirect
 
 from haikutx.config import Config
 from haikutx.net.urls import redact_url
-from haikutx.runtime import fetch
+from haikutx.runtime import handler_urls
 from haikutx.runtime.site import RuntimeSite
 from haikutx.service import build_runtime
 from haikutx.test.support import http, write_handlers
@@ -71,7 +71,7 @@ class RedactURLTests(SynchronousTestCase):
         with credentials is refused with 400 before either can happen).
         """
         url = f"http://alice:{SECRET}@example.test/h.py"
-        for error in (fetch._refused(url, "no"), fetch._unable(url, "timed out")):
+        for error in (handler_urls.refused(url, "no"), handler_urls.unable(url, "timed out")):
             self.assertNotIn(SECRET, error.message)
             self.assertIn("http://alice:***@example.test/h.py", error.message)
 
