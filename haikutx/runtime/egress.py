@@ -4,9 +4,10 @@ The egress proxy (SPEC 3.2): the only way out of a zygote's network
 namespace.
 
 A handler's connection to the relay inside the namespace
-(L{haikutx.sandbox.netns.EgressRelay}) arrives here as a descriptor passed
-over a unix socketpair (L{EgressChannel}); it is adopted and served by
-L{EgressProxy}, an HTTP proxy that understands:
+(L{haikutx.sandbox.netns.EgressRelay}) arrives as a descriptor passed over
+a unix socketpair (L{haikutx.runtime.egress_channel}); it is adopted and
+served by L{EgressProxy}, an HTTP proxy that understands (requests read by
+L{haikutx.runtime.egress_request}):
 
   - C{CONNECT host:port HTTP/1.1}: answered C{200 Connection established},
     then bytes are spliced both ways (TLS and raw TCP alike);
@@ -32,30 +33,24 @@ bound, C{431}; a head that does not arrive in time, C{408}.
 
 from __future__ import annotations
 
-import os
-import re
-import socket
-from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.interfaces import IFileDescriptorReceiver, IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from haikutx.net.addresses import EgressRules, ip_from_host
+from haikutx.net.addresses import EgressRules
 from haikutx.net.http1 import (
     BadMessage,
-    end_to_end,
     head_end,
-    parse_request_head,
     simple_response,
 )
 from haikutx.net.outbound import AddressRefused, CheckedEndpoint
+from haikutx.runtime.egress_request import BadRequest, parse_head
 
 #: The largest request head (request line and headers) accepted, in bytes.
 MAX_HEAD = 16384
@@ -63,90 +58,6 @@ MAX_HEAD = 16384
 #: Connections a zygote's handlers may have open through its relay at once.
 MAX_CONNECTIONS = 64
 
-_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+)$")
-_PORT = re.compile(r"^[0-9]{1,5}$")
-
-
-class BadRequest(ValueError):
-    """
-    A request the proxy cannot serve.
-
-    @ivar status: the status to answer with.
-    @ivar reason: one line saying why.
-    """
-
-    def __init__(self, reason: str, status: int = 400) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-
-
-def parse_authority(authority: str) -> tuple[str, int]:
-    """
-    Parse a C{host:port} as a C{CONNECT} target or URL authority gives it.
-
-    @return: the host (brackets kept for IPv6) and the port.
-    @raise BadRequest: for a missing or bad host or port.
-    """
-    host, sep, port = authority.rpartition(":")
-    if not sep or not host or not _PORT.match(port) or not _HOST.match(host):
-        raise BadRequest(f"bad host:port {authority[:100]!r}")
-    number = int(port)
-    if not 0 < number < 65536:
-        raise BadRequest(f"bad port in {authority[:100]!r}")
-    if host.startswith("[") and ip_from_host(host) is None:
-        raise BadRequest(f"bad IPv6 address in {authority[:100]!r}")
-    return host, number
-
-
-def parse_head(head: bytes) -> tuple[str, str, int, bytes | None]:
-    """
-    Parse a proxy request's head (without the blank line that ends it),
-    strictly (L{haikutx.net.http1}).
-
-    @return: C{(method, host, port, upstream_head)} where C{upstream_head}
-        is the head to send upstream for plain HTTP (origin-form target,
-        hop-by-hop headers removed, C{Connection: close}), or C{None} for
-        C{CONNECT}.
-    @raise BadRequest: for a request the proxy cannot serve.
-    """
-    try:
-        request = parse_request_head(head, require_host=False)
-    except BadMessage as e:
-        raise BadRequest(e.reason, e.status) from None
-    method = request.method.decode("ascii")
-    target = request.target.decode("ascii")
-    if method == "CONNECT":
-        host, port = parse_authority(target)
-        return method, host, port, None
-    if target.lower().startswith("https://"):
-        raise BadRequest("https URLs are proxied with CONNECT")
-    if not target.lower().startswith("http://"):
-        raise BadRequest(
-            "not a proxy request: expected CONNECT host:port or an absolute http:// URL"
-        )
-    url = urlsplit(target)
-    authority = url.netloc
-    if "@" in authority:
-        raise BadRequest("URL has credentials")
-    if not authority:
-        raise BadRequest("URL has no host")
-    if authority.endswith("]") or ":" not in authority:
-        authority += ":80"
-    host, port = parse_authority(authority)
-    origin = url.path or "/"
-    if url.query:
-        origin += "?" + url.query
-    out = [b"%s %s %s" % (request.method, origin.encode("ascii"), request.version)]
-    fields = end_to_end(request)
-    for name, value in fields:
-        out.append(name + b": " + value)
-    if request.get(b"host") is None:
-        out.append(b"host: " + url.netloc.encode("ascii"))
-    if request.chunked:
-        out.append(b"transfer-encoding: chunked")
-    out.append(b"connection: close")
-    return method, host, port, b"\r\n".join(out) + b"\r\n\r\n"
 
 
 class _Upstream(Protocol):
@@ -505,162 +416,3 @@ class EgressProxyFactory(Factory):
         """
         for proxy in list(self._live):
             proxy.abort()
-
-
-@implementer(IFileDescriptorReceiver)
-class EgressChannel(Protocol):
-    """
-    The server's end of a zygote's relay channel: each descriptor passed
-    over it (a connection a handler made to the relay) is adopted and
-    served by C{factory}.
-
-    @ivar received: how many descriptors arrived.
-    """
-
-    log = Logger()
-    transport: Any
-
-    def __init__(self, reactor: Any, factory: Factory) -> None:
-        """
-        @param reactor: an L{IReactorSocket}.
-        @param factory: builds the protocol serving each connection (an
-            L{EgressProxyFactory}).
-        """
-        self._reactor = reactor
-        self._factory = factory
-        self.received = 0
-        self._gone = False
-        self._waiters: list[Deferred[None]] = []
-
-    def fileDescriptorReceived(self, descriptor: int) -> None:
-        """
-        Adopt a passed TCP connection; the received descriptor is closed
-        once adopted (the reactor keeps its own duplicate).
-        """
-        self.received += 1
-        limit = getattr(self._factory, "max_connections", None)
-        if limit is not None and self._factory.connections >= limit:
-            os.close(descriptor)
-            self.log.warn(
-                "egress channel: passed descriptor refused: {reason}",
-                reason=f"{limit} connections are open already",
-            )
-            return
-        try:
-            sock = socket.socket(fileno=descriptor)
-        except OSError as e:
-            os.close(descriptor)
-            self.log.warn(
-                "egress channel: passed descriptor refused: {reason}", reason=str(e)
-            )
-            return
-        try:
-            if sock.type != socket.SOCK_STREAM or sock.family not in (
-                socket.AF_INET,
-                socket.AF_INET6,
-            ):
-                self.log.warn(
-                    "egress channel: passed descriptor refused: {reason}",
-                    reason=f"not a TCP socket ({sock.family!r}, {sock.type!r})",
-                )
-                return
-            sock.setblocking(False)
-            self._reactor.adoptStreamConnection(
-                sock.fileno(), sock.family, self._factory
-            )
-        except OSError as e:
-            self.log.warn(
-                "egress channel: cannot adopt connection: {reason}", reason=str(e)
-            )
-        finally:
-            sock.close()
-
-    def dataReceived(self, data: bytes) -> None:
-        """
-        Ignore the data bytes that carry the descriptors.
-        """
-
-    def when_closed(self) -> Deferred[None]:
-        """
-        @return: a L{Deferred} firing once the channel is closed.
-        """
-        if self._gone:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._waiters.append(waiter)
-        return waiter
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self._gone = True
-        self.log.info(
-            "egress channel closed after {received} connections", received=self.received
-        )
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-
-
-class _OneProtocol(Factory):
-    def __init__(self, protocol: Protocol) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        return self._protocol
-
-
-def listen_channel(
-    reactor: Any, sock: socket.socket, factory: Factory
-) -> EgressChannel:
-    """
-    Serve the connections passed over a relay channel.
-
-    @param reactor: an L{IReactorSocket}.
-    @param sock: the server's end of the channel (a connected C{AF_UNIX}
-        stream socket); it is made non-blocking and adopted (the reactor
-        works on a duplicate, so the caller may close C{sock}).
-    @param factory: serves each passed connection (an
-        L{EgressProxyFactory}).
-    @return: the channel protocol; C{channel.transport.loseConnection()}
-        stops it and C{channel.when_closed()} fires once it is gone.
-    """
-    channel = EgressChannel(reactor, factory)
-    sock.setblocking(False)
-    reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, _OneProtocol(channel))
-    return channel
-
-
-def make_egress_channel(
-    reactor: Any,
-    rules: EgressRules,
-    resolver: Any = None,
-    timeout: float = 10.0,
-) -> tuple[socket.socket, Callable[[], Deferred[None]]]:
-    """
-    Make the channel for one zygote: a unix socketpair whose server end is
-    served here by an L{EgressProxyFactory} applying C{rules}.
-
-    @param reactor: an L{IReactorSocket}, L{IReactorTCP}, L{IReactorTime}.
-    @param rules: the C{--egress-allow} rules.
-    @param resolver: an L{IHostnameResolver}; the reactor's by default.
-    @param timeout: seconds allowed to resolve and connect a destination.
-    @return: the zygote's end (inheritable: pass it to the zygote as a
-        child descriptor and close it here once the zygote is started),
-        and a callable that closes the server's end, aborts the
-        connections passed over it and returns a L{Deferred} firing once
-        all are closed.
-    """
-    server, zygote = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    factory = EgressProxyFactory(reactor, rules, resolver, timeout)
-    try:
-        channel = listen_channel(reactor, server, factory)
-    finally:
-        server.close()
-    zygote.set_inheritable(True)
-
-    def stop() -> Deferred[None]:
-        channel.transport.loseConnection()
-        factory.abort_all()
-        done = gatherResults([channel.when_closed(), factory.when_idle()])
-        return done.addCallback(lambda _: None)
-
-    return zygote, stop

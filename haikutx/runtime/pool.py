@@ -161,7 +161,7 @@ class PythonWorkerSpawner:
         channel = None
         sandboxed = options.get("sandbox", True) and "network" not in options["off"]
         if self._egress is not None and sandboxed:
-            from haikutx.runtime.egress import make_egress_channel
+            from haikutx.runtime.egress_channel import make_egress_channel
 
             channel, stop = make_egress_channel(self._reactor, self._egress)
             child_fds[EGRESS_FD] = channel.fileno()

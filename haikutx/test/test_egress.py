@@ -44,14 +44,9 @@ from zope.interface.verify import verifyObject
 
 from haikutx.net.addresses import EgressRules
 from haikutx.net.outbound import ProxyRefused, TunnelEndpoint
-from haikutx.runtime.egress import (
-    BadRequest,
-    EgressProxyFactory,
-    listen_channel,
-    make_egress_channel,
-    parse_authority,
-    parse_head,
-)
+from haikutx.runtime.egress import EgressProxyFactory
+from haikutx.runtime.egress_channel import listen_channel, make_egress_channel
+from haikutx.runtime.egress_request import BadRequest, parse_authority, parse_head
 from haikutx.sandbox import probe
 from haikutx.test.test_fetch import ScriptedResolver, _certificates
 
