@@ -197,7 +197,7 @@ class ReportTests(SynchronousTestCase):
         Without cgroups from the server, the layer is unavailable, and the
         report says why and what still holds.
         """
-        from haikutx.child.zygote import _run_group
+        from haikutx.child.slot_setup import run_group as _run_group
 
         text = _run_group({"cgroup": {"directories": {}, "missing": {
             "pids": "no cgroup v1 pids hierarchy is mounted"}}})

@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.trial.unittest import TestCase
 
 from haikutx.child import wire
-from haikutx.child.zygote import _retire_order
+from haikutx.child.zygote_loop import retire_order as _retire_order
 
 
 class RetireOrderTests(TestCase):
