@@ -15,153 +15,26 @@ from urllib.parse import urlsplit
 from twisted.python import usage
 
 from haikutx.config import Config, Limits, bundled_samples, default_state_directory
+from haikutx.option_values import (
+    NONE,
+    check_endpoint,
+    check_pem_pair,
+    cpus,
+    existing_path,
+    host_port,
+    jobstore_url,
+    listener,
+    names_file,
+    no_proxy_from_environ,
+    number,
+    proxy_address,
+    proxy_from_environ,
+    quote,
+    whole_number,
+)
 
-_NONE = "none"
+__all__ = ["Options", "makeService", "no_proxy_from_environ", "proxy_from_environ"]
 
-
-def _cpus() -> int:
-    return os.cpu_count() or 1
-
-
-def _int(option: str, value: Any, minimum: int = 0, maximum: int | None = None) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise usage.UsageError(f"--{option}: {value!r} is not a whole number") from None
-    if number < minimum or (maximum is not None and number > maximum):
-        bounds = f"at least {minimum}" if maximum is None else f"{minimum}-{maximum}"
-        raise usage.UsageError(f"--{option}: {number} is out of range ({bounds})")
-    return number
-
-
-def _number(option: str, value: Any, minimum: float = 0.0) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise usage.UsageError(f"--{option}: {value!r} is not a number") from None
-    if number < minimum:
-        raise usage.UsageError(f"--{option}: {value} is below {minimum}")
-    return number
-
-
-def _existing(option: str, value: str, directory: bool = False) -> Path:
-    path = Path(value).expanduser().absolute()
-    if directory and not path.is_dir():
-        raise usage.UsageError(f"--{option}: {value} is not a directory")
-    if not directory:
-        try:
-            with path.open("rb"):
-                pass
-        except OSError as e:
-            raise usage.UsageError(f"--{option}: cannot read {value}: {e.strerror}") from None
-    return path
-
-
-def _quote(value: str) -> str:
-    from twisted.internet.endpoints import quoteStringArgument
-
-    return quoteStringArgument(value)
-
-
-def _listener(option: str, value: str, bare: str) -> tuple[str | None, int | None]:
-    """
-    Turn a listening option into an endpoint description.
-
-    @param option: the option's name, for errors.
-    @param value: a port number, an endpoint string or C{none}.
-    @param bare: the description a bare port becomes, with C{{port}}.
-    @return: the description (C{None} for C{none}) and the bare port number,
-        if one was given.
-    @raise usage.UsageError: for a bad port or endpoint string.
-    """
-    value = str(value).strip()
-    if value.lower() == _NONE:
-        return None, None
-    if value.isdigit():
-        port = _int(option, value, 0, 65535)
-        return bare.format(port=port), port
-    if ":" not in value:
-        raise usage.UsageError(
-            f"--{option}: {value!r} is neither a port number, an endpoint "
-            f"string nor 'none'"
-        )
-    _check_endpoint(option, value)
-    return value, None
-
-
-def _check_endpoint(option: str, description: str) -> None:
-    """
-    Build a server endpoint from C{description} once, so that an unknown
-    endpoint type or an unreadable key stops start-up.
-    """
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
-
-    try:
-        serverFromString(reactor, description)
-    except (ValueError, OSError, TypeError, KeyError) as e:
-        raise usage.UsageError(f"--{option}: {description!r}: {e}") from None
-    except Exception as e:  # pyOpenSSL errors for bad PEM files
-        raise usage.UsageError(f"--{option}: {description!r}: {e!r}") from None
-
-
-def proxy_from_environ(environ: dict[str, str]) -> str | None:
-    """
-    The C{host:port} of the HTTP proxy named by C{HTTPS_PROXY} or
-    C{HTTP_PROXY} (either case), scheme and credentials stripped.
-
-    @param environ: the environment to read.
-    @return: C{host:port}, or C{None} when no proxy is set.
-    """
-    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
-        value = environ.get(name, "").strip()
-        if value:
-            return _proxy_address(name, value)
-    return None
-
-
-def no_proxy_from_environ(environ: dict[str, str]) -> tuple[str, ...]:
-    """
-    The hosts C{NO_PROXY} (either case) says to reach without the proxy.
-
-    @param environ: the environment to read.
-    @return: the comma-separated entries, stripped.
-    """
-    value = environ.get("NO_PROXY") or environ.get("no_proxy") or ""
-    return tuple(e.strip() for e in value.split(",") if e.strip())
-
-
-def _proxy_address(option: str, value: str) -> str:
-    parsed = urlsplit(value if "://" in value else "http://" + value)
-    try:
-        port = parsed.port or 80
-    except ValueError:
-        raise usage.UsageError(f"--{option}: {value!r} has a bad port") from None
-    if not parsed.hostname:
-        raise usage.UsageError(f"--{option}: {value!r} names no host")
-    host = parsed.hostname
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{host}:{port}"
-
-
-def _jobstore(value: str | None) -> str | None:
-    """
-    Check C{--jobstore}: a PostgreSQL URL, or nothing.
-    """
-    if value is None:
-        return None
-    if not value.startswith(("postgresql://", "postgres://")):
-        raise usage.UsageError(
-            f"--jobstore: {value!r} is not a PostgreSQL URL (postgresql://user@host/db)"
-        )
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        raise usage.UsageError(
-            "--jobstore: a PostgreSQL store needs psycopg (pip install 'haikutx[postgresql]')"
-        ) from None
-    return value
 
 class Options(usage.Options):
     """
@@ -320,7 +193,7 @@ class Options(usage.Options):
         if self["languages"]:
             return
         runtime = self._runtime_wanted()
-        http, http_port = _listener("port", self["port"], "tcp:{port}")
+        http, http_port = listener("port", self["port"], "tcp:{port}")
         https, https_port = None, None
         cert = key = None
         state = (
@@ -331,21 +204,21 @@ class Options(usage.Options):
         if (self["cert"] is None) != (self["key"] is None):
             raise usage.UsageError("--cert and --key must be given together")
         if self["cert"] is not None:
-            cert = _existing("cert", self["cert"])
-            key = _existing("key", self["key"])
-            _check_pem_pair(cert, key)
+            cert = existing_path("cert", self["cert"])
+            key = existing_path("key", self["key"])
+            check_pem_pair(cert, key)
         generate_tls = False
         sslport = str(self["sslport"]).strip()
-        if sslport.lower() != _NONE:
+        if sslport.lower() != NONE:
             if sslport.isdigit():
-                https_port = _int("sslport", sslport, 0, 65535)
+                https_port = whole_number("sslport", sslport, 0, 65535)
                 if cert is None:
                     generate_tls = True
                     cert, key = state / "tls" / "cert.pem", state / "tls" / "key.pem"
                 assert key is not None
                 https = (
-                    f"ssl:{https_port}:privateKey={_quote(str(key))}"
-                    f":certKey={_quote(str(cert))}"
+                    f"ssl:{https_port}:privateKey={quote(str(key))}"
+                    f":certKey={quote(str(cert))}"
                 )
             elif sslport.startswith("ssl:") and "privateKey=" not in sslport:
                 # An ssl endpoint naming no key uses --cert/--key or the
@@ -355,12 +228,12 @@ class Options(usage.Options):
                     cert, key = state / "tls" / "cert.pem", state / "tls" / "key.pem"
                 assert key is not None
                 https = (
-                    f"{sslport}:privateKey={_quote(str(key))}:certKey={_quote(str(cert))}"
+                    f"{sslport}:privateKey={quote(str(key))}:certKey={quote(str(cert))}"
                 )
                 if not generate_tls:
-                    _check_endpoint("sslport", https)
+                    check_endpoint("sslport", https)
             else:
-                https, _ = _listener("sslport", sslport, "")
+                https, _ = listener("sslport", sslport, "")
         if http_port and http_port == https_port:
             raise usage.UsageError(
                 f"--port and --sslport must differ (both are {http_port})"
@@ -369,7 +242,7 @@ class Options(usage.Options):
         serve = None
         port_search = False
         if self["serve"]:
-            serve = _existing("serve", self["serve"])
+            serve = existing_path("serve", self["serve"])
             if "port" not in self._given:
                 http = "tcp:3000"
                 port_search = True
@@ -380,10 +253,10 @@ class Options(usage.Options):
 
         jobs = None
         if self["jobs"]:
-            jobs, _ = _listener("jobs", self["jobs"], "tcp:{port}:interface=127.0.0.1")
+            jobs, _ = listener("jobs", self["jobs"], "tcp:{port}:interface=127.0.0.1")
         gates = []
         for gate in self["gate"]:
-            description, _ = _listener("gate", gate, "tcp:{port}")
+            description, _ = listener("gate", gate, "tcp:{port}")
             if description is not None:
                 gates.append(description)
         if http is None and https is None and jobs is None and not gates:
@@ -393,7 +266,7 @@ class Options(usage.Options):
             )
 
         proxy = (
-            _proxy_address("proxy", self["proxy"])
+            proxy_address("proxy", self["proxy"])
             if self["proxy"]
             else proxy_from_environ(dict(os.environ))
         )
@@ -408,7 +281,7 @@ class Options(usage.Options):
             except KeyError:
                 raise usage.UsageError(f"--user: there is no user {self['user']!r}") from None
         for allowed in self["egress-allow"]:
-            _host_port("egress-allow", allowed)
+            host_port("egress-allow", allowed)
         for prefix in self["allow"]:
             if urlsplit(prefix).scheme not in ("http", "https"):
                 raise usage.UsageError(
@@ -422,69 +295,69 @@ class Options(usage.Options):
             key=key,
             generate_tls=generate_tls,
             workers=(
-                _int("workers", self["workers"], 1)
+                whole_number("workers", self["workers"], 1)
                 if self["workers"] is not None
-                else 4 * _cpus()
+                else 4 * cpus()
             ),
             proxy=proxy,
             no_proxy=no_proxy_from_environ(dict(os.environ)),
             limits=Limits(
-                max_size=_int("maxsize", self["maxsize"], 1),
-                max_time=_int("maxtime", self["maxtime"], 1) / 1000.0,
-                max_console=_int("maxconsole", self["maxconsole"], 0),
-                max_memory=_int("maxmemory", self["maxmemory"], 16) * 1024 * 1024,
-                max_procs=_int("maxprocs", self["maxprocs"], 1, 65536),
-                max_body=_int("maxbody", self["maxbody"], 0),
+                max_size=whole_number("maxsize", self["maxsize"], 1),
+                max_time=whole_number("maxtime", self["maxtime"], 1) / 1000.0,
+                max_console=whole_number("maxconsole", self["maxconsole"], 0),
+                max_memory=whole_number("maxmemory", self["maxmemory"], 16) * 1024 * 1024,
+                max_procs=whole_number("maxprocs", self["maxprocs"], 1, 65536),
+                max_body=whole_number("maxbody", self["maxbody"], 0),
             ),
-            max_requests=_int("maxrequests", self["maxrequests"], 0),
+            max_requests=whole_number("maxrequests", self["maxrequests"], 0),
             max_concurrency=(
-                _int("maxconcurrency", self["maxconcurrency"], 1)
+                whole_number("maxconcurrency", self["maxconcurrency"], 1)
                 if self["maxconcurrency"] is not None
                 else None
             ),
             max_queue=(
-                _int("maxqueue", self["maxqueue"], 0)
+                whole_number("maxqueue", self["maxqueue"], 0)
                 if self["maxqueue"] is not None
                 else None
             ),
-            keepalive_timeout=_int("keepalive-timeout", self["keepalive-timeout"], 1)
+            keepalive_timeout=whole_number("keepalive-timeout", self["keepalive-timeout"], 1)
             / 1000.0,
-            keepalive_interval=_int("keepalive-interval", self["keepalive-interval"], 1)
+            keepalive_interval=whole_number("keepalive-interval", self["keepalive-interval"], 1)
             / 1000.0,
             debug=bool(self["debug"]),
             handlers=(
-                _existing("handlers", self["handlers"], directory=True)
+                existing_path("handlers", self["handlers"], directory=True)
                 if self["handlers"]
                 else bundled_samples()
             ),
             allow=tuple(self["allow"]),
-            cache_ttl=_number("cache-ttl", self["cache-ttl"]),
-            cafile=_existing("cafile", self["cafile"]) if self["cafile"] else None,
+            cache_ttl=number("cache-ttl", self["cache-ttl"]),
+            cafile=existing_path("cafile", self["cafile"]) if self["cafile"] else None,
             user=self["user"],
             serve=serve,
             port_search=port_search,
             egress_allow=tuple(self["egress-allow"]),
             state=state,
             jobs=jobs,
-            jobstore=_jobstore(self["jobstore"]),
+            jobstore=jobstore_url(self["jobstore"]),
             whitelist=whitelist,
-            max_jobs=_int("maxjobs", self["maxjobs"], 1),
+            max_jobs=whole_number("maxjobs", self["maxjobs"], 1),
             max_running=(
-                _int("maxrunning", self["maxrunning"], 1)
+                whole_number("maxrunning", self["maxrunning"], 1)
                 if self["maxrunning"] is not None
-                else 2 * _cpus()
+                else 2 * cpus()
             ),
             job_time=(
-                _number("jobtime", self["jobtime"], 0.001)
+                number("jobtime", self["jobtime"], 0.001)
                 if self["jobtime"] is not None
                 else None
             ),
-            max_output=_int("maxoutput", self["maxoutput"], 1),
+            max_output=whole_number("maxoutput", self["maxoutput"], 1),
             token=self["token"],
             gates=tuple(gates),
-            names=_names_file(self["names"]) if self["names"] else None,
+            names=names_file(self["names"]) if self["names"] else None,
             gate_target=(
-                _int("gate-target", self["gate-target"], 1, 65535)
+                whole_number("gate-target", self["gate-target"], 1, 65535)
                 if self["gate-target"] is not None
                 else None
             ),
@@ -492,49 +365,12 @@ class Options(usage.Options):
                 m.strip().upper() for m in self["gate-methods"].split(",") if m.strip()
             ),
             retire=(
-                _number("retire", self["retire"], 0.001) * 60
+                number("retire", self["retire"], 0.001) * 60
                 if self["retire"] is not None
                 else None
             ),
-            idle=_number("idle", self["idle"], 0.001),
+            idle=number("idle", self["idle"], 0.001),
         )
-
-
-def _names_file(value: str) -> Path:
-    """
-    Check that the gate's names file reads and parses.
-
-    @raise usage.UsageError: naming C{--names} and the bad line.
-    """
-    from haikutx.gate.names import NamesFile, NamesFileError
-
-    path = _existing("names", value)
-    try:
-        NamesFile.parse(path.read_text())
-    except UnicodeDecodeError as e:
-        raise usage.UsageError(f"--names: {value} is not UTF-8 text: {e}") from None
-    except NamesFileError as e:
-        raise usage.UsageError(f"--names: {value}: {e}") from None
-    return path
-
-
-def _host_port(option: str, value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host:
-        raise usage.UsageError(f"--{option}: {value!r} is not host:port")
-    return host.strip("[]"), _int(option, port, 1, 65535)
-
-
-def _check_pem_pair(cert: Path, key: Path) -> None:
-    from twisted.internet.ssl import PrivateCertificate
-
-    try:
-        PrivateCertificate.loadPEM(cert.read_bytes() + b"\n" + key.read_bytes())
-    except Exception as e:
-        raise usage.UsageError(
-            f"--cert/--key: {cert} and {key} are not a matching PEM "
-            f"certificate and key: {e!r}"
-        ) from None
 
 
 def _report_listen_failures_in_one_line() -> None:
