@@ -47,6 +47,13 @@ class RuntimeRoot(Resource):
         self._status = status
         self._metrics = metrics
 
+    @property
+    def handlers(self) -> HandlerResource:
+        """
+        The resource that runs handlers.
+        """
+        return self._handlers
+
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
         if path == b"_haiku" and request.postpath == [b"status"]:
             return self._status
@@ -57,6 +64,21 @@ class RuntimeRoot(Resource):
 
     def render(self, request: Request) -> Any:
         return self._handlers.render(request)
+
+
+class WaitingRequestsService(Service):
+    """
+    Answers the requests still waiting for a turn with 503 when the runtime
+    stops (L{Scheduler.stop}), before the pool stops: else they would wait
+    out their time limit, or lose their connection when the reactor stops.
+    """
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.scheduler.stop()
 
 
 class FetcherService(Service):
@@ -229,7 +251,7 @@ class FirstFreePort(Service):
 
 def build_runtime(
     reactor: Any, config: Config
-) -> tuple[WorkerPool, Resource, HandlerFetcher]:
+) -> tuple[WorkerPool, RuntimeRoot, HandlerFetcher]:
     """
     The worker pool, the root resource and the handler fetcher of the
     runtime.
@@ -341,4 +363,7 @@ def _runtime_services(reactor: Any, config: Config) -> list[Service]:
             listener = strports.service(description, site, reactor=reactor)
         listener.setName(name)
         listener.setServiceParent(runtime)
-    return [pool, FetcherService(fetcher), runtime]
+    # Stopped last to first: the listeners, the fetcher's connections, the
+    # requests waiting for a turn, then the pool.
+    waiting = WaitingRequestsService(root.handlers.scheduler)
+    return [pool, waiting, FetcherService(fetcher), runtime]

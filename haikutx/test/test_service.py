@@ -426,3 +426,69 @@ class SelfSignedCertificateTests(TestCase):
         )
         response = await http(endpoint, "/x")
         self.assertEqual((response.status, response.body), (200, b"over tls"))
+
+
+class StopTests(TestCase):
+    """
+    When the runtime stops, a request still waiting for a turn is answered
+    503 at once, before the pool stops.
+    """
+
+    async def test_waiting_request_answered_when_stopping(self) -> None:
+        """
+        With the only worker busy, a second request waits for a turn;
+        stopping the runtime's services (last to first, as twistd does)
+        answers it 503 with the reason, well before its time limit.
+        """
+        from haikutx.service import WaitingRequestsService, _runtime_services
+        from haikutx.test.support import ready, until, write_handlers
+
+        handlers = write_handlers(
+            Path(self.mktemp()),
+            {
+                "slow.py": "import time\ntime.sleep(3)\nres.end('late')\n",
+                "hello.py": "res.end('hi')\n",
+            },
+        )
+        port = free_port()
+        from haikutx.tap import Options
+
+        options = Options()
+        options.parseOptions([
+            "--port", f"tcp:{port}:interface=127.0.0.1", "--sslport", "none",
+            "--state", self.mktemp(), "--handlers", str(handlers), "-w", "1",
+            "--maxtime", "20000",
+        ])
+        services = _runtime_services(reactor, options.config)
+        self.assertEqual(
+            sum(isinstance(service, WaitingRequestsService) for service in services), 1
+        )
+        site = services[-1].getServiceNamed("http").factory
+        scheduler = site.resource.handlers.scheduler
+        for service in services:
+            service.startService()
+        stopped = False
+
+        async def stop() -> None:
+            nonlocal stopped
+            if not stopped:
+                stopped = True
+                for service in reversed(services):
+                    result = service.stopService()
+                    if result is not None:
+                        await result
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop()))
+        pool = services[0]
+        await ready(pool)
+        slow = Deferred.fromCoroutine(http(port, "/?x-haiku-handler=slow.py"))
+        await until(lambda: pool.status()["workers"].get("busy") == 1, 10)
+        waiting = Deferred.fromCoroutine(http(port, "/?x-haiku-handler=hello.py"))
+        await until(lambda: scheduler.waiting == 1, 10)
+        stopping = Deferred.fromCoroutine(stop())
+        await until(lambda: waiting.called, 5, lambda: "the waiting request got no answer")
+        response = await waiting
+        self.assertEqual(response.status, 503)
+        self.assertIn(b"the runtime is stopping", response.body)
+        await stopping
+        await slow
