@@ -1,7 +1,7 @@
 # -*- test-case-name: haikutx.test.test_runtime -*-
 """
 One request in a child process, whatever runs it: the base of the Python
-run (L{haikutx.child.runner.PythonRun}) and the stdio run
+run (L{haikutx.child.python_run.PythonRun}) and the stdio run
 (L{haikutx.child.stdio.StdioRun}).  It holds the request, the response and
 its console, and turns them into frames for the server.
 
