@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from haikutx.child.params import BadRequestBody
-from haikutx.child.stdio import parse_cgi_headers, request_environment
+from haikutx.child.cgi import parse_cgi_headers, request_environment
 from haikutx.config import bundled_samples
 from haikutx.languages import by_name
 from haikutx.languages.builtin import BUILTIN
