@@ -2,15 +2,19 @@
 """
 Stopping a child process, the one way every haikutx product does it:
 C{SIGTERM}, then C{SIGKILL} if it has not ended after a grace period
-(procmon's rule).
+(procmon's rule); and how a process ended, said one way for logs and
+error messages (L{describe_exit}, L{describe_status}).
 """
 
 from __future__ import annotations
 
+import signal
+
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IProcessTransport, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger()
 
@@ -68,3 +72,32 @@ def _kill(process: IProcessTransport, kill_time: float) -> None:
             pid=getattr(process, "pid", None),
             kill_time=kill_time,
         )
+
+
+def describe_exit(reason: Failure) -> str:
+    """
+    Name how a process ended, for logs and error messages.
+
+    @param reason: the failure given to C{processEnded}.
+    @return: for example C{"was killed by signal 9 (SIGKILL)"} or
+        C{"exited with status 1"}.
+    """
+    value = reason.value
+    if isinstance(value, ProcessDone):
+        return "exited with status 0"
+    if isinstance(value, ProcessTerminated):
+        return describe_status(value.exitCode, value.signal)
+    return str(value)
+
+
+def describe_status(code: int | None, number: int | None) -> str:
+    """
+    Name how a process ended from its exit status or signal.
+    """
+    if number is not None:
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "unknown"
+        return f"was killed by signal {number} ({name})"
+    return f"exited with status {code}"

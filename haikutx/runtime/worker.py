@@ -15,23 +15,31 @@ can do in its process decides which process serves a later request.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import struct
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from haikutx.child import wire
+from haikutx.processes import describe_exit, describe_status
 from haikutx.runtime.body import BodyFeed, RequestBody
 from haikutx.runtime.channels import ChannelTransport, ChildProtocol, ZygoteChannel
+from haikutx.runtime.heartbeat import Heartbeat
+from haikutx.runtime.output_lines import OutputLines
+from haikutx.runtime.slot_wire import (
+    child_pid,
+    final_status,
+    remember_head,
+    response_pairs,
+    retire_order,
+)
 from haikutx.runtime.timers import Deadline
 
 __all__ = [
@@ -70,120 +78,6 @@ def handler_kind(language: str) -> str:
     return "python" if language == "python" else "stdio"
 
 
-def describe_exit(reason: Failure) -> str:
-    """
-    Name how a process ended, for logs and error messages.
-
-    @param reason: the failure given to C{processEnded}.
-    @return: for example C{"was killed by signal 9 (SIGKILL)"} or
-        C{"exited with status 1"}.
-    """
-    value = reason.value
-    if isinstance(value, ProcessDone):
-        return "exited with status 0"
-    if isinstance(value, ProcessTerminated):
-        return describe_status(value.exitCode, value.signal)
-    return str(value)
-
-
-def describe_status(code: int | None, number: int | None) -> str:
-    """
-    Name how a process ended from its exit status or signal.
-    """
-    if number is not None:
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = "unknown"
-        return f"was killed by signal {number} ({name})"
-    return f"exited with status {code}"
-
-
-def _pairs(value: Any) -> list[list[str]]:
-    """
-    Headers or trailers from a child's frame: a list of C{[name, value]}
-    string pairs.
-
-    @raise ValueError: for anything else (the child sent a malformed frame).
-    """
-    if not isinstance(value, list) or not all(
-        isinstance(pair, list)
-        and len(pair) == 2
-        and isinstance(pair[0], str)
-        and isinstance(pair[1], str)
-        for pair in value
-    ):
-        raise ValueError("headers are not a list of [name, value] strings")
-    return value
-
-
-#: Heads one child's channel remembers at most, and the largest it
-#: remembers, in bytes.
-_HEADS_KEPT = 256
-_HEAD_KEPT_SIZE = 1024
-
-
-def _remember_head(
-    heads: dict[bytes, tuple[int, Any]], payload: bytes, head: tuple[int, list[list[str]]]
-) -> None:
-    """
-    Remember a valid response head a child sent, by its bytes: a handler's
-    head is the same bytes on every request, and what they decode to is a
-    function of them alone.  Each child has its own (a child never learns
-    from the server's speed what another one sent); the headers are kept
-    as a tuple of tuples, never changed, and each exchange given its own
-    list.
-    """
-    if len(payload) > _HEAD_KEPT_SIZE:
-        return
-    if len(heads) >= _HEADS_KEPT:
-        heads.clear()
-    heads[payload] = (head[0], tuple((name, value) for name, value in head[1]))
-
-
-def child_pid(payload: bytes) -> int:
-    """
-    The pid a zygote's C{CHILD} frame announces.  The zygote's own form,
-    C{{"pid":N}}, is read by hand (the json module's path costs a dozen
-    calls per child); anything else is read as JSON.
-
-    @raise ValueError: if it is not a JSON object with an integer C{pid}.
-    @raise KeyError: if it has no C{pid}.
-    """
-    if payload.startswith(b'{"pid":') and payload.endswith(b"}"):
-        number = payload[7:-1]
-        if number.isdigit() and not number.startswith(b"0"):
-            return int(number)
-    return int(json.loads(payload)["pid"])
-
-
-def retire_order(pid: int, report: bool) -> bytes:
-    """
-    The C{RETIRE} frame that has the zygote kill child C{pid} (and report
-    its end, if C{report}): compact JSON, made by hand.
-    """
-    if report:
-        return wire.encode(wire.RETIRE, b'{"pid":%d,"report":true}' % pid)
-    return wire.encode(wire.RETIRE, b'{"pid":%d}' % pid)
-
-
-def _final_status(status: int) -> bool:
-    """
-    Whether C{status} may answer a request: not an interim one (C{1xx}),
-    after which the client would read what follows as the response, or as
-    another protocol (C{101}).
-    """
-    return 200 <= status <= 599
-
-
-def _reading_paused(child: ChildProtocol) -> bool:
-    """
-    Whether the server has stopped reading C{child}'s channel for now (its
-    response's client is not reading).
-    """
-    return bool(getattr(child.transport, "paused", False))
-
-
 class WorkerProtocol(ProcessProtocol):
     """
     One worker slot: its zygote process and its current child.
@@ -214,16 +108,14 @@ class WorkerProtocol(ProcessProtocol):
         self._on_ready = on_ready
         self._on_ended = on_ended
         self._on_child_ended = on_child_ended
-        self._interval = keepalive_interval
-        self._timeout = keepalive_timeout
         self._fresh_timeout = fresh_timeout
         self._reader = wire.FrameReader()
-        self._lines: dict[int, bytes] = {1: b"", 2: b""}
-        self._child_lines: dict[int, bytes] = {}
-        #: The next heartbeat challenge of the current child.
-        self._challenge = Deadline(reactor, self._challenge_child)
-        #: The wait for the answer to a challenge.
-        self._heartbeat: IDelayedCall | None = None
+        #: Lines of what the zygote and its children write.
+        self._output = OutputLines(self.log, self)
+        #: The current child's heartbeat.
+        self._heartbeat = Heartbeat(
+            reactor, keepalive_interval, keepalive_timeout, self.kill_child
+        )
         #: The wait for the zygote's next child (L{expect_child}).
         self._fresh = Deadline(reactor, self._no_fresh_child)
         #: The time limit of the request the slot runs, set by its
@@ -267,25 +159,12 @@ class WorkerProtocol(ProcessProtocol):
         )
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD in self._lines:
-            self._log_output(childFD, data)
-
-    def _log_output(self, fd: int, data: bytes) -> None:
-        lines = (self._lines[fd] + data).split(b"\n")
-        self._lines[fd] = lines.pop()
-        for line in lines:
-            self.log.info(
-                "worker {worker_pid} {stream}: {line}",
-                worker_pid=self.pid,
-                stream="stdout" if fd == 1 else "stderr",
-                line=line.decode("utf-8", "replace"),
-            )
+        self._output.zygote_wrote(childFD, data)
 
     def processEnded(self, reason: Failure) -> None:
         cause = self.kill_reason or describe_exit(reason)
         self.state = "dead"
-        self._stop_heartbeat()
-        self._challenge.stop()
+        self._heartbeat.close()
         self._fresh.stop()
         self.time_limit.stop()
         if self._zygote_grace is not None and self._zygote_grace.active():
@@ -356,30 +235,11 @@ class WorkerProtocol(ProcessProtocol):
             self._child_ended(int(report["pid"]), report.get("code"), report.get("signal"))
         elif kind == wire.OUTPUT:
             (pid,) = _PID.unpack_from(payload)
-            self._log_child_output(pid, payload[_PID.size :])
+            self._output.child_wrote(pid, payload[_PID.size :], pid in self._children)
         elif kind == wire.SANDBOX:
             self.sandbox = json.loads(payload)
         else:
             raise ValueError(f"unexpected frame kind {kind}")
-
-    def _log_child_output(self, pid: int, data: bytes) -> None:
-        lines = (self._child_lines.get(pid, b"") + data).split(b"\n")
-        rest = lines.pop()
-        if rest and pid in self._children:
-            self._child_lines[pid] = rest
-        else:
-            # A retired child's end is not reported: keep no partial line.
-            self._child_lines.pop(pid, None)
-            if rest:
-                lines.append(rest)
-        for line in lines:
-            self.log.info(
-                "worker {worker_pid} process {child_pid} {stream}: {line}",
-                worker_pid=self.pid,
-                child_pid=pid,
-                stream="output",
-                line=line.decode("utf-8", "replace"),
-            )
 
     def _child_started(self, child: ChildProtocol) -> None:
         if self.state == "dead" or self.child is not None:
@@ -408,9 +268,7 @@ class WorkerProtocol(ProcessProtocol):
             return
         self._cancel_grace(child)
         child.release_pidfd()
-        rest = self._child_lines.pop(pid, b"")
-        if rest:
-            self._log_child_output(pid, rest + b"\n")
+        self._output.child_ended(pid)
         cause = child.kill_reason or describe_status(code, number)
         exchange, child.exchange = child.exchange, None
         child.close()
@@ -447,10 +305,7 @@ class WorkerProtocol(ProcessProtocol):
             self.kill_child(child, f"sent a frame it may not send (kind {kind})")
             return
         if kind == wire.ANSWER:
-            if child is self.child and child.challenge is not None and payload == child.challenge:
-                child.challenge = None
-                self._schedule_heartbeat()
-            else:
+            if child is not self.child or not self._heartbeat.answered(child, payload):
                 self.kill_child(child, "sent an incorrect heartbeat answer")
             return
         if kind == wire.CONSOLE:
@@ -488,17 +343,18 @@ class WorkerProtocol(ProcessProtocol):
             if known is None:
                 head = json.loads(payload)
                 status = int(head["status"])
-                if not _final_status(status):
+                if not final_status(status):
                     self.kill_child(child, f"sent an invalid status {status}")
                     return
-                known = (status, _pairs(head["headers"]))
-                _remember_head(child.heads, payload, known)
+                known = (status, response_pairs(head["headers"]))
+                remember_head(child.heads, payload, known)
             exchange.head(known[0], [[name, value] for name, value in known[1]])
         elif kind == wire.DATA:
             exchange.data(payload)
         elif kind == wire.FINISH:
             trailers = (
-                [] if payload == wire.NO_TRAILERS else _pairs(json.loads(payload)["trailers"])
+                [] if payload == wire.NO_TRAILERS
+                else response_pairs(json.loads(payload)["trailers"])
             )
             child.exchange = None
             self._end_body(child)
@@ -507,7 +363,7 @@ class WorkerProtocol(ProcessProtocol):
             failure = json.loads(payload)
             if not isinstance(failure["message"], str):
                 raise ValueError("a failure's message is not a string")
-            if not _final_status(int(failure["status"])):
+            if not final_status(int(failure["status"])):
                 self.kill_child(child, f"sent an invalid status {failure['status']}")
                 return
             child.exchange = None
@@ -645,43 +501,16 @@ class WorkerProtocol(ProcessProtocol):
     # Heartbeat and stopping
 
     def _schedule_heartbeat(self) -> None:
-        self._stop_heartbeat()
         if self.state != "dead" and self.child is not None:
-            self._challenge.set(self._interval)
-
-    def _challenge_child(self) -> None:
-        child = self.child
-        if child is None:
-            return
-        if _reading_paused(child):
-            # Its client is slow: the child waits on a full channel, and
-            # its answer would not be read; the time limit still holds.
-            self._schedule_heartbeat()
-            return
-        child.challenge = os.urandom(8).hex().encode("ascii")
-        child.send(wire.encode(wire.CHALLENGE, child.challenge))
-        self._heartbeat = self._reactor.callLater(self._timeout, self._missed_heartbeat, child)
-
-    def _missed_heartbeat(self, child: ChildProtocol) -> None:
-        self._heartbeat = None
-        if _reading_paused(child) and child is self.child:
-            # Its answer may be waiting unread behind a slow client's data.
-            self._heartbeat = self._reactor.callLater(
-                self._timeout, self._missed_heartbeat, child
-            )
-            return
-        self.kill_child(
-            child, f"did not answer a heartbeat within {self._timeout * 1000:.0f} ms"
-        )
+            self._heartbeat.schedule(self.child)
+        else:
+            self._heartbeat.stop()
 
     def _cancel_deadline(self) -> None:
         self._fresh.clear()
 
     def _stop_heartbeat(self) -> None:
-        self._challenge.clear()
-        if self._heartbeat is not None and self._heartbeat.active():
-            self._heartbeat.cancel()
-        self._heartbeat = None
+        self._heartbeat.stop()
 
     def kill(self, reason: str) -> None:
         """

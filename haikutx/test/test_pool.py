@@ -541,7 +541,7 @@ class WorkerProtocolTests(SynchronousTestCase):
         any other JSON form alike; a payload that is not a JSON object with
         an integer pid is refused as JSON refuses it.
         """
-        from haikutx.runtime.worker import child_pid
+        from haikutx.runtime.slot_wire import child_pid
 
         self.assertEqual(child_pid(b'{"pid":1234}'), 1234)
         self.assertEqual(child_pid(b'{"pid": 1234}'), 1234)
@@ -569,7 +569,7 @@ class WorkerProtocolTests(SynchronousTestCase):
         """
         The C{RETIRE} orders are the compact JSON the zygote reads by hand.
         """
-        from haikutx.runtime.worker import retire_order
+        from haikutx.runtime.slot_wire import retire_order
 
         self.assertEqual(
             retire_order(77, False), wire.encode_json(wire.RETIRE, {"pid": 77})
