@@ -481,8 +481,14 @@ class IsolationTests(TestCase):
         await until(lambda: self.pool.status()["workers"].get("busy") == 1, 10)
         worker = next(iter(self.pool.workers))
         child, zygote = worker.child_pid, worker.pid
-        await until(lambda: _fd_targets(child).get(3, "").startswith("socket:"), 5,
-                    lambda: f"child {child} fds: {_fd_targets(child)}")
+        # The handler awaits: its process makes its event loop's descriptors
+        # when it first runs the loop, a moment after the request arrives.
+        await until(
+            lambda: _fd_targets(child).get(3, "").startswith("socket:")
+            and len([fd for fd in _fd_targets(child) if fd > 3]) >= 3,
+            5,
+            lambda: f"child {child} fds: {_fd_targets(child)}",
+        )
         held = _fd_targets(child)
         # Capabilities: at most CAP_DAC_READ_SEARCH (bit 2) anywhere, the
         # bounding set included (emptied once, in the zygote).
