@@ -20,8 +20,9 @@ From the runner (stdin):
 
 To the runner (stdout):
     - C{("started", handle, pid)} or C{("failed", handle, errno, text, path)}
-      (a start is reported within L{HOLD} seconds, with what followed it
-      meanwhile: a short job's start, output and end come in one write);
+      (a start, and what its job does next, is reported within L{HOLD}
+      seconds, or as soon as the job has ended: a short job's start, output
+      and end come in one write);
     - C{("out", handle, fd, data)}: output of fd 1 or 2;
     - C{("exited", handle)}: the job exited but its pipes are still open;
     - C{("ended", handle, wait_status)}: reaped and its pipes closed;
@@ -55,9 +56,10 @@ MAX_READS = 16
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
 
-#: Seconds the report of a job's start may wait for more to send with it:
-#: a short job's start, output and end reach the runner in one write (one
-#: read and one wake-up of the runner instead of two).
+#: Seconds the reports of a job just started (its start, its output) may
+#: wait for its end: a short job's start, output and end reach the runner in
+#: one write (one read and one wake-up of the runner instead of two or
+#: three).
 HOLD = 0.002
 
 #: The scheduling of the jobs: the usual one (the launcher's is not).
@@ -92,10 +94,11 @@ class Launcher:
         self._fds = {}
         self._buffer = b""
         self._out = []
-        #: Whether only starts are waiting to be reported, and until when
-        #: they may wait.
-        self._only_starts = False
+        #: Whether only reports of jobs started in the hold are waiting,
+        #: until when they may wait, and those jobs (that have not ended).
+        self._holding = False
         self._hold_until = 0.0
+        self._young = set()
         self._defaults = [
             n
             for n in range(1, signal.NSIG)
@@ -128,7 +131,11 @@ class Launcher:
                         self._reap(job)
                     else:
                         self._read(job, fd)
-                if not self._only_starts or time.monotonic() >= self._hold_until:
+                if (
+                    not self._holding
+                    or not self._young
+                    or time.monotonic() >= self._hold_until
+                ):
                     self._flush()
         finally:
             self._kill_all()
@@ -274,17 +281,23 @@ class Launcher:
     # -- reports --
 
     def _send(self, message):
-        if message[0] == "started":
+        kind = message[0]
+        if kind == "started":
             if not self._out:
-                self._only_starts = True
+                self._holding = True
                 self._hold_until = time.monotonic() + HOLD
-        else:
-            self._only_starts = False
+            self._young.add(message[1])
+        elif message[1] not in self._young or kind not in ("out", "exited", "ended"):
+            self._holding = False
+        elif kind == "ended":
+            # Its start, output and end go now, together.
+            self._young.discard(message[1])
         body = marshal.dumps(message)
         self._out.append(HEADER.pack(len(body)) + body)
 
     def _flush(self):
-        self._only_starts = False
+        self._holding = False
+        self._young.clear()
         if not self._out:
             return
         data = b"".join(self._out)

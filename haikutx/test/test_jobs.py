@@ -269,6 +269,20 @@ class LauncherHoldTests(SynchronousTestCase):
         """
         self.assertEqual(self._launch(30.0, "sleep 0.2; echo x"), ["started", "out", "ended"])
 
+    def test_output_waits_for_end(self) -> None:
+        """
+        The output of a job started in the hold waits with its start for its
+        end: one write, though the output came well before the end.
+        """
+        self.assertEqual(self._launch(30.0, "echo x; sleep 0.3"), ["started", "out", "ended"])
+
+    def test_output_after_hold(self) -> None:
+        """
+        A job that writes and goes on running past the hold: its start and
+        output are reported when the hold is over, without its end.
+        """
+        self.assertEqual(self._launch(0.3, "echo x; sleep 3"), ["started", "out"])
+
     def test_start_alone_after_hold(self) -> None:
         """
         A job still running when the hold is over: its start is reported
