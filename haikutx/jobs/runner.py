@@ -376,10 +376,10 @@ class JobRunner:
             if direct:
                 self._reserved -= 1
         _counted("accepted")
-        # Logged once the answer is out (at the reactor's next turn, before
-        # anything the job's start brings back).
-        self._reactor.callLater(0, self._log_accepted, job)
         if not direct:
+            # Logged once the answer is out (at the reactor's next turn,
+            # before anything the job's start brings back).
+            self._reactor.callLater(0, self._log_accepted, job)
             if not self._store.shared and stored.state == QUEUED:
                 self._queued[stored.id] = stored
             self._pump_soon()
@@ -388,7 +388,7 @@ class JobRunner:
                 evolve(stored, state=QUEUED, owner=None, started=None), self.owner
             )
         else:
-            self._run(stored)
+            self._run(stored, soon=True)
         return stored
 
     def _log_accepted(self, job: Job) -> None:
@@ -513,7 +513,14 @@ class JobRunner:
             if len(jobs) < free and not self._pump_again:
                 return
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, soon: bool = False) -> None:
+        """
+        Run C{job}: at once, or, when C{soon}, at the reactor's next turn,
+        once the answer that accepted it is out (the 202 does not wait for
+        the job's start: building its process and the write to the
+        launcher); it is this runner's running job either way (a stop
+        meanwhile stops it as soon as it has started).
+        """
         self._queued.pop(job.id, None)
         process = JobProcess(
             self._reactor,
@@ -525,6 +532,13 @@ class JobRunner:
             on_output=self._output,
         )
         self._running[job.id] = process
+        if soon:
+            self._reactor.callLater(0, self._start_soon, process)
+        else:
+            self._background(self._start_process(process), "starting a job")
+
+    def _start_soon(self, process: JobProcess) -> None:
+        self._log_accepted(process.job)
         self._background(self._start_process(process), "starting a job")
 
     async def _start_process(self, process: JobProcess) -> None:

@@ -459,7 +459,10 @@ class TimerTests(SynchronousTestCase):
         return clock, runner
 
     def _submit(self, runner, command, args):
-        return self.successResultOf(Deferred.fromCoroutine(runner.submit(command, args, None)))
+        job = self.successResultOf(Deferred.fromCoroutine(runner.submit(command, args, None)))
+        # A job that runs at once starts at the next turn (after its 202).
+        runner._reactor.advance(0)
+        return job
 
     def _get(self, runner, job_id):
         return self.successResultOf(Deferred.fromCoroutine(runner.get(job_id)))
@@ -485,6 +488,25 @@ class TimerTests(SynchronousTestCase):
         done = self._get(runner, job.id)
         self.assertEqual((done.state, done.error, done.signal), ("finished", "timeout", "SIGKILL"))
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_started_after_answer(self) -> None:
+        """
+        A job that runs at once is started at the reactor's next turn, after
+        its submission has returned (its 202 is out first); meanwhile it is
+        running, and a stop then stops it as soon as it has started.
+        """
+        clock, runner = self._runner()
+        job = self.successResultOf(Deferred.fromCoroutine(runner.submit("sleep", ["9"], None)))
+        self.assertEqual(clock.spawned, [])
+        self.assertEqual(runner.peek(job.id).state, "running")
+        stopped = Deferred.fromCoroutine(runner.cancel(job.id))
+        self.assertNoResult(stopped)
+        clock.advance(0)
+        process = clock.spawned[0][-1]
+        self.assertEqual(process.signals, ["TERM"])
+        runner._running[job.id].ended(None, 15)
+        done = self.successResultOf(stopped)
+        self.assertEqual((done.state, done.error, done.signal), ("finished", "stopped", "SIGTERM"))
 
     def test_drain_after_exit(self) -> None:
         """
