@@ -31,7 +31,10 @@ To the runner (stdout):
 When the runner goes away (its end of the pipe closes, it dies: the launcher
 asks for SIGTERM at its parent's death, or it gets SIGTERM), every job that
 has not been reaped gets SIGKILL and the launcher exits: jobs never outlive
-their runner.
+their runner. A SIGTERM is seen by the loop (through the signal module's
+wake-up descriptor), never raised as an exception: one that arrives while a
+job is being started or while the jobs are being killed (the parent-death
+signal comes just after the pipe's end) interrupts neither.
 """
 
 import ctypes
@@ -83,11 +86,20 @@ class Launcher:
     The launcher's state and its event loop.
     """
 
-    def __init__(self, commands, reports):
+    def __init__(self, commands, reports, stop=None):
+        """
+        @param commands: the pipe from the runner.
+        @param reports: the pipe to the runner.
+        @param stop: a descriptor that becomes readable when the launcher
+            must go (a SIGTERM), or C{None}.
+        """
         self._commands = commands
         self._reports = reports
+        self._stop = stop
         self._poll = select.epoll()
         self._poll.register(commands, select.EPOLLIN)
+        if stop is not None:
+            self._poll.register(stop, select.EPOLLIN)
         self._environ = {}
         self._jobs = {}
         #: Descriptor -> (job, fd number in the job or 0 for its pidfd).
@@ -119,6 +131,8 @@ class Launcher:
                 except InterruptedError:
                     continue
                 for fd, _ in events:
+                    if fd == self._stop:
+                        return
                     if fd == self._commands:
                         if not self._read_commands():
                             return
@@ -350,8 +364,10 @@ def _die_with(parent):
         sys.exit(0)
 
 
-def _terminated(number, frame):
-    raise SystemExit(0)
+def _noted(number, frame):
+    """
+    A SIGTERM's handler: nothing (the loop sees the wake-up descriptor).
+    """
 
 
 def main(argv):
@@ -361,7 +377,11 @@ def main(argv):
     C{argv[3]} and the comma-separated groups C{argv[4]} when they are given.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _terminated)
+    # SIGTERM writes a byte to a pipe the loop watches: it ends the loop at
+    # its next turn, with no exception in the middle of a start or a kill.
+    stop, woken = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(woken, warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, _noted)
     if len(argv) > 2:
         _become(int(argv[2]), int(argv[3]), [int(g) for g in argv[4].split(",") if g])
     _die_with(int(argv[1]))
@@ -379,7 +399,7 @@ def main(argv):
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.close(null)
-    Launcher(commands, reports).run()
+    Launcher(commands, reports, stop).run()
 
 
 if __name__ == "__main__":

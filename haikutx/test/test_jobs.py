@@ -291,6 +291,84 @@ class LauncherHoldTests(SynchronousTestCase):
         self.assertEqual(self._launch(0.05, "sleep 2"), ["started"])
 
 
+class LauncherDeathTests(SynchronousTestCase):
+    """
+    The launcher (a real process, its parent this test) takes every job it
+    started with it when told to go, however the signals fall.
+    """
+
+    def test_sigterms_during_the_kill(self) -> None:
+        """
+        SIGTERMs that keep coming while the launcher kills its jobs (the
+        parent-death signal arrives while it is already going because its
+        pipe closed, or again) interrupt nothing: no job is left running.
+        Three rounds of 200 jobs (a launcher that a SIGTERM could interrupt
+        left some running in most rounds).
+        """
+        for _ in range(3):
+            self.assertEqual(self._left_running(200), [])
+
+    def _left_running(self, count: int) -> list[str]:
+        """
+        Start C{count} jobs in a launcher, close its pipe and send it
+        SIGTERMs until it has exited: the jobs still running then.
+        """
+        import marshal
+        import select
+        import time
+
+        from haikutx.jobs import launcher
+        from haikutx.jobs.spawn import LAUNCHER
+
+        child = subprocess.Popen(
+            [sys.executable, "-I", LAUNCHER, str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={},
+        )
+        self.addCleanup(child.wait, 10)
+        self.addCleanup(_kill_quietly, child.pid)
+        self.addCleanup(child.stdout.close)
+        messages = [("env", {"PATH": "/usr/bin:/bin"})] + [
+            ("start", n, shutil.which("sleep"), ["sleep", "60"]) for n in range(1, count + 1)
+        ]
+        for message in messages:
+            body = marshal.dumps(message)
+            child.stdin.write(launcher.HEADER.pack(len(body)) + body)
+        child.stdin.flush()
+        pids: list[int] = []
+        data = b""
+        deadline = time.monotonic() + 20
+        while len(pids) < count and time.monotonic() < deadline:
+            ready, _, _ = select.select([child.stdout], [], [], 1)
+            if ready:
+                data += os.read(child.stdout.fileno(), 65536)
+            while len(data) >= 4 and len(data) >= 4 + launcher.HEADER.unpack_from(data)[0]:
+                (length,) = launcher.HEADER.unpack_from(data)
+                report = marshal.loads(data[4 : 4 + length])
+                data = data[4 + length :]
+                if report[0] == "started":
+                    pids.append(report[2])
+                    self.addCleanup(_kill_quietly, report[2])
+        self.assertEqual(len(pids), count)
+        # Its pipe closes and SIGTERMs follow, as fast as they can be sent,
+        # until it has exited (at most 2 s).
+        child.stdin.close()
+        deadline = time.monotonic() + 2
+        while child.poll() is None and time.monotonic() < deadline:
+            try:
+                os.kill(child.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                break
+        child.wait(10)
+        for _ in range(100):
+            left = [pid for pid in pids if _alive(pid)]
+            if not left:
+                break
+            time.sleep(0.05)
+        return [_where(pid) for pid in left]
+
+
 class FinalStateTests(SynchronousTestCase):
     """
     L{final_state} names the C{haiku_jobs_total} state of a finished job.
