@@ -538,10 +538,14 @@ class JobRunner:
             self._background(self._start_process(process), "starting a job")
 
     def _start_soon(self, process: JobProcess) -> None:
-        self._log_accepted(process.job)
-        self._background(self._start_process(process), "starting a job")
+        self._background(self._start_process(process, accepted=True), "starting a job")
 
-    async def _start_process(self, process: JobProcess) -> None:
+    async def _start_process(self, process: JobProcess, accepted: bool = False) -> None:
+        """
+        Start C{process}'s command and log its start; when C{accepted}, the
+        job was accepted just now (to run at once), and one event says both
+        (an event costs about as much as a tenth of a short job).
+        """
         job = process.job
         try:
             if self._spawn.switches_user:
@@ -551,13 +555,24 @@ class JobRunner:
                 await process.start(self._spawn, self._environ, self._uid, self._gid)
         except OSError as e:
             self._running.pop(job.id, None)
+            if accepted:
+                self._log_accepted(job)
             self.log.warn("job {job_id}: {reason}", job_id=job.id, reason=str(e))
             self._finished(
                 evolve(job, state=FINISHED, finished=self._reactor.seconds(), error=str(e))
             )
             self._pump_soon()
             return
-        self.log.info("job {job_id} started: pid {pid}", job_id=job.id, pid=process.pid)
+        if accepted:
+            self.log.info(
+                "job {job_id} accepted and started: {command} {arguments}: pid {pid}",
+                job_id=job.id,
+                command=job.command,
+                arguments=job.arguments,
+                pid=process.pid,
+            )
+        else:
+            self.log.info("job {job_id} started: pid {pid}", job_id=job.id, pid=process.pid)
         process.done.addCallback(self._ended)
         process.done.addErrback(
             lambda f: self.log.failure("job {job_id} crashed", f, job_id=job.id)

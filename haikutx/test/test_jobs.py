@@ -586,6 +586,36 @@ class TimerTests(SynchronousTestCase):
         done = self.successResultOf(stopped)
         self.assertEqual((done.state, done.error, done.signal), ("finished", "stopped", "SIGTERM"))
 
+    def test_accepted_and_started_one_event(self) -> None:
+        """
+        A job that starts as soon as it is accepted is logged once for both
+        (with its command, arguments and pid); a job that waits for a slot
+        is logged when accepted and again when started.
+        """
+        from twisted.logger import capturedLogs
+
+        clock, runner = self._runner(max_running=1)
+        with capturedLogs() as events:
+            first = self._submit(runner, "true", ["1"])
+            second = self._submit(runner, "true", ["2"])
+            runner._running[first.id].ended(0, None)
+        said = [
+            (e["log_format"].split(":")[0].replace("{job_id}", e["job_id"]), e.get("pid"))
+            for e in events
+            if e.get("job_id") in (first.id, second.id) and "{state}" not in e["log_format"]
+        ]
+        pids = [s[-1].pid for s in clock.spawned]
+        self.assertEqual(
+            said,
+            [
+                (f"job {first.id} accepted and started", pids[0]),
+                (f"job {second.id} accepted", None),
+                (f"job {second.id} started", pids[1]),
+            ],
+        )
+        started = next(e for e in events if "accepted and started" in e["log_format"])
+        self.assertEqual((started["command"], list(started["arguments"])), ("true", ["1"]))
+
     def test_drain_after_exit(self) -> None:
         """
         When the process has exited but its pipes stay open, they are closed
@@ -1397,8 +1427,11 @@ class RunnerStartTests(TestCase):
             service.startService()
             await runner.wait_ready()
             job = await runner.submit("true", [], None)
-            # "accepted" is logged at the reactor's next turn.
-            await deferLater(reactor, 0)
+            # "accepted and started" is logged once the job has started.
+            for _ in range(200):
+                if any(e.get("job_id") == job.id for e in events):
+                    break
+                await deferLater(reactor, 0.05)
         self.addCleanup(service.stopService)
         warnings = [e for e in events if e["log_level"] == LogLevel.warn]
         self.assertTrue(any("whitelist" in e["log_format"] for e in warnings))

@@ -64,7 +64,8 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq)",
 )
 
-#: Seconds between checkpoints of the write-ahead log.
+#: Seconds between checkpoints of the write-ahead log (from the reading
+#: thread, and at most this long between two from the writing thread).
 CHECKPOINT_INTERVAL = 1.0
 
 #: Transactions after which the writing thread checkpoints the log.
@@ -277,8 +278,9 @@ class SQLiteJobStore:
         # of those or the next checkpoint. No switch of this setting between
         # the two (a statement each time).
         connection.execute("PRAGMA synchronous=NORMAL")
-        # Checkpoints run from the reading thread (L{CHECKPOINT_INTERVAL}),
-        # not in the commit that happens to fill the log.
+        # Checkpoints run between batches (L{_upkeep}) and from the reading
+        # thread (L{CHECKPOINT_INTERVAL}), not in the commit that happens to
+        # fill the log.
         connection.execute("PRAGMA wal_autocheckpoint=0")
         columns = [row[1] for row in connection.execute("PRAGMA table_info(jobs)")]
         if "meta" in columns:
