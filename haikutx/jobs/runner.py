@@ -475,6 +475,10 @@ class JobRunner:
     def _pump_soon(self) -> None:
         if not self._ready or self._stopping:
             return
+        if not self._queue_maybe_nonempty and not self._store.shared:
+            # Nothing queued (a store of its own): no claim to make, and no
+            # coroutine for it (this is called at the end of every job).
+            return
         if self._pumping is not None:
             self._pump_again = True
             return
