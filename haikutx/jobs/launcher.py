@@ -20,8 +20,9 @@ From the runner (stdin):
 
 To the runner (stdout):
     - C{("started", handle, pid)} or C{("failed", handle, errno, text, path)}
-      (a start is reported within L{HOLD} seconds, with what followed it
-      meanwhile: a short job's start, output and end come in one write);
+      (a start, and what its job does next, is reported within L{HOLD}
+      seconds, or as soon as the job has ended: a short job's start, output
+      and end come in one write);
     - C{("out", handle, fd, data)}: output of fd 1 or 2;
     - C{("exited", handle)}: the job exited but its pipes are still open;
     - C{("ended", handle, wait_status)}: reaped and its pipes closed;
@@ -30,7 +31,10 @@ To the runner (stdout):
 When the runner goes away (its end of the pipe closes, it dies: the launcher
 asks for SIGTERM at its parent's death, or it gets SIGTERM), every job that
 has not been reaped gets SIGKILL and the launcher exits: jobs never outlive
-their runner.
+their runner. A SIGTERM is seen by the loop (through the signal module's
+wake-up descriptor), never raised as an exception: one that arrives while a
+job is being started or while the jobs are being killed (the parent-death
+signal comes just after the pipe's end) interrupts neither.
 """
 
 import ctypes
@@ -55,9 +59,10 @@ MAX_READS = 16
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
 
-#: Seconds the report of a job's start may wait for more to send with it:
-#: a short job's start, output and end reach the runner in one write (one
-#: read and one wake-up of the runner instead of two).
+#: Seconds the reports of a job just started (its start, its output) may
+#: wait for its end: a short job's start, output and end reach the runner in
+#: one write (one read and one wake-up of the runner instead of two or
+#: three).
 HOLD = 0.002
 
 #: The scheduling of the jobs: the usual one (the launcher's is not).
@@ -81,21 +86,31 @@ class Launcher:
     The launcher's state and its event loop.
     """
 
-    def __init__(self, commands, reports):
+    def __init__(self, commands, reports, stop=None):
+        """
+        @param commands: the pipe from the runner.
+        @param reports: the pipe to the runner.
+        @param stop: a descriptor that becomes readable when the launcher
+            must go (a SIGTERM), or C{None}.
+        """
         self._commands = commands
         self._reports = reports
+        self._stop = stop
         self._poll = select.epoll()
         self._poll.register(commands, select.EPOLLIN)
+        if stop is not None:
+            self._poll.register(stop, select.EPOLLIN)
         self._environ = {}
         self._jobs = {}
         #: Descriptor -> (job, fd number in the job or 0 for its pidfd).
         self._fds = {}
         self._buffer = b""
         self._out = []
-        #: Whether only starts are waiting to be reported, and until when
-        #: they may wait.
-        self._only_starts = False
+        #: Whether only reports of jobs started in the hold are waiting,
+        #: until when they may wait, and those jobs (that have not ended).
+        self._holding = False
         self._hold_until = 0.0
+        self._young = set()
         self._defaults = [
             n
             for n in range(1, signal.NSIG)
@@ -116,6 +131,8 @@ class Launcher:
                 except InterruptedError:
                     continue
                 for fd, _ in events:
+                    if fd == self._stop:
+                        return
                     if fd == self._commands:
                         if not self._read_commands():
                             return
@@ -128,7 +145,11 @@ class Launcher:
                         self._reap(job)
                     else:
                         self._read(job, fd)
-                if not self._only_starts or time.monotonic() >= self._hold_until:
+                if (
+                    not self._holding
+                    or not self._young
+                    or time.monotonic() >= self._hold_until
+                ):
                     self._flush()
         finally:
             self._kill_all()
@@ -274,17 +295,23 @@ class Launcher:
     # -- reports --
 
     def _send(self, message):
-        if message[0] == "started":
+        kind = message[0]
+        if kind == "started":
             if not self._out:
-                self._only_starts = True
+                self._holding = True
                 self._hold_until = time.monotonic() + HOLD
-        else:
-            self._only_starts = False
+            self._young.add(message[1])
+        elif message[1] not in self._young or kind not in ("out", "exited", "ended"):
+            self._holding = False
+        elif kind == "ended":
+            # Its start, output and end go now, together.
+            self._young.discard(message[1])
         body = marshal.dumps(message)
         self._out.append(HEADER.pack(len(body)) + body)
 
     def _flush(self):
-        self._only_starts = False
+        self._holding = False
+        self._young.clear()
         if not self._out:
             return
         data = b"".join(self._out)
@@ -337,8 +364,10 @@ def _die_with(parent):
         sys.exit(0)
 
 
-def _terminated(number, frame):
-    raise SystemExit(0)
+def _noted(number, frame):
+    """
+    A SIGTERM's handler: nothing (the loop sees the wake-up descriptor).
+    """
 
 
 def main(argv):
@@ -348,7 +377,11 @@ def main(argv):
     C{argv[3]} and the comma-separated groups C{argv[4]} when they are given.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _terminated)
+    # SIGTERM writes a byte to a pipe the loop watches: it ends the loop at
+    # its next turn, with no exception in the middle of a start or a kill.
+    stop, woken = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(woken, warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, _noted)
     if len(argv) > 2:
         _become(int(argv[2]), int(argv[3]), [int(g) for g in argv[4].split(",") if g])
     _die_with(int(argv[1]))
@@ -366,7 +399,7 @@ def main(argv):
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.close(null)
-    Launcher(commands, reports).run()
+    Launcher(commands, reports, stop).run()
 
 
 if __name__ == "__main__":

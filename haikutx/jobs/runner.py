@@ -376,10 +376,10 @@ class JobRunner:
             if direct:
                 self._reserved -= 1
         _counted("accepted")
-        # Logged once the answer is out (at the reactor's next turn, before
-        # anything the job's start brings back).
-        self._reactor.callLater(0, self._log_accepted, job)
         if not direct:
+            # Logged once the answer is out (at the reactor's next turn,
+            # before anything the job's start brings back).
+            self._reactor.callLater(0, self._log_accepted, job)
             if not self._store.shared and stored.state == QUEUED:
                 self._queued[stored.id] = stored
             self._pump_soon()
@@ -388,7 +388,7 @@ class JobRunner:
                 evolve(stored, state=QUEUED, owner=None, started=None), self.owner
             )
         else:
-            self._run(stored)
+            self._run(stored, soon=True)
         return stored
 
     def _log_accepted(self, job: Job) -> None:
@@ -475,6 +475,10 @@ class JobRunner:
     def _pump_soon(self) -> None:
         if not self._ready or self._stopping:
             return
+        if not self._queue_maybe_nonempty and not self._store.shared:
+            # Nothing queued (a store of its own): no claim to make, and no
+            # coroutine for it (this is called at the end of every job).
+            return
         if self._pumping is not None:
             self._pump_again = True
             return
@@ -513,7 +517,14 @@ class JobRunner:
             if len(jobs) < free and not self._pump_again:
                 return
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, soon: bool = False) -> None:
+        """
+        Run C{job}: at once, or, when C{soon}, at the reactor's next turn,
+        once the answer that accepted it is out (the 202 does not wait for
+        the job's start: building its process and the write to the
+        launcher); it is this runner's running job either way (a stop
+        meanwhile stops it as soon as it has started).
+        """
         self._queued.pop(job.id, None)
         process = JobProcess(
             self._reactor,
@@ -525,9 +536,20 @@ class JobRunner:
             on_output=self._output,
         )
         self._running[job.id] = process
-        self._background(self._start_process(process), "starting a job")
+        if soon:
+            self._reactor.callLater(0, self._start_soon, process)
+        else:
+            self._background(self._start_process(process), "starting a job")
 
-    async def _start_process(self, process: JobProcess) -> None:
+    def _start_soon(self, process: JobProcess) -> None:
+        self._background(self._start_process(process, accepted=True), "starting a job")
+
+    async def _start_process(self, process: JobProcess, accepted: bool = False) -> None:
+        """
+        Start C{process}'s command and log its start; when C{accepted}, the
+        job was accepted just now (to run at once), and one event says both
+        (an event costs about as much as a tenth of a short job).
+        """
         job = process.job
         try:
             if self._spawn.switches_user:
@@ -537,13 +559,24 @@ class JobRunner:
                 await process.start(self._spawn, self._environ, self._uid, self._gid)
         except OSError as e:
             self._running.pop(job.id, None)
+            if accepted:
+                self._log_accepted(job)
             self.log.warn("job {job_id}: {reason}", job_id=job.id, reason=str(e))
             self._finished(
                 evolve(job, state=FINISHED, finished=self._reactor.seconds(), error=str(e))
             )
             self._pump_soon()
             return
-        self.log.info("job {job_id} started: pid {pid}", job_id=job.id, pid=process.pid)
+        if accepted:
+            self.log.info(
+                "job {job_id} accepted and started: {command} {arguments}: pid {pid}",
+                job_id=job.id,
+                command=job.command,
+                arguments=job.arguments,
+                pid=process.pid,
+            )
+        else:
+            self.log.info("job {job_id} started: pid {pid}", job_id=job.id, pid=process.pid)
         process.done.addCallback(self._ended)
         process.done.addErrback(
             lambda f: self.log.failure("job {job_id} crashed", f, job_id=job.id)

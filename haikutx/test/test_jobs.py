@@ -220,10 +220,12 @@ class LauncherHoldTests(SynchronousTestCase):
     in a thread of the test, on pipes of the test's own.
     """
 
-    def _launch(self, hold: float, script: str) -> list[str]:
+    def _launch(self, hold: float, script: str, until: str | None = None) -> list[str]:
         """
         Start C{sh -c script} in a launcher holding starts for C{hold}
-        seconds; the kinds of the reports of the first write it makes.
+        seconds; the kinds of the reports of the first write it makes (with
+        C{until}: of its writes until one brings a report of that kind, one
+        list per write, at most 20 s).
         """
         import marshal
         import select
@@ -252,15 +254,22 @@ class LauncherHoldTests(SynchronousTestCase):
         ):
             body = marshal.dumps(message)
             os.write(commands_w, launcher.HEADER.pack(len(body)) + body)
-        ready, _, _ = select.select([reports_r], [], [], 20)
-        self.assertTrue(ready, "no report within 20 s")
-        data = os.read(reports_r, 65536)
-        kinds = []
-        while data:
-            (length,) = launcher.HEADER.unpack_from(data)
-            kinds.append(marshal.loads(data[4 : 4 + length])[0])
-            data = data[4 + length :]
-        return kinds
+        writes: list[list[str]] = []
+        for _ in range(20):
+            ready, _, _ = select.select([reports_r], [], [], 20)
+            self.assertTrue(ready, "no report within 20 s")
+            data = os.read(reports_r, 65536)
+            kinds = []
+            while data:
+                (length,) = launcher.HEADER.unpack_from(data)
+                kinds.append(marshal.loads(data[4 : 4 + length])[0])
+                data = data[4 + length :]
+            if until is None:
+                return kinds
+            writes.append(kinds)
+            if until in kinds:
+                break
+        return writes
 
     def test_short_job_one_write(self) -> None:
         """
@@ -269,12 +278,106 @@ class LauncherHoldTests(SynchronousTestCase):
         """
         self.assertEqual(self._launch(30.0, "sleep 0.2; echo x"), ["started", "out", "ended"])
 
+    def test_output_waits_for_end(self) -> None:
+        """
+        The output of a job started in the hold waits with its start for its
+        end: one write, though the output came well before the end.
+        """
+        self.assertEqual(self._launch(30.0, "echo x; sleep 0.3"), ["started", "out", "ended"])
+
+    def test_output_after_hold(self) -> None:
+        """
+        A job that writes and goes on running past the hold: its output is
+        reported once the hold is over, without waiting for its end.
+        """
+        writes = self._launch(0.05, "echo x; sleep 5", until="out")
+        reported = [kind for kinds in writes for kind in kinds]
+        self.assertEqual(reported, ["started", "out"])
+
     def test_start_alone_after_hold(self) -> None:
         """
         A job still running when the hold is over: its start is reported
         alone, before its end.
         """
         self.assertEqual(self._launch(0.05, "sleep 2"), ["started"])
+
+
+class LauncherDeathTests(SynchronousTestCase):
+    """
+    The launcher (a real process, its parent this test) takes every job it
+    started with it when told to go, however the signals fall.
+    """
+
+    def test_sigterms_during_the_kill(self) -> None:
+        """
+        SIGTERMs that keep coming while the launcher kills its jobs (the
+        parent-death signal arrives while it is already going because its
+        pipe closed, or again) interrupt nothing: no job is left running.
+        Three rounds of 200 jobs (a launcher that a SIGTERM could interrupt
+        left some running in most rounds).
+        """
+        for _ in range(3):
+            self.assertEqual(self._left_running(200), [])
+
+    def _left_running(self, count: int) -> list[str]:
+        """
+        Start C{count} jobs in a launcher, close its pipe and send it
+        SIGTERMs until it has exited: the jobs still running then.
+        """
+        import marshal
+        import select
+        import time
+
+        from haikutx.jobs import launcher
+        from haikutx.jobs.spawn import LAUNCHER
+
+        child = subprocess.Popen(
+            [sys.executable, "-I", LAUNCHER, str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={},
+        )
+        self.addCleanup(child.wait, 10)
+        self.addCleanup(_kill_quietly, child.pid)
+        self.addCleanup(child.stdout.close)
+        messages = [("env", {"PATH": "/usr/bin:/bin"})] + [
+            ("start", n, shutil.which("sleep"), ["sleep", "60"]) for n in range(1, count + 1)
+        ]
+        for message in messages:
+            body = marshal.dumps(message)
+            child.stdin.write(launcher.HEADER.pack(len(body)) + body)
+        child.stdin.flush()
+        pids: list[int] = []
+        data = b""
+        deadline = time.monotonic() + 20
+        while len(pids) < count and time.monotonic() < deadline:
+            ready, _, _ = select.select([child.stdout], [], [], 1)
+            if ready:
+                data += os.read(child.stdout.fileno(), 65536)
+            while len(data) >= 4 and len(data) >= 4 + launcher.HEADER.unpack_from(data)[0]:
+                (length,) = launcher.HEADER.unpack_from(data)
+                report = marshal.loads(data[4 : 4 + length])
+                data = data[4 + length :]
+                if report[0] == "started":
+                    pids.append(report[2])
+                    self.addCleanup(_kill_quietly, report[2])
+        self.assertEqual(len(pids), count)
+        # Its pipe closes and SIGTERMs follow, as fast as they can be sent,
+        # until it has exited (at most 2 s).
+        child.stdin.close()
+        deadline = time.monotonic() + 2
+        while child.poll() is None and time.monotonic() < deadline:
+            try:
+                os.kill(child.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                break
+        child.wait(10)
+        for _ in range(100):
+            left = [pid for pid in pids if _alive(pid)]
+            if not left:
+                break
+            time.sleep(0.05)
+        return [_where(pid) for pid in left]
 
 
 class FinalStateTests(SynchronousTestCase):
@@ -445,7 +548,10 @@ class TimerTests(SynchronousTestCase):
         return clock, runner
 
     def _submit(self, runner, command, args):
-        return self.successResultOf(Deferred.fromCoroutine(runner.submit(command, args, None)))
+        job = self.successResultOf(Deferred.fromCoroutine(runner.submit(command, args, None)))
+        # A job that runs at once starts at the next turn (after its 202).
+        runner._reactor.advance(0)
+        return job
 
     def _get(self, runner, job_id):
         return self.successResultOf(Deferred.fromCoroutine(runner.get(job_id)))
@@ -471,6 +577,55 @@ class TimerTests(SynchronousTestCase):
         done = self._get(runner, job.id)
         self.assertEqual((done.state, done.error, done.signal), ("finished", "timeout", "SIGKILL"))
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_started_after_answer(self) -> None:
+        """
+        A job that runs at once is started at the reactor's next turn, after
+        its submission has returned (its 202 is out first); meanwhile it is
+        running, and a stop then stops it as soon as it has started.
+        """
+        clock, runner = self._runner()
+        job = self.successResultOf(Deferred.fromCoroutine(runner.submit("sleep", ["9"], None)))
+        self.assertEqual(clock.spawned, [])
+        self.assertEqual(runner.peek(job.id).state, "running")
+        stopped = Deferred.fromCoroutine(runner.cancel(job.id))
+        self.assertNoResult(stopped)
+        clock.advance(0)
+        process = clock.spawned[0][-1]
+        self.assertEqual(process.signals, ["TERM"])
+        runner._running[job.id].ended(None, 15)
+        done = self.successResultOf(stopped)
+        self.assertEqual((done.state, done.error, done.signal), ("finished", "stopped", "SIGTERM"))
+
+    def test_accepted_and_started_one_event(self) -> None:
+        """
+        A job that starts as soon as it is accepted is logged once for both
+        (with its command, arguments and pid); a job that waits for a slot
+        is logged when accepted and again when started.
+        """
+        from twisted.logger import capturedLogs
+
+        clock, runner = self._runner(max_running=1)
+        with capturedLogs() as events:
+            first = self._submit(runner, "true", ["1"])
+            second = self._submit(runner, "true", ["2"])
+            runner._running[first.id].ended(0, None)
+        said = [
+            (e["log_format"].split(":")[0].replace("{job_id}", e["job_id"]), e.get("pid"))
+            for e in events
+            if e.get("job_id") in (first.id, second.id) and "{state}" not in e["log_format"]
+        ]
+        pids = [s[-1].pid for s in clock.spawned]
+        self.assertEqual(
+            said,
+            [
+                (f"job {first.id} accepted and started", pids[0]),
+                (f"job {second.id} accepted", None),
+                (f"job {second.id} started", pids[1]),
+            ],
+        )
+        started = next(e for e in events if "accepted and started" in e["log_format"])
+        self.assertEqual((started["command"], list(started["arguments"])), ("true", ["1"]))
 
     def test_drain_after_exit(self) -> None:
         """
@@ -1283,8 +1438,11 @@ class RunnerStartTests(TestCase):
             service.startService()
             await runner.wait_ready()
             job = await runner.submit("true", [], None)
-            # "accepted" is logged at the reactor's next turn.
-            await deferLater(reactor, 0)
+            # "accepted and started" is logged once the job has started.
+            for _ in range(200):
+                if any(e.get("job_id") == job.id for e in events):
+                    break
+                await deferLater(reactor, 0.05)
         self.addCleanup(service.stopService)
         warnings = [e for e in events if e["log_level"] == LogLevel.warn]
         self.assertTrue(any("whitelist" in e["log_format"] for e in warnings))

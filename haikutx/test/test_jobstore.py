@@ -354,6 +354,27 @@ class SQLiteJobStoreTests(_JobStoreTestsMixin, TestCase):
         self.addCleanup(connection.close)
         self.assertEqual(connection.execute("SELECT count(*) FROM jobs").fetchone()[0], 50)
 
+    async def test_log_starts_again(self) -> None:
+        """
+        The writing thread checkpoints the log between batches, every
+        L{CHECKPOINT_EVERY} commits: commits one after another start the
+        log again from its beginning, and it stays the size of a few
+        commits (rewritten in place, not grown and synced with its size).
+        """
+        import os
+
+        from haikutx.jobs.store import sqlite as module
+
+        self.patch(module, "CHECKPOINT_EVERY", 4)
+        store = await self._opened()
+        wal = f"{self._path}-wal"
+        sizes = []
+        for n in range(1, 61):
+            await store.add(_job(n))
+            sizes.append(os.path.getsize(wal))
+        # A commit here writes at most 5 pages of 4 kB (with their headers).
+        self.assertLess(max(sizes), 8 * 5 * 4120)
+
     async def test_not_on_reactor_thread(self) -> None:
         """
         Statements run in the store's own thread, not the reactor's.
@@ -611,6 +632,59 @@ class GroupCommitTests(SynchronousTestCase):
         self.reactor.turn()
         pool.run_one()
         self.successResultOf(idle)
+
+
+class GroupCommitUpkeepTests(SynchronousTestCase):
+    """
+    The upkeep given to L{GroupCommit} runs in the database thread once the
+    results of the batches are handed back, when no batch waits.
+    """
+
+    def test_after_results(self) -> None:
+        """
+        It runs once after the batches of one hand-over, the results already
+        given; what is submitted during it is run after it, then it runs
+        again.
+        """
+        pool = _FakePool()
+        fake = _FakeReactor()
+        seen: list[Any] = []
+        done: list[Deferred[Any]] = []
+
+        def upkeep() -> None:
+            seen.append([d.called for d in done])
+            if len(seen) == 1:
+                done.append(batch.submit(lambda c: "during"))
+
+        batch = GroupCommit(fake, pool, lambda ops, durable: [op(None) for op in ops], upkeep)
+        done.append(batch.submit(lambda c: "first"))
+        fake.turn()
+        pool.run_one()
+        self.assertEqual(seen, [[True], [True, True]])
+        self.assertEqual(self.successResultOf(done[1]), "during")
+        self.assertEqual(batch.commits, 2)
+
+    def test_failure_logged(self) -> None:
+        """
+        An upkeep that fails is logged; the batches go on.
+        """
+        pool = _FakePool()
+        fake = _FakeReactor()
+
+        def upkeep() -> None:
+            raise ZeroDivisionError()
+
+        batch = GroupCommit(fake, pool, lambda ops, durable: [op(None) for op in ops], upkeep)
+        first = batch.submit(lambda c: 1)
+        fake.turn()
+        pool.run_one()
+        self.assertEqual(self.successResultOf(first), 1)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        second = batch.submit(lambda c: 2)
+        fake.turn()
+        pool.run_one()
+        self.assertEqual(self.successResultOf(second), 2)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
 
 class DatabaseThreadTests(TestCase):

@@ -52,7 +52,13 @@ class GroupCommit:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, pool: Any, transact: Transact) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        pool: Any,
+        transact: Transact,
+        after: Callable[[], None] | None = None,
+    ) -> None:
         """
         @param reactor: the reactor the results are delivered in (and the
             batches started from: L{IReactorTime.callLater},
@@ -61,10 +67,15 @@ class GroupCommit:
             one thread (or a L{haikutx.jobs.store.thread.DatabaseThread}):
             the thread that owns the connection.
         @param transact: runs a batch in that thread.
+        @param after: called in that thread when the results of a batch are
+            handed back and no other batch waits (its upkeep, such as a
+            checkpoint, waits for no transaction and delays none already
+            submitted); what it raises is logged.
         """
         self._reactor = reactor
         self._pool = pool
         self._transact = transact
+        self._after = after
         #: Shared with the database thread, under C{_lock}.
         self._pending: list[tuple[Operation, bool, Deferred[Any]]] = []
         self._busy = False
@@ -100,10 +111,13 @@ class GroupCommit:
             far has been run.
         """
         waiter: Deferred[None] = Deferred()
-        self._idle.append(waiter)
-        if not self._busy:
+        with self._lock:
+            self._idle.append(waiter)
+            busy = self._busy
+        if not busy:
             # After the results the database thread handed back already.
             self._reactor.callFromThread(self._maybe_idle)
+        # Else the database thread tells, once it has run what is pending.
         return waiter
 
     def _start(self) -> None:
@@ -113,13 +127,28 @@ class GroupCommit:
         """
         In the database thread: run batches until none is waiting.
         """
+        upkeep = self._after
         while True:
             with self._lock:
-                if not self._pending:
+                if not self._pending and upkeep is None:
                     self._busy = False
+                    waited = bool(self._idle)
                     break
                 batch = self._pending[:MAX_BATCH]
                 del self._pending[:MAX_BATCH]
+            if not batch:
+                # Nothing waits: the upkeep now, once (what is submitted
+                # meanwhile waits for it, and is taken after it).
+                assert upkeep is not None
+                try:
+                    upkeep()
+                except BaseException:
+                    self._reactor.callFromThread(
+                        self.log.failure, "job store upkeep failed", Failure()
+                    )
+                upkeep = None
+                continue
+            upkeep = self._after
             durable = any(flag for _, flag, _ in batch)
             try:
                 result: Any = self._run([op for op, _, _ in batch], durable)
@@ -127,7 +156,10 @@ class GroupCommit:
                 result = Failure()
             self._reactor.callFromThread(self._ran, result, batch)
             batch = result = None
-        self._reactor.callFromThread(self._maybe_idle)
+        if waited:
+            # Not after every batch: one call (and one wake-up of the
+            # reactor) less per transaction when nobody waits.
+            self._reactor.callFromThread(self._maybe_idle)
 
     def _drained(self, ok: bool, result: Any) -> None:
         if not ok:
@@ -165,8 +197,9 @@ class GroupCommit:
                 done.errback(value)
 
     def _maybe_idle(self) -> None:
-        if self._busy or self._pending or not self._idle:
-            return
-        waiters, self._idle = self._idle, []
+        with self._lock:
+            if self._busy or self._pending or not self._idle:
+                return
+            waiters, self._idle = self._idle, []
         for waiter in waiters:
             waiter.callback(None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,12 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq)",
 )
 
-#: Seconds between checkpoints of the write-ahead log.
+#: Seconds between checkpoints of the write-ahead log (from the reading
+#: thread, and at most this long between two from the writing thread).
 CHECKPOINT_INTERVAL = 1.0
+
+#: Transactions after which the writing thread checkpoints the log.
+CHECKPOINT_EVERY = 32
 
 _INSERT = "INSERT INTO jobs ({}) VALUES ({})".format(
     ", ".join(INSERTED), ", ".join(f":{c}" for c in INSERTED)
@@ -142,7 +147,10 @@ class SQLiteJobStore:
         #: The write-ahead log, opened for its syncs.
         self._wal: int | None = None
         self._trigger: Any = None
-        self._batch = GroupCommit(reactor, self._pool, self._transact)
+        self._batch = GroupCommit(reactor, self._pool, self._transact, self._upkeep)
+        #: Transactions since the writer's last checkpoint, and its time.
+        self._uncheckpointed = 0
+        self._checkpointed = 0.0
 
     @property
     def commits(self) -> int:
@@ -170,7 +178,33 @@ class SQLiteJobStore:
             connection.execute("COMMIT")
         if durable:
             self._sync_log()
+        self._uncheckpointed += 1
         return results
+
+    def _upkeep(self) -> None:
+        """
+        In the writing thread, between batches: a checkpoint after
+        L{CHECKPOINT_EVERY} transactions or L{CHECKPOINT_INTERVAL} seconds.
+
+        Run here, with no commit under way, the checkpoint copies the whole
+        log, so that the next commit starts the log again from its
+        beginning: the log stays a few hundred kilobytes, and a commit's
+        C{fdatasync} rewrites blocks of the file instead of growing it (a
+        size change to sync as well, which costs about twice as much). A
+        checkpoint from the reading thread, while commits go on, seldom
+        catches up with the last of them.
+        """
+        if self._uncheckpointed == 0 or self._connection is None:
+            return
+        now = time.monotonic()
+        if (
+            self._uncheckpointed < CHECKPOINT_EVERY
+            and now - self._checkpointed < CHECKPOINT_INTERVAL
+        ):
+            return
+        self._uncheckpointed = 0
+        self._checkpointed = now
+        self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _sync_log(self) -> None:
         """
@@ -244,8 +278,9 @@ class SQLiteJobStore:
         # of those or the next checkpoint. No switch of this setting between
         # the two (a statement each time).
         connection.execute("PRAGMA synchronous=NORMAL")
-        # Checkpoints run from the reading thread (L{CHECKPOINT_INTERVAL}),
-        # not in the commit that happens to fill the log.
+        # Checkpoints run between batches (L{_upkeep}) and from the reading
+        # thread (L{CHECKPOINT_INTERVAL}), not in the commit that happens to
+        # fill the log.
         connection.execute("PRAGMA wal_autocheckpoint=0")
         columns = [row[1] for row in connection.execute("PRAGMA table_info(jobs)")]
         if "meta" in columns:
@@ -260,6 +295,7 @@ class SQLiteJobStore:
         for name in (self._path, Path(f"{self._path}-wal"), Path(f"{self._path}-shm")):
             _private(name)
         self._connection = connection
+        self._checkpointed = time.monotonic()
 
     async def _close(self) -> None:
         if self._checkpoints is not None and self._checkpoints.active():
