@@ -1,22 +1,26 @@
 # -*- test-case-name: haikutx.test.test_jobs -*-
 """
-Completion callbacks: the finished job POSTed as JSON to the URL the client
-gave, under the same address rules as handler URLs (L{haikutx.net.addresses}):
-checked when the job is submitted, and again, against every address the
+Completion callbacks (L{CallbackSender}): the finished job POSTed as JSON
+to the URL the client gave, retried with back-off, under the same address
+rules as handler URLs (L{haikutx.net.addresses}): checked when the job is
+submitted, and again, against every address the
 host resolves to, when connecting (L{haikutx.net.outbound.CheckedEndpoint}).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from io import BytesIO
 from typing import Any
 
 import treq
+from attrs import evolve
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     FileBodyProducer,
@@ -27,7 +31,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from haikutx.jobs.job import CallbackOutcome
+from haikutx.jobs.job import CallbackOutcome, Job, job_to_json
 from haikutx.net.addresses import AddressRules, URLTarget
 from haikutx.net.outbound import AddressRefused, CheckedEndpoint
 
@@ -209,3 +213,86 @@ def callback_poster(reactor: Any, rules: AddressRules) -> PostCallback:
         return int(response.code)
 
     return post
+
+
+class CallbackSender:
+    """
+    Send finished jobs' callbacks (L{deliver_callback}): one delivery per
+    job at a time, each failed attempt and the outcome saved with the job.
+
+    @param reactor: the clock.
+    @param post: sends one attempt (L{callback_poster}).
+    @param give_up_after: seconds a callback is retried.
+    @param save: saves a job (with its callback's outcome so far).
+    @param log: the runner's logger, for the attempts' events.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        post: PostCallback,
+        give_up_after: float,
+        save: Callable[[Job], None],
+        log: Any,
+    ) -> None:
+        self._reactor = reactor
+        self._post = post
+        self._give_up_after = give_up_after
+        self._save = save
+        self.log = log
+        self._deliveries: dict[str, Deferred[CallbackOutcome]] = {}
+
+    def send(self, job: Job) -> None:
+        """
+        Deliver C{job}'s callback, unless one is under way for it already.
+        """
+        assert job.callback is not None
+        if job.id in self._deliveries:
+            return
+        body = json.dumps(job_to_json(job)).encode("utf-8")
+
+        def progress(outcome: CallbackOutcome) -> None:
+            self.log.warn(
+                "job {job_id}: callback attempt {attempts} failed: {reason}",
+                job_id=job.id,
+                attempts=outcome.attempts,
+                reason=outcome.error,
+            )
+            self._save(evolve(job, callback_outcome=outcome))
+
+        delivery = Deferred.fromCoroutine(
+            deliver_callback(
+                self._reactor,
+                self._post,
+                job.callback,
+                body,
+                give_up_after=self._give_up_after,
+                on_attempt=progress,
+            )
+        )
+        self._deliveries[job.id] = delivery
+
+        def done(outcome: CallbackOutcome) -> None:
+            self.log.info(
+                "job {job_id}: callback {status} after {attempts} attempts",
+                job_id=job.id,
+                status=outcome.status,
+                attempts=outcome.attempts,
+                reason=outcome.error,
+            )
+            self._save(evolve(job, callback_outcome=outcome))
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(CancelledError):
+                self.log.failure("job {job_id}: callback crashed", failure, job_id=job.id)
+
+        delivery.addCallbacks(done, failed)
+        delivery.addBoth(lambda _: self._deliveries.pop(job.id, None))
+
+    def cancel_all(self) -> None:
+        """
+        Stop every delivery under way (their outcome stays pending in the
+        store, for the runner that starts next).
+        """
+        for delivery in list(self._deliveries.values()):
+            delivery.cancel()

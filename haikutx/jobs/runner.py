@@ -12,7 +12,6 @@ runner whose lease ran out.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from collections import OrderedDict
@@ -20,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from attrs import evolve
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,11 +27,13 @@ from twisted.python.failure import Failure
 from haikutx.interfaces import IJobStore
 from haikutx.jobs.callbacks import (
     CallbackRefused,
+    CallbackSender,
     PostCallback,
     callback_poster,
     check_callback_url,
-    deliver_callback,
 )
+from haikutx.jobs.claims import Claims
+from haikutx.jobs.eviction import Eviction
 from haikutx.jobs.job import (
     FINISHED,
     PENDING,
@@ -40,7 +41,6 @@ from haikutx.jobs.job import (
     RUNNING,
     CallbackOutcome,
     Job,
-    job_to_json,
 )
 from haikutx.jobs.process import DRAIN_TIME, KILL_GRACE, JobProcess
 from haikutx.jobs.spawn import Spawn, default_spawner
@@ -162,7 +162,6 @@ class JobRunner:
         self._reactor = reactor
         self._store = store
         self.whitelist = None if whitelist is None else frozenset(whitelist)
-        self._max_jobs = max_jobs
         self._max_running = max_running
         self._job_time = job_time
         self._max_output = max_output
@@ -175,7 +174,6 @@ class JobRunner:
         self._kill_grace = kill_grace
         self._drain_time = drain_time
         self._flush_interval = flush_interval
-        self._callback_give_up_after = callback_give_up_after
         self._heartbeat_interval = heartbeat_interval
         self._lease = lease
         self._poll_interval = poll_interval
@@ -191,18 +189,30 @@ class JobRunner:
         #: runner can claim or change them (a store of its own).
         self._queued: dict[str, Job] = {}
         self._waiters: dict[str, list[Deferred[Job]]] = {}
-        self._callbacks: dict[str, Deferred[None]] = {}
+        #: The completion callbacks under way.
+        self._callbacks = CallbackSender(
+            reactor,
+            self._post,
+            callback_give_up_after,
+            lambda job: self._write(self._save(job)),
+            self.log,
+        )
         self._ticks: list[Any] = []
-        self._pumping: Deferred[None] | None = None
-        self._pump_again = False
         self._reserved = 0
-        #: Whether a queued job may be waiting (then new jobs queue too).
-        self._queue_maybe_nonempty = True
-        self._queued_generation = 0
-        self._evict_delay = evict_delay
-        self._evict_call: Any = None
-        self._evicting = False
-        self._evict_again = False
+        #: The claiming of queued jobs for free slots.
+        self._claims = Claims(
+            reactor,
+            store,
+            self.owner,
+            lambda: self._max_running - len(self._running) - self._reserved,
+            self._run,
+            self._queued,
+            self.log,
+        )
+        #: The eviction of finished jobs beyond C{max_jobs}.
+        self._eviction = Eviction(
+            reactor, store, max_jobs, evict_delay, self._evicted, self._background, self.log
+        )
         self._ready = False
         self._stopping = False
         self._ready_waiters: list[Deferred[None]] = []
@@ -222,15 +232,16 @@ class JobRunner:
         await self._store.heartbeat(self.owner)
         await self._recover()
         self._ready = True
+        self._claims.start()
         self.log.info("job runner {owner} ready", owner=self.owner)
         waiters, self._ready_waiters = self._ready_waiters, []
         for waiter in waiters:
             waiter.callback(None)
         if self._store.shared:
             self._every(self._heartbeat_interval, self._beat)
-            self._every(self._poll_interval, self._pump_soon)
-        self._evict_soon()
-        self._pump_soon()
+            self._every(self._poll_interval, self._claims.soon)
+        self._eviction.soon(at_once=not self._ready)
+        self._claims.soon()
 
     async def wait_ready(self) -> None:
         """
@@ -252,18 +263,15 @@ class JobRunner:
             if call.active():
                 call.cancel()
         self._ticks.clear()
-        if self._evict_call is not None and self._evict_call.active():
-            self._evict_call.cancel()
-        if self._pumping is not None:
-            await self._pumping
+        self._eviction.stop()
+        await self._claims.stop()
         ends = []
         for process in list(self._running.values()):
             ends.append(self._wait_finished(process.job.id))
             process.terminate("interrupted")
         if ends:
             await DeferredList(ends, consumeErrors=True)
-        for delivery in list(self._callbacks.values()):
-            delivery.cancel()
+        self._callbacks.cancel_all()
         await self._store.retire(self.owner)
         await self._store.close()
         await self._spawn.stop()
@@ -300,7 +308,7 @@ class JobRunner:
                     job_id=job.id,
                 )
             if job.callback_outcome is not None and job.callback_outcome.status == PENDING:
-                self._start_callback(job)
+                self._callbacks.send(job)
 
     def _background(self, coroutine: Any, what: str) -> None:
         d = Deferred.fromCoroutine(coroutine)
@@ -361,15 +369,14 @@ class JobRunner:
         # this runner's, running, in the same commit (no claim to follow).
         direct = (
             not self._stopping
-            and not self._queue_maybe_nonempty
+            and not self._claims.maybe_queued
             and len(self._running) + self._reserved < self._max_running
         )
         if direct:
             job = evolve(job, state=RUNNING, owner=self.owner, started=now)
             self._reserved += 1
         else:
-            self._queue_maybe_nonempty = True
-            self._queued_generation += 1
+            self._claims.queued()
         try:
             stored = await self._store.add(job)
         finally:
@@ -382,7 +389,7 @@ class JobRunner:
             self._reactor.callLater(0, self._log_accepted, job)
             if not self._store.shared and stored.state == QUEUED:
                 self._queued[stored.id] = stored
-            self._pump_soon()
+            self._claims.soon()
         elif self._stopping:
             await self._store.save(
                 evolve(stored, state=QUEUED, owner=None, started=None), self.owner
@@ -468,54 +475,8 @@ class JobRunner:
     # -- running --
 
     def _queued_elsewhere(self) -> None:
-        self._queue_maybe_nonempty = True
-        self._queued_generation += 1
-        self._pump_soon()
-
-    def _pump_soon(self) -> None:
-        if not self._ready or self._stopping:
-            return
-        if not self._queue_maybe_nonempty and not self._store.shared:
-            # Nothing queued (a store of its own): no claim to make, and no
-            # coroutine for it (this is called at the end of every job).
-            return
-        if self._pumping is not None:
-            self._pump_again = True
-            return
-        self._pumping = Deferred.fromCoroutine(self._pump())
-
-        def done(result: Any) -> None:
-            self._pumping = None
-            if isinstance(result, Failure) and not self._stopping:
-                self.log.failure("job runner: claiming jobs failed", result)
-
-        self._pumping.addBoth(done)
-
-    async def _pump(self) -> None:
-        while not self._stopping:
-            self._pump_again = False
-            free = self._max_running - len(self._running) - self._reserved
-            if free <= 0:
-                return
-            if not self._queue_maybe_nonempty and not self._store.shared:
-                # A store of its own, and every job this runner queued has
-                # been claimed: nothing to look for.
-                return
-            generation = self._queued_generation
-            jobs = await self._store.claim(self.owner, free, self._reactor.seconds())
-            if len(jobs) < free and generation == self._queued_generation:
-                self._queue_maybe_nonempty = False
-            for job in jobs:
-                self._queued.pop(job.id, None)
-                if self._stopping:
-                    # Not started: back in the queue for the next runner.
-                    await self._store.save(
-                        evolve(job, state=QUEUED, owner=None, started=None), self.owner
-                    )
-                else:
-                    self._run(job)
-            if len(jobs) < free and not self._pump_again:
-                return
+        self._claims.queued()
+        self._claims.soon()
 
     def _run(self, job: Job, soon: bool = False) -> None:
         """
@@ -565,7 +526,7 @@ class JobRunner:
             self._finished(
                 evolve(job, state=FINISHED, finished=self._reactor.seconds(), error=str(e))
             )
-            self._pump_soon()
+            self._claims.soon()
             return
         if accepted:
             self.log.info(
@@ -600,7 +561,7 @@ class JobRunner:
         if flush is not None and flush.active():
             flush.cancel()
         self._finished(job)
-        self._pump_soon()
+        self._claims.soon()
 
     def _finished(self, job: Job, saved: bool = False) -> None:
         """
@@ -641,8 +602,8 @@ class JobRunner:
                 )
                 return
             if job.callback is not None and not self._stopping:
-                self._start_callback(job)
-            self._evict_soon()
+                self._callbacks.send(job)
+            self._eviction.soon(at_once=not self._ready)
 
         written.addCallback(then)
         self._write(written)
@@ -652,92 +613,14 @@ class JobRunner:
         self._waiters.setdefault(job_id, []).append(waiter)
         return waiter
 
+    def _evicted(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            self._recent.pop(job_id, None)
+
     def _cancel_requested(self, job_id: str) -> None:
         process = self._running.get(job_id)
         if process is not None:
             process.terminate("stopped")
-
-    def _evict_soon(self) -> None:
-        if self._evict_delay > 0 and self._ready:
-            if self._evict_call is None and not self._stopping:
-                self._evict_call = self._reactor.callLater(self._evict_delay, self._evict_now)
-            return
-        self._evict_now()
-
-    def _evict_now(self) -> None:
-        self._evict_call = None
-        if self._evicting:
-            self._evict_again = True
-            return
-        self._evicting = True
-
-        async def evict() -> None:
-            try:
-                while True:
-                    self._evict_again = False
-                    evicted = await self._store.evict(self._max_jobs)
-                    for job_id in evicted:
-                        self._recent.pop(job_id, None)
-                    if evicted:
-                        # One event for the jobs of one eviction (one per job
-                        # cost as much as the job's other events together).
-                        self.log.info(
-                            "{count} finished jobs evicted: {job_ids}",
-                            count=len(evicted),
-                            job_ids=evicted,
-                        )
-                    if not self._evict_again or self._stopping:
-                        return
-            finally:
-                self._evicting = False
-
-        self._background(evict(), "eviction")
-
-    # -- callbacks --
-
-    def _start_callback(self, job: Job) -> None:
-        assert job.callback is not None
-        if job.id in self._callbacks:
-            return
-        body = json.dumps(job_to_json(job)).encode("utf-8")
-
-        def progress(outcome: CallbackOutcome) -> None:
-            self.log.warn(
-                "job {job_id}: callback attempt {attempts} failed: {reason}",
-                job_id=job.id,
-                attempts=outcome.attempts,
-                reason=outcome.error,
-            )
-            self._write(self._save(evolve(job, callback_outcome=outcome)))
-
-        delivery = Deferred.fromCoroutine(
-            deliver_callback(
-                self._reactor,
-                self._post,
-                job.callback,
-                body,
-                give_up_after=self._callback_give_up_after,
-                on_attempt=progress,
-            )
-        )
-        self._callbacks[job.id] = delivery
-
-        def done(outcome: CallbackOutcome) -> None:
-            self.log.info(
-                "job {job_id}: callback {status} after {attempts} attempts",
-                job_id=job.id,
-                status=outcome.status,
-                attempts=outcome.attempts,
-                reason=outcome.error,
-            )
-            self._write(self._save(evolve(job, callback_outcome=outcome)))
-
-        def failed(failure: Failure) -> None:
-            if not failure.check(CancelledError):
-                self.log.failure("job {job_id}: callback crashed", failure, job_id=job.id)
-
-        delivery.addCallbacks(done, failed)
-        delivery.addBoth(lambda _: self._callbacks.pop(job.id, None))
 
     # -- storage --
 
