@@ -43,6 +43,7 @@ from haikutx.jobs.job import (
     Job,
 )
 from haikutx.jobs.process import DRAIN_TIME, KILL_GRACE, JobProcess
+from haikutx.jobs.running import RunningJobs
 from haikutx.jobs.spawn import Spawn, default_spawner
 from haikutx.metrics import JOBS
 from haikutx.net.addresses import AddressRules
@@ -163,23 +164,15 @@ class JobRunner:
         self._store = store
         self.whitelist = None if whitelist is None else frozenset(whitelist)
         self._max_running = max_running
-        self._job_time = job_time
-        self._max_output = max_output
         self._rules = AddressRules.from_prefixes(tuple(allow))
         self._post = post_callback or callback_poster(reactor, self._rules)
         self._spawn = spawn if spawn is not None else default_spawner(reactor, uid, gid)
-        self._uid = uid
-        self._gid = gid
-        self._environ = dict(os.environ if environ is None else environ)
         self._kill_grace = kill_grace
-        self._drain_time = drain_time
-        self._flush_interval = flush_interval
         self._heartbeat_interval = heartbeat_interval
         self._lease = lease
         self._poll_interval = poll_interval
         self.owner = owner or secrets.token_hex(8)
         self._running: dict[str, JobProcess] = {}
-        self._flushes: dict[str, Any] = {}
         #: Jobs whose latest save is not committed yet (what GET shows).
         self._saving: dict[str, Job] = {}
         #: Jobs this runner finished lately, when no other runner can change
@@ -208,6 +201,24 @@ class JobRunner:
             self._run,
             self._queued,
             self.log,
+        )
+        #: The processes of the jobs this runner runs.
+        self._jobs = RunningJobs(
+            reactor,
+            self._spawn,
+            self._running,
+            environ=dict(os.environ if environ is None else environ),
+            uid=uid,
+            gid=gid,
+            max_output=max_output,
+            kill_grace=kill_grace,
+            drain_time=drain_time,
+            job_time=job_time,
+            flush_interval=flush_interval,
+            save=lambda job: self._write(self._save(job)),
+            ended=self._ended,
+            background=self._background,
+            log=self.log,
         )
         #: The eviction of finished jobs beyond C{max_jobs}.
         self._eviction = Eviction(
@@ -386,7 +397,7 @@ class JobRunner:
         if not direct:
             # Logged once the answer is out (at the reactor's next turn,
             # before anything the job's start brings back).
-            self._reactor.callLater(0, self._log_accepted, job)
+            self._reactor.callLater(0, self._jobs.log_accepted, job)
             if not self._store.shared and stored.state == QUEUED:
                 self._queued[stored.id] = stored
             self._claims.soon()
@@ -397,14 +408,6 @@ class JobRunner:
         else:
             self._run(stored, soon=True)
         return stored
-
-    def _log_accepted(self, job: Job) -> None:
-        self.log.info(
-            "job {job_id} accepted: {command} {arguments}",
-            job_id=job.id,
-            command=job.command,
-            arguments=job.arguments,
-        )
 
     async def get(self, job_id: str) -> Job | None:
         """
@@ -480,86 +483,13 @@ class JobRunner:
 
     def _run(self, job: Job, soon: bool = False) -> None:
         """
-        Run C{job}: at once, or, when C{soon}, at the reactor's next turn,
-        once the answer that accepted it is out (the 202 does not wait for
-        the job's start: building its process and the write to the
-        launcher); it is this runner's running job either way (a stop
-        meanwhile stops it as soon as it has started).
+        Run C{job} (L{RunningJobs.run}), taking it out of those this runner
+        queued.
         """
         self._queued.pop(job.id, None)
-        process = JobProcess(
-            self._reactor,
-            job,
-            max_output=self._max_output,
-            kill_grace=self._kill_grace,
-            drain_time=self._drain_time,
-            job_time=self._job_time,
-            on_output=self._output,
-        )
-        self._running[job.id] = process
-        if soon:
-            self._reactor.callLater(0, self._start_soon, process)
-        else:
-            self._background(self._start_process(process), "starting a job")
-
-    def _start_soon(self, process: JobProcess) -> None:
-        self._background(self._start_process(process, accepted=True), "starting a job")
-
-    async def _start_process(self, process: JobProcess, accepted: bool = False) -> None:
-        """
-        Start C{process}'s command and log its start; when C{accepted}, the
-        job was accepted just now (to run at once), and one event says both
-        (an event costs about as much as a tenth of a short job).
-        """
-        job = process.job
-        try:
-            if self._spawn.switches_user:
-                # Its launcher is the jobs' user already.
-                await process.start(self._spawn, self._environ)
-            else:
-                await process.start(self._spawn, self._environ, self._uid, self._gid)
-        except OSError as e:
-            self._running.pop(job.id, None)
-            if accepted:
-                self._log_accepted(job)
-            self.log.warn("job {job_id}: {reason}", job_id=job.id, reason=str(e))
-            self._finished(
-                evolve(job, state=FINISHED, finished=self._reactor.seconds(), error=str(e))
-            )
-            self._claims.soon()
-            return
-        if accepted:
-            self.log.info(
-                "job {job_id} accepted and started: {command} {arguments}: pid {pid}",
-                job_id=job.id,
-                command=job.command,
-                arguments=job.arguments,
-                pid=process.pid,
-            )
-        else:
-            self.log.info("job {job_id} started: pid {pid}", job_id=job.id, pid=process.pid)
-        process.done.addCallback(self._ended)
-        process.done.addErrback(
-            lambda f: self.log.failure("job {job_id} crashed", f, job_id=job.id)
-        )
-
-    def _output(self, process: JobProcess) -> None:
-        job_id = process.job.id
-        if job_id not in self._flushes:
-            self._flushes[job_id] = self._reactor.callLater(
-                self._flush_interval, self._flush, process
-            )
-
-    def _flush(self, process: JobProcess) -> None:
-        self._flushes.pop(process.job.id, None)
-        if process.job.id in self._running:
-            self._write(self._save(process.snapshot()))
+        self._jobs.run(job, soon)
 
     def _ended(self, job: Job) -> None:
-        self._running.pop(job.id, None)
-        flush = self._flushes.pop(job.id, None)
-        if flush is not None and flush.active():
-            flush.cancel()
         self._finished(job)
         self._claims.soon()
 
