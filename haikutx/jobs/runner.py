@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -42,6 +41,7 @@ from haikutx.jobs.job import (
     CallbackOutcome,
     Job,
 )
+from haikutx.jobs.known import KnownJobs
 from haikutx.jobs.process import DRAIN_TIME, KILL_GRACE, JobProcess
 from haikutx.jobs.running import RunningJobs
 from haikutx.jobs.spawn import Spawn, default_spawner
@@ -60,8 +60,6 @@ LEASE = 10.0
 #: Seconds between looks at a shared queue (besides its notifications).
 POLL_INTERVAL = 1.0
 
-#: Finished jobs a runner with a store of its own keeps at hand for GET.
-RECENT_JOBS = 1000
 
 
 def _counted(state: str) -> None:
@@ -173,21 +171,16 @@ class JobRunner:
         self._poll_interval = poll_interval
         self.owner = owner or secrets.token_hex(8)
         self._running: dict[str, JobProcess] = {}
-        #: Jobs whose latest save is not committed yet (what GET shows).
-        self._saving: dict[str, Job] = {}
-        #: Jobs this runner finished lately, when no other runner can change
-        #: them (a store of its own): GET answers them without the store.
-        self._recent: OrderedDict[str, Job] = OrderedDict()
-        #: Jobs this runner queued and has not claimed yet, when no other
-        #: runner can claim or change them (a store of its own).
-        self._queued: dict[str, Job] = {}
+        #: What this runner knows of jobs without its store, and its saves.
+        self._known = KnownJobs(store, self.owner, self.log)
+        self._queued = self._known.queued
         self._waiters: dict[str, list[Deferred[Job]]] = {}
         #: The completion callbacks under way.
         self._callbacks = CallbackSender(
             reactor,
             self._post,
             callback_give_up_after,
-            lambda job: self._write(self._save(job)),
+            self._known.write,
             self.log,
         )
         self._ticks: list[Any] = []
@@ -215,14 +208,14 @@ class JobRunner:
             drain_time=drain_time,
             job_time=job_time,
             flush_interval=flush_interval,
-            save=lambda job: self._write(self._save(job)),
+            save=self._known.write,
             ended=self._ended,
             background=self._background,
             log=self.log,
         )
         #: The eviction of finished jobs beyond C{max_jobs}.
         self._eviction = Eviction(
-            reactor, store, max_jobs, evict_delay, self._evicted, self._background, self.log
+            reactor, store, max_jobs, evict_delay, self._known.forget, self._background, self.log
         )
         self._ready = False
         self._stopping = False
@@ -430,13 +423,7 @@ class JobRunner:
         process = self._running.get(job_id)
         if process is not None:
             return process.snapshot()
-        saving = self._saving.get(job_id)
-        if saving is not None:
-            return saving
-        queued = self._queued.get(job_id)
-        if queued is not None:
-            return queued
-        return self._recent.get(job_id)
+        return self._known.get(job_id)
 
     async def cancel(self, job_id: str) -> Job | None:
         """
@@ -518,13 +505,13 @@ class JobRunner:
             written: Deferred[bool] = Deferred()
             written.callback(True)
         else:
-            written = self._save(job)
+            written = self._known.save(job)
 
         def then(replaced: bool) -> None:
             if not replaced:
                 # Another runner took the job over (this one's lease ran
                 # out): its outcome and callback are that runner's now.
-                self._recent.pop(job.id, None)
+                self._known.forget([job.id])
                 self.log.warn(
                     "job {job_id} was taken over by another runner: "
                     "its result here is dropped, no callback from this runner",
@@ -536,38 +523,14 @@ class JobRunner:
             self._eviction.soon(at_once=not self._ready)
 
         written.addCallback(then)
-        self._write(written)
+        self._known.written(written)
 
     def _wait_finished(self, job_id: str) -> Deferred[Job]:
         waiter: Deferred[Job] = Deferred()
         self._waiters.setdefault(job_id, []).append(waiter)
         return waiter
 
-    def _evicted(self, job_ids: list[str]) -> None:
-        for job_id in job_ids:
-            self._recent.pop(job_id, None)
-
     def _cancel_requested(self, job_id: str) -> None:
         process = self._running.get(job_id)
         if process is not None:
             process.terminate("stopped")
-
-    # -- storage --
-
-    def _save(self, job: Job) -> Deferred[bool]:
-        self._saving[job.id] = job
-        if job.state == FINISHED and not self._store.shared:
-            self._recent[job.id] = job
-            self._recent.move_to_end(job.id)
-            while len(self._recent) > RECENT_JOBS:
-                self._recent.popitem(last=False)
-
-        def saved(result: Any) -> Any:
-            if self._saving.get(job.id) is job:
-                del self._saving[job.id]
-            return result
-
-        return self._store.save(job, self.owner).addBoth(saved)
-
-    def _write(self, d: Deferred[Any]) -> None:
-        d.addErrback(lambda f: self.log.failure("job store write failed", f))

@@ -1367,7 +1367,7 @@ class TakenOverTests(TestCase):
         taken = evolve(store.jobs[job.id], owner="other", state="finished", error="interrupted")
         store.jobs[job.id] = taken
         for _ in range(200):
-            if job.id not in runner._running and not runner._saving:
+            if job.id not in runner._running and not runner._known.saving:
                 break
             await deferLater(reactor, 0.02)
         await deferLater(reactor, 0.1)
