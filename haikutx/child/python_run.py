@@ -17,13 +17,10 @@ import linecache
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from haikutx.child.api import Console
-from haikutx.child.run import HandlerFailed, HandlerRun, one_line
-
-if TYPE_CHECKING:
-    from haikutx.child.runner import Worker
+from haikutx.child.run import HandlerFailed, HandlerRun, RunHost, one_line
 
 _COMPILE_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 
@@ -100,7 +97,7 @@ class PythonRun(HandlerRun):
     handler's globals, its timers, its tasks.
     """
 
-    def __init__(self, worker: Worker, head: dict[str, Any], body: bytes) -> None:
+    def __init__(self, worker: RunHost, head: dict[str, Any], body: bytes) -> None:
         super().__init__(worker, head, body)
         self._source: bytes = head["source"].encode("utf-8", "surrogateescape")
 
