@@ -221,6 +221,29 @@ class Exchange:
 
     def finish(self, trailers: list[list[str]]) -> None:
         request = self._request
+        channel = request.channel
+        # What is written from here on goes out in one write, at once, on a
+        # channel that can hold its writes (the runtime's own).
+        hold = None if self._client_gone else getattr(channel, "hold_writes", None)
+        if hold is not None:
+            hold()
+        try:
+            self._write_end(trailers)
+        finally:
+            if hold is not None:
+                channel.send_held()
+        if hold is None and channel is not None and not self._client_gone:
+            _send_now(channel.transport)
+        # The worker first: the request's turn, given back when it is
+        # done, finds the worker idle.
+        self._pool.release(self._worker)
+        self._complete(self.status or 200)
+
+    def _write_end(self, trailers: list[list[str]]) -> None:
+        """
+        Write the rest of the response, and end it.
+        """
+        request = self._request
         if (
             self._held
             and not self._client_gone
@@ -244,14 +267,7 @@ class Exchange:
                     if raw is not None and raw.lower() not in _UNFRAMED
                 )
                 self._request.write(b"0\r\n" + lines + b"\r\n")
-            channel = request.channel
             request.finish()
-            if channel is not None:
-                _send_now(channel.transport)
-        # The worker first: the request's turn, given back when it is
-        # done, finds the worker idle.
-        self._pool.release(self._worker)
-        self._complete(self.status or 200)
 
     def fail(self, status: int, message: str) -> None:
         self._write_held(streaming=False)
