@@ -19,7 +19,7 @@ from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.server import Request, Site
 
 from haikutx.jobs.send import send_now
-from haikutx.net.http1 import BadMessage, parse_request_head
+from haikutx.net.http1 import BadMessage, LastHead, parse_request_head
 from haikutx.runtime.body import DEFAULT_MAX_BODY, LimitedRequest
 from haikutx.runtime.timers import Deadline
 
@@ -39,6 +39,10 @@ _NOT_PLAIN = frozenset((b"expect",))
 _END = b"\r\n\r\n"
 
 
+def _parse_plain(head: bytes) -> Any:
+    return parse_request_head(head, require_host=False)
+
+
 class RuntimeChannel(HTTPChannel):
     """
     An L{HTTPChannel} that reads a plain request's head in one parse, by the
@@ -51,7 +55,9 @@ class RuntimeChannel(HTTPChannel):
     the ones Twisted's parse gives: the strict parser accepts no head that
     Twisted refuses, and reads the same fields from it.  Anything else, or
     a head the strict parser refuses, is read by Twisted as before, with
-    its answers.  (L{plain_heads} turns it off, for comparisons.)
+    its answers.  (L{plain_heads} turns it off, for comparisons.)  The
+    connection's last head is remembered (L{LastHead}): a client that sends
+    the same head again (a poller, a keep-alive client) is not parsed again.
 
     It asks its transport for the connection's addresses once: C{twisted.web}'s
     L{Request} asks for them on every request (a C{getsockname} system call
@@ -74,6 +80,8 @@ class RuntimeChannel(HTTPChannel):
     _idle: Deadline | None = None
     #: A response's pieces while writes are held (L{hold_writes}).
     _held: list[bytes] | None = None
+    #: The connection's head parser, which remembers its last head.
+    _parse: LastHead | None = None
 
     def getHost(self) -> Any:
         host = self._host
@@ -129,8 +137,11 @@ class RuntimeChannel(HTTPChannel):
             or self._receivedHeaderSize
         ):
             return None
+        parse = self._parse
+        if parse is None:
+            parse = self._parse = LastHead(_parse_plain)
         try:
-            head = parse_request_head(data[: end + 4], require_host=False)
+            head = parse(data[: end + 4])
         except BadMessage:
             return None  # Twisted answers it, with its 400
         fields = head.headers

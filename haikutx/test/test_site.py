@@ -129,6 +129,11 @@ PLAIN = [
     [b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n"],
     [GET + GET],
     [GET, GET, GET],
+    [
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /b HTTP/1.1\r\nHost: y\r\nCookie: c=d\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
     [b"GET /later HTTP/1.1\r\nHost: x\r\n\r\n" + GET],
 ]
 
