@@ -19,6 +19,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPullProducer
 from twisted.logger import Logger
+from twisted.web.http import Request as HTTPRequest
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -68,11 +69,16 @@ class LimitedRequest(Request):
         return int(getattr(getattr(self.channel, "site", None), "max_body", DEFAULT_MAX_BODY))
 
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self._max_body():
+        if length and length > self._max_body():
             self.content = BytesIO()
             # allHeadersReceived answers "Expect: 100-continue" after us.
             self.requestHeaders.removeHeader(b"expect")
             self._refuse_body(length)
+            return
+        if getattr(getattr(self.channel, "site", None), "getContentFile", None) is None:
+            # What Request.gotLength does for a site without getContentFile,
+            # without raising and catching its AttributeError.
+            HTTPRequest.gotLength(self, length)
             return
         super().gotLength(length)
 

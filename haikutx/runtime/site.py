@@ -82,6 +82,9 @@ class RuntimeChannel(HTTPChannel):
     _held: list[bytes] | None = None
     #: The connection's head parser, which remembers its last head.
     _parse: LastHead | None = None
+    #: The request factory last used, and whether it takes no queue flag.
+    _factory: Any = None
+    _non_queued = False
 
     def getHost(self) -> Any:
         host = self._host
@@ -151,15 +154,17 @@ class RuntimeChannel(HTTPChannel):
             or head.chunked
             or head.content_length is not None
             or len(fields) > self.maxHeaders
-            or any(name in _NOT_PLAIN for name, _ in fields)
         ):
             return None
+        for name, _ in fields:
+            if name in _NOT_PLAIN:
+                return None
         self.resetTimeout()
         factory = self.requestFactory
-        if INonQueuedRequestFactory.providedBy(factory):
-            request = factory(self)
-        else:
-            request = factory(self, 0)
+        if factory is not self._factory:
+            self._factory = factory
+            self._non_queued = INonQueuedRequestFactory.providedBy(factory)
+        request = factory(self) if self._non_queued else factory(self, 0)
         self.requests.append(request)
         add = request.requestHeaders.addRawHeader
         for name, value in fields:
@@ -231,7 +236,11 @@ class RuntimeChannel(HTTPChannel):
             for value in values:
                 head.extend((name, b": ", value, b"\r\n"))
         head.append(b"\r\n")
-        self.write(b"".join(head))
+        held = self._held
+        if held is None:
+            self.transport.write(b"".join(head))
+        else:
+            held.extend(head)
 
     def setTimeout(self, period: float | None) -> float | None:
         """
