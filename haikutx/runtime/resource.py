@@ -7,6 +7,7 @@ worker's response to the client.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -366,20 +367,23 @@ class HandlerResource(Resource):
         except BaseException:
             self.scheduler.release(turn)
             raise
-        exchange.done.addCallback(
-            self._answered, request, handler.url, turn, worker.pid, started
-        ).addErrback(self._crashed, request, name)
+        exchange.on_end = partial(
+            self._answered, request, handler.url, turn, worker.pid, started, name
+        )
 
     def _answered(
-        self, status: int | None, request: Request, url: str, turn: Any, worker_pid: int | None,
-        started: float,
+        self, request: Request, url: str, turn: Any, worker_pid: int | None, started: float,
+        name: str, status: int | None,
     ) -> None:
         """
         The exchange of C{request} is over: give back its turn, emit its
         event.
         """
-        self.scheduler.release(turn)
-        self._served(request, url, status, started, worker_pid)
+        try:
+            self.scheduler.release(turn)
+            self._served(request, url, status, started, worker_pid)
+        except Exception:
+            self._crashed(Failure(), request, name)
 
     def _language(self, request: Request, handler: HandlerSource) -> tuple[Any, Any]:
         """

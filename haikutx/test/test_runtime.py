@@ -453,10 +453,14 @@ class SharedTimeLimitTests(SynchronousTestCase):
                 second.start({}, b"")  # type: ignore[arg-type]
 
         first = Exchange(clock, request(), worker, Pool(), handler, 5.0)  # type: ignore[arg-type]
+        ends: list[int | None] = []
+        first.on_end = ends.append
         first.start({}, b"")  # type: ignore[arg-type]
         clock.advance(1)
         first.head(200, [])
         first.finish([])
+        # Its end told once, to on_end, and to done, asked for after it.
+        self.assertEqual(ends, [200])
         self.assertEqual(self.successResultOf(first.done), 200)
         clock.advance(4.9)
         self.assertNoResult(second.done)
