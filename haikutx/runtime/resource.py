@@ -93,14 +93,37 @@ def request_parameter(request: Request, name: str) -> str | None:
     query = getattr(request, _QUERY, None)
     if query is None:
         # Parsed once per request, whichever parameter is asked first.
-        uri = request.uri
-        query = (
-            dict(parse_qsl(uri.split(b"?", 1)[1].decode("latin-1"), keep_blank_values=True))
-            if b"?" in uri
-            else {}
-        )
+        query = _query(request.uri)
         setattr(request, _QUERY, query)
     return query.get(name)
+
+
+#: The query strings parsed last, by their request's URI (a parse depends
+#: on the URI alone): at most L{_QUERIES_KEPT}, of URIs of at most
+#: L{_QUERY_KEPT_SIZE} bytes, so that a client that asks for the same URI
+#: again (a poller, a benchmark) costs no parse.  Never changed once made.
+_QUERIES: dict[bytes, dict[str, str]] = {}
+_QUERIES_KEPT = 64
+_QUERY_KEPT_SIZE = 1024
+
+
+def _query(uri: bytes) -> dict[str, str]:
+    """
+    The parameters of C{uri}'s query string, name to last value.
+    """
+    known = _QUERIES.get(uri)
+    if known is not None:
+        return known
+    query = (
+        dict(parse_qsl(uri.split(b"?", 1)[1].decode("latin-1"), keep_blank_values=True))
+        if b"?" in uri
+        else {}
+    )
+    if len(uri) <= _QUERY_KEPT_SIZE:
+        if len(_QUERIES) >= _QUERIES_KEPT:
+            _QUERIES.clear()
+        _QUERIES[uri] = query
+    return query
 
 
 class HandlerResource(Resource):
