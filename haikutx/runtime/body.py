@@ -205,6 +205,9 @@ class RequestBody:
 
     def __init__(self, content: Any) -> None:
         self._content = content
+        #: The size found while the content is open (it is complete, and
+        #: does not change).
+        self._size: int | None = None
 
     @classmethod
     def of(cls, request: Request) -> RequestBody:
@@ -220,11 +223,12 @@ class RequestBody:
         content = self._content
         if content is None or content.closed:
             return 0
-        position = content.tell()
-        content.seek(0, os.SEEK_END)
-        size = content.tell()
-        content.seek(position)
-        return int(size)
+        if self._size is None:
+            position = content.tell()
+            content.seek(0, os.SEEK_END)
+            self._size = int(content.tell())
+            content.seek(position)
+        return self._size
 
     def open(self) -> _BodyReader:
         """

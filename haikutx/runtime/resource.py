@@ -52,6 +52,9 @@ _QUERY = "haiku_query"
 #: Set on a request to its C{x-haiku-*} headers, by lower-case name.
 _HEADERS = "haiku_headers"
 
+#: Set on a request to its body (L{RequestBody}), once it is looked at.
+_BODY = "haiku_body"
+
 #: Handlers whose language a L{HandlerResource} remembers (their code with
 #: it: a bound on what it keeps).
 _DETECTED = 64
@@ -194,7 +197,9 @@ class HandlerResource(Resource):
                 return b""
             self._refuse(request, 400, NO_HANDLER, None)
             return NOT_DONE_YET
-        if RequestBody.of(request).size() > self._limits.max_body:
+        body = RequestBody.of(request)
+        setattr(request, _BODY, body)
+        if body.size() > self._limits.max_body:
             # Served by a Site whose requests do not refuse it before reading.
             self._refuse(request, 413, body_too_large(self._limits.max_body), name)
             return NOT_DONE_YET
@@ -503,4 +508,5 @@ def _client(request: Request) -> str:
 
 
 def _body(request: Request) -> RequestBody:
-    return RequestBody.of(request)
+    body = getattr(request, _BODY, None)
+    return RequestBody.of(request) if body is None else body
