@@ -11,14 +11,13 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from twisted.internet.abstract import FileDescriptor
 from twisted.protocols.basic import LineReceiver
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.server import Request, Site
 
-from haikutx.jobs.send import send_now
+from haikutx.gate.sending import write as send_at_once
 from haikutx.net.http1 import BadMessage, LastHead, parse_request_head
 from haikutx.runtime.body import DEFAULT_MAX_BODY, LimitedRequest
 from haikutx.runtime.timers import Deadline
@@ -191,12 +190,9 @@ class RuntimeChannel(HTTPChannel):
         """
         held, self._held = self._held, None
         if held:
-            data = b"".join(held)
-            transport = self.transport
-            if isinstance(transport, FileDescriptor) and not getattr(transport, "TLS", False):
-                send_now(transport, data)
-            else:
-                transport.write(data)
+            # Sent at once on plain TCP; through TLS, or on any other
+            # transport, written as usual.
+            send_at_once(self.transport, b"".join(held))
 
     def write(self, data: bytes) -> None:
         held = self._held

@@ -8,14 +8,16 @@ twisted.web; a response written whole goes out in one write.
 from __future__ import annotations
 
 import re
+import socket
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -320,3 +322,48 @@ class HeldWritesTests(SynchronousTestCase):
         self.protocol.connectionLost(None)
         self.channel.send_held()
         self.assertEqual(self.writes, [])
+
+
+class SentAtOnceTests(TestCase):
+    """
+    On a real TCP connection, a held response is sent at once: in the
+    peer's socket when L{RuntimeChannel.send_held} returns, nothing left
+    queued on the transport, which the reactor is not asked to watch for
+    writing.
+    """
+
+    async def test_sent_at_once(self) -> None:
+        """
+        The head and body written while held are in the peer's socket, and
+        none of them queued on the transport, once the request is done.
+        """
+        resource = Echo()
+        site = RuntimeSite(resource, reactor=reactor, timeout=None)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        peer = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(peer.close)
+        peer.sendall(b"GET /later HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(200):
+            if resource.waiting:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        request, seen = resource.waiting.pop()
+        channel = request.channel
+        transport = channel.transport
+        channel.hold_writes()
+        request.setHeader(b"content-length", b"%d" % len(seen))
+        request.write(seen)
+        request.finish()
+        self.assertEqual((transport.dataBuffer, transport._tempDataBuffer), (b"", []))
+        self.assertNotIn(transport, reactor.getWriters())
+        peer.settimeout(5)
+        received = b""
+        while not received.endswith(seen):
+            received += peer.recv(65536)
+        self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), received)
+        peer.close()
+        for _ in range(200):
+            if not transport.connected:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
