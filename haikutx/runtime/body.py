@@ -19,6 +19,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPullProducer
 from twisted.logger import Logger
+from twisted.web.http import Request as HTTPRequest
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -68,11 +69,16 @@ class LimitedRequest(Request):
         return int(getattr(getattr(self.channel, "site", None), "max_body", DEFAULT_MAX_BODY))
 
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self._max_body():
+        if length and length > self._max_body():
             self.content = BytesIO()
             # allHeadersReceived answers "Expect: 100-continue" after us.
             self.requestHeaders.removeHeader(b"expect")
             self._refuse_body(length)
+            return
+        if getattr(getattr(self.channel, "site", None), "getContentFile", None) is None:
+            # What Request.gotLength does for a site without getContentFile,
+            # without raising and catching its AttributeError.
+            HTTPRequest.gotLength(self, length)
             return
         super().gotLength(length)
 
@@ -199,6 +205,9 @@ class RequestBody:
 
     def __init__(self, content: Any) -> None:
         self._content = content
+        #: The size found while the content is open (it is complete, and
+        #: does not change).
+        self._size: int | None = None
 
     @classmethod
     def of(cls, request: Request) -> RequestBody:
@@ -214,11 +223,12 @@ class RequestBody:
         content = self._content
         if content is None or content.closed:
             return 0
-        position = content.tell()
-        content.seek(0, os.SEEK_END)
-        size = content.tell()
-        content.seek(position)
-        return int(size)
+        if self._size is None:
+            position = content.tell()
+            content.seek(0, os.SEEK_END)
+            self._size = int(content.tell())
+            content.seek(position)
+        return self._size
 
     def open(self) -> _BodyReader:
         """

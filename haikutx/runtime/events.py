@@ -11,6 +11,11 @@ observer directly: C{emit} checks its (constant) level against every level,
 sorted anew, on each call.  Its system (what a text log shows for an event
 without one: its namespace and level) is given too, made once per logger
 and level.  Every field stays in the event for structured logs.
+
+Its format has no fields, so the event comes flattened already (an empty
+C{log_flattened}, as L{twisted.logger.eventAsJSON} would make it): a text
+observer then reads the text as it is, not through C{string.Formatter},
+written in Python.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class EventEmitter:
         fields["log_namespace"] = log.namespace
         fields["log_source"] = log.source
         fields["log_format"] = literal(text)
+        fields["log_flattened"] = {}
         fields["log_time"] = time()
         fields["log_system"] = self._system
         log.observer(fields)

@@ -8,6 +8,7 @@ given for the worker when it fails or runs out of time.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -82,7 +83,13 @@ class Exchange:
         #: The request's C{REQUEST} frame, when made before it is sent
         #: (L{haikutx.runtime.frames}).
         self.frame: bytes | None = None
-        self.done: Deferred[int] = Deferred()
+        #: Called with the exchange's status (C{None}: its client went
+        #: away) when it ends, if set: as a callback of L{done} would be,
+        #: without a L{Deferred} made for each request.
+        self.on_end: Callable[[int | None], None] | None = None
+        self._ended = False
+        self._status_at_end: int | None = None
+        self._done: Deferred[int] | None = None
         #: The request's time limit: the worker's (L{Deadline}), which
         #: serves one request at a time, or a timer of its own.
         self._limit: Any = None
@@ -125,7 +132,7 @@ class Exchange:
         source = getattr(self._child, "transport", None)
         if (
             hasattr(source, "pauseProducing")
-            and not self.done.called
+            and not self._ended
             and self._request.channel is not None
             and self._request.producer is None
         ):
@@ -150,13 +157,13 @@ class Exchange:
         """
         self._client_gone = True
         self._release_source()
-        if not self._timing or self.done.called or self._worker.kind != "stdio":
+        if not self._timing or self._ended or self._worker.kind != "stdio":
             return
         # A stdio run whose client has gone ends now, and every process it
         # started with it (its child is killed; its cgroup emptied).
         self._stop_clock()
         self._worker.detach(self)
-        self.done.callback(None)  # type: ignore[arg-type]
+        self._end(None)
         self._worker.kill("its client went away")
 
     # IExchange
@@ -221,6 +228,29 @@ class Exchange:
 
     def finish(self, trailers: list[list[str]]) -> None:
         request = self._request
+        channel = request.channel
+        # What is written from here on goes out in one write, at once, on a
+        # channel that can hold its writes (the runtime's own).
+        hold = None if self._client_gone else getattr(channel, "hold_writes", None)
+        if hold is not None:
+            hold()
+        try:
+            self._write_end(trailers)
+        finally:
+            if hold is not None:
+                channel.send_held()
+        if hold is None and channel is not None and not self._client_gone:
+            _send_now(channel.transport)
+        # The worker first: the request's turn, given back when it is
+        # done, finds the worker idle.
+        self._pool.release(self._worker)
+        self._complete(self.status or 200)
+
+    def _write_end(self, trailers: list[list[str]]) -> None:
+        """
+        Write the rest of the response, and end it.
+        """
+        request = self._request
         if (
             self._held
             and not self._client_gone
@@ -244,14 +274,7 @@ class Exchange:
                     if raw is not None and raw.lower() not in _UNFRAMED
                 )
                 self._request.write(b"0\r\n" + lines + b"\r\n")
-            channel = request.channel
             request.finish()
-            if channel is not None:
-                _send_now(channel.transport)
-        # The worker first: the request's turn, given back when it is
-        # done, finds the worker idle.
-        self._pool.release(self._worker)
-        self._complete(self.status or 200)
 
     def fail(self, status: int, message: str) -> None:
         self._write_held(streaming=False)
@@ -279,7 +302,7 @@ class Exchange:
         Answer with the runtime's error; once the head is out, all that can
         be done is to close the connection.
         """
-        if self.done.called:
+        if self._ended:
             return
         self._release_source()
         request = self._request
@@ -323,8 +346,28 @@ class Exchange:
                 reason=message.split("\n", 1)[0],
                 worker_pid=self._worker.pid,
             )
-        if not self.done.called:
-            self.done.callback(status)
+        if not self._ended:
+            self._end(status)
+
+    @property
+    def done(self) -> Deferred[int]:
+        """
+        A L{Deferred} that fires with the exchange's status when it ends
+        (C{None}: its client went away).
+        """
+        if self._done is None:
+            self._done = Deferred()
+            if self._ended:
+                self._done.callback(self._status_at_end)  # type: ignore[arg-type]
+        return self._done
+
+    def _end(self, status: int | None) -> None:
+        self._ended = True
+        self._status_at_end = status
+        if self._done is not None:
+            self._done.callback(status)  # type: ignore[arg-type]
+        if self.on_end is not None:
+            self.on_end(status)
 
 
 def _send_now(transport: Any) -> None:

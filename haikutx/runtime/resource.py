@@ -7,6 +7,7 @@ worker's response to the client.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -51,6 +52,9 @@ _QUERY = "haiku_query"
 #: Set on a request to its C{x-haiku-*} headers, by lower-case name.
 _HEADERS = "haiku_headers"
 
+#: Set on a request to its body (L{RequestBody}), once it is looked at.
+_BODY = "haiku_body"
+
 #: Handlers whose language a L{HandlerResource} remembers (their code with
 #: it: a bound on what it keeps).
 _DETECTED = 64
@@ -92,14 +96,37 @@ def request_parameter(request: Request, name: str) -> str | None:
     query = getattr(request, _QUERY, None)
     if query is None:
         # Parsed once per request, whichever parameter is asked first.
-        uri = request.uri
-        query = (
-            dict(parse_qsl(uri.split(b"?", 1)[1].decode("latin-1"), keep_blank_values=True))
-            if b"?" in uri
-            else {}
-        )
+        query = _query(request.uri)
         setattr(request, _QUERY, query)
     return query.get(name)
+
+
+#: The query strings parsed last, by their request's URI (a parse depends
+#: on the URI alone): at most L{_QUERIES_KEPT}, of URIs of at most
+#: L{_QUERY_KEPT_SIZE} bytes, so that a client that asks for the same URI
+#: again (a poller, a benchmark) costs no parse.  Never changed once made.
+_QUERIES: dict[bytes, dict[str, str]] = {}
+_QUERIES_KEPT = 64
+_QUERY_KEPT_SIZE = 1024
+
+
+def _query(uri: bytes) -> dict[str, str]:
+    """
+    The parameters of C{uri}'s query string, name to last value.
+    """
+    known = _QUERIES.get(uri)
+    if known is not None:
+        return known
+    query = (
+        dict(parse_qsl(uri.split(b"?", 1)[1].decode("latin-1"), keep_blank_values=True))
+        if b"?" in uri
+        else {}
+    )
+    if len(uri) <= _QUERY_KEPT_SIZE:
+        if len(_QUERIES) >= _QUERIES_KEPT:
+            _QUERIES.clear()
+        _QUERIES[uri] = query
+    return query
 
 
 class HandlerResource(Resource):
@@ -170,7 +197,9 @@ class HandlerResource(Resource):
                 return b""
             self._refuse(request, 400, NO_HANDLER, None)
             return NOT_DONE_YET
-        if RequestBody.of(request).size() > self._limits.max_body:
+        body = RequestBody.of(request)
+        setattr(request, _BODY, body)
+        if body.size() > self._limits.max_body:
             # Served by a Site whose requests do not refuse it before reading.
             self._refuse(request, 413, body_too_large(self._limits.max_body), name)
             return NOT_DONE_YET
@@ -366,20 +395,23 @@ class HandlerResource(Resource):
         except BaseException:
             self.scheduler.release(turn)
             raise
-        exchange.done.addCallback(
-            self._answered, request, handler.url, turn, worker.pid, started
-        ).addErrback(self._crashed, request, name)
+        exchange.on_end = partial(
+            self._answered, request, handler.url, turn, worker.pid, started, name
+        )
 
     def _answered(
-        self, status: int | None, request: Request, url: str, turn: Any, worker_pid: int | None,
-        started: float,
+        self, request: Request, url: str, turn: Any, worker_pid: int | None, started: float,
+        name: str, status: int | None,
     ) -> None:
         """
         The exchange of C{request} is over: give back its turn, emit its
         event.
         """
-        self.scheduler.release(turn)
-        self._served(request, url, status, started, worker_pid)
+        try:
+            self.scheduler.release(turn)
+            self._served(request, url, status, started, worker_pid)
+        except Exception:
+            self._crashed(Failure(), request, name)
 
     def _language(self, request: Request, handler: HandlerSource) -> tuple[Any, Any]:
         """
@@ -476,4 +508,5 @@ def _client(request: Request) -> str:
 
 
 def _body(request: Request) -> RequestBody:
-    return RequestBody.of(request)
+    body = getattr(request, _BODY, None)
+    return RequestBody.of(request) if body is None else body

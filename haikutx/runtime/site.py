@@ -1,8 +1,9 @@
 # -*- test-case-name: haikutx.test.test_runtime -*-
 """
-The runtime's C{twisted.web} site: a channel that asks for its connection's
-local address once and keeps one idle timer for its life, and an access log
-that leaves out the requests the runtime logs itself.
+The runtime's C{twisted.web} site: a channel that reads a plain request's
+head in one parse, asks for its connection's addresses once, sends a whole
+response in one write and keeps one idle timer for its life, and an access
+log that leaves out the requests the runtime logs itself.
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+from twisted.protocols.basic import LineReceiver
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.server import Request, Site
 
+from haikutx.gate.sending import write as send_at_once
+from haikutx.net.http1 import BadMessage, LastHead, parse_request_head
 from haikutx.runtime.body import DEFAULT_MAX_BODY, LimitedRequest
 from haikutx.runtime.timers import Deadline
 
@@ -22,26 +27,195 @@ from haikutx.runtime.timers import Deadline
 LOGGED_HERE = "haiku_logged"
 
 
+#: Longest request head read in one parse (longer: Twisted's, line by line).
+MAX_HEAD = 8192
+
+#: Header fields after which Twisted reads the head itself (the hop-by-hop
+#: ones, C{Connection} among them, are in L{Head.hop}; a body's are
+#: L{Head.content_length} and L{Head.chunked}).
+_NOT_PLAIN = frozenset((b"expect",))
+
+_END = b"\r\n\r\n"
+
+
+def _parse_plain(head: bytes) -> Any:
+    return parse_request_head(head, require_host=False)
+
+
 class RuntimeChannel(HTTPChannel):
     """
-    An L{HTTPChannel} that asks its transport for the connection's local
-    address once: C{twisted.web}'s L{Request} asks for it on every request
-    (a C{getsockname} system call each time on TCP), and a connection's
-    local address does not change.
+    An L{HTTPChannel} that reads a plain request's head in one parse, by the
+    strict parser of haikutx (L{parse_request_head}), instead of
+    C{twisted.web}'s line by line: a complete HTTP/1.1 head of at most
+    L{MAX_HEAD} bytes, without a body, C{Expect} or hop-by-hop field, that
+    arrives on an idle connection.  Its L{Request} is then made and run by
+    C{twisted.web}'s own steps (L{HTTPChannel.allHeadersReceived},
+    L{HTTPChannel.allContentReceived}), so the request, and its answer, are
+    the ones Twisted's parse gives: the strict parser accepts no head that
+    Twisted refuses, and reads the same fields from it.  Anything else, or
+    a head the strict parser refuses, is read by Twisted as before, with
+    its answers.  (L{plain_heads} turns it off, for comparisons.)  The
+    connection's last head is remembered (L{LastHead}): a client that sends
+    the same head again (a poller, a keep-alive client) is not parsed again.
+
+    It asks its transport for the connection's addresses once: C{twisted.web}'s
+    L{Request} asks for them on every request (a C{getsockname} system call
+    each time for the local one on TCP), and they do not change.
+
+    A response written whole between L{hold_writes} and L{send_held} goes to
+    the client in one write, at once (no wait for the reactor's next turn,
+    no change of what the reactor watches, when nothing else is waiting).
 
     Its idle timeout (L{TimeoutMixin}'s, given up while each request is
     answered and set again after it) keeps one reactor timer for the
     connection's life (a L{Deadline}), not a new one per request.
     """
 
+    #: Whether plain heads are read in one parse.
+    plain_heads = True
+
     _host: Any = None
+    _peer: Any = None
     _idle: Deadline | None = None
+    #: A response's pieces while writes are held (L{hold_writes}).
+    _held: list[bytes] | None = None
+    #: The connection's head parser, which remembers its last head.
+    _parse: LastHead | None = None
+    #: The request factory last used, and whether it takes no queue flag.
+    _factory: Any = None
+    _non_queued = False
 
     def getHost(self) -> Any:
         host = self._host
         if host is None:
             host = self._host = self.transport.getHost()
         return host
+
+    def getPeer(self) -> Any:
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = self.transport.getPeer()
+        return peer
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.plain_heads:
+            super().dataReceived(data)
+            return
+        rest = self._plain_request(data)
+        if rest is None:
+            super().dataReceived(data)
+            return
+        while rest and not self.transport.disconnecting:
+            # Requests that follow (pipelined), read in one parse while
+            # each is answered at once and plain, then as Twisted reads.
+            more = self._plain_request(rest)
+            if more is None:
+                LineReceiver.dataReceived(self, rest)
+                return
+            rest = more
+
+    def _plain_request(self, data: bytes) -> bytes | None:
+        """
+        Run the request at the start of C{data} when its head is plain (see
+        the class docstring) and the connection idle.
+
+        @return: the rest of C{data}, or C{None} if the head was left for
+            Twisted to read.
+        """
+        end = data.find(_END)
+        if (
+            end < 0
+            or end + 4 > MAX_HEAD
+            or data[:2] == b"\r\n"
+            or self._busyReceiving
+            or self._buffer
+            or not self.line_mode
+            or self.paused
+            or self.requests
+            or self._handlingRequest
+            or not self.persistent
+            or self._transferDecoder is not None
+            or self._HTTPChannel__first_line != 1
+            or self._receivedHeaderSize
+        ):
+            return None
+        parse = self._parse
+        if parse is None:
+            parse = self._parse = LastHead(_parse_plain)
+        try:
+            head = parse(data[: end + 4])
+        except BadMessage:
+            return None  # Twisted answers it, with its 400
+        fields = head.headers
+        if (
+            head.version != b"HTTP/1.1"
+            or head.hop
+            or head.chunked
+            or head.content_length is not None
+            or len(fields) > self.maxHeaders
+        ):
+            return None
+        for name, _ in fields:
+            if name in _NOT_PLAIN:
+                return None
+        self.resetTimeout()
+        factory = self.requestFactory
+        if factory is not self._factory:
+            self._factory = factory
+            self._non_queued = INonQueuedRequestFactory.providedBy(factory)
+        request = factory(self) if self._non_queued else factory(self, 0)
+        self.requests.append(request)
+        add = request.requestHeaders.addRawHeader
+        for name, value in fields:
+            add(name, value)
+        # What Twisted's line reader does once the blank line is in, for a
+        # request without a body.
+        self._command, self._path, self._version = head.method, head.target, head.version
+        self.allHeadersReceived()
+        self.allContentReceived()
+        return data[end + 4 :]
+
+    def hold_writes(self) -> None:
+        """
+        Keep what the channel is asked to write until L{send_held} (or the
+        request is done, or the connection closed), to send it in one write.
+        """
+        if self._held is None:
+            self._held = []
+
+    def send_held(self) -> None:
+        """
+        Write what was held since L{hold_writes}, at once, and write as
+        usual from now on.
+        """
+        held, self._held = self._held, None
+        if held:
+            # Sent at once on plain TCP; through TLS, or on any other
+            # transport, written as usual.
+            send_at_once(self.transport, b"".join(held))
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is None:
+            self.transport.write(data)
+        elif data:
+            held.append(data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        held = self._held
+        if held is None:
+            self.transport.writeSequence(iovec)
+        else:
+            held.extend(iovec)
+
+    def requestDone(self, request: Any) -> None:
+        # The response is all written: out before anything else happens.
+        self.send_held()
+        super().requestDone(request)
+
+    def loseConnection(self) -> None:
+        self.send_held()
+        super().loseConnection()
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         """
@@ -50,6 +224,7 @@ class RuntimeChannel(HTTPChannel):
         bytes in Python by the transport, a piece of ours once.
         """
         if not isinstance(headers, Headers):
+            self.send_held()
             super().writeHeaders(version, code, reason, headers)
             return
         head = [version, b" ", code, b" ", reason, b"\r\n"]
@@ -57,7 +232,11 @@ class RuntimeChannel(HTTPChannel):
             for value in values:
                 head.extend((name, b": ", value, b"\r\n"))
         head.append(b"\r\n")
-        self.transport.write(b"".join(head))
+        held = self._held
+        if held is None:
+            self.transport.write(b"".join(head))
+        else:
+            held.extend(head)
 
     def setTimeout(self, period: float | None) -> float | None:
         """
@@ -91,6 +270,7 @@ class RuntimeChannel(HTTPChannel):
             idle.set(self.timeOut)
 
     def connectionLost(self, reason: Any) -> None:
+        self._held = None
         super().connectionLost(reason)
         if self._idle is not None:
             self._idle.stop()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from haikutx.child import wire
@@ -94,3 +96,33 @@ class RequestFramesTests(SynchronousTestCase):
             self.assertEqual(_decoded(made.frame(dict(REQUEST), handler, None))["handler_url"],
                              f"h{i}.py")
             self.assertLessEqual(len(made._parts), frames.KEPT)
+
+
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+class EncodeTests(SynchronousTestCase):
+    """
+    The frames' JSON is the standard library encoder's, byte for byte.
+    """
+
+    @given(st.dictionaries(st.text(), _VALUES))
+    def test_as_json(self, value: dict) -> None:
+        """
+        Any value (text beyond ASCII, numbers, booleans, C{None}, lists and
+        objects) is encoded as C{json.dumps} with compact separators does.
+        """
+        self.assertEqual(
+            frames._encode(value), json.dumps(value, separators=(",", ":")).encode("ascii")
+        )
+
+    def test_not_json(self) -> None:
+        """
+        A value JSON cannot hold is refused with C{TypeError}, as by the
+        encoder.
+        """
+        self.assertRaises(TypeError, frames._encode, {"x": object()})

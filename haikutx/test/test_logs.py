@@ -7,7 +7,14 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from twisted.logger import Logger, eventFromJSON, formatEvent
+from twisted.logger import (
+    Logger,
+    LogLevel,
+    eventAsText,
+    eventFromJSON,
+    formatEvent,
+    textFileLogObserver,
+)
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from haikutx.logs import json
@@ -35,6 +42,44 @@ class JSONObserverTests(SynchronousTestCase):
         self.assertEqual((first["handler_url"], first["status"]), ("a\nb.py", 200))
         self.assertEqual(formatEvent(first), "a\nb.py -> 200")
         self.assertEqual(eventFromJSON(lines[1])["log_namespace"], "test")
+
+
+class EmittedEventTests(SynchronousTestCase):
+    """
+    The runtime's own events (L{EventEmitter}'s) read as L{Logger.emit}'s.
+    """
+
+    def test_as_logger_events(self) -> None:
+        """
+        An event emitted with its text made (braces in it kept) is written
+        by twistd's text observer and by the JSON observer as the same event
+        emitted by a L{Logger} with a format and fields, every field kept.
+        """
+        from haikutx.runtime.events import EventEmitter, literal
+
+        text = "1.2.3.4 GET {odd}.py -> 200 in 0.001s"
+        fields = {"client": "1.2.3.4", "status": 200, "worker_pid": None}
+        written = []
+        for emit in ("emitter", "logger"):
+            events: list[dict] = []
+            log = Logger(observer=events.append, namespace="haikutx.test")
+            if emit == "emitter":
+                EventEmitter(log, LogLevel.info)(text, dict(fields))
+            else:
+                log.info(literal(text), **fields)
+            [event] = events
+            event["log_time"] = 0.0
+            out, lines = io.StringIO(), io.StringIO()
+            textFileLogObserver(out)(event)
+            json(lines)(event)
+            loaded = eventFromJSON(lines.getvalue())
+            written.append(
+                (out.getvalue(), formatEvent(loaded), eventAsText(loaded),
+                 {name: loaded[name] for name in fields})
+            )
+        self.assertEqual(written[0], written[1])
+        self.assertIn("] 1.2.3.4 GET {odd}.py -> 200 in 0.001s\n", written[0][0])
+        self.assertEqual(written[0][3], fields)
 
 
 class TwistdJSONLogTests(TestCase):

@@ -453,10 +453,14 @@ class SharedTimeLimitTests(SynchronousTestCase):
                 second.start({}, b"")  # type: ignore[arg-type]
 
         first = Exchange(clock, request(), worker, Pool(), handler, 5.0)  # type: ignore[arg-type]
+        ends: list[int | None] = []
+        first.on_end = ends.append
         first.start({}, b"")  # type: ignore[arg-type]
         clock.advance(1)
         first.head(200, [])
         first.finish([])
+        # Its end told once, to on_end, and to done, asked for after it.
+        self.assertEqual(ends, [200])
         self.assertEqual(self.successResultOf(first.done), 200)
         clock.advance(4.9)
         self.assertNoResult(second.done)
@@ -597,6 +601,44 @@ class RequestParameterTests(SynchronousTestCase):
         bare.requestHeaders.addRawHeader(b"X-Haiku-Handler", b"one.py")
         bare.requestHeaders.addRawHeader(b"X-Haiku-Handler", b"two.py")
         self.assertEqual(request_parameter(bare, "x-haiku-handler"), "two.py")
+
+    def test_queries_kept(self) -> None:
+        """
+        A URI's query is parsed once while it is one of the few kept: the
+        same URI again gives the same parameters, another URI its own; no
+        more than C{_QUERIES_KEPT} are kept, none longer than
+        C{_QUERY_KEPT_SIZE} bytes.
+        """
+        from twisted.web.server import Request
+        from twisted.web.test.requesthelper import DummyChannel
+
+        from haikutx.runtime import resource
+        from haikutx.runtime.resource import HANDLER, request_parameter
+
+        def handler(uri: bytes) -> str | None:
+            request = Request(DummyChannel(), False)
+            request.uri = uri
+            return request_parameter(request, HANDLER)
+
+        self.patch(resource, "_QUERIES", {})
+        parsed = []
+        real = resource.parse_qsl
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            parsed.append(args[0])
+            return real(*args, **kwargs)
+
+        self.patch(resource, "parse_qsl", counting)
+        for _ in range(3):
+            self.assertEqual(handler(b"/?x-haiku-handler=a.py"), "a.py")
+        self.assertEqual(handler(b"/?x-haiku-handler=b.py"), "b.py")
+        self.assertEqual(len(parsed), 2)
+        for i in range(resource._QUERIES_KEPT * 2):
+            self.assertEqual(handler(b"/?x-haiku-handler=%d.py" % i), f"{i}.py")
+            self.assertLessEqual(len(resource._QUERIES), resource._QUERIES_KEPT)
+        long = b"/?x-haiku-handler=c.py&pad=" + b"x" * resource._QUERY_KEPT_SIZE
+        self.assertEqual(handler(long), "c.py")
+        self.assertNotIn(long, resource._QUERIES)
 
 
 class LogTests(TestCase):
