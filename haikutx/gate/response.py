@@ -16,7 +16,6 @@ from typing import Any
 from twisted.logger import Logger
 
 from haikutx.gate.backends import BackendPool, BackendProtocol
-from haikutx.gate.sending import write
 from haikutx.gate.states import State
 from haikutx.net.http1 import (
     BadMessage,
@@ -26,6 +25,7 @@ from haikutx.net.http1 import (
     head_end,
     parse_response_head,
 )
+from haikutx.net.sending import write
 
 #: Largest response head accepted from an application, in bytes.
 MAX_RESPONSE_HEAD = 65536

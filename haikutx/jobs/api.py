@@ -22,7 +22,7 @@ from haikutx.jobs.channel import JobChannel
 from haikutx.jobs.job import job_to_json
 from haikutx.jobs.request import MAX_REQUEST_BODY, parse_job_request, split_args
 from haikutx.jobs.runner import JobRefused, JobRunner
-from haikutx.jobs.send import send_pending
+from haikutx.net.sending import send_pending
 
 __all__ = [
     "MAX_REQUEST_BODY",

@@ -31,8 +31,8 @@ from twisted.web.server import version as SERVER_VERSION
 
 from haikutx.jobs.request import MAX_REQUEST_BODY, parse_job_request
 from haikutx.jobs.runner import JobRefused
-from haikutx.jobs.send import send_now
 from haikutx.net.http1 import BadMessage, parse_request_head
+from haikutx.net.sending import write as send_now
 
 #: Largest request head the fast path reads (larger: Twisted's own parse).
 MAX_HEAD = 8192

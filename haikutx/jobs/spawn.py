@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from haikutx.jobs.process import supplementary_groups
-from haikutx.jobs.send import send_now
+from haikutx.net.sending import write as send_now
 
 
 class Spawn(Protocol):

@@ -13,7 +13,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
-from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 from twisted.web.http import NO_BODY_CODES, toChunk
 from twisted.web.server import Request
@@ -21,6 +20,7 @@ from zope.interface import implementer
 
 from haikutx.interfaces import IExchange
 from haikutx.net.http1 import HOP_BY_HOP
+from haikutx.net.sending import send_pending
 from haikutx.runtime.body import RequestBody
 from haikutx.runtime.loader import HandlerSource
 from haikutx.runtime.pool import WorkerPool
@@ -240,7 +240,7 @@ class Exchange:
             if hold is not None:
                 channel.send_held()
         if hold is None and channel is not None and not self._client_gone:
-            _send_now(channel.transport)
+            send_pending(channel.transport)
         # The worker first: the request's turn, given back when it is
         # done, finds the worker idle.
         self._pool.release(self._worker)
@@ -368,20 +368,6 @@ class Exchange:
             self._done.callback(status)  # type: ignore[arg-type]
         if self.on_end is not None:
             self.on_end(status)
-
-
-def _send_now(transport: Any) -> None:
-    """
-    Send what a TCP connection holds now, instead of at the reactor's next
-    turn: the client has its response before the server does the
-    request's bookkeeping (its turn given to the next request, its
-    accounting, its log event).  What the socket does not take is sent
-    when it is writable, as always; an error is the reactor's to handle
-    then (the data stays, and the descriptor is still watched).  A TLS
-    connection is one too: its ciphertext is in the same buffer.
-    """
-    if isinstance(transport, Connection) and not transport.disconnecting:
-        transport.doWrite()
 
 
 class ClientWatch:

@@ -17,8 +17,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.server import Request, Site
 
-from haikutx.gate.sending import write as send_at_once
 from haikutx.net.http1 import BadMessage, LastHead, parse_request_head
+from haikutx.net.sending import write as send_at_once
 from haikutx.runtime.body import DEFAULT_MAX_BODY, LimitedRequest
 from haikutx.runtime.timers import Deadline
 

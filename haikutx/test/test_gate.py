@@ -284,7 +284,7 @@ class _Integration(TestCase):
     timeout = 60
     #: Whether the gate listens with its own factory, unwrapped, so its
     #: client connections are Twisted's plain TCP transports (the gate
-    #: writes on those at once, L{haikutx.gate.sending}).
+    #: writes on those at once, L{haikutx.net.sending}).
     plain_listener = False
 
     def listen(self, factory) -> int:

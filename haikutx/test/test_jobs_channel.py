@@ -1,6 +1,6 @@
 """
 Tests for L{haikutx.jobs.channel} (the poll answered at once) and
-L{haikutx.jobs.send} (writes sent at once).
+L{haikutx.net.sending} (writes sent at once).
 """
 
 from __future__ import annotations

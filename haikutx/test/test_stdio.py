@@ -13,8 +13,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from haikutx.child.params import BadRequestBody
 from haikutx.child.cgi import parse_cgi_headers, request_environment
+from haikutx.child.params import BadRequestBody
 from haikutx.config import bundled_samples
 from haikutx.languages import by_name
 from haikutx.languages.builtin import BUILTIN

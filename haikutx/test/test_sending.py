@@ -1,5 +1,5 @@
 """
-Tests for L{haikutx.gate.sending}: writing at once on real TCP connections
+Tests for L{haikutx.net.sending}: writing at once on real TCP connections
 on 127.0.0.1, with a kernel buffer that fills (a partial send), a producer
 paused and resumed, ordering behind queued bytes, a closing and a broken
 connection, and transports that are not plain TCP.
@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from haikutx.gate.sending import write
+from haikutx.net.sending import write
 
 #: Bytes enough to fill a small kernel send and receive buffer many times.
 LARGE = 2 * 1024 * 1024
