@@ -24,6 +24,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from haikutx.child import wire
+from haikutx.runtime.parameters import HANDLER, request_parameter
 
 #: The default of C{--maxbody}, in bytes.
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
@@ -124,8 +125,6 @@ class LimitedRequest(Request):
         @param remaining: the body bytes still to come (its
             C{Content-Length}), or C{None} when unknown (chunked).
         """
-        from haikutx.runtime.resource import HANDLER, request_parameter
-
         self._body_refused = True
         channel = self.channel
         limit = self._max_body()

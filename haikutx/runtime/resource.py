@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from functools import partial
 from typing import Any
-from urllib.parse import parse_qsl
 
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger, LogLevel
@@ -26,15 +25,12 @@ from haikutx.runtime.events import EventEmitter
 from haikutx.runtime.exchange import ClientWatch, Exchange, send_error, watch_lost
 from haikutx.runtime.frames import RequestFrames
 from haikutx.runtime.loader import HandlerLoadError, HandlerSource
+from haikutx.runtime.parameters import CONSOLE, HANDLER, LANGUAGE, request_parameter
 from haikutx.runtime.pool import PoolBusy, WorkerPool
 from haikutx.runtime.scheduler import Overloaded, Scheduler
 from haikutx.runtime.site import LOGGED_HERE
 from haikutx.runtime.tenants import handler_identity
 from haikutx.runtime.worker import handler_kind
-
-HANDLER = "x-haiku-handler"
-CONSOLE = "x-haiku-console"
-LANGUAGE = "x-haiku-language"
 
 NO_HANDLER = (
     "The x-haiku-handler HTTP request header or query parameter must specify "
@@ -45,12 +41,6 @@ NO_HANDLER = (
 #: then, once it asks for a worker, its tenant.
 _IDENTITY = "haiku_handler"
 _TENANT = "haiku_tenant"
-
-#: Set on a request to its query string's parameters, name to last value.
-_QUERY = "haiku_query"
-
-#: Set on a request to its C{x-haiku-*} headers, by lower-case name.
-_HEADERS = "haiku_headers"
 
 #: Set on a request to its body (L{RequestBody}), once it is looked at.
 _BODY = "haiku_body"
@@ -66,67 +56,6 @@ RETRY_OVERLOADED = 1
 #: The limits a L{HandlerResource} holds handlers to unless told others
 #: (a frozen value, so one instance serves every default).
 DEFAULT_LIMITS = Limits()
-
-
-def request_parameter(request: Request, name: str) -> str | None:
-    """
-    A C{x-haiku-*} parameter: the request header if given and not empty,
-    else the last value in the query string.
-
-    @param request: the request.
-    @param name: the parameter's (lower-case) name.
-    @return: its value, or C{None}.
-    """
-    headers = getattr(request, _HEADERS, None)
-    if headers is None:
-        # The request's x-haiku-* headers found in one pass, whichever
-        # parameter is asked first (not a header lookup for each).
-        headers = {}
-        for raw, values in request.requestHeaders.getAllRawHeaders():
-            if raw[:8].lower() == b"x-haiku-" and values:
-                headers[raw.lower()] = values
-        setattr(request, _HEADERS, headers)
-    if name.startswith("x-haiku-"):
-        values = headers.get(name.encode("latin-1")) if headers else None
-        header = values[-1].decode("utf-8") if values else None
-    else:
-        header = request.getHeader(name)
-    if header:
-        return header
-    query = getattr(request, _QUERY, None)
-    if query is None:
-        # Parsed once per request, whichever parameter is asked first.
-        query = _query(request.uri)
-        setattr(request, _QUERY, query)
-    return query.get(name)
-
-
-#: The query strings parsed last, by their request's URI (a parse depends
-#: on the URI alone): at most L{_QUERIES_KEPT}, of URIs of at most
-#: L{_QUERY_KEPT_SIZE} bytes, so that a client that asks for the same URI
-#: again (a poller, a benchmark) costs no parse.  Never changed once made.
-_QUERIES: dict[bytes, dict[str, str]] = {}
-_QUERIES_KEPT = 64
-_QUERY_KEPT_SIZE = 1024
-
-
-def _query(uri: bytes) -> dict[str, str]:
-    """
-    The parameters of C{uri}'s query string, name to last value.
-    """
-    known = _QUERIES.get(uri)
-    if known is not None:
-        return known
-    query = (
-        dict(parse_qsl(uri.split(b"?", 1)[1].decode("latin-1"), keep_blank_values=True))
-        if b"?" in uri
-        else {}
-    )
-    if len(uri) <= _QUERY_KEPT_SIZE:
-        if len(_QUERIES) >= _QUERIES_KEPT:
-            _QUERIES.clear()
-        _QUERIES[uri] = query
-    return query
 
 
 class HandlerResource(Resource):

@@ -581,7 +581,7 @@ class RequestParameterTests(SynchronousTestCase):
         from twisted.web.server import Request
         from twisted.web.test.requesthelper import DummyChannel
 
-        from haikutx.runtime.resource import request_parameter
+        from haikutx.runtime.parameters import request_parameter
 
         request = Request(DummyChannel(), False)
         request.uri = (
@@ -612,8 +612,8 @@ class RequestParameterTests(SynchronousTestCase):
         from twisted.web.server import Request
         from twisted.web.test.requesthelper import DummyChannel
 
-        from haikutx.runtime import resource
-        from haikutx.runtime.resource import HANDLER, request_parameter
+        from haikutx.runtime import parameters as resource
+        from haikutx.runtime.parameters import HANDLER, request_parameter
 
         def handler(uri: bytes) -> str | None:
             request = Request(DummyChannel(), False)
