@@ -20,8 +20,8 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from haikutx.jobs.channel import JobChannel
 from haikutx.jobs.job import job_to_json
-from haikutx.jobs.request import MAX_REQUEST_BODY, parse_job_request, split_args
-from haikutx.jobs.runner import JobRefused, JobRunner
+from haikutx.jobs.request import MAX_REQUEST_BODY, JobRefused, parse_job_request, split_args
+from haikutx.jobs.runner import JobRunner
 from haikutx.net.sending import send_pending
 
 __all__ = [

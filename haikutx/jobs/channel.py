@@ -29,8 +29,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.server import version as SERVER_VERSION
 
-from haikutx.jobs.request import MAX_REQUEST_BODY, parse_job_request
-from haikutx.jobs.runner import JobRefused
+from haikutx.jobs.request import MAX_REQUEST_BODY, JobRefused, parse_job_request
 from haikutx.net.http1 import BadMessage, parse_request_head
 from haikutx.net.sending import write as send_now
 

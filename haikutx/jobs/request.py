@@ -1,17 +1,53 @@
 # -*- test-case-name: haikutx.test.test_jobs -*-
 """
 A job request: the body of a C{POST /}, read into a command, its arguments
-and its callback.
+and its callback (L{parse_job_request}), and the rules a job must meet to
+be accepted (L{check_job}).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 
-from haikutx.jobs.runner import JobRefused
+from haikutx.jobs.callbacks import CallbackRefused, check_callback_url
+from haikutx.net.addresses import AddressRules
 
 #: Largest request body the API reads, in bytes (larger gets 413).
 MAX_REQUEST_BODY = 64 * 1024
+
+
+class JobRefused(Exception):
+    """
+    A job request the runner will not accept; the message says why and is
+    given to the client in a 400.
+    """
+
+
+def check_job(
+    whitelist: Collection[str] | None,
+    rules: AddressRules,
+    command: str,
+    arguments: list[str],
+    callback: str | None,
+) -> None:
+    """
+    Refuse a job the runner may not accept.
+
+    @param whitelist: the only commands allowed, or C{None} for all.
+    @param rules: the address rules callbacks obey (C{--allow}).
+    @raise JobRefused: for a command outside the whitelist, a bad
+        callback URL, or NUL characters.
+    """
+    if whitelist is not None and command not in whitelist:
+        raise JobRefused("Specified command is not in whitelist.")
+    if "\0" in command or any("\0" in a for a in arguments):
+        raise JobRefused("command and args must not contain NUL characters")
+    if callback is not None:
+        try:
+            check_callback_url(callback, rules)
+        except CallbackRefused as e:
+            raise JobRefused(str(e)) from None
 
 
 def split_args(args: object) -> list[str]:

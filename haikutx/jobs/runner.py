@@ -25,27 +25,25 @@ from twisted.python.failure import Failure
 
 from haikutx.interfaces import IJobStore
 from haikutx.jobs.callbacks import (
-    CallbackRefused,
     CallbackSender,
     PostCallback,
     callback_poster,
-    check_callback_url,
 )
 from haikutx.jobs.claims import Claims
+from haikutx.jobs.ends import JobEnds, counted
 from haikutx.jobs.eviction import Eviction
 from haikutx.jobs.job import (
     FINISHED,
     PENDING,
     QUEUED,
     RUNNING,
-    CallbackOutcome,
     Job,
 )
 from haikutx.jobs.known import KnownJobs
 from haikutx.jobs.process import DRAIN_TIME, KILL_GRACE, JobProcess
+from haikutx.jobs.request import check_job
 from haikutx.jobs.running import RunningJobs
 from haikutx.jobs.spawn import Spawn, default_spawner
-from haikutx.metrics import JOBS
 from haikutx.net.addresses import AddressRules
 
 #: Seconds between saves of a running job's output.
@@ -60,41 +58,6 @@ LEASE = 10.0
 #: Seconds between looks at a shared queue (besides its notifications).
 POLL_INTERVAL = 1.0
 
-
-
-def _counted(state: str) -> None:
-    """
-    Count a job in C{haiku_jobs_total{state}} (the labelled child looked up
-    once per state, not per job).
-    """
-    child = _COUNTERS.get(state)
-    if child is None:
-        child = _COUNTERS[state] = JOBS.labels(state=state)
-    child.inc()
-
-
-_COUNTERS: dict[str, Any] = {}
-
-
-class JobRefused(Exception):
-    """
-    A job request the runner will not accept; the message says why and is
-    given to the client in a 400.
-    """
-
-
-def final_state(job: Job) -> str:
-    """
-    The C{haiku_jobs_total} state of a finished job: C{finished} (exit code
-    0), C{failed}, C{interrupted} or C{deleted} (stopped by a DELETE).
-    """
-    if job.error == "interrupted":
-        return "interrupted"
-    if job.error == "stopped":
-        return "deleted"
-    if job.error is None and job.signal is None and job.code == 0:
-        return "finished"
-    return "failed"
 
 
 class JobRunner:
@@ -174,7 +137,6 @@ class JobRunner:
         #: What this runner knows of jobs without its store, and its saves.
         self._known = KnownJobs(store, self.owner, self.log)
         self._queued = self._known.queued
-        self._waiters: dict[str, list[Deferred[Job]]] = {}
         #: The completion callbacks under way.
         self._callbacks = CallbackSender(
             reactor,
@@ -216,6 +178,15 @@ class JobRunner:
         #: The eviction of finished jobs beyond C{max_jobs}.
         self._eviction = Eviction(
             reactor, store, max_jobs, evict_delay, self._known.forget, self._background, self.log
+        )
+        #: Jobs' ends, and the waits for them.
+        self._ends = JobEnds(
+            self._known,
+            self._callbacks,
+            self._eviction,
+            lambda: self._stopping,
+            lambda: self._ready,
+            self.log,
         )
         self._ready = False
         self._stopping = False
@@ -271,7 +242,7 @@ class JobRunner:
         await self._claims.stop()
         ends = []
         for process in list(self._running.values()):
-            ends.append(self._wait_finished(process.job.id))
+            ends.append(self._ends.wait(process.job.id))
             process.terminate("interrupted")
         if ends:
             await DeferredList(ends, consumeErrors=True)
@@ -306,7 +277,7 @@ class JobRunner:
         taken = await self._store.recover(self.owner, lease, now)
         for job in taken:
             if job.error == "interrupted" and job.finished == now:
-                _counted("interrupted")
+                counted("interrupted")
                 self.log.warn(
                     "job {job_id} was running on a runner that is gone: interrupted",
                     job_id=job.id,
@@ -339,15 +310,7 @@ class JobRunner:
         @raise JobRefused: for a command outside the whitelist, a bad
             callback URL, or NUL characters.
         """
-        if self.whitelist is not None and command not in self.whitelist:
-            raise JobRefused("Specified command is not in whitelist.")
-        if "\0" in command or any("\0" in a for a in arguments):
-            raise JobRefused("command and args must not contain NUL characters")
-        if callback is not None:
-            try:
-                check_callback_url(callback, self._rules)
-            except CallbackRefused as e:
-                raise JobRefused(str(e)) from None
+        check_job(self.whitelist, self._rules, command, arguments, callback)
 
     async def submit(self, command: str, arguments: list[str], callback: str | None) -> Job:
         """
@@ -386,7 +349,7 @@ class JobRunner:
         finally:
             if direct:
                 self._reserved -= 1
-        _counted("accepted")
+        counted("accepted")
         if not direct:
             # Logged once the answer is out (at the reactor's next turn,
             # before anything the job's start brings back).
@@ -437,21 +400,21 @@ class JobRunner:
         """
         process = self._running.get(job_id)
         if process is not None:
-            finished = self._wait_finished(job_id)
+            finished = self._ends.wait(job_id)
             process.terminate("stopped")
             return await finished
         job = await self._store.cancel_queued(job_id, self.owner, self._reactor.seconds())
         if job is not None:
             self._queued.pop(job_id, None)
             self.log.info("job {job_id} stopped before it started", job_id=job_id)
-            self._finished(job, saved=True)
+            self._ends.finished(job, saved=True)
             return job
         job = await self._store.get(job_id)
         if job is None or job.state != RUNNING:
             return job
         process = self._running.get(job_id)
         if process is not None:
-            finished = self._wait_finished(job_id)
+            finished = self._ends.wait(job_id)
             process.terminate("stopped")
             return await finished
         await self._store.request_cancel(job_id)
@@ -477,58 +440,8 @@ class JobRunner:
         self._jobs.run(job, soon)
 
     def _ended(self, job: Job) -> None:
-        self._finished(job)
+        self._ends.finished(job)
         self._claims.soon()
-
-    def _finished(self, job: Job, saved: bool = False) -> None:
-        """
-        A job has finished: save it (its callback pending), tell those
-        waiting for it, then send its callback.
-        """
-        if job.callback is not None and not saved:
-            job = evolve(job, callback_outcome=CallbackOutcome(PENDING))
-        state = final_state(job)
-        _counted(state)
-        self.log.info(
-            "job {job_id} {state}: code {code} signal {signal} error {error} "
-            "in {duration:.3f}s",
-            job_id=job.id,
-            state=state,
-            code=job.code,
-            signal=job.signal,
-            error=job.error,
-            duration=(job.finished or 0.0) - (job.started or job.created),
-        )
-        for waiter in self._waiters.pop(job.id, []):
-            waiter.callback(job)
-        if saved:
-            written: Deferred[bool] = Deferred()
-            written.callback(True)
-        else:
-            written = self._known.save(job)
-
-        def then(replaced: bool) -> None:
-            if not replaced:
-                # Another runner took the job over (this one's lease ran
-                # out): its outcome and callback are that runner's now.
-                self._known.forget([job.id])
-                self.log.warn(
-                    "job {job_id} was taken over by another runner: "
-                    "its result here is dropped, no callback from this runner",
-                    job_id=job.id,
-                )
-                return
-            if job.callback is not None and not self._stopping:
-                self._callbacks.send(job)
-            self._eviction.soon(at_once=not self._ready)
-
-        written.addCallback(then)
-        self._known.written(written)
-
-    def _wait_finished(self, job_id: str) -> Deferred[Job]:
-        waiter: Deferred[Job] = Deferred()
-        self._waiters.setdefault(job_id, []).append(waiter)
-        return waiter
 
     def _cancel_requested(self, job_id: str) -> None:
         process = self._running.get(job_id)

@@ -29,9 +29,11 @@ from twisted.web.server import Site
 from haikutx.config import Config
 from haikutx.jobs.api import JobsResource, job_site, parse_job_request, split_args
 from haikutx.jobs.callbacks import CallbackRefused, check_callback_url, deliver_callback
+from haikutx.jobs.ends import final_state
 from haikutx.jobs.job import CallbackOutcome, Job
 from haikutx.jobs.process import OutputBuffer
-from haikutx.jobs.runner import JobRefused, JobRunner, final_state
+from haikutx.jobs.request import JobRefused
+from haikutx.jobs.runner import JobRunner
 from haikutx.jobs.service import JobService, command_user, with_backlog
 from haikutx.net.addresses import AddressRules
 from haikutx.net.outbound import AddressRefused
