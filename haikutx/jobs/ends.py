@@ -15,7 +15,9 @@ from typing import Any
 
 from attrs import evolve
 from twisted.internet.defer import Deferred
+from twisted.logger import LogLevel
 
+from haikutx.events import EventEmitter
 from haikutx.jobs.callbacks import CallbackSender
 from haikutx.jobs.eviction import Eviction
 from haikutx.jobs.job import PENDING, CallbackOutcome, Job
@@ -79,6 +81,7 @@ class JobEnds:
         self._stopping = stopping
         self._ready = ready
         self.log = log
+        self._emit = EventEmitter(log, LogLevel.info)
         self._waiters: dict[str, list[Deferred[Job]]] = {}
 
     def wait(self, job_id: str) -> Deferred[Job]:
@@ -98,15 +101,18 @@ class JobEnds:
             job = evolve(job, callback_outcome=CallbackOutcome(PENDING))
         state = final_state(job)
         counted(state)
-        self.log.info(
-            "job {job_id} {state}: code {code} signal {signal} error {error} "
-            "in {duration:.3f}s",
-            job_id=job.id,
-            state=state,
-            code=job.code,
-            signal=job.signal,
-            error=job.error,
-            duration=(job.finished or 0.0) - (job.started or job.created),
+        duration = (job.finished or 0.0) - (job.started or job.created)
+        self._emit(
+            f"job {job.id} {state}: code {job.code} signal {job.signal} error {job.error} "
+            f"in {duration:.3f}s",
+            {
+                "job_id": job.id,
+                "state": state,
+                "code": job.code,
+                "signal": job.signal,
+                "error": job.error,
+                "duration": duration,
+            },
         )
         for waiter in self._waiters.pop(job.id, []):
             waiter.callback(job)

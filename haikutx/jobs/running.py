@@ -12,7 +12,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from attrs import evolve
+from twisted.logger import LogLevel
 
+from haikutx.events import EventEmitter
 from haikutx.jobs.job import FINISHED, Job
 from haikutx.jobs.process import JobProcess
 from haikutx.jobs.spawn import Spawn
@@ -74,6 +76,7 @@ class RunningJobs:
         self._ended = ended
         self._background = background
         self.log = log
+        self._emit = EventEmitter(log, LogLevel.info)
         self._flushes: dict[str, Any] = {}
 
     def run(self, job: Job, soon: bool = False) -> None:
@@ -103,11 +106,9 @@ class RunningJobs:
         """
         Log that C{job} was accepted.
         """
-        self.log.info(
-            "job {job_id} accepted: {command} {arguments}",
-            job_id=job.id,
-            command=job.command,
-            arguments=job.arguments,
+        self._emit(
+            f"job {job.id} accepted: {job.command} {job.arguments}",
+            {"job_id": job.id, "command": job.command, "arguments": job.arguments},
         )
 
     def _start_soon(self, process: JobProcess) -> None:
@@ -136,15 +137,21 @@ class RunningJobs:
             )
             return
         if accepted:
-            self.log.info(
-                "job {job_id} accepted and started: {command} {arguments}: pid {pid}",
-                job_id=job.id,
-                command=job.command,
-                arguments=job.arguments,
-                pid=process.pid,
+            self._emit(
+                f"job {job.id} accepted and started: {job.command} {job.arguments}: "
+                f"pid {process.pid}",
+                {
+                    "job_id": job.id,
+                    "command": job.command,
+                    "arguments": job.arguments,
+                    "pid": process.pid,
+                },
             )
         else:
-            self.log.info("job {job_id} started: pid {pid}", job_id=job.id, pid=process.pid)
+            self._emit(
+                f"job {job.id} started: pid {process.pid}",
+                {"job_id": job.id, "pid": process.pid},
+            )
         process.done.addCallback(self._done)
         process.done.addErrback(
             lambda f: self.log.failure("job {job_id} crashed", f, job_id=job.id)

@@ -23,9 +23,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorProcess
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
+from haikutx.events import EventEmitter
 from haikutx.interfaces import IWorkerSpawner
 from haikutx.runtime.channels import ChannelTransport
-from haikutx.runtime.events import EventEmitter
 from haikutx.runtime.timers import Deadline
 from haikutx.runtime.worker import (
     CHILD_FDS,

@@ -18,10 +18,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from haikutx.child.console import console_mode
 from haikutx.config import Limits
+from haikutx.events import EventEmitter
 from haikutx.languages import UnknownLanguage, detect
 from haikutx.net.urls import redact_url
 from haikutx.runtime.body import RequestBody, body_too_large
-from haikutx.runtime.events import EventEmitter
 from haikutx.runtime.exchange import ClientWatch, Exchange, send_error, watch_lost
 from haikutx.runtime.frames import RequestFrames
 from haikutx.runtime.loader import HandlerLoadError, HandlerSource

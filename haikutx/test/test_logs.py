@@ -55,7 +55,7 @@ class EmittedEventTests(SynchronousTestCase):
         by twistd's text observer and by the JSON observer as the same event
         emitted by a L{Logger} with a format and fields, every field kept.
         """
-        from haikutx.runtime.events import EventEmitter, literal
+        from haikutx.events import EventEmitter, literal
 
         text = "1.2.3.4 GET {odd}.py -> 200 in 0.001s"
         fields = {"client": "1.2.3.4", "status": 200, "worker_pid": None}

@@ -1,8 +1,9 @@
-# -*- test-case-name: haikutx.test.test_pool -*-
+# -*- test-case-name: haikutx.test.test_logs -*-
 """
-The runtime's per-request log events, made cheaply: one for every request
-(L{haikutx.runtime.resource}) and, with C{--maxrequests 1}, one for every
-recycle (L{haikutx.runtime.pool}).
+Log events made cheaply, for those emitted for every request or job: the
+runtime's one per request (L{haikutx.runtime.resource}) and, with
+C{--maxrequests 1}, one per recycle (L{haikutx.runtime.pool}); the job
+runner's per job (L{haikutx.jobs.running}, L{haikutx.jobs.ends}).
 
 Each is the event C{Logger.emit} would make, with its text made by the
 caller (no field left for an observer to format: a log format's fields
