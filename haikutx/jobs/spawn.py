@@ -27,10 +27,11 @@ import shutil
 import signal
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -86,6 +87,15 @@ WHICH_TTL = 1.0
 #: Seconds between the C{SIGCONT}s a launcher run as the jobs' user gets
 #: (a job can stop it).
 CONTINUE_INTERVAL = 1.0
+
+#: A launcher that ends sooner than this after its start (seconds) is
+#: started again only after a wait, doubled each time from
+#: L{RESTART_FIRST_WAIT} up to L{RESTART_LONGEST_WAIT}: one that cannot
+#: start (or that a job kills again and again) is not restarted in a tight
+#: loop.  One that ran longer is started again at once.
+RESTART_STABLE = 5.0
+RESTART_FIRST_WAIT = 0.1
+RESTART_LONGEST_WAIT = 5.0
 
 
 class ReactorSpawner:
@@ -249,6 +259,14 @@ class LauncherSpawner:
         self._found: dict[tuple[str, str | None], tuple[float, str | None]] = {}
         self._stopping = False
         self._stopped: Deferred[None] | None = None
+        #: When the launcher was last started, and the wait before the next
+        #: start after a quick end (0: none yet).
+        self._launched = 0.0
+        self._restart_wait = 0.0
+        self._restart: Any = None
+        #: What was asked of the launcher while it waited to be started
+        #: again, asked of it once it is.
+        self._held: list[Callable[[], None]] = []
 
     # -- life --
 
@@ -260,6 +278,8 @@ class LauncherSpawner:
         self._launch()
 
     def _launch(self) -> None:
+        self._restart = None
+        self._launched = self._reactor.seconds()
         self._environ = None
         self._protocol = _LauncherProtocol(self)
         self._transport = self._reactor.spawnProcess(
@@ -271,6 +291,9 @@ class LauncherSpawner:
         )
         if self.switches_user and self._continue is None:
             self._continue = self._reactor.callLater(CONTINUE_INTERVAL, self._keep_going)
+        held, self._held = self._held, []
+        for ask in held:
+            ask()
 
     def _keep_going(self) -> None:
         """
@@ -296,6 +319,12 @@ class LauncherSpawner:
         if self._continue is not None and self._continue.active():
             self._continue.cancel()
         self._continue = None
+        if self._restart is not None and self._restart.active():
+            self._restart.cancel()
+        self._restart = None
+        held, self._held = self._held, []
+        for ask in held:
+            ask()
         if self._transport is None:
             return succeed(None)
         if self._stopped is None:
@@ -325,8 +354,24 @@ class LauncherSpawner:
             if stopped is not None:
                 stopped.callback(None)
             return
-        self.log.error("job launcher exited ({reason}): started again", reason=reason.value)
-        self._launch()
+        if self._reactor.seconds() - self._launched >= RESTART_STABLE:
+            self._restart_wait = 0.0
+        else:
+            self._restart_wait = min(
+                max(self._restart_wait * 2, RESTART_FIRST_WAIT), RESTART_LONGEST_WAIT
+            )
+        if not self._restart_wait:
+            self.log.error("job launcher exited ({reason}): started again", reason=reason.value)
+            self._launch()
+            return
+        self.log.error(
+            "job launcher exited ({reason}) {ran:.2f} s after its start: "
+            "started again in {wait:g} s",
+            reason=reason.value,
+            ran=self._reactor.seconds() - self._launched,
+            wait=self._restart_wait,
+        )
+        self._restart = self._reactor.callLater(self._restart_wait, self._launch)
 
     # -- messages --
 
@@ -390,17 +435,39 @@ class LauncherSpawner:
             self._found[key] = (now, executable)
             return executable
 
+        if self._transport is None:
+            return self._when_launched(lambda: self.which(command, path))
         handle = next(self._handles)
         d: Deferred[str | None] = Deferred()
         self._finding[handle] = d
         self._send(("which", handle, command, path))
         return d.addCallback(found)
 
+    def _when_launched(self, ask: Callable[[], Deferred[Any]]) -> Deferred[Any]:
+        """
+        C{ask()} once the launcher is started again (it waits to be); or,
+        if it will not be (the spawner stops), an L{OSError}.
+        """
+        if self._restart is None or self._stopping:
+            return fail(OSError("the job launcher is not running"))
+        d: Deferred[Any] = Deferred()
+
+        def again() -> None:
+            if self._transport is None:
+                d.errback(OSError("the job launcher is not running"))
+            else:
+                ask().chainDeferred(d)
+
+        self._held.append(again)
+        return d
+
     def __call__(
         self, protocol: Any, executable: str, argv: list[str], environ: dict[str, str]
     ) -> Deferred[Any]:
         if self._transport is None:
-            raise OSError("the job launcher is not running")
+            if self._restart is None or self._stopping:
+                raise OSError("the job launcher is not running")
+            return self._when_launched(lambda: self(protocol, executable, argv, environ))
         if environ is not self._environ:
             # Sent once for the runner's one environment.
             self._send(("env", dict(environ)))

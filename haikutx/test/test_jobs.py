@@ -14,13 +14,17 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -212,6 +216,107 @@ class LauncherUserTests(SynchronousTestCase):
         launcher = spawn.LauncherSpawner(Clock(), uid=65534, gid=65533)
         self.assertFalse(launcher.switches_user)
         self.assertEqual(launcher._user, [])
+
+
+class _LauncherReactor(Clock):
+    """
+    A clock that records the launcher processes it is asked to spawn (a
+    fake: what is tested is when the spawner starts one, not the process).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[Any] = []
+
+    def spawnProcess(self, protocol: Any, *args: Any, **kwargs: Any) -> Any:
+        self.spawned.append(protocol)
+        transport = StringTransport()
+        transport.pid = 1000 + len(self.spawned)  # type: ignore[attr-defined]
+        transport.pipes = {}  # type: ignore[attr-defined]
+        transport.closeStdin = lambda: None  # type: ignore[attr-defined]
+        transport.signalProcess = lambda name: None  # type: ignore[attr-defined]
+        return transport
+
+
+class LauncherRestartTests(SynchronousTestCase):
+    """
+    A launcher that ends is started again: at once after a long run, after
+    a wait that doubles (0.1 s up to 5 s) when it ends soon after its start,
+    so that one that cannot start, or that jobs kill again and again, is
+    not restarted in a tight loop.
+    """
+
+    def _spawner(self) -> tuple[_LauncherReactor, Any]:
+        from haikutx.jobs import spawn
+
+        reactor = _LauncherReactor()
+        launcher = spawn.LauncherSpawner(reactor)
+        launcher.start()
+        return reactor, launcher
+
+    def _end(self, reactor: _LauncherReactor) -> None:
+        reactor.spawned[-1].processEnded(Failure(ProcessTerminated(1)))
+
+    def test_quick_ends_wait_longer(self) -> None:
+        reactor, launcher = self._spawner()
+        waits = []
+        for _ in range(8):
+            self._end(reactor)
+            started = len(reactor.spawned)
+            (restart,) = reactor.getDelayedCalls()
+            wait = restart.getTime() - reactor.seconds()
+            reactor.advance(wait - 0.001)
+            self.assertEqual(len(reactor.spawned), started)
+            reactor.advance(0.002)
+            self.assertEqual(len(reactor.spawned), started + 1)
+            waits.append(round(wait, 3))
+        self.assertEqual(waits, [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0])
+
+    def test_long_run_restarts_at_once(self) -> None:
+        from haikutx.jobs import spawn
+
+        reactor, launcher = self._spawner()
+        self._end(reactor)
+        reactor.advance(0.1)
+        self.assertEqual(len(reactor.spawned), 2)
+        reactor.advance(spawn.RESTART_STABLE)
+        self._end(reactor)
+        self.assertEqual(len(reactor.spawned), 3)
+
+    def test_asked_meanwhile(self) -> None:
+        """
+        What is asked of the launcher while it waits to be started again (a
+        command's look-up, a job's start) is asked of it once it is.
+        """
+        reactor, launcher = self._spawner()
+        self._end(reactor)
+        found = launcher.which("true", "/bin")
+        started = launcher(object(), "/bin/true", ["true"], {})
+        self.assertNoResult(found)
+        self.assertNoResult(started)
+        sent: list[tuple[Any, ...]] = []
+        self.patch(launcher, "_send", sent.append)
+        reactor.advance(0.1)
+        self.assertEqual(len(reactor.spawned), 2)
+        self.assertEqual(
+            [message[0] for message in sent], ["which", "env", "start"]
+        )
+        launcher._received(("found", sent[0][1], "/bin/true"))
+        self.assertEqual(self.successResultOf(found), "/bin/true")
+
+    def test_stopped_meanwhile(self) -> None:
+        """
+        Stopping the spawner while its launcher waits to be started again
+        cancels the start, and what was asked meanwhile fails.
+        """
+        reactor, launcher = self._spawner()
+        self._end(reactor)
+        started = launcher(object(), "/bin/true", ["true"], {})
+        self.successResultOf(launcher.stop())
+        self.failureResultOf(started, OSError)
+        self.assertRaises(OSError, launcher, object(), "/bin/true", ["true"], {})
+        reactor.advance(10)
+        self.assertEqual(len(reactor.spawned), 1)
 
 
 class LauncherHoldTests(SynchronousTestCase):
