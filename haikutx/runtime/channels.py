@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import typing
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
@@ -28,8 +29,42 @@ from zope.interface import implementer
 
 from haikutx.child import wire
 
-if TYPE_CHECKING:
-    from haikutx.runtime.worker import WorkerProtocol
+
+class Slot(typing.Protocol):
+    """
+    What a slot's channels tell their slot
+    (L{haikutx.runtime.worker.WorkerProtocol}), which decides what it means.
+    """
+
+    def child_frame(self, child: ChildProtocol, kind: int, payload: bytes) -> None:
+        """
+        A frame from C{child}.
+        """
+
+    def child_channel_lost(self, child: ChildProtocol) -> None:
+        """
+        C{child} closed its channel, or died.
+        """
+
+    def kill_child(self, child: ChildProtocol, reason: str) -> None:
+        """
+        Have C{child} killed, for C{reason}.
+        """
+
+    def zygote_connected(self, channel: ZygoteChannel) -> None:
+        """
+        The zygote's channel is up.
+        """
+
+    def zygote_data(self, data: bytes, fds: deque[int]) -> None:
+        """
+        Bytes from the zygote, and the descriptors received so far.
+        """
+
+    def zygote_lost(self) -> None:
+        """
+        The zygote's channel closed.
+        """
 
 
 class ChildProtocol(Protocol):
@@ -44,7 +79,7 @@ class ChildProtocol(Protocol):
     @ivar closed: whether the channel is closed.
     """
 
-    def __init__(self, slot: WorkerProtocol, pid: int, pidfd: int = -1) -> None:
+    def __init__(self, slot: Slot, pid: int, pidfd: int = -1) -> None:
         self.slot = slot
         self.pid = pid
         self.pidfd = pidfd
@@ -73,7 +108,7 @@ class ChildProtocol(Protocol):
             for kind, payload in self._reader.feed(data):
                 if self.closed:
                     break
-                self.slot._child_frame(self, kind, payload)
+                self.slot.child_frame(self, kind, payload)
         except (wire.FrameError, ValueError, KeyError, TypeError) as e:
             self.slot.kill_child(self, f"sent a malformed frame: {e}")
         # What the response's body brought in this read goes to its client
@@ -85,7 +120,7 @@ class ChildProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if not self.closed:
             self.closed = True
-            self.slot._child_channel_lost(self)
+            self.slot.child_channel_lost(self)
 
     def send(self, data: bytes) -> None:
         """
@@ -305,10 +340,10 @@ class ChannelTransport:
 class ZygoteChannel(Protocol):
     """
     The server's end of a zygote's channel: frames to and from
-    L{WorkerProtocol}, and the descriptors passed with them.
+    its L{Slot}, and the descriptors passed with them.
     """
 
-    def __init__(self, reactor: Any, slot: WorkerProtocol) -> None:
+    def __init__(self, reactor: Any, slot: Slot) -> None:
         self._reactor = reactor
         self._slot = slot
         self._fds: deque[int] = deque()

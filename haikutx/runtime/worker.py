@@ -300,7 +300,10 @@ class WorkerProtocol(ProcessProtocol):
 
     # A child's channel
 
-    def _child_frame(self, child: ChildProtocol, kind: int, payload: bytes) -> None:
+    def child_frame(self, child: ChildProtocol, kind: int, payload: bytes) -> None:
+        """
+        A frame from C{child}'s channel.
+        """
         if kind not in wire.CHILD_SENDS:
             self.kill_child(child, f"sent a frame it may not send (kind {kind})")
             return
@@ -370,7 +373,7 @@ class WorkerProtocol(ProcessProtocol):
             self._end_body(child)
             exchange.fail(int(failure["status"]), failure["message"])
 
-    def _child_channel_lost(self, child: ChildProtocol) -> None:
+    def child_channel_lost(self, child: ChildProtocol) -> None:
         """
         A child closed its channel (or died): give its zygote a moment to
         report its end, then kill it.
