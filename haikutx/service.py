@@ -21,15 +21,11 @@ from haikutx.metrics import MetricsResource, show_workers
 from haikutx.net.addresses import EgressRules
 from haikutx.runtime.fetch import HandlerFetcher
 from haikutx.runtime.loader import HandlerLoader, ServeLoader
-from haikutx.runtime.pool import (
-    MAX_HANDLER_THREADS,
-    SLOT_BASE_UID,
-    PythonWorkerSpawner,
-    WorkerPool,
-)
+from haikutx.runtime.pool import WorkerPool
 from haikutx.runtime.resource import HandlerResource
 from haikutx.runtime.scheduler import Scheduler
 from haikutx.runtime.site import RuntimeSite
+from haikutx.runtime.spawner import MAX_HANDLER_THREADS, SLOT_BASE_UID, PythonWorkerSpawner
 from haikutx.runtime.status import StatusResource
 
 
