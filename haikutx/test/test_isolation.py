@@ -17,6 +17,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -466,6 +467,25 @@ class IsolationTests(TestCase):
         accepted = {fd: r for fd, r in results.items() if r[0] >= 0}
         self.assertEqual(accepted, {}, "a descriptor took a Landlock rule")
 
+    async def _holding_child(self) -> tuple[Deferred[Any], int, int]:
+        """
+        Have a handler hold its process for 3 s (it awaits): the pending
+        response, the handler's pid and its zygote's, once the process has
+        its channel and the descriptors its event loop makes when it first
+        runs (a moment after the request arrives).
+        """
+        pending = Deferred.fromCoroutine(http(self.port, "/?x-haiku-handler=hold.py&wait=3"))
+        await until(lambda: self.pool.status()["workers"].get("busy") == 1, 10)
+        worker = next(iter(self.pool.workers))
+        child, zygote = worker.child_pid, worker.pid
+        await until(
+            lambda: _fd_targets(child).get(3, "").startswith("socket:")
+            and len([fd for fd in _fd_targets(child) if fd > 3]) >= 3,
+            5,
+            lambda: f"child {child} fds: {_fd_targets(child)}",
+        )
+        return pending, child, zygote
+
     async def test_every_descriptor_accounted_for(self) -> None:
         """
         A handler process holds exactly: C{/dev/null} on 0, a pipe of its
@@ -477,18 +497,7 @@ class IsolationTests(TestCase):
         """
         if os.uname().machine != "x86_64":
             raise SkipTest("kcmp's number is x86_64's here")
-        pending = Deferred.fromCoroutine(http(self.port, "/?x-haiku-handler=hold.py&wait=3"))
-        await until(lambda: self.pool.status()["workers"].get("busy") == 1, 10)
-        worker = next(iter(self.pool.workers))
-        child, zygote = worker.child_pid, worker.pid
-        # The handler awaits: its process makes its event loop's descriptors
-        # when it first runs the loop, a moment after the request arrives.
-        await until(
-            lambda: _fd_targets(child).get(3, "").startswith("socket:")
-            and len([fd for fd in _fd_targets(child) if fd > 3]) >= 3,
-            5,
-            lambda: f"child {child} fds: {_fd_targets(child)}",
-        )
+        pending, child, zygote = await self._holding_child()
         held = _fd_targets(child)
         # Capabilities: at most CAP_DAC_READ_SEARCH (bit 2) anywhere, the
         # bounding set included (emptied once, in the zygote).
@@ -543,11 +552,7 @@ class IsolationTests(TestCase):
         """
         if os.uname().machine != "x86_64":
             raise SkipTest("kcmp's number is x86_64's here")
-        pending = Deferred.fromCoroutine(http(self.port, "/?x-haiku-handler=hold.py&wait=3"))
-        await until(lambda: self.pool.status()["workers"].get("busy") == 1, 10)
-        worker = next(iter(self.pool.workers))
-        child, zygote = worker.child_pid, worker.pid
-        await until(lambda: _fd_targets(child).get(3, "").startswith("socket:"), 5)
+        pending, child, zygote = await self._holding_child()
         forker = await _the_forker(zygote)
         self.assertEqual(_parent(child), zygote)
         self.assertEqual(_comm(child), _comm(zygote))
