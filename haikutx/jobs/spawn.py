@@ -354,6 +354,13 @@ class LauncherSpawner:
             if stopped is not None:
                 stopped.callback(None)
             return
+        self._start_again(f"exited ({reason.value})")
+
+    def _start_again(self, why: str) -> None:
+        """
+        Start the launcher again, which ended (or could not be started):
+        at once after a long run, else after the back-off's wait.
+        """
         if self._reactor.seconds() - self._launched >= RESTART_STABLE:
             self._restart_wait = 0.0
         else:
@@ -361,17 +368,31 @@ class LauncherSpawner:
                 max(self._restart_wait * 2, RESTART_FIRST_WAIT), RESTART_LONGEST_WAIT
             )
         if not self._restart_wait:
-            self.log.error("job launcher exited ({reason}): started again", reason=reason.value)
-            self._launch()
+            self.log.error("job launcher {why}: started again", why=why)
+            self._relaunch()
             return
         self.log.error(
-            "job launcher exited ({reason}) {ran:.2f} s after its start: "
-            "started again in {wait:g} s",
-            reason=reason.value,
+            "job launcher {why} {ran:.2f} s after its start: started again in {wait:g} s",
+            why=why,
             ran=self._reactor.seconds() - self._launched,
             wait=self._restart_wait,
         )
-        self._restart = self._reactor.callLater(self._restart_wait, self._launch)
+        self._restart = self._reactor.callLater(self._restart_wait, self._relaunch)
+
+    def _relaunch(self) -> None:
+        """
+        Start the launcher again; if it cannot be started now (no process
+        can be made), what waited for it fails and it is tried again after
+        a longer wait.
+        """
+        try:
+            self._launch()
+        except OSError as e:
+            self._transport = self._protocol = None
+            held, self._held = self._held, []
+            for ask in held:
+                ask()
+            self._start_again(f"could not be started ({e})")
 
     # -- messages --
 

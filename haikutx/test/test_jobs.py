@@ -304,6 +304,28 @@ class LauncherRestartTests(SynchronousTestCase):
         launcher._received(("found", sent[0][1], "/bin/true"))
         self.assertEqual(self.successResultOf(found), "/bin/true")
 
+    def test_cannot_be_started(self) -> None:
+        """
+        A launcher that cannot be started again (no process can be made)
+        fails what waited for it, and is tried again after a longer wait.
+        """
+        reactor, launcher = self._spawner()
+        self._end(reactor)
+        started = launcher(object(), "/bin/true", ["true"], {})
+        spawn = reactor.spawnProcess
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise OSError(11, "Resource temporarily unavailable")
+
+        reactor.spawnProcess = refuse  # type: ignore[method-assign]
+        reactor.advance(0.1)
+        self.failureResultOf(started, OSError)
+        (restart,) = reactor.getDelayedCalls()
+        self.assertAlmostEqual(restart.getTime() - reactor.seconds(), 0.2)
+        reactor.spawnProcess = spawn  # type: ignore[method-assign]
+        reactor.advance(0.2)
+        self.assertEqual(len(reactor.spawned), 2)
+
     def test_stopped_meanwhile(self) -> None:
         """
         Stopping the spawner while its launcher waits to be started again
