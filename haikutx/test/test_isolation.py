@@ -424,6 +424,30 @@ class IsolationTests(TestCase):
         await until(lambda: not any(_alive(pid) for pid in mine), 10,
                     lambda: f"left behind: {[p for p in mine if _alive(p)]}")
 
+    async def test_relay_holds_no_worker(self) -> None:
+        """
+        A slot's egress relay is forked before its zygote imports what
+        children need (their worker, asyncio): the relay has not loaded
+        asyncio's C module, which its zygote has.
+        """
+        await self.victim("warm")
+        worker = next(iter(self.pool.workers))
+        zygote = worker.pid
+        await until(lambda: worker.child_pid is not None, 5, lambda: "no next child")
+
+        def loaded(pid: int) -> bool:
+            with open(f"/proc/{pid}/maps") as maps:
+                return "_asyncio." in maps.read()
+
+        mine = [pid for pid in _all_pids() if _parent(pid) == zygote]
+        relays = [
+            pid for pid in mine
+            if pid != worker.child_pid and _comm(pid) != "haiku-forker"
+        ]
+        self.assertEqual(len(relays), 1, (mine, worker.child_pid))
+        self.assertTrue(loaded(zygote), "the zygote has not loaded _asyncio")
+        self.assertFalse(loaded(relays[0]), "the egress relay holds the children's imports")
+
     async def test_forge_every_frame(self) -> None:
         """
         Every frame kind forged on every descriptor, before or after the
