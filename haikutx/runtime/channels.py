@@ -141,6 +141,19 @@ class ChildProtocol(Protocol):
                 feed.stopProducing()
             self.transport.loseConnection()
 
+    def end_body(self) -> None:
+        """
+        Stop sending the child its request's body (the response is over):
+        it gets the body's end before it can be given another request.
+        """
+        feed, self.feed = self.feed, None
+        if feed is None:
+            return
+        if self.closed:
+            feed.stopProducing()
+        else:
+            feed.stop()
+
     def kill_process(self) -> None:
         """
         Kill the child through its pidfd (safe from pid reuse; works when

@@ -31,15 +31,10 @@ from haikutx.child import wire
 from haikutx.processes import describe_exit, describe_status
 from haikutx.runtime.body import BodyFeed, RequestBody
 from haikutx.runtime.channels import ChannelTransport, ChildProtocol, ZygoteChannel
+from haikutx.runtime.child_response import deliver
 from haikutx.runtime.heartbeat import Heartbeat
 from haikutx.runtime.output_lines import OutputLines
-from haikutx.runtime.slot_wire import (
-    child_pid,
-    final_status,
-    remember_head,
-    response_pairs,
-    retire_order,
-)
+from haikutx.runtime.slot_wire import child_pid, retire_order
 from haikutx.runtime.timers import Deadline
 
 __all__ = [
@@ -326,52 +321,9 @@ class WorkerProtocol(ProcessProtocol):
                 console=payload.decode("utf-8", "replace").rstrip("\n"),
             )
             return
-        if kind in (wire.HEAD, wire.FINISH, wire.FAIL) and len(payload) > wire.MAX_HEAD:
-            self.kill_child(
-                child,
-                f"sent a response head, trailers or failure of {len(payload)} bytes "
-                f"(at most {wire.MAX_HEAD})",
-            )
-            return
-        exchange = child.exchange
-        if exchange is None:
-            return
-        if kind == wire.HEAD:
-            if child.headed:
-                # Each would add to the response's headers, never sent.
-                self.kill_child(child, "sent a second response head")
-                return
-            child.headed = True
-            known = child.heads.get(payload)
-            if known is None:
-                head = json.loads(payload)
-                status = int(head["status"])
-                if not final_status(status):
-                    self.kill_child(child, f"sent an invalid status {status}")
-                    return
-                known = (status, response_pairs(head["headers"]))
-                remember_head(child.heads, payload, known)
-            exchange.head(known[0], [[name, value] for name, value in known[1]])
-        elif kind == wire.DATA:
-            exchange.data(payload)
-        elif kind == wire.FINISH:
-            trailers = (
-                [] if payload == wire.NO_TRAILERS
-                else response_pairs(json.loads(payload)["trailers"])
-            )
-            child.exchange = None
-            self._end_body(child)
-            exchange.finish(trailers)
-        elif kind == wire.FAIL:
-            failure = json.loads(payload)
-            if not isinstance(failure["message"], str):
-                raise ValueError("a failure's message is not a string")
-            if not final_status(int(failure["status"])):
-                self.kill_child(child, f"sent an invalid status {failure['status']}")
-                return
-            child.exchange = None
-            self._end_body(child)
-            exchange.fail(int(failure["status"]), failure["message"])
+        reason = deliver(child, kind, payload)
+        if reason is not None:
+            self.kill_child(child, reason)
 
     def child_channel_lost(self, child: ChildProtocol) -> None:
         """
@@ -486,20 +438,7 @@ class WorkerProtocol(ProcessProtocol):
         for child in self._children.values():
             if child.exchange is exchange:
                 child.exchange = None
-                self._end_body(child)
-
-    def _end_body(self, child: ChildProtocol) -> None:
-        """
-        Stop sending C{child} its request's body (the response is over): it
-        gets the body's end before it can be given another request.
-        """
-        feed, child.feed = child.feed, None
-        if feed is None:
-            return
-        if child.closed:
-            feed.stopProducing()
-        else:
-            feed.stop()
+                child.end_body()
 
     # Heartbeat and stopping
 

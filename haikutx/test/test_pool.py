@@ -379,7 +379,7 @@ class WorkerProtocolTests(SynchronousTestCase):
         head with an invalid status is never remembered: each kills its
         child.
         """
-        from haikutx.runtime import worker as module
+        from haikutx.runtime import child_response as module
 
         decoded = []
         real = module.json.loads
