@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import hmac
 import re
-import time
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http import HTTPChannel
 from twisted.web.server import version as SERVER_VERSION
 
 from haikutx.jobs.request import MAX_REQUEST_BODY, JobRefused, parse_job_request
+from haikutx.net.dates import http_date
 from haikutx.net.http1 import BadMessage, parse_request_head
 from haikutx.net.sending import write as send_now
 
@@ -52,26 +52,6 @@ _HEAD = (
 )
 
 _END = b"\r\n\r\n"
-
-
-class _Date:
-    """
-    The C{Date} header's value, formatted once a second.
-    """
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._text = b""
-
-    def now(self) -> bytes:
-        second = int(time.time())
-        if second != self._second:
-            self._second = second
-            self._text = datetimeToString(second)
-        return self._text
-
-
-_DATE = _Date()
 
 
 class JobChannel(HTTPChannel):
@@ -213,5 +193,5 @@ class JobChannel(HTTPChannel):
     def _send(self, status: bytes, body: bytes) -> None:
         send_now(
             self.transport,
-            _HEAD % (status, SERVER_VERSION, _DATE.now(), len(body)) + body,
+            _HEAD % (status, SERVER_VERSION, http_date(), len(body)) + body,
         )
