@@ -19,7 +19,8 @@ from twisted.web.server import Request, Site
 
 from haikutx.net.http1 import BadMessage, LastHead, parse_request_head
 from haikutx.net.sending import write as send_at_once
-from haikutx.runtime.body import DEFAULT_MAX_BODY, LimitedRequest
+from haikutx.runtime.body import DEFAULT_MAX_BODY
+from haikutx.runtime.request import RuntimeRequest
 from haikutx.runtime.timers import Deadline
 
 #: Set on a request for which L{haikutx.runtime.resource.HandlerResource}
@@ -165,13 +166,22 @@ class RuntimeChannel(HTTPChannel):
             self._non_queued = INonQueuedRequestFactory.providedBy(factory)
         request = factory(self) if self._non_queued else factory(self, 0)
         self.requests.append(request)
-        add = request.requestHeaders.addRawHeader
-        for name, value in fields:
-            add(name, value)
-        # What Twisted's line reader does once the blank line is in, for a
-        # request without a body.
         self._command, self._path, self._version = head.method, head.target, head.version
-        self.allHeadersReceived()
+        take = getattr(request, "take_head", None)
+        if take is not None:
+            # A request that takes the parsed head itself (RuntimeRequest):
+            # what allHeadersReceived finds for it is known (an HTTP/1.1
+            # connection without Connection: close stays persistent, no
+            # Expect, no body).
+            take(fields)
+            self.persistent = True
+        else:
+            add = request.requestHeaders.addRawHeader
+            for name, value in fields:
+                add(name, value)
+            # What Twisted's line reader does once the blank line is in,
+            # for a request without a body.
+            self.allHeadersReceived()
         self.allContentReceived()
         return data[end + 4 :]
 
@@ -291,7 +301,7 @@ class RuntimeSite(Site):
     its own (SPEC §7: client, method, handler, status, duration, worker),
     so that every request costs one log line, not two.
 
-    Its requests are L{LimitedRequest}s: a body over C{max_body} bytes is
+    Its requests are L{RuntimeRequest}s (L{LimitedRequest}s): a body over C{max_body} bytes is
     refused with 413 before it is read.
 
     @ivar max_body: the largest request body accepted, in bytes.
@@ -299,7 +309,7 @@ class RuntimeSite(Site):
         the log of a refused body).
     """
 
-    requestFactory = LimitedRequest
+    requestFactory = RuntimeRequest
     protocol = _runtime_channel_protocol
 
     def __init__(

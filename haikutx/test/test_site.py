@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from haikutx.runtime.body import LimitedRequest
 from haikutx.runtime.site import RuntimeSite
 
 
@@ -51,6 +52,14 @@ class Echo(Resource):
                 request.getClientAddress(),
                 request.getHost(),
                 request.channel.persistent,
+                request.prepath,
+                request.postpath,
+                request.sitepath,
+                request.site is not None,
+                [
+                    (name, [b"-"] if name == b"Date" else values)
+                    for name, values in request.responseHeaders.getAllRawHeaders()
+                ],
             )
         ).encode("utf-8")
         request.setHeader(b"content-type", b"text/plain")
@@ -63,17 +72,23 @@ class Echo(Resource):
 _DATE = re.compile(rb"\r\nDate: [^\r]*")
 
 
-def exchange(chunks: list[bytes], plain_heads: bool) -> tuple[bytes, bool, int]:
+def exchange(
+    chunks: list[bytes], plain_heads: bool, request_factory: Any = None
+) -> tuple[bytes, bool, int]:
     """
     Feed C{chunks} to a new runtime channel, answering any C{/later}
     request after each chunk.
 
-    @return: what the client received (its C{Date} headers left out),
+    @param request_factory: the site's requests (default: the runtime's).
+    @return: what the client received (its C{Date} headers' values left
+        out),
         whether the connection was closed, and how many head lines
         twisted.web's line reader read.
     """
     resource = Echo()
     site = RuntimeSite(resource, reactor=Clock(), timeout=None)
+    if request_factory is not None:
+        site.requestFactory = request_factory
     channel = site.buildProtocol(None)
     channel._channel.plain_heads = plain_heads
     lines = [0]
@@ -99,19 +114,23 @@ def exchange(chunks: list[bytes], plain_heads: bool) -> tuple[bytes, bool, int]:
             request.finish()
     closed = transport.disconnecting
     channel.connectionLost(None)
-    return _DATE.sub(b"", transport.value()), closed, lines[0]
+    return _DATE.sub(b"\r\nDate: -", transport.value()), closed, lines[0]
 
 
 def same_either_way(case: SynchronousTestCase, chunks: list[bytes]) -> tuple[bytes, int]:
     """
     Assert that C{chunks} are answered alike with and without the channel's
-    one-parse reading of plain heads.
+    one-parse reading of plain heads, and as twisted.web's own request
+    (L{LimitedRequest}'s C{twisted.web.server.Request}) answers them when
+    read line by line.
 
     @return: the answer, and how many head lines twisted.web read with it.
     """
     plain = exchange(chunks, True)
     twisted = exchange(chunks, False)
+    reference = exchange(chunks, False, LimitedRequest)
     case.assertEqual(plain[:2], twisted[:2])
+    case.assertEqual(plain[:2], reference[:2])
     return plain[0], plain[2]
 
 
