@@ -17,7 +17,7 @@ from twisted.logger import (
 )
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from haikutx.logs import json
+from haikutx.logs import json, text
 from haikutx.test.support import free_port, http, until
 from haikutx.test.test_service import start_twistd, twistd_argv, wait_for_port
 
@@ -117,3 +117,33 @@ class TwistdJSONLogTests(TestCase):
         self.assertEqual(served[0]["status"], 200)
         self.assertIsInstance(served[0]["duration"], float)
         self.assertTrue(all("log_time" in e for e in events))
+
+
+class TextObserverTests(SynchronousTestCase):
+    """
+    L{text} writes what twistd's own text observer writes.
+    """
+
+    def test_as_twistd_writes(self) -> None:
+        """
+        Events at any time (several within one second, the next second, one
+        just before a second's end, none at all, before the epoch) are
+        written as C{textFileLogObserver} writes them.
+        """
+        times = [
+            1_764_633_600.0, 1_764_633_600.5, 1_764_633_600.9999995, 1_764_633_601.25,
+            1_764_633_601.999, 1_764_633_602.0, None, -1.5, 0.0,
+        ]
+        ours, theirs = io.StringIO(), io.StringIO()
+        observers = [text(ours), textFileLogObserver(theirs)]
+        for when in times:
+            for observer in observers:
+                event = {
+                    "log_format": "{a} -> {b}", "a": "x", "b": 200,
+                    "log_namespace": "haikutx.test", "log_level": LogLevel.info,
+                }
+                if when is not None:
+                    event["log_time"] = when
+                observer(event)
+        self.assertEqual(ours.getvalue(), theirs.getvalue())
+        self.assertEqual(len(ours.getvalue().splitlines()), len(times))
