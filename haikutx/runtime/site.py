@@ -50,10 +50,12 @@ class RuntimeChannel(HTTPChannel):
     C{twisted.web}'s line by line: a complete HTTP/1.1 head of at most
     L{MAX_HEAD} bytes, without a body, C{Expect} or hop-by-hop field, that
     arrives on an idle connection.  Its L{Request} is then made and run by
-    C{twisted.web}'s own steps (L{HTTPChannel.allHeadersReceived},
-    L{HTTPChannel.allContentReceived}), so the request, and its answer, are
-    the ones Twisted's parse gives: the strict parser accepts no head that
-    Twisted refuses, and reads the same fields from it.  Anything else, or
+    C{twisted.web}'s own steps (L{HTTPChannel.allContentReceived}), after
+    L{HTTPChannel.allHeadersReceived}, or, for a request that takes the
+    parsed head itself (C{take_head}: L{RuntimeRequest}, the site's), after
+    it has taken it; so the request, and its answer, are the ones Twisted's
+    parse gives: the strict parser accepts no head that Twisted refuses,
+    and reads the same fields from it.  Anything else, or
     a head the strict parser refuses, is read by Twisted as before, with
     its answers.  (L{plain_heads} turns it off, for comparisons.)  The
     connection's last head is remembered (L{LastHead}): a client that sends
@@ -301,8 +303,9 @@ class RuntimeSite(Site):
     its own (SPEC §7: client, method, handler, status, duration, worker),
     so that every request costs one log line, not two.
 
-    Its requests are L{RuntimeRequest}s (L{LimitedRequest}s): a body over C{max_body} bytes is
-    refused with 413 before it is read.
+    Its requests are L{RuntimeRequest}s: L{LimitedRequest}s (a body over
+    C{max_body} bytes is refused with 413 before it is read) that take a
+    plain head as its channel parsed it.
 
     @ivar max_body: the largest request body accepted, in bytes.
     @ivar handler_name: the fixed handler the site runs, if any (named in

@@ -120,7 +120,9 @@ def exchange(
 def same_either_way(case: SynchronousTestCase, chunks: list[bytes]) -> tuple[bytes, int]:
     """
     Assert that C{chunks} are answered alike with and without the channel's
-    one-parse reading of plain heads, and as twisted.web's own request
+    one-parse reading of plain heads (by the runtime's request, or a
+    L{LimitedRequest}, which does not take the parsed head), and as
+    twisted.web's own request
     (L{LimitedRequest}'s C{twisted.web.server.Request}) answers them when
     read line by line.
 
@@ -129,8 +131,11 @@ def same_either_way(case: SynchronousTestCase, chunks: list[bytes]) -> tuple[byt
     plain = exchange(chunks, True)
     twisted = exchange(chunks, False)
     reference = exchange(chunks, False, LimitedRequest)
+    # A request that does not take the parsed head: twisted.web's steps.
+    plain_limited = exchange(chunks, True, LimitedRequest)
     case.assertEqual(plain[:2], twisted[:2])
     case.assertEqual(plain[:2], reference[:2])
+    case.assertEqual(plain[:2], plain_limited[:2])
     return plain[0], plain[2]
 
 
