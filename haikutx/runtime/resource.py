@@ -246,23 +246,39 @@ class HandlerResource(Resource):
         if turn is not None:
             self._granted(turn, request, handler, language, argv, name, started, None)
             return
-        acquiring = scheduler.acquire(tenant, self._limits.max_time, kind)
-        if acquiring.called and not isinstance(acquiring.result, Failure):
-            self._granted(
-                acquiring.result, request, handler, language, argv, name, started, None
-            )
-            return
-        watch = None
-        if not acquiring.called:
+        # The wait's end (at once, or when a turn comes) without a Deferred.
+        watch = ClientWatch(None)
+        waiting = scheduler.wait(
+            tenant, self._limits.max_time, kind,
+            partial(self._waited, request, handler, language, argv, name, started, watch),
+        )
+        if scheduler.waiting_for(waiting):
             # A client that leaves while waiting gives up its place in the
             # queue (and later, its exchange ends: one watch for both).
-            watch = ClientWatch(lambda _: acquiring.cancel())
+            watch.then = lambda _: scheduler.cancel(waiting)
             watch_lost(request, watch)
-        acquiring.addCallbacks(
-            self._granted, self._not_granted,
-            callbackArgs=(request, handler, language, argv, name, started, watch),
-            errbackArgs=(request, handler, name, started),
-        ).addErrback(self._crashed, request, name)
+
+    def _waited(
+        self, request: Request, handler: HandlerSource, language: Any, argv: Any, name: str,
+        started: float, watch: ClientWatch, outcome: Any,
+    ) -> None:
+        """
+        The wait for a turn is over: with a turn (L{_granted}), or a
+        L{Failure} (L{_not_granted}).  C{watch} watches the client if it
+        was set while waiting.
+        """
+        try:
+            if isinstance(outcome, Failure):
+                failure = self._not_granted(outcome, request, handler, name, started)
+                if failure is not None:
+                    self._crashed(failure, request, name)
+                return
+            self._granted(
+                outcome, request, handler, language, argv, name, started,
+                watch if watch.then is not None else None,
+            )
+        except Exception:
+            self._crashed(Failure(), request, name)
 
     def _not_granted(
         self, failure: Failure, request: Request, handler: HandlerSource, name: str,

@@ -18,11 +18,13 @@ C{other} bucket, which is one handler here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from itertools import count
 from typing import Any
 
 from attrs import define
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
@@ -70,8 +72,9 @@ class Turn:
 
     tenant: Tenant
     kind: str | None
-    #: what the request waits on (none for a turn taken at once)
-    result: Deferred[Turn] | None
+    #: called with the turn, or a L{Failure}, when the wait ends (none
+    #: for a turn taken at once, and once called)
+    then: Callable[[Any], None] | None
     worker: Any = None
     #: the order of arrival, for a request that waits
     since: int = 0
@@ -141,19 +144,56 @@ class Scheduler:
             after C{timeout}.  Cancelling it (the client left) gives up the
             request's place, or its turn, at once.
         """
-        turn = Turn(tenant, kind, Deferred(lambda _: self._cancel(turn)))
+        result: Deferred[Turn] = Deferred(lambda _: self._cancel(turn))
+        turn = self.wait(tenant, timeout, kind, partial(_fire, result))
+        return result
+
+    def wait(
+        self, tenant: Tenant, timeout: float, kind: str | None, then: Callable[[Any], None]
+    ) -> Turn:
+        """
+        Wait for a turn as L{acquire} does, without a L{Deferred}: C{then} is
+        called once, with the L{Turn} (its C{worker} set) or with the
+        L{Failure} C{acquire}'s result would fail with (at once when the
+        turn or the refusal is at hand, before this returns).
+
+        @return: the turn waited for, to give up with L{cancel} (its client
+            left) while C{then} has not been called.
+        """
+        turn = Turn(tenant, kind, then)
         if tenant.running < self.max_concurrency and self.granted < self._pool.size:
             # Whoever waits while turns are free is at its cap.
             self._grant(turn, timeout)
         elif len(tenant.waiting) >= self.max_queue:
-            turn.result.errback(Overloaded(tenant))
+            self._answer(turn, Failure(Overloaded(tenant)))
         else:
             turn.since = next(self._arrivals)
             turn.deadline = self._clock.seconds() + timeout
             tenant.waiting.append(turn)
             self._queued[tenant] = None
             turn.timer = self._clock.callLater(timeout, self._give_up, turn)
-        return turn.result
+        return turn
+
+    def waiting_for(self, turn: Turn) -> bool:
+        """
+        Whether C{turn} (from L{wait}) is still waited for: its C{then} not
+        called yet.
+        """
+        return turn.then is not None
+
+    def cancel(self, turn: Turn) -> None:
+        """
+        Give up the wait for C{turn} (from L{wait}), as cancelling
+        L{acquire}'s result does: its place, or its turn, is given up, and
+        its C{then} called with a L{CancelledError}; nothing, once C{then}
+        was called.
+        """
+        then = turn.then
+        if then is None:
+            return
+        self._cancel(turn)
+        turn.then = None
+        then(Failure(CancelledError()))
 
     def take(self, tenant: Tenant, kind: str | None = None) -> Turn | None:
         """
@@ -197,7 +237,7 @@ class Scheduler:
                     turn.timer.cancel()
                 turn.timer = None
                 self._dequeue(tenant)
-                turn.result.errback(PoolBusy("the runtime is stopping"))
+                self._answer(turn, Failure(PoolBusy("the runtime is stopping")))
 
     def release(self, turn: Turn) -> None:
         """
@@ -226,13 +266,13 @@ class Scheduler:
         if worker is not None:
             # An idle worker at once, without a Deferred.
             turn.worker = worker
-            turn.result.callback(turn)
+            self._answer(turn, turn)
             return
         acquiring = self._pool.acquire(timeout, turn.kind)
         if acquiring.called and not isinstance(acquiring.result, Failure):
             # An idle worker at once, the common case: no callbacks needed.
             turn.worker = acquiring.result
-            turn.result.callback(turn)
+            self._answer(turn, turn)
             return
         turn.acquiring = acquiring
         acquiring.addBoth(self._acquired, turn)
@@ -249,10 +289,19 @@ class Scheduler:
             return
         if isinstance(result, Failure):
             self.release(turn)
-            turn.result.errback(result)
+            self._answer(turn, result)
             return
         turn.worker = result
-        turn.result.callback(turn)
+        self._answer(turn, turn)
+
+    def _answer(self, turn: Turn, result: Turn | Failure) -> None:
+        """
+        End the wait for C{turn}: call its C{then} with C{result}, once.
+        """
+        then = turn.then
+        if then is not None:
+            turn.then = None
+            then(result)
 
     def _dispatch(self) -> None:
         """
@@ -296,13 +345,14 @@ class Scheduler:
     def _give_up(self, turn: Turn) -> None:
         turn.timer = None
         self._dequeue(turn.tenant, turn)
-        turn.result.errback(PoolBusy("all workers are busy"))
+        self._answer(turn, Failure(PoolBusy("all workers are busy")))
 
     def _cancel(self, turn: Turn) -> None:
         """
         The request's client left: give up its place, or its turn.
         """
         turn.cancelled = True
+        turn.then = None
         if turn.timer is not None:
             if turn.timer.active():
                 turn.timer.cancel()
@@ -310,6 +360,17 @@ class Scheduler:
             self._dequeue(turn.tenant, turn)
         elif turn.acquiring is not None:
             turn.acquiring.cancel()
-        # The result fails with CancelledError (Deferred.cancel does it).
+        # acquire's result fails with CancelledError (Deferred.cancel does
+        # it); a wait's then is called by cancel.
 
 
+
+
+def _fire(result: Deferred[Turn], outcome: Turn | Failure) -> None:
+    """
+    Fire L{Scheduler.acquire}'s C{result} with a wait's C{outcome}.
+    """
+    if isinstance(outcome, Failure):
+        result.errback(outcome)
+    else:
+        result.callback(outcome)

@@ -63,30 +63,56 @@ class FakePool:
             self.idle += 1
 
 
+class _Waiting:
+    """
+    A wait of L{Scheduler.wait}, cancelled as L{Scheduler.acquire}'s
+    L{Deferred} is.
+    """
+
+    def __init__(self, scheduler: Scheduler, turn: Turn) -> None:
+        self._scheduler = scheduler
+        self._turn = turn
+
+    def cancel(self) -> None:
+        self._scheduler.cancel(self._turn)
+
+
 class Requests:
     """
     Requests made through one scheduler, by label, and what became of them.
+
+    @cvar by_wait: ask with L{Scheduler.wait}, not L{Scheduler.acquire}.
     """
+
+    by_wait = False
 
     def __init__(self, scheduler: Scheduler, pool: FakePool) -> None:
         self.scheduler = scheduler
         self.pool = pool
         self.results: dict[str, Any] = {}
-        self.pending: dict[str, Deferred[Turn]] = {}
+        self.pending: dict[str, Any] = {}
         self.order: list[str] = []
 
-    def send(self, handler: str, label: str, timeout: float = 10.0) -> Deferred[Turn]:
+    def send(self, handler: str, label: str, timeout: float = 10.0) -> None:
         tenant = self.scheduler.tenants.lookup(handler)
-        d = self.scheduler.acquire(tenant, timeout)
-        self.pending[label] = d
 
         def done(result: Any) -> None:
+            self.assertNotIn(label, self.results)
             self.results[label] = result
             if isinstance(result, Turn):
                 self.order.append(label)
 
+        if self.by_wait:
+            turn = self.scheduler.wait(tenant, timeout, None, done)
+            self.pending[label] = _Waiting(self.scheduler, turn)
+            return
+        d = self.scheduler.acquire(tenant, timeout)
+        self.pending[label] = d
         d.addBoth(done)
-        return d
+
+    def assertNotIn(self, label: str, results: dict[str, Any]) -> None:
+        # A wait ends once.
+        assert label not in results, label
 
     def finish(self, label: str) -> None:
         turn = self.results[label]
@@ -407,6 +433,36 @@ class CancellationTests(SynchronousTestCase):
         self.assertEqual((scheduler.granted, scheduler.waiting), (0, 0))
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertTrue(all(tenant.idle for tenant in scheduler.tenants))
+
+
+class _ByWait:
+    """
+    The tests of a class, asking for turns with L{Scheduler.wait}.
+    """
+
+    def setUp(self) -> None:
+        self.patch(Requests, "by_wait", True)  # type: ignore[attr-defined]
+
+
+class FairnessByWaitTests(_ByWait, FairnessTests):
+    """
+    L{FairnessTests} with L{Scheduler.wait}: the same turns, in the same
+    order, each wait ended once.
+    """
+
+
+class CapByWaitTests(_ByWait, CapTests):
+    """
+    L{CapTests} with L{Scheduler.wait}: the same caps, refusals and time
+    limits (a L{Failure} given to C{then}).
+    """
+
+
+class CancellationByWaitTests(_ByWait, CancellationTests):
+    """
+    L{CancellationTests} with L{Scheduler.cancel}: the same places and
+    turns given up, and C{then} called with a L{CancelledError}.
+    """
 
 
 class TenantsTests(SynchronousTestCase):
