@@ -80,8 +80,8 @@ class Turn:
     since: int = 0
     #: when a request that waits fails with PoolBusy, granted or not
     deadline: float = 0.0
-    #: the timer of its wait for a turn, while it waits
-    timer: IDelayedCall | None = None
+    #: whether it waits in its handler's queue
+    queued: bool = False
     #: the pool's acquire, once granted and until it fires
     acquiring: Deferred[Any] | None = None
     cancelled: bool = False
@@ -123,6 +123,10 @@ class Scheduler:
         #: Tenants with requests waiting, in no particular order.
         self._queued: dict[Tenant, None] = {}
         self._arrivals = count()
+        #: The queue's one timer, while requests wait: it fires by the
+        #: soonest deadline of a waiting request (sooner, when that request
+        #: has left the queue: then it is set again), not a timer each.
+        self._expiry: IDelayedCall | None = None
 
     @property
     def waiting(self) -> int:
@@ -168,10 +172,15 @@ class Scheduler:
             self._answer(turn, Failure(Overloaded(tenant)))
         else:
             turn.since = next(self._arrivals)
-            turn.deadline = self._clock.seconds() + timeout
+            deadline = turn.deadline = self._clock.seconds() + timeout
+            turn.queued = True
             tenant.waiting.append(turn)
             self._queued[tenant] = None
-            turn.timer = self._clock.callLater(timeout, self._give_up, turn)
+            expiry = self._expiry
+            if expiry is None:
+                self._expiry = self._clock.callLater(timeout, self._expire)
+            elif expiry.getTime() > deadline:
+                expiry.reset(timeout)
         return turn
 
     def waiting_for(self, turn: Turn) -> bool:
@@ -232,11 +241,7 @@ class Scheduler:
         """
         for tenant in list(self._queued):
             while tenant.waiting:
-                turn = tenant.waiting[0]
-                if turn.timer is not None and turn.timer.active():
-                    turn.timer.cancel()
-                turn.timer = None
-                self._dequeue(tenant)
+                turn = self._dequeue(tenant)
                 self._answer(turn, Failure(PoolBusy("the runtime is stopping")))
 
     def release(self, turn: Turn) -> None:
@@ -328,9 +333,6 @@ class Scheduler:
             if best is None:
                 return
             turn = self._dequeue(best)
-            if turn.timer is not None and turn.timer.active():
-                turn.timer.cancel()
-            turn.timer = None
             self._grant(turn, max(turn.deadline - self._clock.seconds(), 0.001))
 
     def _dequeue(self, tenant: Tenant, turn: Turn | None = None) -> Turn:
@@ -338,14 +340,36 @@ class Scheduler:
             turn = tenant.waiting.popleft()
         else:
             tenant.waiting.remove(turn)
+        turn.queued = False
         if not tenant.waiting:
             del self._queued[tenant]
+            if not self._queued and self._expiry is not None:
+                # No one waits: no timer.
+                self._expiry.cancel()
+                self._expiry = None
         return turn
 
-    def _give_up(self, turn: Turn) -> None:
-        turn.timer = None
-        self._dequeue(turn.tenant, turn)
-        self._answer(turn, Failure(PoolBusy("all workers are busy")))
+    def _expire(self) -> None:
+        """
+        The queue's timer: fail the requests that waited until their
+        deadline with L{PoolBusy}, and set it again for the soonest of the
+        others.
+        """
+        self._expiry = None
+        now = self._clock.seconds()
+        for tenant in list(self._queued):
+            for turn in [turn for turn in tenant.waiting if turn.deadline <= now]:
+                if turn.queued:
+                    self._dequeue(tenant, turn)
+                    self._answer(turn, Failure(PoolBusy("all workers are busy")))
+        deadlines = [turn.deadline for tenant in self._queued for turn in tenant.waiting]
+        if deadlines:
+            soonest = min(deadlines)
+            expiry = self._expiry
+            if expiry is None:
+                self._expiry = self._clock.callLater(soonest - now, self._expire)
+            elif expiry.getTime() > soonest:
+                expiry.reset(soonest - now)
 
     def _cancel(self, turn: Turn) -> None:
         """
@@ -353,10 +377,7 @@ class Scheduler:
         """
         turn.cancelled = True
         turn.then = None
-        if turn.timer is not None:
-            if turn.timer.active():
-                turn.timer.cancel()
-            turn.timer = None
+        if turn.queued:
             self._dequeue(turn.tenant, turn)
         elif turn.acquiring is not None:
             turn.acquiring.cancel()

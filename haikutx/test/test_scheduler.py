@@ -248,7 +248,8 @@ class CapTests(SynchronousTestCase):
         self.assertIs(requests.failed("a3"), Overloaded)
         self.assertEqual(requests.results["a3"].value.tenant.name, "a")
         self.assertEqual(scheduler.waiting, 2)
-        self.assertEqual(clock.getDelayedCalls().__len__(), 2)
+        # The queue's one timer.
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
 
     def test_no_queue(self) -> None:
         """
@@ -433,6 +434,57 @@ class CancellationTests(SynchronousTestCase):
         self.assertEqual((scheduler.granted, scheduler.waiting), (0, 0))
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertTrue(all(tenant.idle for tenant in scheduler.tenants))
+
+
+class ExpiryTests(SynchronousTestCase):
+    """
+    Waiting requests share one timer, which fails each at its own deadline.
+    """
+
+    def test_each_at_its_deadline(self) -> None:
+        """
+        Requests waiting with different timeouts (a later one with a
+        shorter one) each fail with L{PoolBusy} at their own deadline, not
+        before, with one timer at a time.
+        """
+        scheduler, pool, clock, requests = _scheduler(size=1)
+        requests.send("a", "a0")
+        requests.send("b", "b0", timeout=10)
+        clock.advance(1)
+        requests.send("c", "c0", timeout=4)
+        requests.send("d", "d0", timeout=20)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(4 - 1e-6)
+        self.assertEqual(requests.results, {"a0": requests.results["a0"]})
+        clock.advance(1e-6)
+        self.assertIs(requests.failed("c0"), PoolBusy)
+        self.assertEqual(sorted(requests.results), ["a0", "c0"])
+        clock.advance(5)
+        self.assertIs(requests.failed("b0"), PoolBusy)
+        self.assertNotIn("d0", requests.results)
+        clock.advance(11)
+        self.assertIs(requests.failed("d0"), PoolBusy)
+        self.assertEqual((scheduler.waiting, clock.getDelayedCalls()), (0, []))
+
+    def test_left_before_its_deadline(self) -> None:
+        """
+        When the request the timer was set for gets its turn, the next
+        waiting one still fails at its own deadline, and the one granted
+        does not fail.
+        """
+        scheduler, pool, clock, requests = _scheduler(size=1)
+        requests.send("a", "a0")
+        requests.send("b", "b0", timeout=5)
+        clock.advance(2)
+        requests.send("c", "c0", timeout=5)
+        requests.finish("a0")
+        self.assertEqual(requests.order, ["a0", "b0"])
+        clock.advance(3)
+        self.assertNotIn("c0", requests.results)
+        clock.advance(2)
+        self.assertIs(requests.failed("c0"), PoolBusy)
+        self.assertEqual(requests.order, ["a0", "b0"])
+        self.assertEqual((scheduler.waiting, clock.getDelayedCalls()), (0, []))
 
 
 class _ByWait:
