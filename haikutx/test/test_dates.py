@@ -5,6 +5,8 @@ second.
 
 from __future__ import annotations
 
+import time
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import datetimeToString
@@ -35,9 +37,12 @@ class HTTPDateTests(SynchronousTestCase):
     def test_now(self) -> None:
         """
         L{http_date} is the wall clock's: what C{datetimeToString} gives now
-        (or a second later, if one went by meanwhile).
+        (or a second later, if one went by meanwhile).  Both sides read
+        C{time.time()}: C{datetimeToString()} without an argument reads the
+        C library's coarse clock, which may still be in the previous second
+        a few milliseconds after C{time.time()} has left it.
         """
-        before = datetimeToString()
+        before = datetimeToString(time.time())
         value = http_date()
-        after = datetimeToString()
+        after = datetimeToString(time.time())
         self.assertIn(value, (before, after))
