@@ -28,7 +28,8 @@ PR_SET_CHILD_SUBREAPER = 36
 #: A child's exit status when its zygote was gone before it started.
 EXIT_SERVER_GONE = 3
 
-#: A child's exit status when the sandbox could not be applied.
+#: The exit status of a child, or a zygote, whose sandbox could not be
+#: applied.
 EXIT_SANDBOX_FAILED = 70
 
 

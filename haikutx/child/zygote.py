@@ -50,9 +50,6 @@ from haikutx.child.slot_setup import enter_egress, prepare_sandbox, run_group
 #: The zygote's channel to the server.
 CONTROL = 3
 
-#: A zygote's exit status when the sandbox could not be applied to it.
-EXIT_SANDBOX_FAILED = 70
-
 
 def main(argv: list[str]) -> None:
     """
@@ -91,7 +88,7 @@ def main(argv: list[str]) -> None:
     # Only now, the egress relay forked: what children need (the relay
     # would hold a copy of every page of it).
     from haikutx.child import warmup
-    from haikutx.child.first_steps import ChildStart
+    from haikutx.child.first_steps import EXIT_SANDBOX_FAILED, ChildStart
     from haikutx.child.zygote_loop import Zygote
 
     warmup.warm_up()
