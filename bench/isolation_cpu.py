@@ -189,7 +189,7 @@ def main() -> None:
                             "--port", f"tcp:{port}:interface=127.0.0.1", "--sslport", "none",
                             "--state", str(state), "--handlers", str(handlers),
                             "-w", str(options.workers), "-r", requests,
-                            "--maxqueue", str(2 * options.connections)]
+                            *rb.queue_options(Path(root), options.connections)]
                     name = f"{root} -r {requests}"
                     result = measure(name, argv, root, port, options.seconds,
                                      options.connections, env)

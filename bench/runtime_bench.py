@@ -118,6 +118,17 @@ def cpu_ticks(root: int) -> tuple[int, int]:
     return own, rest
 
 
+def queue_options(root: Path, connections: int) -> list[str]:
+    """
+    C{--maxqueue} for a benchmark's one client, so that its excess requests
+    wait instead of getting 429 (the fair-share policy is measured by
+    C{tenants_bench}); nothing for a tree older than that option.
+    """
+    if "maxqueue" not in (root / "haikutx" / "tap.py").read_text():
+        return []
+    return ["--maxqueue", str(2 * connections)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -322,9 +333,7 @@ def main() -> None:
                 "--port", f"tcp:{port}:interface=127.0.0.1", "--sslport", "none",
                 "--state", str(state), "--handlers", str(handlers),
                 "-w", str(options.workers), "-r", requests,
-                # One client alone: its excess queues instead of getting
-                # 429 (the fair-share policy is measured by tenants_bench).
-                "--maxqueue", str(2 * max(connections)),
+                *queue_options(ROOT, max(connections)),
             ]
             print(name, flush=True)
             results[name] = bench_server(
