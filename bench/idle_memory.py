@@ -82,7 +82,9 @@ def roles(server: int) -> dict[str, list[int]]:
     return found
 
 
-def measure(workers: int, handlers: Path, state: Path, env: dict[str, str]) -> dict[str, tuple[int, int]]:
+def measure(
+    workers: int, handlers: Path, state: Path, env: dict[str, str]
+) -> dict[str, tuple[int, int]]:
     port = rb.free_port()
     twistd = Path(sys.executable).parent / "twistd"
     process = subprocess.Popen(

@@ -82,7 +82,8 @@ def main() -> None:
             origin_url = f"http://127.0.0.1:{origin_port}/"
             wait_for(origin_url + "hello.py")
             rows = []
-            for label, ttl in (("cache on (--cache-ttl 5)", "5"), ("cache off (--cache-ttl 0)", "0")):
+            variants = (("cache on (--cache-ttl 5)", "5"), ("cache off (--cache-ttl 0)", "0"))
+            for label, ttl in variants:
                 port = free_port()
                 server = subprocess.Popen(
                     [twistd, "-n", "--pidfile=", "haiku", "--port",

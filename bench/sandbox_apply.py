@@ -61,7 +61,8 @@ def main():
     args = parser.parse_args()
     layers = probe()
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, kernel {platform.release()}, "
-          f"Python {platform.python_version()}, Landlock ABI {layers.landlock_abi}, root {layers.root}")
+          f"Python {platform.python_version()}, Landlock ABI {layers.landlock_abi}, "
+          f"root {layers.root}")
     cases = [("bare fork+exit", None)]
     cases.append(("fork+apply (no uid switch)", prepare(SandboxPolicy())))
     identity = identity_for(None, 0, base_uid=64000)
