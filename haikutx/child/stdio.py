@@ -17,6 +17,8 @@ import ctypes
 import os
 import signal
 import subprocess
+import sys
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from haikutx.child.cgi import (
@@ -52,6 +54,32 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+#: The loop asyncio's child watcher is attached to (Python 3.11), if any.
+_watched_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+
+
+def watch_interpreters(loop: asyncio.AbstractEventLoop) -> None:
+    """
+    Have asyncio learn of an interpreter's exit from a pidfd that C{loop}
+    polls, not from Python 3.11's default child watcher, which waits in a
+    thread of its own for each process.  That thread is a task of the
+    run's cgroup, started only once the interpreter runs: a handler that
+    forked up to C{--maxprocs} first left the worker none, and the run
+    failed ("can't start new thread") with its interpreter still running.
+    Python 3.12 and later watch with pidfds by default where the kernel
+    has them.
+    """
+    global _watched_loop
+    if sys.version_info >= (3, 12):
+        return
+    if _watched_loop is not None and _watched_loop() is loop:
+        return
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(loop)
+    asyncio.set_child_watcher(watcher)
+    _watched_loop = weakref.ref(loop)
 
 
 class StdioRun(HandlerRun):
@@ -99,6 +127,7 @@ class StdioRun(HandlerRun):
             self.fail(500, f"Handler {self.url}: no interpreter for {self._language!r}")
             return
         exited: asyncio.Future[None] = self._loop.create_future()
+        watch_interpreters(self._loop)
         try:
             transport, protocol = await self._loop.subprocess_exec(
                 lambda: _InterpreterProtocol(exited, self._loop),

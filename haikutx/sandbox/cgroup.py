@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 CONTROLLERS = ("pids", "memory")
 
 #: Tasks of a worker's own in its slot's group, beyond C{--maxprocs}: its
-#: main thread and asyncio's child watcher thread.
-WORKER_TASKS = 2
+#: main thread (it watches its interpreters through pidfds, with no thread:
+#: L{haikutx.child.stdio.watch_interpreters}).
+WORKER_TASKS = 1
 
 #: Rounds of listing and killing before L{RunGroup.kill} gives up (each
 #: round kills every task listed; a task killed cannot fork any more).
